@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Run every test: the one command for developers and CI (.ci/run calls exactly this).
+#
+# Usage: initiator-tests/all.sh [--target twinblade|vblade]
+#
+#   --target   AoE target the initiator tests run against (default twinblade; vblade is the
+#              reference implementation, useful to tell a test bug from a target bug)
+#
+# Steps run in order and all of them run even after a failure (each result is useful on its
+# own); a summary with timings comes last. Exit status is non-zero if any step failed.
+# Needs root (namespaces, bridge, taps) and the packages .ci/run installs.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+target=twinblade
+while (($#)); do
+    case $1 in
+    --target) target=${2:?--target needs a value}; shift ;;
+    -h | --help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "all.sh: unknown argument: $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+cd "$repo"
+
+declare -a names=() results=() times=()
+failed=0
+
+# step NAME COMMAND...: run one step, record its result and wall time.
+step() {
+    local name=$1 t0 t1 rc
+    shift
+    printf '\n===== %s: %s\n' "$name" "$*"
+    t0=$(date +%s.%N)
+    set +e
+    "$@"
+    rc=$?
+    set -e
+    t1=$(date +%s.%N)
+    names+=("$name")
+    times+=("$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')")
+    if ((rc == 0)); then
+        results+=(PASS)
+    else
+        results+=("FAIL ($rc)")
+        failed=1
+    fi
+    printf '===== %s: %s\n' "$name" "${results[-1]}"
+}
+
+t_all=$(date +%s.%N)
+
+# --- Rust: build and the unit/integration tests of the whole workspace. ------------------------------
+step "cargo build" cargo build --release --workspace
+step "cargo test" cargo test --release --workspace
+
+# --- Fuzzing (to be added): short cargo-fuzz runs of the wire parsers, e.g. ------------------------
+# step "fuzz aoe_parse" cargo +nightly fuzz run aoe_parse -- -max_total_time=60
+
+# --- NBD client tests (to be added): nbdinfo/nbdcopy/qemu-img/fio against the NBD export, e.g. ----
+# step "nbd clients" initiator-tests/nbd-clients.sh --target "$target"
+
+# --- Real Linux aoe driver in a VM, at both MTUs. ------------------------------------------------
+step "vm build" initiator-tests/vm/build.sh
+step "linux-aoe mtu 1500 ($target)" initiator-tests/linux-aoe.sh --mtu 1500 --target "$target"
+step "linux-aoe mtu 9000 ($target)" initiator-tests/linux-aoe.sh --mtu 9000 --target "$target"
+
+# --- Summary. ------------------------------------------------------------------------------------
+total=$(awk -v a="$t_all" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+printf '\n===== summary (target %s)\n' "$target"
+for i in "${!names[@]}"; do
+    printf '  %-32s %-10s %8ss\n' "${names[$i]}" "${results[$i]}" "${times[$i]}"
+done
+printf '  %-32s %-10s %8ss\n' total "$( ((failed)) && echo FAIL || echo PASS)" "$total"
+exit "$failed"

@@ -1,0 +1,603 @@
+//! The `BlockDevice` contract: the one boundary between exports (AoE, NBD) and storage.
+//!
+//! Every export holds an `Arc<dyn BlockDevice>` and nothing else; every backend (a file or
+//! block device, the null device, the fault-injecting wrapper, later the replicated device)
+//! implements it. This module owns the contract; the submodules own the implementations.
+//!
+//! # The contract
+//!
+//! * **Geometry.** [`BlockDevice::size`] is the usable size in bytes, a multiple of
+//!   [`SECTOR_SIZE`]. It does not change while the device is open.
+//! * **Calls are synchronous and thread-safe.** A call that returns `Ok` has completed: a read
+//!   filled the whole buffer, a write is visible to every later read. Any number of threads may
+//!   call at once; exports run many requests in parallel.
+//! * **Order.** Writes to overlapping ranges complete in submission order. For one caller that
+//!   is the order of its calls. Exports that run requests in parallel admit each request through
+//!   an [`order::Sequencer`] in arrival order; a request that overlaps an earlier write (or a
+//!   write that overlaps an earlier read) waits until that one has completed. Non-overlapping
+//!   requests may complete in any order.
+//! * **Durability.** A completed write is in the backend's volatile cache (the page cache for a
+//!   buffered file) unless it was made with `fua = true`, in which case it is on stable storage
+//!   when the call returns. [`BlockDevice::flush`] makes every write that *completed before the
+//!   flush was submitted* stable.
+//! * **Errors.** [`BlockError::Io`] (EIO) means the range may hold old data, new data or a mix;
+//!   the device stays usable. [`BlockError::NoSpace`] (ENOSPC) must never happen for a write that
+//!   lands inside `size()`: a file backend is preallocated at open, so a full filesystem cannot
+//!   turn an acknowledged write into a lost one at writeback. An error reported by `flush` (a
+//!   writeback error) means some write acknowledged earlier is not durable: the caller must treat
+//!   the device as failed for durability purposes (exports report it to the client; the
+//!   replicated device detaches the disk). [`BlockError::OutOfRange`] and
+//!   [`BlockError::Unsupported`] are the caller's mistakes and change nothing.
+//! * **Discard and write-zeroes** are optional ([`Capabilities`]). After `write_zeroes` the
+//!   range reads as zeros; after `discard` its contents are unspecified but stable.
+
+pub mod fault;
+pub mod file;
+pub mod null;
+pub mod order;
+
+use std::io;
+
+pub use fault::{FaultConfig, FaultSpec, FaultyDevice, InjectedError, IoKind, IoRecord};
+pub use file::{FileDevice, FileOpenError, OpenOptions};
+pub use null::NullDevice;
+pub use order::{Access, Sequencer, Ticket};
+
+/// Bytes per logical sector: what AoE addresses and what every size is a multiple of.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// What a device can do beyond read, write and flush.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Capabilities {
+    /// Writes are refused with [`BlockError::ReadOnly`].
+    pub read_only: bool,
+    /// [`BlockDevice::discard`] is implemented.
+    pub discard: bool,
+    /// [`BlockDevice::write_zeroes`] is implemented efficiently (not by writing buffers).
+    pub write_zeroes: bool,
+}
+
+/// Why a block operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The backend reported an I/O error (EIO and friends).
+    #[error("I/O error: {0}")]
+    Io(#[source] io::Error),
+    /// The backend ran out of space (ENOSPC).
+    #[error("no space left on the backing store")]
+    NoSpace,
+    /// The request does not lie within the device.
+    #[error("request at offset {offset} length {len} exceeds device size {size}")]
+    OutOfRange {
+        /// First byte of the request.
+        offset: u64,
+        /// Length of the request in bytes.
+        len: u64,
+        /// Device size in bytes.
+        size: u64,
+    },
+    /// The device was opened read-only.
+    #[error("device is read-only")]
+    ReadOnly,
+    /// The operation is not supported by this device.
+    #[error("operation not supported by this device")]
+    Unsupported,
+}
+
+impl BlockError {
+    /// Classifies an `io::Error` from a backend.
+    pub fn from_io(err: io::Error) -> Self {
+        match err.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => BlockError::NoSpace,
+            _ => BlockError::Io(err),
+        }
+    }
+
+    /// The errno an export reports for this error (NBD sends it on the wire).
+    pub fn errno(&self) -> i32 {
+        match self {
+            BlockError::Io(_) => libc::EIO,
+            BlockError::NoSpace => libc::ENOSPC,
+            BlockError::OutOfRange { .. } => libc::EINVAL,
+            BlockError::ReadOnly => libc::EPERM,
+            BlockError::Unsupported => libc::EOPNOTSUPP,
+        }
+    }
+}
+
+/// Result of a block operation.
+pub type Result<T> = std::result::Result<T, BlockError>;
+
+/// A block device as exports see it. See the module docs for the full contract.
+pub trait BlockDevice: Send + Sync {
+    /// Usable size in bytes (a multiple of [`SECTOR_SIZE`]).
+    fn size(&self) -> u64;
+
+    /// What this device supports beyond read/write/flush.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// Writes `data` at `offset`. With `fua`, the data is on stable storage when this returns.
+    fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<()>;
+
+    /// Makes every write that completed before this call stable.
+    fn flush(&self) -> Result<()>;
+
+    /// Tells the device that `len` bytes at `offset` are no longer needed.
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let _ = (offset, len);
+        Err(BlockError::Unsupported)
+    }
+
+    /// Makes `len` bytes at `offset` read as zeros.
+    ///
+    /// The default writes zero buffers, so every device supports it; devices that can do
+    /// better advertise [`Capabilities::write_zeroes`].
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        check_range(self.size(), offset, len)?;
+        const CHUNK: u64 = 1 << 20;
+        let zeros = vec![0u8; CHUNK.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = CHUNK.min(len - done);
+            self.write_at(&zeros[..n as usize], offset + done, fua)?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+/// Checks that `[offset, offset + len)` lies within a device of `size` bytes.
+pub fn check_range(size: u64, offset: u64, len: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(BlockError::OutOfRange { offset, len, size }),
+    }
+}
+
+/// Shared test helpers: the contract suites every backend runs, and scratch files.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use std::path::{Path, PathBuf};
+
+    /// A deterministic, position-dependent byte pattern, different for each `seed`.
+    pub(crate) fn pattern(seed: u8, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ (i >> 9) as u8 ^ seed.wrapping_mul(97))
+            .collect()
+    }
+
+    /// Reads `len` bytes at `offset`, panicking on error.
+    pub(crate) fn read(dev: &dyn BlockDevice, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0; len];
+        dev.read_at(&mut buf, offset)
+            .unwrap_or_else(|e| panic!("read {len} at {offset}: {e}"));
+        buf
+    }
+
+    fn assert_out_of_range<T: std::fmt::Debug>(result: Result<T>, what: &str) {
+        assert!(
+            matches!(result, Err(BlockError::OutOfRange { .. })),
+            "{what}: expected OutOfRange, got {result:?}"
+        );
+    }
+
+    /// What every device satisfies, including ones that store nothing or refuse writes:
+    /// geometry, range checks, flush.
+    pub(crate) fn geometry_suite(dev: &dyn BlockDevice) {
+        let size = dev.size();
+        assert!(size > 0, "device is empty");
+        assert_eq!(size % SECTOR_SIZE, 0, "size {size} is not whole sectors");
+        let caps = dev.capabilities();
+
+        let mut sector = [0u8; SECTOR_SIZE as usize];
+        dev.read_at(&mut sector, size - SECTOR_SIZE).unwrap();
+        dev.read_at(&mut [], size).unwrap();
+        assert_out_of_range(dev.read_at(&mut sector, size), "read at end");
+        assert_out_of_range(dev.read_at(&mut sector, size - 256), "read across end");
+        assert_out_of_range(dev.read_at(&mut sector, u64::MAX - 100), "read overflowing");
+        match dev.read_at(&mut sector, size + SECTOR_SIZE) {
+            Err(BlockError::OutOfRange {
+                offset,
+                len,
+                size: reported,
+            }) => {
+                assert_eq!(
+                    (offset, len, reported),
+                    (size + SECTOR_SIZE, SECTOR_SIZE, size)
+                );
+            }
+            other => panic!("read past end: {other:?}"),
+        }
+
+        if !caps.read_only {
+            assert_out_of_range(dev.write_at(&sector, size - 256, false), "write across end");
+            assert_out_of_range(dev.write_at(&sector, u64::MAX, true), "write overflowing");
+            assert_out_of_range(
+                dev.write_zeroes(size - SECTOR_SIZE, 2 * SECTOR_SIZE, false),
+                "write_zeroes across end",
+            );
+            if caps.discard {
+                assert_out_of_range(dev.discard(size, SECTOR_SIZE), "discard past end");
+            }
+            dev.write_at(&[], size, false).unwrap();
+        }
+        dev.flush().unwrap();
+    }
+
+    /// The full contract for a writable device that stores data. Needs at least 64 KiB.
+    pub(crate) fn contract_suite(dev: &dyn BlockDevice) {
+        geometry_suite(dev);
+        let size = dev.size();
+        assert!(size >= 64 * 1024, "contract suite needs 64 KiB, got {size}");
+        assert!(!dev.capabilities().read_only);
+
+        // Read-after-write at assorted offsets, lengths and alignments, with and without FUA.
+        let cases: &[(u64, usize)] = &[
+            (0, 512),
+            (512, 1024),
+            (4096, 4096),
+            (1536, 8192),
+            (3584, 1024),
+            (size - 512, 512),
+            (size - 8192, 8192),
+            (size - 4608, 4608),
+        ];
+        for (i, &(offset, len)) in cases.iter().enumerate() {
+            let data = pattern(i as u8 + 1, len);
+            dev.write_at(&data, offset, i % 2 == 0).unwrap();
+            assert_eq!(
+                read(dev, offset, len),
+                data,
+                "read-after-write at {offset}+{len}"
+            );
+        }
+
+        // Buffers that are not aligned in memory (O_DIRECT backends must bounce them).
+        let mut backing = vec![0u8; 4096 + 1024 + 1];
+        let data = pattern(42, 1024);
+        backing[1..1025].copy_from_slice(&data);
+        dev.write_at(&backing[1..1025], 8192, false).unwrap();
+        dev.read_at(&mut backing[4097..], 8192).unwrap();
+        assert_eq!(&backing[4097..], &data[..]);
+
+        // A small overwrite replaces exactly its range.
+        let outer = pattern(50, 16384);
+        dev.write_at(&outer, 16384, false).unwrap();
+        let inner = pattern(51, 1024);
+        dev.write_at(&inner, 16384 + 512, true).unwrap();
+        let mut expected = outer.clone();
+        expected[512..1536].copy_from_slice(&inner);
+        assert_eq!(read(dev, 16384, 16384), expected);
+
+        // A refused write changes nothing.
+        let tail = pattern(60, 4096);
+        dev.write_at(&tail, size - 4096, false).unwrap();
+        assert_out_of_range(
+            dev.write_at(&pattern(61, 4096), size - 2048, false),
+            "write across end",
+        );
+        assert_out_of_range(
+            dev.write_zeroes(size - 2048, 4096, false),
+            "write_zeroes across end",
+        );
+        assert_eq!(read(dev, size - 4096, 4096), tail);
+
+        // write_zeroes zeroes exactly its range.
+        for fua in [false, true] {
+            let around = pattern(70 + fua as u8, 16384);
+            dev.write_at(&around, 0, false).unwrap();
+            dev.write_zeroes(4096 - 512, 8192, fua).unwrap();
+            let mut expected = around.clone();
+            expected[4096 - 512..12288 - 512].fill(0);
+            assert_eq!(read(dev, 0, 16384), expected, "write_zeroes fua={fua}");
+        }
+        dev.write_zeroes(0, 0, false).unwrap();
+
+        // discard: unspecified but stable contents inside, nothing changes outside.
+        let around = pattern(80, 16384);
+        dev.write_at(&around, 0, false).unwrap();
+        if dev.capabilities().discard {
+            dev.discard(4096, 8192).unwrap();
+            let first = read(dev, 0, 16384);
+            assert_eq!(first[..4096], around[..4096]);
+            assert_eq!(first[12288..], around[12288..]);
+            assert_eq!(read(dev, 0, 16384), first, "discarded range is not stable");
+            // The range is still usable afterwards.
+            let again = pattern(81, 8192);
+            dev.write_at(&again, 4096, true).unwrap();
+            assert_eq!(read(dev, 4096, 8192), again);
+        } else {
+            assert!(matches!(
+                dev.discard(4096, 8192),
+                Err(BlockError::Unsupported)
+            ));
+            assert_eq!(read(dev, 0, 16384), around);
+        }
+
+        // Parallel disjoint writers each see their own data.
+        std::thread::scope(|scope| {
+            for t in 0..8u8 {
+                scope.spawn(move || {
+                    for round in 0..8u8 {
+                        let offset = 32768 + t as u64 * 2048;
+                        let data = pattern(t * 16 + round, 2048);
+                        dev.write_at(&data, offset, round % 4 == 0).unwrap();
+                        assert_eq!(read(dev, offset, 2048), data);
+                    }
+                });
+            }
+        });
+        dev.flush().unwrap();
+    }
+
+    /// A read-only device reads and refuses every change with `ReadOnly`.
+    pub(crate) fn read_only_suite(dev: &dyn BlockDevice) {
+        geometry_suite(dev);
+        let caps = dev.capabilities();
+        assert!(caps.read_only);
+        assert!(!caps.discard && !caps.write_zeroes);
+        let before = read(dev, 0, 4096);
+        for result in [
+            dev.write_at(&[1; 512], 0, false),
+            dev.write_at(&[1; 512], dev.size(), true),
+            dev.write_zeroes(0, 512, false),
+            dev.discard(0, 512),
+        ] {
+            assert!(matches!(result, Err(BlockError::ReadOnly)), "{result:?}");
+        }
+        assert_eq!(read(dev, 0, 4096), before);
+    }
+
+    /// A scratch directory on a disk filesystem (tmpfs may lack O_DIRECT and fallocate modes).
+    pub(crate) fn scratch_dir() -> tempfile::TempDir {
+        let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+        if std::fs::create_dir_all(&target).is_ok() {
+            if let Ok(dir) = tempfile::tempdir_in(&target) {
+                return dir;
+            }
+        }
+        tempfile::tempdir_in("/var/tmp").expect("no scratch directory")
+    }
+
+    /// A sparse file of `len` bytes in `dir`.
+    pub(crate) fn sparse_file(dir: &Path, name: &str, len: u64) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::File::create(&path).unwrap().set_len(len).unwrap();
+        path
+    }
+
+    /// Opens `path`, or prints a note and returns `None` when the filesystem lacks O_DIRECT.
+    pub(crate) fn open_or_skip(options: &OpenOptions, path: &Path) -> Option<FileDevice> {
+        match options.open(path) {
+            Ok(dev) => Some(dev),
+            Err(FileOpenError::DirectIoUnsupported { .. }) => {
+                eprintln!("note: skipping, O_DIRECT unsupported on {}", path.display());
+                None
+            }
+            Err(e) => panic!("open {}: {e}", path.display()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+    use std::sync::Arc;
+    use std::thread;
+    use std::time::Duration;
+
+    #[test]
+    fn from_io_classifies_errors() {
+        let err = |errno| BlockError::from_io(io::Error::from_raw_os_error(errno));
+        assert!(matches!(err(libc::ENOSPC), BlockError::NoSpace));
+        assert!(matches!(err(libc::EDQUOT), BlockError::NoSpace));
+        assert!(matches!(err(libc::EIO), BlockError::Io(_)));
+        assert!(matches!(
+            BlockError::from_io(io::Error::other("no errno")),
+            BlockError::Io(_)
+        ));
+    }
+
+    #[test]
+    fn errno_matches_each_error() {
+        assert_eq!(BlockError::Io(io::Error::other("x")).errno(), libc::EIO);
+        assert_eq!(BlockError::NoSpace.errno(), libc::ENOSPC);
+        let range = BlockError::OutOfRange {
+            offset: 0,
+            len: 1,
+            size: 0,
+        };
+        assert_eq!(range.errno(), libc::EINVAL);
+        assert_eq!(BlockError::ReadOnly.errno(), libc::EPERM);
+        assert_eq!(BlockError::Unsupported.errno(), libc::EOPNOTSUPP);
+    }
+
+    #[test]
+    fn check_range_bounds() {
+        assert!(check_range(1024, 0, 1024).is_ok());
+        assert!(check_range(1024, 1024, 0).is_ok());
+        assert!(check_range(1024, 1024, 1).is_err());
+        assert!(check_range(1024, 1025, 0).is_err());
+        assert!(check_range(1024, u64::MAX, 2).is_err());
+    }
+
+    #[test]
+    fn default_write_zeroes_writes_buffers() {
+        /// A device with only the required methods, so the trait default is what runs.
+        struct Plain(std::sync::Mutex<Vec<u8>>);
+        impl BlockDevice for Plain {
+            fn size(&self) -> u64 {
+                self.0.lock().unwrap().len() as u64
+            }
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+                check_range(self.size(), offset, buf.len() as u64)?;
+                let o = offset as usize;
+                buf.copy_from_slice(&self.0.lock().unwrap()[o..o + buf.len()]);
+                Ok(())
+            }
+            fn write_at(&self, data: &[u8], offset: u64, _fua: bool) -> Result<()> {
+                check_range(self.size(), offset, data.len() as u64)?;
+                let o = offset as usize;
+                self.0.lock().unwrap()[o..o + data.len()].copy_from_slice(data);
+                Ok(())
+            }
+            fn flush(&self) -> Result<()> {
+                Ok(())
+            }
+        }
+        let dev = Plain(std::sync::Mutex::new(vec![0xee; 3 << 20]));
+        assert_eq!(dev.capabilities(), Capabilities::default());
+        contract_suite(&dev);
+        dev.write_at(&[0xee; 3 << 20], 0, false).unwrap();
+        dev.write_zeroes(512, (2 << 20) + 512, false).unwrap();
+        let all = read(&dev, 0, 3 << 20);
+        assert!(all[..512].iter().all(|&b| b == 0xee));
+        assert!(all[512..(2 << 20) + 1024].iter().all(|&b| b == 0));
+        assert!(all[(2 << 20) + 1024..].iter().all(|&b| b == 0xee));
+    }
+
+    fn faulty_file(dir: &std::path::Path) -> FaultyDevice<FileDevice> {
+        let path = sparse_file(dir, "faulty.img", 1 << 20);
+        FaultyDevice::new(FileDevice::open(&path).unwrap())
+    }
+
+    #[test]
+    fn faulty_file_device_passes_contract() {
+        let dir = scratch_dir();
+        contract_suite(&faulty_file(dir.path()));
+    }
+
+    #[test]
+    fn overlapping_writes_complete_in_submission_order() {
+        let dir = scratch_dir();
+        let dev = Arc::new(faulty_file(dir.path()));
+        let sequencer = Sequencer::new();
+        let first_data = pattern(1, 8192);
+        let second_data = pattern(2, 8192);
+
+        // Every write takes a while, so without ordering the later-started first write
+        // would land last.
+        dev.set_write_delay(Duration::from_millis(100));
+        let first = sequencer.admit(0, 8192, Access::Write);
+        let second = sequencer.admit(4096, 8192, Access::Write);
+
+        let second_writer = {
+            let dev = Arc::clone(&dev);
+            let data = second_data.clone();
+            thread::spawn(move || {
+                second.wait();
+                dev.write_at(&data, 4096, false).unwrap();
+            })
+        };
+        // Give the second writer a head start so it really is waiting.
+        thread::sleep(Duration::from_millis(20));
+        let first_writer = {
+            let dev = Arc::clone(&dev);
+            let data = first_data.clone();
+            thread::spawn(move || {
+                first.wait();
+                dev.write_at(&data, 0, false).unwrap();
+            })
+        };
+        first_writer.join().unwrap();
+        second_writer.join().unwrap();
+
+        let mut expected = first_data[..4096].to_vec();
+        expected.extend_from_slice(&second_data);
+        assert_eq!(read(&*dev, 0, 12288), expected);
+        let writes: Vec<u64> = dev
+            .records()
+            .iter()
+            .filter(|r| r.kind == IoKind::Write)
+            .map(|r| r.offset)
+            .collect();
+        assert_eq!(writes, vec![0, 4096], "completion order");
+        assert_eq!(sequencer.in_flight(), 0);
+    }
+
+    #[test]
+    fn injected_enospc_surfaces_and_changes_nothing() {
+        let dir = scratch_dir();
+        let dev = faulty_file(dir.path());
+        let original = pattern(3, 8192);
+        dev.write_at(&original, 0, false).unwrap();
+        let flushes = dev.flushes();
+
+        dev.set_faults(FaultConfig {
+            write_error: Some(FaultSpec::next(3, InjectedError::Enospc)),
+            ..Default::default()
+        });
+        let err = dev.write_at(&pattern(4, 4096), 0, true).unwrap_err();
+        assert!(matches!(err, BlockError::NoSpace), "{err:?}");
+        assert_eq!(err.errno(), libc::ENOSPC);
+        assert!(matches!(
+            dev.write_zeroes(0, 4096, false),
+            Err(BlockError::NoSpace)
+        ));
+        assert!(matches!(dev.discard(0, 4096), Err(BlockError::NoSpace)));
+        assert_eq!(
+            read(&dev, 0, 8192),
+            original,
+            "failed calls changed the data"
+        );
+        assert_eq!(dev.fua_writes(), 0);
+        assert_eq!(dev.flushes(), flushes);
+
+        // The faults are used up; the device works again.
+        let next = pattern(5, 4096);
+        dev.write_at(&next, 0, false).unwrap();
+        assert_eq!(read(&dev, 0, 4096), next);
+    }
+
+    #[test]
+    fn injected_eio_surfaces_and_changes_nothing() {
+        let dir = scratch_dir();
+        let dev = faulty_file(dir.path());
+        let original = pattern(6, 16384);
+        dev.write_at(&original, 0, false).unwrap();
+        let is_eio = |err: &BlockError| matches!(err, BlockError::Io(e) if e.raw_os_error() == Some(libc::EIO));
+
+        dev.set_faults(FaultConfig {
+            read_error: Some(FaultSpec::in_range(8192..8704, InjectedError::Eio)),
+            write_error: Some(FaultSpec::in_range(4096..4608, InjectedError::Eio)),
+            flush_error: Some(FaultSpec::next(1, InjectedError::Eio)),
+            ..Default::default()
+        });
+        let mut buf = vec![0; 4096];
+        let err = dev.read_at(&mut buf, 6144).unwrap_err();
+        assert!(is_eio(&err), "{err:?}");
+        assert_eq!(err.errno(), libc::EIO);
+        assert_eq!(read(&dev, 0, 8192), original[..8192]);
+
+        let err = dev.write_at(&pattern(7, 1024), 4096, false).unwrap_err();
+        assert!(is_eio(&err), "{err:?}");
+        dev.write_at(&pattern(8, 512), 0, false).unwrap();
+
+        let err = dev.flush().unwrap_err();
+        assert!(is_eio(&err), "{err:?}");
+        dev.flush().unwrap();
+        assert_eq!(dev.flushes(), 1);
+
+        dev.clear_faults();
+        let mut expected = original.clone();
+        expected[..512].copy_from_slice(&pattern(8, 512));
+        assert_eq!(read(&dev, 0, 16384), expected);
+    }
+
+    #[test]
+    fn flush_and_fua_reach_the_file_device() {
+        let dir = scratch_dir();
+        let dev = faulty_file(dir.path());
+        dev.write_at(&[1; 512], 0, true).unwrap();
+        dev.write_at(&[1; 512], 512, false).unwrap();
+        dev.flush().unwrap();
+        assert_eq!((dev.fua_writes(), dev.flushes()), (1, 1));
+    }
+}

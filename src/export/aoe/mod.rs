@@ -1,0 +1,16 @@
+//! The ATA-over-Ethernet target: vblade's protocol, several blades per process.
+//!
+//! * [`ata`]: the emulated ATA device — which commands exist and what they do to the device.
+//! * [`blade`]: one `eS.L` — config string, mask and reserve lists, and the answer to every
+//!   frame (pure: a frame in, a reply out, the `BlockDevice` the only side effect).
+//! * [`stats`]: per-blade counters behind the rate-limited logs.
+//! * [`server`]: sockets and threads — receive per interface, one ordered worker per blade.
+
+pub mod ata;
+pub mod blade;
+pub mod server;
+pub mod stats;
+
+pub use blade::{Blade, BladeConfig, Outcome, Port};
+pub use server::{AoeServer, Export, StartError};
+pub use stats::{BladeStats, DropReason};

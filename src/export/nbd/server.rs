@@ -1,0 +1,855 @@
+//! The NBD listener and the transmission phase of each connection.
+//!
+//! # Structure
+//!
+//! [`Server::serve`] accepts connections until its `CancellationToken` fires, checks each
+//! client against the [`Acl`], and runs every connection in its own task; a semaphore caps
+//! how many run at once. Shutdown stops accepting, lets every connection finish the requests
+//! it has already read, and returns when all connections are gone.
+//!
+//! # The transmission loop
+//!
+//! One task per connection owns both halves of the socket and loops:
+//!
+//! 1. read whatever the socket has (one `read` syscall can carry hundreds of requests) into
+//!    an input buffer, and parse every complete request in it;
+//! 2. admit each request through the export's [`Sequencer`] in arrival order, then either
+//!    run it **inline** (small reads and writes whose ticket is immediately ready, while the
+//!    device answers quickly: a page-cache hit costs less than handing it to another thread)
+//!    or **offload** it to tokio's blocking pool (flush, FUA, trim, write-zeroes, large
+//!    requests, requests that must wait for an overlapping earlier one, and everything while
+//!    the device is slow);
+//! 3. collect finished offloaded requests from a channel;
+//! 4. write every reply that is ready with one `writev`.
+//!
+//! Inline reads are read straight into the output buffer behind their reply header and
+//! inline writes are written straight from the input buffer, so the small-request path makes
+//! no copies besides the kernel's, no allocations and no thread hops. Replies may leave out
+//! of order; clients match them by handle.
+//!
+//! # Limits
+//!
+//! At most [`ServerConfig::max_in_flight`] requests and [`MAX_IN_FLIGHT_BYTES`] of payload
+//! are offloaded per connection, and at most [`OUT_HIGH_WATER`] bytes of replies are queued;
+//! beyond that the connection stops reading, which pushes back on the client through TCP.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::acl::Acl;
+use super::handshake::{negotiate, HandshakeError};
+use crate::block::order::{Access, Ticket};
+use crate::block::{check_range, BlockDevice, BlockError, Capabilities, Sequencer};
+use crate::ratelimit::LogLimiter;
+use crate::warn_limited;
+use crate::wire::nbd::{
+    cmd_flags, errno, transmission_flags as tf, Command, RequestRepr, SimpleReplyRepr,
+};
+
+/// Largest payload accepted by default (32 MiB), advertised as the maximum block size.
+pub const DEFAULT_MAX_PAYLOAD: u32 = 32 << 20;
+/// Payload bytes a connection may have offloaded at once before it stops reading.
+pub const MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
+/// Queued reply bytes beyond which a connection writes before parsing more requests.
+pub const OUT_HIGH_WATER: usize = 4 << 20;
+
+/// Size of a fresh input or output buffer.
+const BUF_CHUNK: usize = 256 << 10;
+/// An inline request slower than this (plus 1 ns per byte) marks the device slow.
+const SLOW_OP: Duration = Duration::from_micros(50);
+/// How long a slow device is served with offloading only before inline is tried again.
+const SLOW_BACKOFF: Duration = Duration::from_millis(20);
+/// How long a connection may take to drain its replies once shutdown started.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+static ACCEPT_LOG: LogLimiter = LogLimiter::network();
+static CLIENT_LOG: LogLimiter = LogLimiter::network();
+static DEVICE_LOG: LogLimiter = LogLimiter::network();
+
+/// One export: a named device.
+pub struct Export {
+    /// Name clients select it by (`NBD_OPT_GO`, `NBD_OPT_EXPORT_NAME`). The empty name also
+    /// selects the first export.
+    pub name: String,
+    /// Free-text description (`NBD_INFO_DESCRIPTION`); empty for none.
+    pub description: String,
+    /// The device served.
+    pub device: Arc<dyn BlockDevice>,
+    /// Refuse writes even if the device allows them.
+    pub read_only: bool,
+    /// Minimum block size advertised (1 for byte granularity, 512 or 4096 for `O_DIRECT`).
+    pub min_block_size: u32,
+}
+
+impl Export {
+    /// A writable export of `device` named `name`, byte-granular.
+    pub fn new(name: impl Into<String>, device: Arc<dyn BlockDevice>) -> Self {
+        Export {
+            name: name.into(),
+            description: String::new(),
+            device,
+            read_only: false,
+            min_block_size: 1,
+        }
+    }
+}
+
+/// Tunables of a [`Server`].
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Connections served at once; further clients wait in the listen backlog.
+    pub max_connections: usize,
+    /// Requests offloaded at once per connection.
+    pub max_in_flight: usize,
+    /// Largest read or write payload accepted (bytes).
+    pub max_payload: u32,
+    /// Largest read or write run inline on the connection's task (bytes); 0 disables inline.
+    pub inline_max: u32,
+    /// Time a client has to finish negotiation.
+    pub handshake_timeout: Duration,
+    /// Which clients may connect.
+    pub acl: Acl,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_connections: 64,
+            max_in_flight: 128,
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            inline_max: 128 << 10,
+            handshake_timeout: Duration::from_secs(30),
+            acl: Acl::default(),
+        }
+    }
+}
+
+/// Counters of a running server.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Connections accepted (after the ACL).
+    pub connections: AtomicU64,
+    /// Connections refused by the ACL.
+    pub denied: AtomicU64,
+    /// Connections that entered transmission.
+    pub sessions: AtomicU64,
+    /// Requests received in transmission.
+    pub requests: AtomicU64,
+    /// Requests answered with an error.
+    pub error_replies: AtomicU64,
+    /// Connections closed for breaking the protocol.
+    pub protocol_errors: AtomicU64,
+}
+
+/// Why [`Server::add_export`] refused an export.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// Another export has this name.
+    #[error("duplicate export name {0:?}")]
+    Duplicate(String),
+    /// The name is longer than the protocol allows.
+    #[error("export name longer than 4096 bytes")]
+    NameTooLong,
+    /// The minimum block size is not a power of two up to 64 KiB.
+    #[error("invalid minimum block size {0}")]
+    BlockSize(u32),
+}
+
+/// An export with what the server derives from it.
+pub(crate) struct ExportState {
+    pub(crate) export: Export,
+    pub(crate) size: u64,
+    pub(crate) flags: u16,
+    pub(crate) max_payload: u32,
+    caps: Capabilities,
+    read_only: bool,
+    seq: Sequencer,
+}
+
+impl ExportState {
+    pub(crate) fn preferred_block_size(&self) -> u32 {
+        self.export.min_block_size.max(4096)
+    }
+}
+
+/// An NBD server: a set of exports and the configuration to serve them with.
+pub struct Server {
+    exports: Vec<Arc<ExportState>>,
+    config: Arc<ServerConfig>,
+    stats: Arc<ServerStats>,
+}
+
+impl Server {
+    /// A server with no exports yet.
+    pub fn new(config: ServerConfig) -> Self {
+        Server { exports: Vec::new(), config: Arc::new(config), stats: Arc::default() }
+    }
+
+    /// Adds an export. Transmission flags follow the device's capabilities.
+    pub fn add_export(&mut self, export: Export) -> Result<(), ExportError> {
+        if self.exports.iter().any(|e| e.export.name == export.name) {
+            return Err(ExportError::Duplicate(export.name));
+        }
+        if export.name.len() > crate::wire::nbd::MAX_STRING {
+            return Err(ExportError::NameTooLong);
+        }
+        let b = export.min_block_size;
+        if !b.is_power_of_two() || b > 65536 {
+            return Err(ExportError::BlockSize(b));
+        }
+        let caps = export.device.capabilities();
+        let read_only = export.read_only || caps.read_only;
+        let mut flags = tf::HAS_FLAGS | tf::SEND_FLUSH | tf::SEND_FUA | tf::CAN_MULTI_CONN;
+        if read_only {
+            flags |= tf::READ_ONLY;
+        } else {
+            // Every device can write zeroes (the trait's default writes zero buffers).
+            flags |= tf::SEND_WRITE_ZEROES;
+            if caps.discard {
+                flags |= tf::SEND_TRIM;
+            }
+        }
+        let size = export.device.size();
+        self.exports.push(Arc::new(ExportState {
+            export,
+            size,
+            flags,
+            max_payload: self.config.max_payload,
+            caps,
+            read_only,
+            seq: Sequencer::new(),
+        }));
+        Ok(())
+    }
+
+    /// The server's counters; they stay valid after [`Server::serve`] consumed the server.
+    pub fn stats(&self) -> Arc<ServerStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Serves clients from `listener` until `shutdown` is cancelled, then waits for every
+    /// connection to finish its in-flight requests (at most a few seconds) and returns.
+    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> io::Result<()> {
+        let max = self.config.max_connections.max(1);
+        let permits = Arc::new(Semaphore::new(max));
+        let exports: Arc<[Arc<ExportState>]> = self.exports.into();
+        loop {
+            let permit = tokio::select! {
+                p = Arc::clone(&permits).acquire_owned() => p.expect("semaphore is never closed"),
+                _ = shutdown.cancelled() => break,
+            };
+            let (socket, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        warn_limited!(ACCEPT_LOG, error = %err, "nbd: accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.cancelled() => break,
+            };
+            if !self.config.acl.allows(peer.ip()) {
+                self.stats.denied.fetch_add(1, Ordering::Relaxed);
+                warn_limited!(CLIENT_LOG, %peer, "nbd: client refused by the allowlist");
+                continue;
+            }
+            self.stats.connections.fetch_add(1, Ordering::Relaxed);
+            let exports = Arc::clone(&exports);
+            let config = Arc::clone(&self.config);
+            let stats = Arc::clone(&self.stats);
+            let cancel = shutdown.child_token();
+            tokio::spawn(async move {
+                let _permit = permit;
+                serve_connection(socket, peer, &exports, config, stats, cancel).await;
+            });
+        }
+        drop(listener);
+        // Every connection holds a permit until it is done.
+        let _all = permits.acquire_many(max as u32).await;
+        Ok(())
+    }
+}
+
+async fn serve_connection(
+    mut socket: TcpStream,
+    peer: SocketAddr,
+    exports: &[Arc<ExportState>],
+    config: Arc<ServerConfig>,
+    stats: Arc<ServerStats>,
+    cancel: CancellationToken,
+) {
+    let _ = socket.set_nodelay(true);
+    let negotiated = tokio::select! {
+        r = tokio::time::timeout(config.handshake_timeout, negotiate(&mut socket, exports)) => r,
+        _ = cancel.cancelled() => return,
+    };
+    let export = match negotiated {
+        Ok(Ok(n)) => n.export,
+        Ok(Err(HandshakeError::Protocol(what))) => {
+            stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            warn_limited!(CLIENT_LOG, %peer, what, "nbd: bad handshake, closing");
+            return;
+        }
+        Ok(Err(err)) => {
+            tracing::debug!(%peer, %err, "nbd: negotiation ended");
+            return;
+        }
+        Err(_) => {
+            warn_limited!(CLIENT_LOG, %peer, "nbd: handshake timed out");
+            return;
+        }
+    };
+    stats.sessions.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(%peer, export = %export.export.name, "nbd: transmission started");
+    let (rd, wr) = socket.into_split();
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let mut conn = Connection {
+        export,
+        config,
+        stats: Arc::clone(&stats),
+        rd,
+        wr,
+        inbuf: BytesMut::with_capacity(BUF_CHUNK),
+        out: OutQueue::default(),
+        done_tx,
+        done_rx,
+        offloaded: 0,
+        offloaded_bytes: 0,
+        skip: 0,
+        skip_reply: None,
+        reading: true,
+        slow_until: None,
+        cancel,
+    };
+    match conn.run().await {
+        Ok(()) => tracing::debug!(%peer, "nbd: connection closed"),
+        Err(ConnError::Protocol(what)) => {
+            stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            warn_limited!(CLIENT_LOG, %peer, what, "nbd: protocol violation, closing");
+        }
+        Err(ConnError::Io(err)) => tracing::debug!(%peer, %err, "nbd: connection lost"),
+    }
+}
+
+#[derive(Debug)]
+enum ConnError {
+    Io(io::Error),
+    Protocol(&'static str),
+}
+
+impl From<io::Error> for ConnError {
+    fn from(err: io::Error) -> Self {
+        ConnError::Io(err)
+    }
+}
+
+/// A finished offloaded request: its reply bytes and the payload bytes it held.
+struct Done {
+    reply: Vec<u8>,
+    bytes: usize,
+}
+
+struct Connection {
+    export: Arc<ExportState>,
+    config: Arc<ServerConfig>,
+    stats: Arc<ServerStats>,
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+    inbuf: BytesMut,
+    out: OutQueue,
+    done_tx: mpsc::UnboundedSender<Done>,
+    done_rx: mpsc::UnboundedReceiver<Done>,
+    /// Requests handed to the blocking pool and not yet collected.
+    offloaded: usize,
+    offloaded_bytes: usize,
+    /// Bytes of a refused write's payload still to discard.
+    skip: u64,
+    /// Reply to send once the discarded payload has been consumed.
+    skip_reply: Option<SimpleReplyRepr>,
+    /// False after EOF, `NBD_CMD_DISC` or shutdown: no more requests are parsed.
+    reading: bool,
+    /// While set and in the future, nothing runs inline.
+    slow_until: Option<Instant>,
+    cancel: CancellationToken,
+}
+
+impl Connection {
+    async fn run(&mut self) -> Result<(), ConnError> {
+        loop {
+            self.process_input()?;
+            while let Ok(done) = self.done_rx.try_recv() {
+                self.collect(done);
+            }
+            if !self.out.is_empty() {
+                self.write_out().await?;
+                // Writing may have taken a while: pick up what finished meanwhile.
+                continue;
+            }
+            if !self.reading && self.offloaded == 0 {
+                let _ = self.wr.shutdown().await;
+                return Ok(());
+            }
+            let can_read = self.reading
+                && self.offloaded < self.config.max_in_flight
+                && self.offloaded_bytes < MAX_IN_FLIGHT_BYTES;
+            if can_read && self.inbuf.capacity() - self.inbuf.len() < 64 << 10 {
+                self.inbuf.reserve(BUF_CHUNK);
+            }
+            tokio::select! {
+                biased;
+                _ = self.cancel.cancelled(), if self.reading => {
+                    self.reading = false;
+                    self.inbuf.clear();
+                }
+                done = self.done_rx.recv(), if self.offloaded > 0 => {
+                    if let Some(done) = done {
+                        self.collect(done);
+                    }
+                }
+                n = self.rd.read_buf(&mut self.inbuf), if can_read => {
+                    match n {
+                        Ok(0) | Err(_) => {
+                            // The client is gone (or half-closed): finish what was read.
+                            self.reading = false;
+                            if self.skip > 0 || !self.inbuf.is_empty() {
+                                tracing::debug!("nbd: client vanished mid-request");
+                            }
+                            self.inbuf.clear();
+                            self.skip = 0;
+                            self.skip_reply = None;
+                        }
+                        Ok(_) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn collect(&mut self, done: Done) {
+        self.offloaded -= 1;
+        self.offloaded_bytes -= done.bytes;
+        self.out.push(done.reply);
+    }
+
+    /// Writes every queued reply; during shutdown, gives up after a grace period.
+    async fn write_out(&mut self) -> io::Result<()> {
+        let write = write_all_vectored(&mut self.out, &mut self.wr);
+        tokio::pin!(write);
+        if !self.cancel.is_cancelled() {
+            tokio::select! {
+                r = &mut write => return r,
+                _ = self.cancel.cancelled() => {}
+            }
+        }
+        match tokio::time::timeout(SHUTDOWN_GRACE, write).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "client does not read replies")),
+        }
+    }
+
+    /// Parses and dispatches every complete request in the input buffer, within the limits.
+    fn process_input(&mut self) -> Result<(), ConnError> {
+        loop {
+            if self.skip > 0 {
+                let n = self.skip.min(self.inbuf.len() as u64);
+                self.inbuf.advance(n as usize);
+                self.skip -= n;
+                if self.skip > 0 {
+                    return Ok(());
+                }
+                if let Some(reply) = self.skip_reply.take() {
+                    self.out.push_small(&reply.to_bytes());
+                }
+            }
+            if !self.reading {
+                self.inbuf.clear();
+                return Ok(());
+            }
+            if self.offloaded >= self.config.max_in_flight
+                || self.offloaded_bytes >= MAX_IN_FLIGHT_BYTES
+                || self.out.bytes >= OUT_HIGH_WATER
+                || self.inbuf.len() < RequestRepr::LEN
+            {
+                return Ok(());
+            }
+            let req = RequestRepr::parse(&self.inbuf[..RequestRepr::LEN])
+                .map_err(|_| ConnError::Protocol("bad request magic"))?;
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            if req.command == Command::Write {
+                if let Some(error) = self.check(&req) {
+                    // Consume and drop the payload, then answer.
+                    self.inbuf.advance(RequestRepr::LEN);
+                    self.skip = u64::from(req.length);
+                    self.skip_reply = Some(SimpleReplyRepr { error, handle: req.handle });
+                    self.stats.error_replies.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let total = RequestRepr::LEN + req.length as usize;
+                if self.inbuf.len() < total {
+                    self.inbuf.reserve(total - self.inbuf.len());
+                    return Ok(());
+                }
+            }
+            self.dispatch(req);
+        }
+    }
+
+    /// The NBD error for a request that must be refused, if any.
+    fn check(&self, req: &RequestRepr) -> Option<u32> {
+        const KNOWN: u16 = cmd_flags::FUA
+            | cmd_flags::NO_HOLE
+            | cmd_flags::DF
+            | cmd_flags::REQ_ONE
+            | cmd_flags::FAST_ZERO;
+        // DF and REQ_ONE need structured replies, FAST_ZERO is not advertised.
+        if req.flags & !KNOWN != 0
+            || req.flags & (cmd_flags::DF | cmd_flags::REQ_ONE | cmd_flags::FAST_ZERO) != 0
+        {
+            return Some(errno::EINVAL);
+        }
+        let e = &self.export;
+        let in_range = check_range(e.size, req.offset, u64::from(req.length)).is_ok();
+        match req.command {
+            Command::Read => {
+                if req.length > e.max_payload || !in_range {
+                    return Some(errno::EINVAL);
+                }
+            }
+            Command::Write | Command::WriteZeroes => {
+                if req.command == Command::Write && req.length > e.max_payload {
+                    return Some(errno::EINVAL);
+                }
+                if e.read_only {
+                    return Some(errno::EPERM);
+                }
+                if !in_range {
+                    return Some(errno::ENOSPC);
+                }
+            }
+            Command::Trim => {
+                if e.read_only {
+                    return Some(errno::EPERM);
+                }
+                if !e.caps.discard || !in_range {
+                    return Some(errno::EINVAL);
+                }
+            }
+            Command::Flush | Command::Disconnect => {}
+            Command::Cache
+            | Command::BlockStatus
+            | Command::Resize
+            | Command::Unknown(_) => return Some(errno::EINVAL),
+        }
+        None
+    }
+
+    fn inline_allowed(&mut self, len: usize) -> bool {
+        if len > self.config.inline_max as usize {
+            return false;
+        }
+        match self.slow_until {
+            Some(until) if Instant::now() < until => false,
+            Some(_) => {
+                self.slow_until = None;
+                true
+            }
+            None => true,
+        }
+    }
+
+    fn note_inline_time(&mut self, started: Instant, len: usize) {
+        let elapsed = started.elapsed();
+        if elapsed > SLOW_OP + Duration::from_nanos(len as u64) {
+            self.slow_until = Some(Instant::now() + SLOW_BACKOFF);
+        }
+    }
+
+    fn error_reply(&mut self, handle: u64, error: u32) {
+        self.stats.error_replies.fetch_add(1, Ordering::Relaxed);
+        self.out.push_small(&SimpleReplyRepr { error, handle }.to_bytes());
+    }
+
+    /// Runs or offloads one complete request at the front of the input buffer.
+    fn dispatch(&mut self, req: RequestRepr) {
+        let handle = req.handle;
+        if let Some(error) = self.check(&req) {
+            self.inbuf.advance(RequestRepr::LEN);
+            self.error_reply(handle, error);
+            return;
+        }
+        let fua = req.flags & cmd_flags::FUA != 0;
+        let len = req.length as usize;
+        let device = Arc::clone(&self.export.export.device);
+        match req.command {
+            Command::Disconnect => {
+                self.inbuf.advance(RequestRepr::LEN);
+                self.reading = false;
+            }
+            Command::Read => {
+                self.inbuf.advance(RequestRepr::LEN);
+                let ticket = self.export.seq.admit(req.offset, len as u64, Access::Read);
+                if self.inline_allowed(len) && ticket.is_ready() {
+                    let started = Instant::now();
+                    let buf = self.out.tail(SimpleReplyRepr::LEN + len);
+                    let error = match device.read_at(&mut buf[SimpleReplyRepr::LEN..], req.offset) {
+                        Ok(()) => 0,
+                        Err(err) => device_error(&err),
+                    };
+                    drop(ticket);
+                    SimpleReplyRepr { error, handle }.emit(&mut buf[..SimpleReplyRepr::LEN]);
+                    if error != 0 {
+                        self.out.shrink_tail(len);
+                        self.stats.error_replies.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.note_inline_time(started, len);
+                } else {
+                    self.offload(Op::Read { offset: req.offset, len }, handle, ticket, len);
+                }
+            }
+            Command::Write => {
+                let ticket = self.export.seq.admit(req.offset, len as u64, Access::Write);
+                if !fua && self.inline_allowed(len) && ticket.is_ready() {
+                    let started = Instant::now();
+                    let data = &self.inbuf[RequestRepr::LEN..RequestRepr::LEN + len];
+                    let error = match device.write_at(data, req.offset, false) {
+                        Ok(()) => 0,
+                        Err(err) => device_error(&err),
+                    };
+                    drop(ticket);
+                    self.inbuf.advance(RequestRepr::LEN + len);
+                    if error != 0 {
+                        self.error_reply(handle, error);
+                    } else {
+                        self.out.push_small(&SimpleReplyRepr { error, handle }.to_bytes());
+                    }
+                    self.note_inline_time(started, len);
+                } else {
+                    let data = self.inbuf.split_to(RequestRepr::LEN + len).freeze();
+                    self.offload(Op::Write { data, offset: req.offset, fua }, handle, ticket, len);
+                }
+            }
+            Command::Flush => {
+                self.inbuf.advance(RequestRepr::LEN);
+                let ticket = self.export.seq.admit(0, 0, Access::Barrier);
+                self.offload(Op::Flush, handle, ticket, 0);
+            }
+            Command::Trim => {
+                self.inbuf.advance(RequestRepr::LEN);
+                let ticket = self.export.seq.admit(req.offset, len as u64, Access::Write);
+                self.offload(Op::Trim { offset: req.offset, len: len as u64 }, handle, ticket, 0);
+            }
+            Command::WriteZeroes => {
+                self.inbuf.advance(RequestRepr::LEN);
+                let ticket = self.export.seq.admit(req.offset, len as u64, Access::Write);
+                let op = Op::Zeroes { offset: req.offset, len: len as u64, fua };
+                self.offload(op, handle, ticket, 0);
+            }
+            // Refused by `check`.
+            Command::Cache | Command::BlockStatus | Command::Resize | Command::Unknown(_) => {
+                unreachable!("checked above")
+            }
+        }
+    }
+
+    fn offload(&mut self, op: Op, handle: u64, ticket: Ticket, bytes: usize) {
+        self.offloaded += 1;
+        self.offloaded_bytes += bytes;
+        let device = Arc::clone(&self.export.export.device);
+        let stats = Arc::clone(&self.stats);
+        let tx = self.done_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            ticket.wait();
+            let reply = op.run(&*device, handle);
+            drop(ticket);
+            if SimpleReplyRepr::parse(&reply[..SimpleReplyRepr::LEN]).is_ok_and(|r| r.error != 0) {
+                stats.error_replies.fetch_add(1, Ordering::Relaxed);
+            }
+            // The connection may be gone; the request still ran, in order.
+            let _ = tx.send(Done { reply, bytes });
+        });
+    }
+}
+
+fn device_error(err: &BlockError) -> u32 {
+    warn_limited!(DEVICE_LOG, error = %err, "nbd: device error");
+    errno::from_host(err.errno())
+}
+
+/// A request run on the blocking pool.
+enum Op {
+    Read { offset: u64, len: usize },
+    /// `data` still holds the 28-byte request header in front of the payload.
+    Write { data: Bytes, offset: u64, fua: bool },
+    Flush,
+    Trim { offset: u64, len: u64 },
+    Zeroes { offset: u64, len: u64, fua: bool },
+}
+
+impl Op {
+    /// Runs the request and returns the complete reply.
+    fn run(self, device: &dyn BlockDevice, handle: u64) -> Vec<u8> {
+        let header = |error: u32| SimpleReplyRepr { error, handle }.to_bytes().to_vec();
+        let result = match self {
+            Op::Read { offset, len } => {
+                let mut reply = vec![0u8; SimpleReplyRepr::LEN + len];
+                return match device.read_at(&mut reply[SimpleReplyRepr::LEN..], offset) {
+                    Ok(()) => {
+                        SimpleReplyRepr { error: 0, handle }.emit(&mut reply);
+                        reply
+                    }
+                    Err(err) => header(device_error(&err)),
+                };
+            }
+            Op::Write { data, offset, fua } => {
+                device.write_at(&data[RequestRepr::LEN..], offset, fua)
+            }
+            Op::Flush => device.flush(),
+            Op::Trim { offset, len } => device.discard(offset, len),
+            Op::Zeroes { offset, len, fua } => device.write_zeroes(offset, len, fua),
+        };
+        match result {
+            Ok(()) => header(0),
+            Err(err) => header(device_error(&err)),
+        }
+    }
+}
+
+/// Replies waiting to be written: small ones coalesced into shared chunks, large ones as
+/// they came from the blocking pool.
+#[derive(Default)]
+struct OutQueue {
+    chunks: VecDeque<Vec<u8>>,
+    /// Bytes of the front chunk already written.
+    front_written: usize,
+    /// Bytes queued and not yet written.
+    bytes: usize,
+    /// Emptied chunk buffers kept for reuse (saves an mmap/munmap per batch).
+    spare: Vec<Vec<u8>>,
+}
+
+impl OutQueue {
+    fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+
+    /// Appends `n` zeroed bytes and returns them for filling in.
+    fn tail(&mut self, n: usize) -> &mut [u8] {
+        let room = self.chunks.back().is_some_and(|b| b.capacity() - b.len() >= n);
+        if !room {
+            let chunk = match self.spare.pop() {
+                Some(c) if c.capacity() >= n => c,
+                _ => Vec::with_capacity(BUF_CHUNK.max(n)),
+            };
+            self.chunks.push_back(chunk);
+        }
+        let back = self.chunks.back_mut().expect("just ensured");
+        let start = back.len();
+        back.resize(start + n, 0);
+        self.bytes += n;
+        &mut back[start..]
+    }
+
+    /// Removes the last `n` bytes appended by [`OutQueue::tail`].
+    fn shrink_tail(&mut self, n: usize) {
+        let back = self.chunks.back_mut().expect("tail was called");
+        back.truncate(back.len() - n);
+        self.bytes -= n;
+    }
+
+    fn push_small(&mut self, bytes: &[u8]) {
+        self.tail(bytes.len()).copy_from_slice(bytes);
+    }
+
+    fn push(&mut self, reply: Vec<u8>) {
+        if reply.len() <= 4096 {
+            self.push_small(&reply);
+        } else {
+            self.bytes += reply.len();
+            self.chunks.push_back(reply);
+        }
+    }
+
+    /// Marks `n` bytes written.
+    fn consume(&mut self, mut n: usize) {
+        self.bytes -= n;
+        while n > 0 {
+            let front_len = self.chunks.front().expect("bytes were queued").len();
+            let left = front_len - self.front_written;
+            if n < left {
+                self.front_written += n;
+                return;
+            }
+            n -= left;
+            let mut chunk = self.chunks.pop_front().expect("checked");
+            self.front_written = 0;
+            if chunk.capacity() == BUF_CHUNK && self.spare.len() < 4 {
+                chunk.clear();
+                self.spare.push(chunk);
+            }
+        }
+        if self.bytes == 0 {
+            self.chunks.clear();
+            self.front_written = 0;
+        }
+    }
+}
+
+async fn write_all_vectored(out: &mut OutQueue, wr: &mut OwnedWriteHalf) -> io::Result<()> {
+    while !out.is_empty() {
+        let n = {
+            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(out.chunks.len().min(64));
+            for (i, c) in out.chunks.iter().take(64).enumerate() {
+                let from = if i == 0 { out.front_written } else { 0 };
+                if c.len() > from {
+                    slices.push(IoSlice::new(&c[from..]));
+                }
+            }
+            wr.write_vectored(&slices).await?
+        };
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        out.consume(n);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_queue_coalesces_and_consumes() {
+        let mut q = OutQueue::default();
+        q.push_small(&[1; 16]);
+        q.tail(8).copy_from_slice(&[2; 8]);
+        q.shrink_tail(4);
+        q.push(vec![3; 10_000]);
+        q.push_small(&[4; 16]);
+        assert_eq!(q.bytes, 16 + 4 + 10_000 + 16);
+        assert_eq!(q.chunks.len(), 3);
+        q.consume(10);
+        assert_eq!(q.front_written, 10);
+        q.consume(10);
+        assert_eq!(q.chunks.len(), 2);
+        q.consume(10_000);
+        assert_eq!(q.chunks.len(), 1);
+        q.consume(16);
+        assert!(q.is_empty());
+        assert!(q.chunks.is_empty());
+        assert_eq!(q.spare.len(), 2);
+    }
+}

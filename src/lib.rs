@@ -1,0 +1,20 @@
+//! twinblade: a highly available SAN appliance in one binary.
+//!
+//! # Layout
+//!
+//! * [`wire`]: every byte format (AoE frames, ...) as typed views with checked parsing. Pure: no I/O.
+//! * [`block`]: the `BlockDevice` contract and its backends (file, null, fault-injecting).
+//! * [`export`]: the targets that serve a `BlockDevice` to clients (AoE, NBD).
+//! * [`net`]: raw packet sockets and interface queries used by the AoE target.
+//! * [`ratelimit`]: rate-limited, counted logging for anything the network can trigger.
+//! * [`cli`]: the command line.
+
+#![warn(missing_docs)]
+#![deny(unsafe_code)]
+
+pub mod block;
+pub mod cli;
+pub mod export;
+pub mod net;
+pub mod ratelimit;
+pub mod wire;

@@ -1,0 +1,9 @@
+//! Raw Ethernet I/O for the AoE target and the user-space initiator.
+//!
+//! Owns the only `unsafe` socket code in the crate: an `AF_PACKET` socket bound to one
+//! interface and one ethertype ([`PacketSocket`]), and interface queries (index, MAC, MTU).
+//! Everything above this module sees byte slices.
+
+mod packet;
+
+pub use packet::{Interface, PacketSocket};
