@@ -246,7 +246,8 @@ target_start() { # TARGET IMAGE
     # setsid: own session, so the target survives this shell and its terminal. The inner sh writes
     # its own pid before exec'ing, so the pid file is right whether or not setsid had to fork.
     # shellcheck disable=SC2016 # $$ and $@ belong to the inner sh
-    setsid sh -c 'echo $$ >"$1"; shift; exec "$@"' sh "$state_dir/target.pid" \
+    # NO_COLOR: the log is a file; keep terminal colour codes out of it.
+    NO_COLOR=1 setsid sh -c 'echo $$ >"$1"; shift; exec "$@"' sh "$state_dir/target.pid" \
         ip netns exec "$TARGET_NODE" "${cmd[@]}" \
         </dev/null >>"$state_dir/target.log" 2>&1 &
 

@@ -221,7 +221,8 @@ total=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
 rm -rf "$run"
 if [[ -n $fail ]]; then
     log "console tail ($console):"
-    tail -n 40 "$console" | tr -d '\r' | sed 's/^/  | /' >&2
+    # Without the firmware's terminal escapes, which garble a terminal.
+    tail -n 60 "$console" | tr -d '\r' | sed -E 's/\x1b(\[[0-9;?]*[a-zA-Z]|.)//g; s/^/  | /' >&2
     log "FAIL (mtu $mtu, target $LAB_TARGET): $fail [vm ${vm_secs}s, total ${total}s]"
     exit 1
 fi

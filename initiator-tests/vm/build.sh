@@ -205,6 +205,8 @@ tb_finish() { # PASS | FAIL reason...
 tb_fail() { # step reason...: record a failed step and end the test
     local step=$1; shift
     tb_result "$step FAIL $*"
+    # The kernel's view (aoe driver, ext4) usually says why.
+    dmesg | tail -n 25 | sed 's/^/dmesg: /'
     tb_finish "FAIL $step: $*"
 }
 tb_basics() {

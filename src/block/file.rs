@@ -17,8 +17,9 @@
 //! Direct I/O needs buffers, offsets and lengths aligned to the device's logical block size,
 //! which may be 4096. Requests that are not 4096-aligned (the window may start at any sector,
 //! and clients send 512-byte requests) go through an aligned bounce buffer; a partially covered
-//! 4 KiB block at either end is read, modified and written back, under a per-block lock so two
-//! disjoint requests in the same block cannot undo each other. The read-modify-write may touch
+//! 4 KiB block (or logical block, if a block device's is larger) at either end is read,
+//! modified and written back, under a per-block lock so two disjoint requests in the same block
+//! cannot undo each other; discard and write-zeroes take the same locks. The read-modify-write may touch
 //! sectors just outside the window (never beyond the end of the backing file): two exports that
 //! share a 4 KiB block of one file must not both use `O_DIRECT`. A backing file whose size is
 //! not a multiple of 4096 on a 4K-sector disk cannot have its last partial block written with
@@ -333,7 +334,7 @@ pub struct FileDevice {
     /// Files: `FALLOC_FL_ZERO_RANGE` has not failed as unsupported yet. Block devices:
     /// `BLKZEROOUT` has not failed as unsupported (the kernel falls back itself, so it won't).
     zero_range_supported: AtomicBool,
-    /// Serialise read-modify-write of a partially written 4 KiB block under `O_DIRECT`.
+    /// Serialise changes to a partly covered aligned block under `O_DIRECT`.
     rmw_locks: Box<[Mutex<()>]>,
 }
 
@@ -488,6 +489,7 @@ impl FileDevice {
         Ok(())
     }
 
+    /// Discard on a regular file: punch a hole, then preallocate it again (if preallocating).
     fn discard_file(&self, start: u64, len: u64) -> Result<()> {
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         match fallocate(&self.file, punch, start, len) {
@@ -509,6 +511,7 @@ impl FileDevice {
         Ok(())
     }
 
+    /// Discard on a block device: `BLKDISCARD` of the whole logical blocks in the range.
     fn discard_block_device(&self, start: u64, len: u64) -> Result<()> {
         // The kernel takes only whole logical blocks; shrink inwards. Discarding less than
         // asked is allowed, as the contents after discard are unspecified anyway.
@@ -631,6 +634,7 @@ impl BlockDevice for FileDevice {
         }
         let zeroed_in_kernel = self.zero_range_supported.load(Ordering::Relaxed) && {
             let start = self.window_start + offset;
+            let _guards = self.lock_blocks(&self.partial_blocks(start, len));
             self.zero_range_in_kernel(start, len)?
         };
         if !zeroed_in_kernel {
@@ -951,7 +955,7 @@ mod tests {
         // Sector 0 of each of four blocks is written then zeroed, over and over, while other
         // threads rewrite sectors 1..8 of the same blocks: a bounced neighbour write holding
         // a stale copy of sector 0 must not put the data back after the zeroing.
-        let rounds = 60u8;
+        let rounds = 100u8;
         std::thread::scope(|scope| {
             for block in 0..4u64 {
                 let dev = &dev;
@@ -960,6 +964,13 @@ mod tests {
                         let sector0 = block * 4096;
                         dev.write_at(&pattern(round, 512), sector0, false).unwrap();
                         dev.write_zeroes(sector0, 512, false).unwrap();
+                        // Only this thread writes sector 0, so it must stay zero; give a stale
+                        // neighbour write time to land first.
+                        std::thread::sleep(std::time::Duration::from_micros(200));
+                        assert!(
+                            read(dev, sector0, 512).iter().all(|&b| b == 0),
+                            "zeroed sector of block {block} came back in round {round}"
+                        );
                     }
                 });
                 for sector in 1..8u64 {

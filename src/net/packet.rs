@@ -250,4 +250,94 @@ impl PacketSocket {
             }
         }
     }
+
+    /// Sends several complete frames with as few `sendmmsg` calls as the kernel allows.
+    /// Returns once every frame is queued.
+    pub fn send_batch(&self, frames: &[&[u8]]) -> io::Result<()> {
+        let mut sent = 0;
+        while sent < frames.len() {
+            let batch = &frames[sent..frames.len().min(sent + 64)];
+            let mut addrs = Vec::with_capacity(batch.len());
+            for frame in batch {
+                if frame.len() < 14 {
+                    return Err(io::Error::new(io::ErrorKind::InvalidInput, "frame shorter than an Ethernet header"));
+                }
+                let mut dst = [0u8; 6];
+                dst.copy_from_slice(&frame[..6]);
+                addrs.push(self.sockaddr(u16::from_be_bytes([frame[12], frame[13]]), dst));
+            }
+            let mut iovecs: Vec<libc::iovec> = batch
+                .iter()
+                .map(|f| libc::iovec { iov_base: f.as_ptr() as *mut libc::c_void, iov_len: f.len() })
+                .collect();
+            // SAFETY: mmsghdr is plain old data; all-zero is valid before we fill it in.
+            #[allow(unsafe_code)]
+            let mut headers: Vec<libc::mmsghdr> = (0..batch.len()).map(|_| unsafe { std::mem::zeroed() }).collect();
+            for (i, header) in headers.iter_mut().enumerate() {
+                header.msg_hdr.msg_name = &mut addrs[i] as *mut libc::sockaddr_ll as *mut libc::c_void;
+                header.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+                header.msg_hdr.msg_iov = &mut iovecs[i];
+                header.msg_hdr.msg_iovlen = 1;
+            }
+            // SAFETY: every header points at a live iovec and sockaddr that outlive the call;
+            // the iovecs point at frames borrowed for the whole call.
+            #[allow(unsafe_code)]
+            let n = unsafe { libc::sendmmsg(self.fd.as_raw_fd(), headers.as_mut_ptr(), headers.len() as u32, 0) };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                match err.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::ENOBUFS) | Some(libc::EAGAIN) => {
+                        std::thread::sleep(Duration::from_micros(50));
+                        continue;
+                    }
+                    _ => return Err(err),
+                }
+            }
+            sent += n as usize;
+        }
+        Ok(())
+    }
+
+    /// Receives up to `bufs.len()` frames with one `recvmmsg`, waiting at most `timeout` for
+    /// the first. Writes each frame's length into `lens` and returns how many arrived.
+    pub fn recv_batch(&self, bufs: &mut [Vec<u8>], lens: &mut [usize], timeout: Duration) -> io::Result<usize> {
+        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd for the duration of the call.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if rc <= 0 {
+            let err = io::Error::last_os_error();
+            return if rc == 0 || err.kind() == io::ErrorKind::Interrupted { Ok(0) } else { Err(err) };
+        }
+        let count = bufs.len().min(lens.len());
+        let mut iovecs: Vec<libc::iovec> = bufs[..count]
+            .iter_mut()
+            .map(|b| libc::iovec { iov_base: b.as_mut_ptr() as *mut libc::c_void, iov_len: b.len() })
+            .collect();
+        // SAFETY: mmsghdr is plain old data; all-zero is valid before we fill it in.
+        #[allow(unsafe_code)]
+        let mut headers: Vec<libc::mmsghdr> = (0..count).map(|_| unsafe { std::mem::zeroed() }).collect();
+        for (header, iov) in headers.iter_mut().zip(iovecs.iter_mut()) {
+            header.msg_hdr.msg_iov = iov;
+            header.msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: each header points at a live iovec over a live, exclusively borrowed buffer.
+        #[allow(unsafe_code)]
+        let n = unsafe {
+            libc::recvmmsg(self.fd.as_raw_fd(), headers.as_mut_ptr(), count as u32, libc::MSG_DONTWAIT, std::ptr::null_mut())
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            return match err.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
+                _ => Err(err),
+            };
+        }
+        for (len, header) in lens.iter_mut().zip(&headers[..n as usize]) {
+            *len = header.msg_len as usize;
+        }
+        Ok(n as usize)
+    }
 }

@@ -1,0 +1,179 @@
+//! `aoe-init`: the user-space AoE initiator's command line, for tests and benchmarks.
+//!
+//! Prints results as `key=value` pairs on one line so scripts can parse them.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+use std::time::Duration;
+use twinblade_initiator::{parse_target, Initiator, IoPlan};
+
+#[derive(Parser)]
+#[command(name = "aoe-init", about = "User-space AoE initiator (tests and benchmarks)")]
+struct Cli {
+    /// Interface to use.
+    #[arg(short, long, default_value = "eth0")]
+    interface: String,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// List blades that answer a broadcast config query.
+    Discover {
+        /// How long to collect answers, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        wait_ms: u64,
+    },
+    /// Print a blade's capacity.
+    Identify {
+        /// Blade, e.g. e0.3.
+        target: String,
+    },
+    /// Write the pattern, or read (and verify) it, pipelined.
+    Write(IoArgs),
+    /// Read pipelined, optionally verifying the pattern.
+    Read(IoArgs),
+    /// FLUSH CACHE EXT.
+    Flush {
+        /// Blade, e.g. e0.3.
+        target: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct IoArgs {
+    /// Blade, e.g. e0.3.
+    target: String,
+    /// Frames in flight.
+    #[arg(short = 'q', long, default_value_t = 16)]
+    outstanding: usize,
+    /// Bytes to transfer (suffix K, M, G allowed); default: the whole device from --offset.
+    #[arg(long, value_parser = parse_size)]
+    bytes: Option<u64>,
+    /// Start offset in bytes (multiple of 512).
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    offset: u64,
+    /// Pattern seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Verify read data against the pattern.
+    #[arg(long)]
+    verify: bool,
+    /// Sectors per frame (default: the target's advertised maximum).
+    #[arg(long)]
+    sectors: Option<u8>,
+    /// Random frame order.
+    #[arg(long)]
+    random: bool,
+    /// Resend a frame after this many milliseconds.
+    #[arg(long, default_value_t = 200)]
+    retransmit_ms: u64,
+    /// Give up after this many seconds without progress.
+    #[arg(long, default_value_t = 30)]
+    give_up_s: u64,
+    /// Print p50/p99 latency.
+    #[arg(long)]
+    latency: bool,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    digits.parse::<u64>().map(|n| n * mult).map_err(|e| format!("{s:?}: {e}"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("aoe-init: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    let mut init = Initiator::open(&cli.interface)?;
+    match cli.command {
+        Cmd::Discover { wait_ms } => {
+            for t in init.discover(0xFFFF, 0xFF, Duration::from_millis(wait_ms))? {
+                println!(
+                    "target=e{}.{} mac={} bufcnt={} sectors={} firmware={:#06x} config={:?}",
+                    t.shelf, t.slot, t.mac, t.buffer_count, t.sectors_per_frame, t.firmware,
+                    String::from_utf8_lossy(&t.config)
+                );
+            }
+        }
+        Cmd::Identify { target } => {
+            let (shelf, slot) = parse_target(&target)?;
+            let t = init.find(shelf, slot, Duration::from_secs(10))?;
+            let sectors = init.identify(&t)?;
+            println!("target={target} mac={} sectors={sectors} bytes={}", t.mac, sectors * 512);
+        }
+        Cmd::Flush { target } => {
+            let (shelf, slot) = parse_target(&target)?;
+            let t = init.find(shelf, slot, Duration::from_secs(10))?;
+            init.flush(&t)?;
+            println!("target={target} flush=ok");
+        }
+        Cmd::Write(args) => io(&mut init, args, true)?,
+        Cmd::Read(args) => io(&mut init, args, false)?,
+    }
+    Ok(())
+}
+
+fn io(init: &mut Initiator, args: IoArgs, write: bool) -> Result<(), Box<dyn std::error::Error>> {
+    let (shelf, slot) = parse_target(&args.target)?;
+    let target = init.find(shelf, slot, Duration::from_secs(10))?;
+    let capacity = init.identify(&target)? * 512;
+    if args.offset % 512 != 0 {
+        return Err("--offset must be a multiple of 512".into());
+    }
+    let bytes = args.bytes.unwrap_or(capacity.saturating_sub(args.offset));
+    if args.offset + bytes > capacity || bytes % 512 != 0 {
+        return Err(format!("range {}+{} does not fit the device ({capacity} bytes) in whole sectors", args.offset, bytes).into());
+    }
+    let plan = IoPlan {
+        write,
+        start_sector: args.offset / 512,
+        sectors: bytes / 512,
+        sectors_per_frame: args.sectors.unwrap_or(target.sectors_per_frame),
+        outstanding: args.outstanding.max(1),
+        seed: args.seed,
+        verify: args.verify,
+        retransmit_after: Duration::from_millis(args.retransmit_ms),
+        give_up_after: Duration::from_secs(args.give_up_s),
+        random: args.random,
+    };
+    let report = init.run(&target, &plan)?;
+    let frames = report.latencies.len().max(1) as f64;
+    print!(
+        "op={} target={} bytes={} seconds={:.3} mb_s={:.1} iops={:.0} outstanding={} sectors_per_frame={} retransmits={} mismatched_sectors={} longest_stall_ms={:.1} syscalls_per_frame={:.2}",
+        if write { "write" } else { "read" },
+        args.target,
+        report.bytes,
+        report.elapsed.as_secs_f64(),
+        report.mb_per_s(),
+        frames / report.elapsed.as_secs_f64().max(1e-9),
+        plan.outstanding,
+        plan.sectors_per_frame,
+        report.retransmits,
+        report.mismatched_sectors,
+        report.longest_stall.as_secs_f64() * 1e3,
+        report.syscalls as f64 / frames,
+    );
+    if args.latency {
+        print!(" p50_us={:.1} p99_us={:.1}", report.percentile(50.0).as_secs_f64() * 1e6, report.percentile(99.0).as_secs_f64() * 1e6);
+    }
+    println!();
+    if args.verify && report.mismatched_sectors > 0 {
+        return Err(format!("{} sectors did not match the pattern", report.mismatched_sectors).into());
+    }
+    Ok(())
+}
