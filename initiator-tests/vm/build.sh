@@ -15,12 +15,14 @@
 # Environment:
 #   TWINBLADE_CACHE   cache root (default /var/cache/twinblade); results go to $TWINBLADE_CACHE/vm
 #
-# The cache is keyed by the exact kernel package (name_version). Within it, the initramfs is rebuilt
-# when this script, busybox or e2fsprogs change. --force rebuilds everything except the download.
+# The cache is keyed by the exact kernel package (name_version). Within it, kernel and initramfs
+# are rebuilt when this script, busybox or e2fsprogs change. --force rebuilds them regardless; the
+# downloaded .deb is kept either way.
 set -euo pipefail
 
 cache_root=${TWINBLADE_CACHE:-/var/cache/twinblade}/vm
 force=0
+PATH=$PATH:/usr/sbin:/sbin # depmod, mke2fs, e2fsck live there; sudo may not have it in PATH
 
 log() { printf 'vm-build: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -28,13 +30,13 @@ die() { log "error: $*"; exit 1; }
 while (($#)); do
     case $1 in
     --force) force=1 ;;
-    -h | --help) sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument: $1" ;;
     esac
     shift
 done
 
-for tool in apt-cache apt-get dpkg dpkg-deb depmod cpio gzip busybox ldd; do
+for tool in apt-cache apt-get dpkg dpkg-deb depmod cpio gzip busybox ldd flock; do
     command -v "$tool" >/dev/null || die "missing tool: $tool (see .ci/run for the package list)"
 done
 # busybox must be the static one: it runs inside the guest without any libraries.
@@ -59,8 +61,27 @@ key="${kpkg}_${kver_pkg}"
 out="$cache_root/$key"
 debdir="$cache_root/debs"
 mkdir -p "$out" "$debdir"
+# One build at a time (tests may call this concurrently); the others wait and then find it cached.
+exec 9>"$cache_root/.lock"
+flock 9
 
-# --- Download and unpack the kernel package (once per key). -------------------------------------
+# --- Is the result up to date? -------------------------------------------------------------------
+stamp_want=$(
+    {
+        sha256sum "${BASH_SOURCE[0]}"
+        dpkg-query -W -f '${Package} ${Version}\n' busybox-static e2fsprogs 2>/dev/null || true
+        echo "$key"
+    } | sha256sum | cut -d' ' -f1
+)
+if [[ $force == 0 && -s $out/base.cpio.gz && -s $out/vmlinuz &&
+    $(cat "$out/stamp" 2>/dev/null || true) == "$stamp_want" ]]; then
+    log "cached: $out (kernel $(cat "$out/kernel.version"))"
+    ln -sfn "$key" "$cache_root/current"
+    printf '%s\n' "$out"
+    exit 0
+fi
+
+# --- Download (kept in the cache) and unpack (deleted after the build: 400 MB). -----------------
 deb="$debdir/${kpkg}_${kver_pkg//:/%3a}_amd64.deb"
 if [[ ! -s $deb ]]; then
     log "downloading $kpkg $kver_pkg"
@@ -71,43 +92,24 @@ if [[ ! -s $deb ]]; then
     mv "$tmp"/*.deb "$deb"
     rm -rf "$tmp"
 fi
-kroot="$out/kernel-root"
-if [[ ! -e $kroot/.unpacked || $force == 1 ]]; then
-    log "unpacking $(basename "$deb")"
-    rm -rf "$kroot"
-    dpkg-deb -x "$deb" "$kroot"
-    touch "$kroot/.unpacked"
-fi
+work=$(mktemp -d "$out/build.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+kroot=$work/kernel
+root=$work/root
+log "unpacking $(basename "$deb")"
+dpkg-deb -x "$deb" "$kroot"
 moddir=$(find "$kroot/lib/modules" -mindepth 1 -maxdepth 1 -type d | head -n1)
 [[ -n $moddir ]] || die "no lib/modules in $deb"
 kver=$(basename "$moddir")
-# The package ships no modules.dep (postinst runs depmod): generate it in the unpacked tree.
-if [[ ! -s $moddir/modules.dep ]]; then
-    depmod -b "$kroot" "$kver"
-fi
-
-# --- Is the initramfs up to date? ----------------------------------------------------------------
-stamp_want=$(
-    {
-        sha256sum "${BASH_SOURCE[0]}"
-        dpkg-query -W -f '${Package} ${Version}\n' busybox-static e2fsprogs 2>/dev/null || true
-        echo "$key"
-    } | sha256sum | cut -d' ' -f1
-)
-if [[ $force == 0 && -s $out/base.cpio.gz && -s $out/vmlinuz &&
-    $(cat "$out/stamp" 2>/dev/null || true) == "$stamp_want" ]]; then
-    log "cached: $out (kernel $kver)"
-    ln -sfn "$key" "$cache_root/current"
-    printf '%s\n' "$out"
-    exit 0
-fi
+# The package ships no modules.dep (its postinst runs depmod): generate it in the unpacked tree.
+depmod -b "$kroot" "$kver"
 log "building initramfs for kernel $kver in $out"
 
-cp "$kroot/boot/vmlinuz-$kver" "$out/vmlinuz"
+# Replace, never rewrite in place: a VM of another test may be booting from the old one.
+cp "$kroot/boot/vmlinuz-$kver" "$out/vmlinuz.tmp"
+mv "$out/vmlinuz.tmp" "$out/vmlinuz"
 echo "$kver" >"$out/kernel.version"
 
-root=$(mktemp -d "$out/root.XXXXXX")
-trap 'rm -rf "$root"' EXIT
 mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,tmp,mnt,run,root,lib/modules,lib/twinblade}
 # The kernel opens /dev/console for /init before anything is mounted (devtmpfs is not automounted
 # in this config): without the node, /init runs with no stdout and the test prints nothing.

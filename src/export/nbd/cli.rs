@@ -42,6 +42,13 @@ pub struct NbdArgs {
     /// Most clients served at once.
     #[arg(long, default_value_t = 64)]
     pub max_connections: usize,
+    /// Largest read or write (bytes) run on the connection's own thread instead of the I/O
+    /// pool; 0 sends everything to the pool.
+    #[arg(long, default_value_t = ServerConfig::default().inline_max)]
+    pub inline_max: u32,
+    /// Network threads (default: one per CPU).
+    #[arg(long)]
+    pub threads: Option<usize>,
     /// File or block device to export.
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
@@ -64,6 +71,7 @@ pub fn run(args: NbdArgs) -> i32 {
     let size = device.size();
     let config = ServerConfig {
         max_connections: args.max_connections,
+        inline_max: args.inline_max,
         acl: Acl::new(args.allow.clone()),
         ..ServerConfig::default()
     };
@@ -75,7 +83,11 @@ pub fn run(args: NbdArgs) -> i32 {
         eprintln!("twinblade nbd: {err}");
         return 2;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.threads {
+        builder.worker_threads(n.max(1));
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("twinblade nbd: cannot start runtime: {err}");

@@ -1,0 +1,160 @@
+//! A tiny lab for tests: network namespaces joined by veth pairs, the twinblade binary run in
+//! one of them, and test code run in another (a thread that joined the client namespace).
+//!
+//! Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_NET_RAW). Everything is removed on drop, also
+//! when a test fails.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
+
+/// Two namespaces, `target` and `client`, with `links` veth pairs named eth0, eth1, ... in both.
+pub struct Lab {
+    pub target_ns: String,
+    pub client_ns: String,
+    pub dir: tempfile::TempDir,
+    children: Vec<Child>,
+}
+
+fn run(cmd: &[&str]) {
+    let status = Command::new(cmd[0]).args(&cmd[1..]).status().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(status.success(), "{cmd:?} failed");
+}
+
+/// The twinblade binary built alongside this crate's binaries.
+pub fn twinblade_bin() -> PathBuf {
+    if let Ok(path) = std::env::var("TWINBLADE_BIN") {
+        return PathBuf::from(path);
+    }
+    let here = PathBuf::from(env!("CARGO_BIN_EXE_aoe-init"));
+    let path = here.with_file_name("twinblade");
+    assert!(path.exists(), "{} missing: run `cargo build --workspace` first (or set TWINBLADE_BIN)", path.display());
+    path
+}
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "these tests build network namespaces and need root");
+}
+
+impl Lab {
+    pub fn new(mtu: u32, links: usize) -> Lab {
+        require_root();
+        let id = std::process::id() % 10000 * 100 + NEXT_LAB.fetch_add(1, Ordering::Relaxed);
+        let target_ns = format!("tbt{id}t");
+        let client_ns = format!("tbt{id}c");
+        let _ = Command::new("ip").args(["netns", "del", &target_ns]).status();
+        let _ = Command::new("ip").args(["netns", "del", &client_ns]).status();
+        run(&["ip", "netns", "add", &target_ns]);
+        run(&["ip", "netns", "add", &client_ns]);
+        for ns in [&target_ns, &client_ns] {
+            run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        }
+        for link in 0..links {
+            let a = format!("tv{id}{link}a");
+            let b = format!("tv{id}{link}b");
+            let name = format!("eth{link}");
+            run(&["ip", "link", "add", &a, "type", "veth", "peer", "name", &b]);
+            run(&["ip", "link", "set", &a, "netns", &target_ns]);
+            run(&["ip", "link", "set", &b, "netns", &client_ns]);
+            run(&["ip", "-n", &target_ns, "link", "set", &a, "name", &name]);
+            run(&["ip", "-n", &client_ns, "link", "set", &b, "name", &name]);
+            for ns in [&target_ns, &client_ns] {
+                run(&["ip", "-n", ns, "link", "set", &name, "mtu", &mtu.to_string(), "up"]);
+            }
+        }
+        Lab { target_ns, client_ns, dir: tempfile::tempdir_in("/var/tmp").expect("temp dir"), children: Vec::new() }
+    }
+
+    /// A fully written (not sparse) backing file of `bytes` bytes filled with `byte`.
+    pub fn backing_file(&self, name: &str, bytes: usize, byte: u8) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, vec![byte; bytes]).expect("write backing file");
+        path
+    }
+
+    /// Starts `twinblade ARGS` in the target namespace and waits until it serves.
+    pub fn start_target(&mut self, args: &[&str]) -> usize {
+        let log = File::create(self.dir.path().join(format!("target-{}.log", self.children.len()))).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.target_ns])
+            .arg(twinblade_bin())
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn twinblade");
+        self.children.push(child);
+        // Serving starts with an announce; give it a moment to open its sockets.
+        std::thread::sleep(Duration::from_millis(300));
+        self.children.len() - 1
+    }
+
+    /// Runs `twinblade ARGS` in the target namespace to completion.
+    pub fn run_target_command(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ip").args(["netns", "exec", &self.target_ns]).arg(twinblade_bin()).args(args).output().unwrap()
+    }
+
+    /// Stops target `index` with SIGTERM and waits for it; returns its exit status.
+    pub fn stop_target(&mut self, index: usize) -> std::process::ExitStatus {
+        let child = &mut self.children[index];
+        // ip netns exec execs the binary, so the child pid is twinblade's.
+        // SAFETY: sending a signal to a pid we spawned.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "target did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn target_log(&self, index: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("target-{index}.log"))).unwrap_or_default()
+    }
+
+    /// Runs `f` on a thread inside the client namespace.
+    pub fn in_client<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
+        in_namespace(&self.client_ns, f)
+    }
+
+    /// Runs `f` on a thread inside the target namespace.
+    pub fn in_target<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
+        in_namespace(&self.target_ns, f)
+    }
+}
+
+pub fn in_namespace<R: Send + 'static>(ns: &str, f: impl FnOnce() -> R + Send + 'static) -> R {
+    let path = Path::new("/var/run/netns").join(ns);
+    std::thread::spawn(move || {
+        let file = File::open(&path).expect("open netns");
+        // SAFETY: setns on this thread only, with a valid namespace fd.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for ns in [&self.target_ns, &self.client_ns] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
