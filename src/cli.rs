@@ -150,7 +150,9 @@ pub fn parse_blade_name(name: &str) -> Result<(u16, u8), String> {
 fn parse_export_spec(s: &str) -> Result<ExportSpec, String> {
     let form = "expected eSHELF.SLOT@IFACE[,IFACE..]=PATH";
     let (name, rest) = s.split_once('@').ok_or_else(|| format!("{s:?}: {form}"))?;
-    let (ifaces, path) = rest.split_once('=').ok_or_else(|| format!("{s:?}: {form}"))?;
+    let (ifaces, path) = rest
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: {form}"))?;
     let (shelf, slot) = parse_blade_name(name)?;
     let interfaces: Vec<String> = ifaces.split(',').map(base_interface).collect();
     if interfaces.iter().any(|i| i.is_empty()) || path.is_empty() {
@@ -291,8 +293,23 @@ mod tests {
     #[test]
     fn vblade_command_line_parses_like_vblade() {
         let cli = Cli::try_parse_from([
-            "twinblade", "vblade", "-b", "16", "-d", "-s", "-r", "-m", "00:11:22:33:44:55,001122334466",
-            "-o", "0x10", "-l", "2048", "0", "3", "eth0:0", "/dev/drbd0",
+            "twinblade",
+            "vblade",
+            "-b",
+            "16",
+            "-d",
+            "-s",
+            "-r",
+            "-m",
+            "00:11:22:33:44:55,001122334466",
+            "-o",
+            "0x10",
+            "-l",
+            "2048",
+            "0",
+            "3",
+            "eth0:0",
+            "/dev/drbd0",
         ])
         .unwrap();
         let Command::Vblade(args) = cli.command else {
@@ -323,7 +340,16 @@ mod tests {
             vec!["twinblade", "vblade", "-b", "0", "0", "3", "eth0", "f"],
             vec!["twinblade", "vblade", "65535", "3", "eth0", "f"],
             vec!["twinblade", "vblade", "0", "255", "eth0", "f"],
-            vec!["twinblade", "vblade", "-m", "nonsense", "0", "3", "eth0", "f"],
+            vec![
+                "twinblade",
+                "vblade",
+                "-m",
+                "nonsense",
+                "0",
+                "3",
+                "eth0",
+                "f",
+            ],
             vec!["twinblade", "vblade", "-o", "-1", "0", "3", "eth0", "f"],
         ] {
             assert!(Cli::try_parse_from(&bad).is_err(), "{bad:?} accepted");
@@ -337,7 +363,14 @@ mod tests {
         assert_eq!(spec.slot, 7);
         assert_eq!(spec.interfaces, vec!["eth0", "eth1"]);
         assert_eq!(spec.path, PathBuf::from("/var/lib/x.img"));
-        for bad in ["e0.3", "e0.3@eth0", "0.3@eth0=/x", "e0.255@eth0=/x", "e0.3@=/x", "e0.3@eth0="] {
+        for bad in [
+            "e0.3",
+            "e0.3@eth0",
+            "0.3@eth0=/x",
+            "e0.255@eth0=/x",
+            "e0.3@=/x",
+            "e0.3@eth0=",
+        ] {
             assert!(parse_export_spec(bad).is_err(), "{bad:?} accepted");
         }
     }

@@ -13,7 +13,10 @@ use std::collections::HashMap;
 use std::io;
 use std::time::{Duration, Instant};
 use twinblade::net::{Interface, PacketSocket};
-use twinblade::wire::aoe::{self, ata_flags, ArgRepr, AtaRepr, Command, ConfigCommand, ConfigRepr, Frame, HeaderRepr, PacketRepr};
+use twinblade::wire::aoe::{
+    self, ata_flags, ArgRepr, AtaRepr, Command, ConfigCommand, ConfigRepr, Frame, HeaderRepr,
+    PacketRepr,
+};
 use twinblade::wire::MacAddr;
 
 /// ATA commands the initiator sends.
@@ -222,9 +225,15 @@ impl Initiator {
         let mut found: Vec<Target> = Vec::new();
         let mut buf = vec![0u8; 65536];
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            let Some(len) = self.socket.recv(&mut buf, left)? else { break };
-            let Ok(frame) = Frame::new_checked(&buf[..len]) else { continue };
-            let Ok(reply) = PacketRepr::parse(&frame) else { continue };
+            let Some(len) = self.socket.recv(&mut buf, left)? else {
+                break;
+            };
+            let Ok(frame) = Frame::new_checked(&buf[..len]) else {
+                continue;
+            };
+            let Ok(reply) = PacketRepr::parse(&frame) else {
+                continue;
+            };
             // Announcements (tag 0) count too: a blade that just started says hello.
             if !reply.header.response || (reply.header.tag != tag && reply.header.tag != 0) {
                 continue;
@@ -235,7 +244,11 @@ impl Initiator {
                     slot: reply.header.slot,
                     mac: reply.header.src,
                     buffer_count: cfg.buffer_count,
-                    sectors_per_frame: if cfg.sector_count == 0 { 2 } else { cfg.sector_count },
+                    sectors_per_frame: if cfg.sector_count == 0 {
+                        2
+                    } else {
+                        cfg.sector_count
+                    },
                     firmware: cfg.firmware_version,
                     config: cfg.config,
                 };
@@ -252,69 +265,125 @@ impl Initiator {
         let deadline = Instant::now() + wait;
         loop {
             let found = self.discover(shelf, slot, Duration::from_millis(300))?;
-            if let Some(t) = found.into_iter().find(|t| t.shelf == shelf && t.slot == slot) {
+            if let Some(t) = found
+                .into_iter()
+                .find(|t| t.shelf == shelf && t.slot == slot)
+            {
                 return Ok(t);
             }
             if Instant::now() >= deadline {
-                return Err(InitiatorError::Timeout(format!("no answer from e{shelf}.{slot}")));
+                return Err(InitiatorError::Timeout(format!(
+                    "no answer from e{shelf}.{slot}"
+                )));
             }
         }
     }
 
     /// Sends one ATA command and waits for its reply (with retransmits). Returns the reply
     /// argument and data.
-    pub fn ata(&mut self, target: &Target, ata: AtaRepr, data: &[u8], wait: Duration) -> Result<(AtaRepr, Vec<u8>)> {
+    pub fn ata(
+        &mut self,
+        target: &Target,
+        ata: AtaRepr,
+        data: &[u8],
+        wait: Duration,
+    ) -> Result<(AtaRepr, Vec<u8>)> {
         let deadline = Instant::now() + wait;
         let mut buf = vec![0u8; 65536];
         loop {
             let header = self.header(target.mac, target.shelf, target.slot, Command::Ata);
             let tag = header.tag;
-            let repr = PacketRepr { header, arg: ArgRepr::Ata(ata) };
+            let repr = PacketRepr {
+                header,
+                arg: ArgRepr::Ata(ata),
+            };
             let mut frame = vec![0u8; (repr.buffer_len() + data.len()).max(aoe::MIN_FRAME_LEN)];
             repr.emit(&mut Frame::new_unchecked(&mut frame[..]));
             frame[repr.buffer_len()..repr.buffer_len() + data.len()].copy_from_slice(data);
             self.socket.send(&frame)?;
             let resend_at = Instant::now() + Duration::from_millis(500);
             while Instant::now() < resend_at {
-                let Some(len) = self.socket.recv(&mut buf, Duration::from_millis(50))? else { continue };
-                let Ok(view) = Frame::new_checked(&buf[..len]) else { continue };
+                let Some(len) = self.socket.recv(&mut buf, Duration::from_millis(50))? else {
+                    continue;
+                };
+                let Ok(view) = Frame::new_checked(&buf[..len]) else {
+                    continue;
+                };
                 if !view.is_response() || view.tag() != tag {
                     continue;
                 }
                 if view.is_error() {
-                    return Err(InitiatorError::Target(format!("AoE error {}", view.error())));
+                    return Err(InitiatorError::Target(format!(
+                        "AoE error {}",
+                        view.error()
+                    )));
                 }
-                let Ok(PacketRepr { arg: ArgRepr::Ata(reply), .. }) = PacketRepr::parse(&view) else { continue };
+                let Ok(PacketRepr {
+                    arg: ArgRepr::Ata(reply),
+                    ..
+                }) = PacketRepr::parse(&view)
+                else {
+                    continue;
+                };
                 let data = view.payload()[aoe::ATA_ARG_LEN..].to_vec();
                 return Ok((reply, data));
             }
             if Instant::now() >= deadline {
-                return Err(InitiatorError::Timeout(format!("ATA {:#04x} to e{}.{}", ata.cmd_status, target.shelf, target.slot)));
+                return Err(InitiatorError::Timeout(format!(
+                    "ATA {:#04x} to e{}.{}",
+                    ata.cmd_status, target.shelf, target.slot
+                )));
             }
         }
     }
 
     /// IDENTIFY: returns the capacity in sectors (LBA48 words).
     pub fn identify(&mut self, target: &Target) -> Result<u64> {
-        let ata = AtaRepr { aflags: 0, err_feature: 0, sector_count: 1, cmd_status: IDENTIFY, lba: 0xA0 << 24 };
+        let ata = AtaRepr {
+            aflags: 0,
+            err_feature: 0,
+            sector_count: 1,
+            cmd_status: IDENTIFY,
+            lba: 0xA0 << 24,
+        };
         let (reply, data) = self.ata(target, ata, &[], Duration::from_secs(10))?;
         if reply.cmd_status & FAILURE_STATUS != 0 || data.len() < 512 {
-            return Err(InitiatorError::Target(format!("IDENTIFY failed: status {:#04x}", reply.cmd_status)));
+            return Err(InitiatorError::Target(format!(
+                "IDENTIFY failed: status {:#04x}",
+                reply.cmd_status
+            )));
         }
-        Ok(u64::from_le_bytes(data[200..208].try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            data[200..208].try_into().expect("8 bytes"),
+        ))
     }
 
     /// FLUSH CACHE EXT.
     pub fn flush(&mut self, target: &Target) -> Result<()> {
-        let ata = AtaRepr { aflags: ata_flags::EXTENDED, err_feature: 0, sector_count: 0, cmd_status: FLUSH_EXT, lba: 0 };
+        let ata = AtaRepr {
+            aflags: ata_flags::EXTENDED,
+            err_feature: 0,
+            sector_count: 0,
+            cmd_status: FLUSH_EXT,
+            lba: 0,
+        };
         let (reply, _) = self.ata(target, ata, &[], Duration::from_secs(30))?;
         if reply.cmd_status & FAILURE_STATUS != 0 {
-            return Err(InitiatorError::Target(format!("FLUSH failed: status {:#04x} error {:#04x}", reply.cmd_status, reply.err_feature)));
+            return Err(InitiatorError::Target(format!(
+                "FLUSH failed: status {:#04x} error {:#04x}",
+                reply.cmd_status, reply.err_feature
+            )));
         }
         Ok(())
     }
 
-    fn build_frame(&mut self, target: &Target, plan: &IoPlan, first_sector: u64, sectors: u8) -> (u32, Vec<u8>) {
+    fn build_frame(
+        &mut self,
+        target: &Target,
+        plan: &IoPlan,
+        first_sector: u64,
+        sectors: u8,
+    ) -> (u32, Vec<u8>) {
         let header = self.header(target.mac, target.shelf, target.slot, Command::Ata);
         let tag = header.tag;
         let ata = AtaRepr {
@@ -324,8 +393,15 @@ impl Initiator {
             cmd_status: if plan.write { WRITE_EXT } else { READ_EXT },
             lba: first_sector,
         };
-        let repr = PacketRepr { header, arg: ArgRepr::Ata(ata) };
-        let data_len = if plan.write { usize::from(sectors) * 512 } else { 0 };
+        let repr = PacketRepr {
+            header,
+            arg: ArgRepr::Ata(ata),
+        };
+        let data_len = if plan.write {
+            usize::from(sectors) * 512
+        } else {
+            0
+        };
         let mut frame = vec![0u8; (repr.buffer_len() + data_len).max(aoe::MIN_FRAME_LEN)];
         repr.emit(&mut Frame::new_unchecked(&mut frame[..]));
         if plan.write {
@@ -370,7 +446,15 @@ impl Initiator {
                 let sectors = per_frame.min(plan.start_sector + plan.sectors - first) as u8;
                 next += 1;
                 let (tag, frame) = self.build_frame(target, plan, first, sectors);
-                in_flight.insert(tag, InFlight { first_sector: first, sectors, sent_at: Instant::now(), frame: frame.clone() });
+                in_flight.insert(
+                    tag,
+                    InFlight {
+                        first_sector: first,
+                        sectors,
+                        sent_at: Instant::now(),
+                        frame: frame.clone(),
+                    },
+                );
                 to_send.push(frame);
             }
             if !to_send.is_empty() {
@@ -378,17 +462,27 @@ impl Initiator {
                 self.socket.send_batch(&refs)?;
                 report.syscalls += refs.len().div_ceil(64) as u64;
             }
-            let n = self.socket.recv_batch(&mut bufs, &mut lens, Duration::from_millis(10))?;
+            let n = self
+                .socket
+                .recv_batch(&mut bufs, &mut lens, Duration::from_millis(10))?;
             report.syscalls += 1;
             let now = Instant::now();
             for i in 0..n {
-                let Ok(view) = Frame::new_checked(&bufs[i][..lens[i]]) else { continue };
+                let Ok(view) = Frame::new_checked(&bufs[i][..lens[i]]) else {
+                    continue;
+                };
                 if !view.is_response() || view.command() != Command::Ata {
                     continue;
                 }
-                let Some(request) = in_flight.remove(&view.tag()) else { continue };
+                let Some(request) = in_flight.remove(&view.tag()) else {
+                    continue;
+                };
                 if view.is_error() {
-                    return Err(InitiatorError::Target(format!("AoE error {} at sector {}", view.error(), request.first_sector)));
+                    return Err(InitiatorError::Target(format!(
+                        "AoE error {} at sector {}",
+                        view.error(),
+                        request.first_sector
+                    )));
                 }
                 let payload = view.payload();
                 if payload.len() < aoe::ATA_ARG_LEN {
@@ -405,7 +499,9 @@ impl Initiator {
                 if !plan.write {
                     let data = &payload[aoe::ATA_ARG_LEN..];
                     if (data.len() as u64) < bytes {
-                        return Err(InitiatorError::Target("read reply carries too little data".into()));
+                        return Err(InitiatorError::Target(
+                            "read reply carries too little data".into(),
+                        ));
                     }
                     if plan.verify {
                         for (j, sector) in data[..bytes as usize].chunks(512).enumerate() {
@@ -423,10 +519,18 @@ impl Initiator {
                 last_progress = now;
             }
             if now.duration_since(last_progress) > plan.give_up_after {
-                return Err(InitiatorError::Timeout(format!("{} frames unanswered for {:?}", in_flight.len(), plan.give_up_after)));
+                return Err(InitiatorError::Timeout(format!(
+                    "{} frames unanswered for {:?}",
+                    in_flight.len(),
+                    plan.give_up_after
+                )));
             }
             // Resend what has waited too long, under a new tag (as the Linux driver does).
-            let stale: Vec<u32> = in_flight.iter().filter(|(_, f)| now.duration_since(f.sent_at) > plan.retransmit_after).map(|(t, _)| *t).collect();
+            let stale: Vec<u32> = in_flight
+                .iter()
+                .filter(|(_, f)| now.duration_since(f.sent_at) > plan.retransmit_after)
+                .map(|(t, _)| *t)
+                .collect();
             if !stale.is_empty() {
                 let mut resend = Vec::new();
                 for old in stale {

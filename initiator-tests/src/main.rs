@@ -8,7 +8,10 @@ use std::time::Duration;
 use twinblade_initiator::{parse_target, Initiator, IoPlan};
 
 #[derive(Parser)]
-#[command(name = "aoe-init", about = "User-space AoE initiator (tests and benchmarks)")]
+#[command(
+    name = "aoe-init",
+    about = "User-space AoE initiator (tests and benchmarks)"
+)]
 struct Cli {
     /// Interface to use.
     #[arg(short, long, default_value = "eth0")]
@@ -84,7 +87,10 @@ fn parse_size(s: &str) -> Result<u64, String> {
         Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
         _ => (s, 1),
     };
-    digits.parse::<u64>().map(|n| n * mult).map_err(|e| format!("{s:?}: {e}"))
+    digits
+        .parse::<u64>()
+        .map(|n| n * mult)
+        .map_err(|e| format!("{s:?}: {e}"))
 }
 
 fn main() -> ExitCode {
@@ -105,7 +111,12 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             for t in init.discover(0xFFFF, 0xFF, Duration::from_millis(wait_ms))? {
                 println!(
                     "target=e{}.{} mac={} bufcnt={} sectors={} firmware={:#06x} config={:?}",
-                    t.shelf, t.slot, t.mac, t.buffer_count, t.sectors_per_frame, t.firmware,
+                    t.shelf,
+                    t.slot,
+                    t.mac,
+                    t.buffer_count,
+                    t.sectors_per_frame,
+                    t.firmware,
                     String::from_utf8_lossy(&t.config)
                 );
             }
@@ -114,7 +125,11 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let (shelf, slot) = parse_target(&target)?;
             let t = init.find(shelf, slot, Duration::from_secs(10))?;
             let sectors = init.identify(&t)?;
-            println!("target={target} mac={} sectors={sectors} bytes={}", t.mac, sectors * 512);
+            println!(
+                "target={target} mac={} sectors={sectors} bytes={}",
+                t.mac,
+                sectors * 512
+            );
         }
         Cmd::Flush { target } => {
             let (shelf, slot) = parse_target(&target)?;
@@ -132,12 +147,16 @@ fn io(init: &mut Initiator, args: IoArgs, write: bool) -> Result<(), Box<dyn std
     let (shelf, slot) = parse_target(&args.target)?;
     let target = init.find(shelf, slot, Duration::from_secs(10))?;
     let capacity = init.identify(&target)? * 512;
-    if args.offset % 512 != 0 {
+    if !args.offset.is_multiple_of(512) {
         return Err("--offset must be a multiple of 512".into());
     }
     let bytes = args.bytes.unwrap_or(capacity.saturating_sub(args.offset));
-    if args.offset + bytes > capacity || bytes % 512 != 0 {
-        return Err(format!("range {}+{} does not fit the device ({capacity} bytes) in whole sectors", args.offset, bytes).into());
+    if args.offset + bytes > capacity || !bytes.is_multiple_of(512) {
+        return Err(format!(
+            "range {}+{} does not fit the device ({capacity} bytes) in whole sectors",
+            args.offset, bytes
+        )
+        .into());
     }
     let plan = IoPlan {
         write,
@@ -169,11 +188,19 @@ fn io(init: &mut Initiator, args: IoArgs, write: bool) -> Result<(), Box<dyn std
         report.syscalls as f64 / frames,
     );
     if args.latency {
-        print!(" p50_us={:.1} p99_us={:.1}", report.percentile(50.0).as_secs_f64() * 1e6, report.percentile(99.0).as_secs_f64() * 1e6);
+        print!(
+            " p50_us={:.1} p99_us={:.1}",
+            report.percentile(50.0).as_secs_f64() * 1e6,
+            report.percentile(99.0).as_secs_f64() * 1e6
+        );
     }
     println!();
     if args.verify && report.mismatched_sectors > 0 {
-        return Err(format!("{} sectors did not match the pattern", report.mismatched_sectors).into());
+        return Err(format!(
+            "{} sectors did not match the pattern",
+            report.mismatched_sectors
+        )
+        .into());
     }
     Ok(())
 }

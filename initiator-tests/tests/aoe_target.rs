@@ -34,7 +34,11 @@ fn assert_file_holds_pattern(file: &std::path::Path, file_offset: u64, bytes: u6
     for sector in 0..bytes / 512 {
         fill_pattern(seed, sector, &mut expected);
         let at = (file_offset + sector * 512) as usize;
-        assert_eq!(&data[at..at + 512], &expected[..], "sector {sector} of the backing file");
+        assert_eq!(
+            &data[at..at + 512],
+            &expected[..],
+            "sector {sector} of the backing file"
+        );
     }
 }
 
@@ -47,20 +51,40 @@ fn serves_pattern_at_mtu_1500_and_9000_without_drops_at_64_outstanding() {
         let reports = lab.in_client(move || {
             let mut init = Initiator::open("eth0").unwrap();
             let target = init.find(0, 3, Duration::from_secs(5)).unwrap();
-            assert_eq!(target.sectors_per_frame, sectors, "sectors per frame at MTU {mtu}");
+            assert_eq!(
+                target.sectors_per_frame, sectors,
+                "sectors per frame at MTU {mtu}"
+            );
             assert_eq!(target.buffer_count, 64);
             assert_eq!(init.identify(&target).unwrap(), 65536);
-            let write = init.run(&target, &plan(true, 16 * MIB, 16, &target, 7)).unwrap();
-            let read = init.run(&target, &plan(false, 16 * MIB, 64, &target, 7)).unwrap();
-            let write64 = init.run(&target, &plan(true, 16 * MIB, 64, &target, 8)).unwrap();
+            let write = init
+                .run(&target, &plan(true, 16 * MIB, 16, &target, 7))
+                .unwrap();
+            let read = init
+                .run(&target, &plan(false, 16 * MIB, 64, &target, 7))
+                .unwrap();
+            let write64 = init
+                .run(&target, &plan(true, 16 * MIB, 64, &target, 8))
+                .unwrap();
             (write, read, write64)
         });
         let (write, read, write64) = reports;
         assert_eq!(read.mismatched_sectors, 0);
         assert_eq!(read.bytes, 16 * MIB);
-        assert_eq!(read.retransmits, 0, "64 outstanding reads must not be dropped (MTU {mtu})");
-        assert_eq!(write64.retransmits, 0, "64 outstanding writes must not be dropped (MTU {mtu})");
-        println!("MTU {mtu}: write q16 {:.0} MB/s, read q64 {:.0} MB/s, write q64 {:.0} MB/s", write.mb_per_s(), read.mb_per_s(), write64.mb_per_s());
+        assert_eq!(
+            read.retransmits, 0,
+            "64 outstanding reads must not be dropped (MTU {mtu})"
+        );
+        assert_eq!(
+            write64.retransmits, 0,
+            "64 outstanding writes must not be dropped (MTU {mtu})"
+        );
+        println!(
+            "MTU {mtu}: write q16 {:.0} MB/s, read q64 {:.0} MB/s, write q64 {:.0} MB/s",
+            write.mb_per_s(),
+            read.mb_per_s(),
+            write64.mb_per_s()
+        );
         assert_file_holds_pattern(&file, 0, 16 * MIB, 8);
     }
 }
@@ -79,7 +103,8 @@ fn announces_when_serving_starts() {
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             while std::time::Instant::now() < deadline {
                 if let Some(len) = socket.recv(&mut buf, Duration::from_millis(100)).unwrap() {
-                    let repr = PacketRepr::parse(&Frame::new_checked(&buf[..len]).unwrap()).unwrap();
+                    let repr =
+                        PacketRepr::parse(&Frame::new_checked(&buf[..len]).unwrap()).unwrap();
                     return Some(repr);
                 }
             }
@@ -93,7 +118,9 @@ fn announces_when_serving_starts() {
     assert_eq!(announce.header.tag, 0);
     assert_eq!(announce.header.dst, MacAddr::BROADCAST);
     assert_eq!((announce.header.shelf, announce.header.slot), (0, 3));
-    let ArgRepr::Config(cfg) = announce.arg else { panic!("announce is not a config response") };
+    let ArgRepr::Config(cfg) = announce.arg else {
+        panic!("announce is not a config response")
+    };
     assert_eq!((cfg.buffer_count, cfg.sector_count), (64, 2));
 }
 
@@ -102,12 +129,41 @@ fn mask_list_restricts_initiators() {
     let mut lab = Lab::new(1500, 1);
     let file = lab.backing_file("disk.img", 4 << 20, 0);
     let client_mac = lab.in_client(|| Interface::by_name("eth0").unwrap().mac);
-    let stranger = lab.start_target(&["vblade", "-m", "02:00:00:00:00:99", "0", "3", "eth0", file.to_str().unwrap()]);
-    let found = lab.in_client(|| Initiator::open("eth0").unwrap().discover(0xFFFF, 0xFF, Duration::from_millis(800)).unwrap());
-    assert!(found.is_empty(), "a masked target answered a stranger: {found:?}");
+    let stranger = lab.start_target(&[
+        "vblade",
+        "-m",
+        "02:00:00:00:00:99",
+        "0",
+        "3",
+        "eth0",
+        file.to_str().unwrap(),
+    ]);
+    let found = lab.in_client(|| {
+        Initiator::open("eth0")
+            .unwrap()
+            .discover(0xFFFF, 0xFF, Duration::from_millis(800))
+            .unwrap()
+    });
+    assert!(
+        found.is_empty(),
+        "a masked target answered a stranger: {found:?}"
+    );
     lab.stop_target(stranger);
-    lab.start_target(&["vblade", "-m", &format!("02:00:00:00:00:99,{client_mac}"), "0", "3", "eth0", file.to_str().unwrap()]);
-    let found = lab.in_client(|| Initiator::open("eth0").unwrap().discover(0xFFFF, 0xFF, Duration::from_millis(800)).unwrap());
+    lab.start_target(&[
+        "vblade",
+        "-m",
+        &format!("02:00:00:00:00:99,{client_mac}"),
+        "0",
+        "3",
+        "eth0",
+        file.to_str().unwrap(),
+    ]);
+    let found = lab.in_client(|| {
+        Initiator::open("eth0")
+            .unwrap()
+            .discover(0xFFFF, 0xFF, Duration::from_millis(800))
+            .unwrap()
+    });
     assert_eq!(found.len(), 1, "a listed initiator must be answered");
 }
 
@@ -119,7 +175,9 @@ fn read_only_target_refuses_writes_and_keeps_data() {
     let result = lab.in_client(|| {
         let mut init = Initiator::open("eth0").unwrap();
         let target = init.find(0, 3, Duration::from_secs(5)).unwrap();
-        init.run(&target, &plan(true, MIB, 4, &target, 1)).map(|_| ()).map_err(|e| e.to_string())
+        init.run(&target, &plan(true, MIB, 4, &target, 1))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     });
     let err = result.expect_err("write to a read-only target succeeded");
     assert!(err.contains("ATA status 0x41"), "{err}");
@@ -131,28 +189,56 @@ fn offset_and_length_select_a_window() {
     let mut lab = Lab::new(9000, 1);
     let file = lab.backing_file("disk.img", 8 << 20, 0);
     // 2048 sectors in, 4096 sectors long: like vblade's -o/-l.
-    lab.start_target(&["vblade", "-o", "2048", "-l", "4096", "0", "3", "eth0", file.to_str().unwrap()]);
+    lab.start_target(&[
+        "vblade",
+        "-o",
+        "2048",
+        "-l",
+        "4096",
+        "0",
+        "3",
+        "eth0",
+        file.to_str().unwrap(),
+    ]);
     let sectors = lab.in_client(|| {
         let mut init = Initiator::open("eth0").unwrap();
         let target = init.find(0, 3, Duration::from_secs(5)).unwrap();
         let sectors = init.identify(&target).unwrap();
-        init.run(&target, &plan(true, 2 * MIB, 16, &target, 3)).unwrap();
+        init.run(&target, &plan(true, 2 * MIB, 16, &target, 3))
+            .unwrap();
         sectors
     });
     assert_eq!(sectors, 4096);
     assert_file_holds_pattern(&file, MIB, 2 * MIB, 3);
-    assert!(std::fs::read(&file).unwrap()[..MIB as usize].iter().all(|b| *b == 0), "data before the window was touched");
+    assert!(
+        std::fs::read(&file).unwrap()[..MIB as usize]
+            .iter()
+            .all(|b| *b == 0),
+        "data before the window was touched"
+    );
 }
 
 #[test]
 fn vblade_front_end_rejects_a_window_beyond_the_file() {
     let lab = Lab::new(1500, 1);
     let file = lab.backing_file("disk.img", MIB as usize, 0);
-    let out = lab.run_target_command(&["vblade", "-o", "4096", "0", "3", "eth0", file.to_str().unwrap()]);
+    let out = lab.run_target_command(&[
+        "vblade",
+        "-o",
+        "4096",
+        "0",
+        "3",
+        "eth0",
+        file.to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(!String::from_utf8_lossy(&out.stderr).is_empty());
     let out = lab.run_target_command(&["vblade", "0", "3", "eth9", file.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1), "a missing interface is a clear error");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a missing interface is a clear error"
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("eth9"));
 }
 
@@ -169,9 +255,19 @@ fn several_blades_on_several_interfaces() {
     let (on_eth0, on_eth1) = lab.in_client(|| {
         let mut eth0 = Initiator::open("eth0").unwrap();
         let mut eth1 = Initiator::open("eth1").unwrap();
-        let mut on_eth0: Vec<_> = eth0.discover(0xFFFF, 0xFF, Duration::from_millis(800)).unwrap().iter().map(|t| (t.shelf, t.slot)).collect();
+        let mut on_eth0: Vec<_> = eth0
+            .discover(0xFFFF, 0xFF, Duration::from_millis(800))
+            .unwrap()
+            .iter()
+            .map(|t| (t.shelf, t.slot))
+            .collect();
         on_eth0.sort();
-        let on_eth1: Vec<_> = eth1.discover(0xFFFF, 0xFF, Duration::from_millis(800)).unwrap().iter().map(|t| (t.shelf, t.slot)).collect();
+        let on_eth1: Vec<_> = eth1
+            .discover(0xFFFF, 0xFF, Duration::from_millis(800))
+            .unwrap()
+            .iter()
+            .map(|t| (t.shelf, t.slot))
+            .collect();
         let t3 = eth0.find(0, 3, Duration::from_secs(5)).unwrap();
         eth0.run(&t3, &plan(true, MIB, 16, &t3, 33)).unwrap();
         let t4 = eth1.find(0, 4, Duration::from_secs(5)).unwrap();
@@ -184,9 +280,26 @@ fn several_blades_on_several_interfaces() {
     assert_file_holds_pattern(&f4, 0, MIB, 44);
 }
 
-fn raw_frame(src: MacAddr, dst: MacAddr, command: Command, arg: ArgRepr, version: u8, extra: &[u8]) -> Vec<u8> {
+fn raw_frame(
+    src: MacAddr,
+    dst: MacAddr,
+    command: Command,
+    arg: ArgRepr,
+    version: u8,
+    extra: &[u8],
+) -> Vec<u8> {
     let repr = PacketRepr {
-        header: HeaderRepr { dst, src, version, response: false, error: None, shelf: 0, slot: 3, command, tag: 0x4242 },
+        header: HeaderRepr {
+            dst,
+            src,
+            version,
+            response: false,
+            error: None,
+            shelf: 0,
+            slot: 3,
+            command,
+            tag: 0x4242,
+        },
         arg,
     };
     let mut buf = vec![0u8; (repr.buffer_len() + extra.len()).max(60)];
@@ -220,19 +333,51 @@ fn bad_frames_get_errors_or_silence_and_never_stop_the_target() {
             }
             None
         };
-        let read = |sectors| ArgRepr::Ata(AtaRepr { aflags: 0x40, err_feature: 0, sector_count: sectors, cmd_status: 0x24, lba: 0 });
+        let read = |sectors| {
+            ArgRepr::Ata(AtaRepr {
+                aflags: 0x40,
+                err_feature: 0,
+                sector_count: sectors,
+                cmd_status: 0x24,
+                lba: 0,
+            })
+        };
         // Unsupported version: error 5.
-        let reply = ask(&raw_frame(me, target.mac, Command::Ata, read(1), 2, &[])).expect("error 5 reply");
+        let reply =
+            ask(&raw_frame(me, target.mac, Command::Ata, read(1), 2, &[])).expect("error 5 reply");
         assert_eq!(Frame::new_checked(&reply[..]).unwrap().error(), 5);
         // Unknown command: error 1.
-        let reply = ask(&raw_frame(me, target.mac, Command::Unknown(9), ArgRepr::Unknown, 1, &[])).expect("error 1 reply");
+        let reply = ask(&raw_frame(
+            me,
+            target.mac,
+            Command::Unknown(9),
+            ArgRepr::Unknown,
+            1,
+            &[],
+        ))
+        .expect("error 1 reply");
         assert_eq!(Frame::new_checked(&reply[..]).unwrap().error(), 1);
         // Sector count beyond the frame at MTU 1500: error 2.
-        let reply = ask(&raw_frame(me, target.mac, Command::Ata, read(3), 1, &[])).expect("error 2 reply");
+        let reply =
+            ask(&raw_frame(me, target.mac, Command::Ata, read(3), 1, &[])).expect("error 2 reply");
         assert_eq!(Frame::new_checked(&reply[..]).unwrap().error(), 2);
         // Short write payload: error 2.
-        let write = ArgRepr::Ata(AtaRepr { aflags: 0x41, err_feature: 0, sector_count: 2, cmd_status: 0x34, lba: 0 });
-        let reply = ask(&raw_frame(me, target.mac, Command::Ata, write, 1, &[7u8; 600])).expect("error 2 reply");
+        let write = ArgRepr::Ata(AtaRepr {
+            aflags: 0x41,
+            err_feature: 0,
+            sector_count: 2,
+            cmd_status: 0x34,
+            lba: 0,
+        });
+        let reply = ask(&raw_frame(
+            me,
+            target.mac,
+            Command::Ata,
+            write,
+            1,
+            &[7u8; 600],
+        ))
+        .expect("error 2 reply");
         assert_eq!(Frame::new_checked(&reply[..]).unwrap().error(), 2);
         // Truncated ATA argument: silence.
         let mut truncated = raw_frame(me, target.mac, Command::Ata, read(1), 1, &[]);
@@ -258,13 +403,21 @@ fn bad_frames_get_errors_or_silence_and_never_stop_the_target() {
         // Still serving, data intact.
         let report = init.run(&target, &plan(true, MIB, 16, &target, 9)).unwrap();
         assert_eq!(report.bytes, MIB);
-        let report = init.run(&target, &plan(false, MIB, 16, &target, 9)).unwrap();
+        let report = init
+            .run(&target, &plan(false, MIB, 16, &target, 9))
+            .unwrap();
         assert_eq!(report.mismatched_sectors, 0);
     });
     let status = lab.stop_target(index);
-    assert!(status.success(), "target exit status after SIGTERM: {status:?}");
+    assert!(
+        status.success(),
+        "target exit status after SIGTERM: {status:?}"
+    );
     let log = lab.target_log(index);
-    assert!(log.contains("stopped"), "the target logs its counters when it stops: {log}");
+    assert!(
+        log.contains("stopped"),
+        "the target logs its counters when it stops: {log}"
+    );
     // Logs the network can trigger are rate-limited: 5000 bad frames, a handful of lines.
     let warnings = log.lines().filter(|l| l.contains("WARN")).count();
     assert!(warnings < 50, "{warnings} warning lines for a frame storm");
@@ -283,8 +436,21 @@ fn overlapping_writes_in_one_batch_keep_arrival_order() {
         for round in 0..20u8 {
             let frames: Vec<Vec<u8>> = (0..32u8)
                 .map(|i| {
-                    let write = ArgRepr::Ata(AtaRepr { aflags: 0x41, err_feature: 0, sector_count: 2, cmd_status: 0x34, lba: u64::from(i % 3) });
-                    raw_frame(iface.mac, target.mac, Command::Ata, write, 1, &[round.wrapping_mul(32).wrapping_add(i); 1024])
+                    let write = ArgRepr::Ata(AtaRepr {
+                        aflags: 0x41,
+                        err_feature: 0,
+                        sector_count: 2,
+                        cmd_status: 0x34,
+                        lba: u64::from(i % 3),
+                    });
+                    raw_frame(
+                        iface.mac,
+                        target.mac,
+                        Command::Ata,
+                        write,
+                        1,
+                        &[round.wrapping_mul(32).wrapping_add(i); 1024],
+                    )
                 })
                 .collect();
             let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
@@ -292,17 +458,32 @@ fn overlapping_writes_in_one_batch_keep_arrival_order() {
             let mut replies = 0;
             let mut buf = vec![0u8; 2000];
             while replies < 32 {
-                let len = socket.recv(&mut buf, Duration::from_secs(5)).unwrap().expect("reply");
+                let len = socket
+                    .recv(&mut buf, Duration::from_secs(5))
+                    .unwrap()
+                    .expect("reply");
                 if Frame::new_checked(&buf[..len]).unwrap().is_response() {
                     replies += 1;
                 }
             }
             // The last writes to sectors 0..=3 were frames 30 (lba 0) and 31 (lba 1).
-            let ata = AtaRepr { aflags: 0x40, err_feature: 0, sector_count: 2, cmd_status: 0x24, lba: 0 };
+            let ata = AtaRepr {
+                aflags: 0x40,
+                err_feature: 0,
+                sector_count: 2,
+                cmd_status: 0x24,
+                lba: 0,
+            };
             let (_, data) = init.ata(&target, ata, &[], Duration::from_secs(5)).unwrap();
             let last = round.wrapping_mul(32);
-            assert!(data[..512].iter().all(|b| *b == last.wrapping_add(30)), "sector 0 in round {round}");
-            assert!(data[512..1024].iter().all(|b| *b == last.wrapping_add(31)), "sector 1 in round {round}");
+            assert!(
+                data[..512].iter().all(|b| *b == last.wrapping_add(30)),
+                "sector 0 in round {round}"
+            );
+            assert!(
+                data[512..1024].iter().all(|b| *b == last.wrapping_add(31)),
+                "sector 1 in round {round}"
+            );
         }
     });
 }

@@ -23,10 +23,16 @@ impl Interface {
             .into_iter()
             .find(|i| i.name == name)
             .ok_or_else(|| {
-                io::Error::new(io::ErrorKind::NotFound, format!("no interface named {name:?}"))
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("no interface named {name:?}"),
+                )
             })?;
         let mac = found.mac.ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, format!("interface {name:?} has no MAC address"))
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("interface {name:?} has no MAC address"),
+            )
         })?;
         Ok(Interface {
             name: found.name,
@@ -67,7 +73,10 @@ fn udp_socket() -> io::Result<OwnedFd> {
 
 fn ifreq_for(name: &str) -> io::Result<libc::ifreq> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('\0') {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad interface name {name:?}")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bad interface name {name:?}"),
+        ));
     }
     // SAFETY: ifreq is plain old data; all-zero is a valid value.
     #[allow(unsafe_code)]
@@ -94,7 +103,11 @@ impl PacketSocket {
         // SAFETY: plain socket(2) call; the fd is immediately owned by OwnedFd.
         #[allow(unsafe_code)]
         let fd = unsafe {
-            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(proto));
+            let fd = libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                i32::from(proto),
+            );
             if fd < 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -183,7 +196,11 @@ impl PacketSocket {
         let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
         if rc < 0 {
             let err = io::Error::last_os_error();
-            return if err.kind() == io::ErrorKind::Interrupted { Ok(None) } else { Err(err) };
+            return if err.kind() == io::ErrorKind::Interrupted {
+                Ok(None)
+            } else {
+                Err(err)
+            };
         }
         if rc == 0 {
             return Ok(None);
@@ -216,7 +233,10 @@ impl PacketSocket {
     /// Sends one complete Ethernet frame (destination MAC taken from the frame itself).
     pub fn send(&self, frame: &[u8]) -> io::Result<()> {
         if frame.len() < 14 {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "frame shorter than an Ethernet header"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "frame shorter than an Ethernet header",
+            ));
         }
         let mut dst = [0u8; 6];
         dst.copy_from_slice(&frame[..6]);
@@ -260,7 +280,10 @@ impl PacketSocket {
             let mut addrs = Vec::with_capacity(batch.len());
             for frame in batch {
                 if frame.len() < 14 {
-                    return Err(io::Error::new(io::ErrorKind::InvalidInput, "frame shorter than an Ethernet header"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "frame shorter than an Ethernet header",
+                    ));
                 }
                 let mut dst = [0u8; 6];
                 dst.copy_from_slice(&frame[..6]);
@@ -268,13 +291,19 @@ impl PacketSocket {
             }
             let mut iovecs: Vec<libc::iovec> = batch
                 .iter()
-                .map(|f| libc::iovec { iov_base: f.as_ptr() as *mut libc::c_void, iov_len: f.len() })
+                .map(|f| libc::iovec {
+                    iov_base: f.as_ptr() as *mut libc::c_void,
+                    iov_len: f.len(),
+                })
                 .collect();
             // SAFETY: mmsghdr is plain old data; all-zero is valid before we fill it in.
             #[allow(unsafe_code)]
-            let mut headers: Vec<libc::mmsghdr> = (0..batch.len()).map(|_| unsafe { std::mem::zeroed() }).collect();
+            let mut headers: Vec<libc::mmsghdr> = (0..batch.len())
+                .map(|_| unsafe { std::mem::zeroed() })
+                .collect();
             for (i, header) in headers.iter_mut().enumerate() {
-                header.msg_hdr.msg_name = &mut addrs[i] as *mut libc::sockaddr_ll as *mut libc::c_void;
+                header.msg_hdr.msg_name =
+                    &mut addrs[i] as *mut libc::sockaddr_ll as *mut libc::c_void;
                 header.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as u32;
                 header.msg_hdr.msg_iov = &mut iovecs[i];
                 header.msg_hdr.msg_iovlen = 1;
@@ -282,7 +311,14 @@ impl PacketSocket {
             // SAFETY: every header points at a live iovec and sockaddr that outlive the call;
             // the iovecs point at frames borrowed for the whole call.
             #[allow(unsafe_code)]
-            let n = unsafe { libc::sendmmsg(self.fd.as_raw_fd(), headers.as_mut_ptr(), headers.len() as u32, 0) };
+            let n = unsafe {
+                libc::sendmmsg(
+                    self.fd.as_raw_fd(),
+                    headers.as_mut_ptr(),
+                    headers.len() as u32,
+                    0,
+                )
+            };
             if n < 0 {
                 let err = io::Error::last_os_error();
                 match err.raw_os_error() {
@@ -301,24 +337,41 @@ impl PacketSocket {
 
     /// Receives up to `bufs.len()` frames with one `recvmmsg`, waiting at most `timeout` for
     /// the first. Writes each frame's length into `lens` and returns how many arrived.
-    pub fn recv_batch(&self, bufs: &mut [Vec<u8>], lens: &mut [usize], timeout: Duration) -> io::Result<usize> {
-        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    pub fn recv_batch(
+        &self,
+        bufs: &mut [Vec<u8>],
+        lens: &mut [usize],
+        timeout: Duration,
+    ) -> io::Result<usize> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: one valid pollfd for the duration of the call.
         #[allow(unsafe_code)]
         let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
         if rc <= 0 {
             let err = io::Error::last_os_error();
-            return if rc == 0 || err.kind() == io::ErrorKind::Interrupted { Ok(0) } else { Err(err) };
+            return if rc == 0 || err.kind() == io::ErrorKind::Interrupted {
+                Ok(0)
+            } else {
+                Err(err)
+            };
         }
         let count = bufs.len().min(lens.len());
         let mut iovecs: Vec<libc::iovec> = bufs[..count]
             .iter_mut()
-            .map(|b| libc::iovec { iov_base: b.as_mut_ptr() as *mut libc::c_void, iov_len: b.len() })
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
             .collect();
         // SAFETY: mmsghdr is plain old data; all-zero is valid before we fill it in.
         #[allow(unsafe_code)]
-        let mut headers: Vec<libc::mmsghdr> = (0..count).map(|_| unsafe { std::mem::zeroed() }).collect();
+        let mut headers: Vec<libc::mmsghdr> =
+            (0..count).map(|_| unsafe { std::mem::zeroed() }).collect();
         for (header, iov) in headers.iter_mut().zip(iovecs.iter_mut()) {
             header.msg_hdr.msg_iov = iov;
             header.msg_hdr.msg_iovlen = 1;
@@ -326,7 +379,13 @@ impl PacketSocket {
         // SAFETY: each header points at a live iovec over a live, exclusively borrowed buffer.
         #[allow(unsafe_code)]
         let n = unsafe {
-            libc::recvmmsg(self.fd.as_raw_fd(), headers.as_mut_ptr(), count as u32, libc::MSG_DONTWAIT, std::ptr::null_mut())
+            libc::recvmmsg(
+                self.fd.as_raw_fd(),
+                headers.as_mut_ptr(),
+                count as u32,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
         };
         if n < 0 {
             let err = io::Error::last_os_error();

@@ -598,7 +598,9 @@ impl ConfigRepr {
         need(CONFIG_ARG_LEN, arg.buffer.as_ref().len())?;
         let len = usize::from(arg.string_len());
         if len > MAX_CONFIG_LEN || len > arg.trailing().len() {
-            return Err(Error::Malformed { field: "config string length" });
+            return Err(Error::Malformed {
+                field: "config string length",
+            });
         }
         Ok(ConfigRepr {
             buffer_count: arg.buffer_count(),
@@ -852,9 +854,7 @@ impl PacketRepr {
             Command::Config => {
                 ArgRepr::Config(ConfigRepr::parse(&ConfigArg::new_checked(payload)?)?)
             }
-            Command::MacMask => {
-                ArgRepr::MacMask(MaskRepr::parse(&MaskArg::new_checked(payload)?)?)
-            }
+            Command::MacMask => ArgRepr::MacMask(MaskRepr::parse(&MaskArg::new_checked(payload)?)?),
             Command::Reserve => {
                 ArgRepr::Reserve(ReserveRepr::parse(&ReserveArg::new_checked(payload)?)?)
             }
@@ -979,7 +979,10 @@ mod tests {
         let frame = Frame::new_checked(&ATA_READ[..30]).unwrap();
         assert!(matches!(
             PacketRepr::parse(&frame),
-            Err(Error::Truncated { needed: 12, have: 6 })
+            Err(Error::Truncated {
+                needed: 12,
+                have: 6
+            })
         ));
     }
 
@@ -1038,30 +1041,37 @@ mod tests {
             any::<u8>(),
             any::<u32>(),
         )
-            .prop_map(|(dst, src, version, response, error, shelf, slot, tag)| HeaderRepr {
-                dst,
-                src,
-                version,
-                response,
-                error,
-                shelf,
-                slot,
-                command: Command::Ata,
-                tag,
+            .prop_map(|(dst, src, version, response, error, shelf, slot, tag)| {
+                HeaderRepr {
+                    dst,
+                    src,
+                    version,
+                    response,
+                    error,
+                    shelf,
+                    slot,
+                    command: Command::Ata,
+                    tag,
+                }
             })
     }
 
     fn arg() -> impl Strategy<Value = ArgRepr> {
         prop_oneof![
-            (any::<u8>(), any::<u8>(), any::<u8>(), any::<u8>(), 0u64..(1 << 48)).prop_map(
-                |(f, e, s, c, lba)| ArgRepr::Ata(AtaRepr {
+            (
+                any::<u8>(),
+                any::<u8>(),
+                any::<u8>(),
+                any::<u8>(),
+                0u64..(1 << 48)
+            )
+                .prop_map(|(f, e, s, c, lba)| ArgRepr::Ata(AtaRepr {
                     aflags: f & ata_flags::ALL,
                     err_feature: e,
                     sector_count: s,
                     cmd_status: c,
                     lba,
-                })
-            ),
+                })),
             (
                 any::<u16>(),
                 any::<u16>(),

@@ -283,7 +283,9 @@ impl GreetingRepr {
         if be64(buf, 8) != IHAVEOPT {
             return Err(E::Malformed { field: "ihaveopt" });
         }
-        Ok(GreetingRepr { flags: be16(buf, 16) })
+        Ok(GreetingRepr {
+            flags: be16(buf, 16),
+        })
     }
 
     /// Bytes [`emit`](Self::emit) writes.
@@ -330,7 +332,9 @@ impl<T: AsRef<[u8]>> OptionRequest<T> {
         let v = Self::new_unchecked(buffer);
         v.check_len()?;
         if v.magic() != IHAVEOPT {
-            return Err(E::Malformed { field: "option magic" });
+            return Err(E::Malformed {
+                field: "option magic",
+            });
         }
         Ok(v)
     }
@@ -379,7 +383,10 @@ impl OptionRequestRepr {
     /// Parses an untrusted header.
     pub fn parse(buf: &[u8]) -> Result<Self, Error> {
         let v = OptionRequest::new_checked(buf)?;
-        Ok(OptionRequestRepr { option: v.option(), length: v.length() })
+        Ok(OptionRequestRepr {
+            option: v.option(),
+            length: v.length(),
+        })
     }
 
     /// Header bytes.
@@ -425,7 +432,9 @@ impl<T: AsRef<[u8]>> OptionReply<T> {
         let v = Self::new_unchecked(buffer);
         v.check_len()?;
         if v.magic() != OPTION_REPLY_MAGIC {
-            return Err(E::Malformed { field: "option reply magic" });
+            return Err(E::Malformed {
+                field: "option reply magic",
+            });
         }
         Ok(v)
     }
@@ -482,7 +491,11 @@ impl OptionReplyRepr {
     /// Parses an untrusted header.
     pub fn parse(buf: &[u8]) -> Result<Self, Error> {
         let v = OptionReply::new_checked(buf)?;
-        Ok(OptionReplyRepr { option: v.option(), reply_type: v.reply_type(), length: v.length() })
+        Ok(OptionReplyRepr {
+            option: v.option(),
+            reply_type: v.reply_type(),
+            length: v.length(),
+        })
     }
 
     /// Header bytes.
@@ -517,18 +530,27 @@ impl InfoRequestRepr {
         need(4, buf.len())?;
         let name_len = be32(buf, 0) as usize;
         if name_len > MAX_STRING {
-            return Err(E::Malformed { field: "export name length" });
+            return Err(E::Malformed {
+                field: "export name length",
+            });
         }
         need(4 + name_len + 2, buf.len())?;
         let name = std::str::from_utf8(&buf[4..4 + name_len])
-            .map_err(|_| E::Malformed { field: "export name" })?
+            .map_err(|_| E::Malformed {
+                field: "export name",
+            })?
             .to_string();
         let count = be16(buf, 4 + name_len) as usize;
         let rest = &buf[4 + name_len + 2..];
         if rest.len() != count * 2 {
-            return Err(E::Malformed { field: "information request count" });
+            return Err(E::Malformed {
+                field: "information request count",
+            });
         }
-        let requests = rest.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
+        let requests = rest
+            .chunks_exact(2)
+            .map(|c| u16::from_be_bytes([c[0], c[1]]))
+            .collect();
         Ok(InfoRequestRepr { name, requests })
     }
 
@@ -562,11 +584,15 @@ impl ServerRepr {
         need(4, buf.len())?;
         let n = be32(buf, 0) as usize;
         if n > MAX_STRING {
-            return Err(E::Malformed { field: "export name length" });
+            return Err(E::Malformed {
+                field: "export name length",
+            });
         }
         need(4 + n, buf.len())?;
         let name = std::str::from_utf8(&buf[4..4 + n])
-            .map_err(|_| E::Malformed { field: "export name" })?
+            .map_err(|_| E::Malformed {
+                field: "export name",
+            })?
             .to_string();
         Ok(ServerRepr { name })
     }
@@ -615,22 +641,35 @@ impl InfoRepr {
         need(2, buf.len())?;
         let string = |buf: &[u8]| -> Result<String, Error> {
             if buf.len() > MAX_STRING {
-                return Err(E::Malformed { field: "info string length" });
+                return Err(E::Malformed {
+                    field: "info string length",
+                });
             }
-            std::str::from_utf8(buf).map(str::to_string).map_err(|_| E::Malformed { field: "info string" })
+            std::str::from_utf8(buf)
+                .map(str::to_string)
+                .map_err(|_| E::Malformed {
+                    field: "info string",
+                })
         };
         match be16(buf, 0) {
             info::EXPORT => {
                 if buf.len() != 12 {
-                    return Err(E::Malformed { field: "NBD_INFO_EXPORT length" });
+                    return Err(E::Malformed {
+                        field: "NBD_INFO_EXPORT length",
+                    });
                 }
-                Ok(InfoRepr::Export { size: be64(buf, 2), flags: be16(buf, 10) })
+                Ok(InfoRepr::Export {
+                    size: be64(buf, 2),
+                    flags: be16(buf, 10),
+                })
             }
             info::NAME => Ok(InfoRepr::Name(string(&buf[2..])?)),
             info::DESCRIPTION => Ok(InfoRepr::Description(string(&buf[2..])?)),
             info::BLOCK_SIZE => {
                 if buf.len() != 14 {
-                    return Err(E::Malformed { field: "NBD_INFO_BLOCK_SIZE length" });
+                    return Err(E::Malformed {
+                        field: "NBD_INFO_BLOCK_SIZE length",
+                    });
                 }
                 Ok(InfoRepr::BlockSize {
                     minimum: be32(buf, 2),
@@ -638,7 +677,9 @@ impl InfoRepr {
                     maximum: be32(buf, 10),
                 })
             }
-            _ => Err(E::Malformed { field: "information type" }),
+            _ => Err(E::Malformed {
+                field: "information type",
+            }),
         }
     }
 
@@ -660,11 +701,19 @@ impl InfoRepr {
                 buf[10..12].copy_from_slice(&flags.to_be_bytes());
             }
             InfoRepr::Name(s) | InfoRepr::Description(s) => {
-                let t = if matches!(self, InfoRepr::Name(_)) { info::NAME } else { info::DESCRIPTION };
+                let t = if matches!(self, InfoRepr::Name(_)) {
+                    info::NAME
+                } else {
+                    info::DESCRIPTION
+                };
                 buf[0..2].copy_from_slice(&t.to_be_bytes());
                 buf[2..2 + s.len()].copy_from_slice(s.as_bytes());
             }
-            InfoRepr::BlockSize { minimum, preferred, maximum } => {
+            InfoRepr::BlockSize {
+                minimum,
+                preferred,
+                maximum,
+            } => {
                 buf[0..2].copy_from_slice(&info::BLOCK_SIZE.to_be_bytes());
                 buf[2..6].copy_from_slice(&minimum.to_be_bytes());
                 buf[6..10].copy_from_slice(&preferred.to_be_bytes());
@@ -690,7 +739,11 @@ impl ExportNameReplyRepr {
     /// Parses the reply (client side).
     pub fn parse(buf: &[u8], zeroes: bool) -> Result<Self, Error> {
         need(if zeroes { 134 } else { 10 }, buf.len())?;
-        Ok(ExportNameReplyRepr { size: be64(buf, 0), flags: be16(buf, 8), zeroes })
+        Ok(ExportNameReplyRepr {
+            size: be64(buf, 0),
+            flags: be16(buf, 8),
+            zeroes,
+        })
     }
 
     /// Bytes [`emit`](Self::emit) writes.
@@ -746,7 +799,9 @@ impl<T: AsRef<[u8]>> Request<T> {
         let v = Self::new_unchecked(buffer);
         v.check_len()?;
         if v.magic() != REQUEST_MAGIC {
-            return Err(E::Malformed { field: "request magic" });
+            return Err(E::Malformed {
+                field: "request magic",
+            });
         }
         Ok(v)
     }
@@ -860,7 +915,9 @@ impl<T: AsRef<[u8]>> SimpleReply<T> {
         let v = Self::new_unchecked(buffer);
         v.check_len()?;
         if v.magic() != SIMPLE_REPLY_MAGIC {
-            return Err(E::Malformed { field: "reply magic" });
+            return Err(E::Malformed {
+                field: "reply magic",
+            });
         }
         Ok(v)
     }
@@ -900,7 +957,10 @@ impl SimpleReplyRepr {
     /// Parses an untrusted header (client side).
     pub fn parse(buf: &[u8]) -> Result<Self, Error> {
         let v = SimpleReply::new_checked(buf)?;
-        Ok(SimpleReplyRepr { error: v.error(), handle: v.handle() })
+        Ok(SimpleReplyRepr {
+            error: v.error(),
+            handle: v.handle(),
+        })
     }
 
     /// Header bytes.
@@ -1002,11 +1062,22 @@ mod tests {
     #[test]
     fn request_rejects_bad_magic_and_short_buffers() {
         let mut bytes = [0u8; 28];
-        RequestRepr { flags: 0, command: Command::Flush, handle: 1, offset: 0, length: 0 }
-            .emit(&mut bytes);
+        RequestRepr {
+            flags: 0,
+            command: Command::Flush,
+            handle: 1,
+            offset: 0,
+            length: 0,
+        }
+        .emit(&mut bytes);
         assert!(RequestRepr::parse(&bytes[..27]).is_err());
         bytes[0] ^= 1;
-        assert_eq!(RequestRepr::parse(&bytes), Err(E::Malformed { field: "request magic" }));
+        assert_eq!(
+            RequestRepr::parse(&bytes),
+            Err(E::Malformed {
+                field: "request magic"
+            })
+        );
     }
 
     #[test]
@@ -1017,7 +1088,10 @@ mod tests {
 
     #[test]
     fn simple_reply_literal() {
-        let r = SimpleReplyRepr { error: errno::EINVAL, handle: 7 };
+        let r = SimpleReplyRepr {
+            error: errno::EINVAL,
+            handle: 7,
+        };
         assert_eq!(
             r.to_bytes(),
             [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 22, 0, 0, 0, 0, 0, 0, 0, 7]
@@ -1037,7 +1111,13 @@ mod tests {
     fn option_request_literal() {
         let mut b = b"IHAVEOPT".to_vec();
         b.extend_from_slice(&[0, 0, 0, 7, 0, 0, 0, 6]);
-        assert_eq!(OptionRequestRepr::parse(&b), Ok(OptionRequestRepr { option: opt::GO, length: 6 }));
+        assert_eq!(
+            OptionRequestRepr::parse(&b),
+            Ok(OptionRequestRepr {
+                option: opt::GO,
+                length: 6
+            })
+        );
         b[0] = b'X';
         assert!(OptionRequestRepr::parse(&b).is_err());
     }
@@ -1045,7 +1125,12 @@ mod tests {
     #[test]
     fn option_reply_literal() {
         let mut b = [0u8; 20];
-        OptionReplyRepr { option: opt::LIST, reply_type: rep::ACK, length: 0 }.emit(&mut b);
+        OptionReplyRepr {
+            option: opt::LIST,
+            reply_type: rep::ACK,
+            length: 0,
+        }
+        .emit(&mut b);
         assert_eq!(
             b,
             [0, 3, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, 0, 0, 0, 3, 0, 0, 0, 1, 0, 0, 0, 0]
@@ -1057,7 +1142,13 @@ mod tests {
         // name "ab", two requests: NAME, BLOCK_SIZE
         let b = [0, 0, 0, 2, b'a', b'b', 0, 2, 0, 1, 0, 3];
         let r = InfoRequestRepr::parse(&b).unwrap();
-        assert_eq!(r, InfoRequestRepr { name: "ab".into(), requests: vec![1, 3] });
+        assert_eq!(
+            r,
+            InfoRequestRepr {
+                name: "ab".into(),
+                requests: vec![1, 3]
+            }
+        );
         assert!(InfoRequestRepr::parse(&b[..11]).is_err());
         let mut long = b.to_vec();
         long.push(0);
@@ -1068,7 +1159,10 @@ mod tests {
 
     #[test]
     fn info_export_literal() {
-        let r = InfoRepr::Export { size: 0x1000, flags: 0x0105 };
+        let r = InfoRepr::Export {
+            size: 0x1000,
+            flags: 0x0105,
+        };
         let mut b = [0u8; 12];
         r.emit(&mut b);
         assert_eq!(b, [0, 0, 0, 0, 0, 0, 0, 0, 0x10, 0, 0x01, 0x05]);

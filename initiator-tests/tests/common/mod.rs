@@ -24,7 +24,10 @@ pub struct Lab {
 }
 
 fn run(cmd: &[&str]) {
-    let status = Command::new(cmd[0]).args(&cmd[1..]).status().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let status = Command::new(cmd[0])
+        .args(&cmd[1..])
+        .status()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(status.success(), "{cmd:?} failed");
 }
 
@@ -35,14 +38,21 @@ pub fn twinblade_bin() -> PathBuf {
     }
     let here = PathBuf::from(env!("CARGO_BIN_EXE_aoe-init"));
     let path = here.with_file_name("twinblade");
-    assert!(path.exists(), "{} missing: run `cargo build --workspace` first (or set TWINBLADE_BIN)", path.display());
+    assert!(
+        path.exists(),
+        "{} missing: run `cargo build --workspace` first (or set TWINBLADE_BIN)",
+        path.display()
+    );
     path
 }
 
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "these tests build network namespaces and need root");
+    assert_eq!(
+        euid, 0,
+        "these tests build network namespaces and need root"
+    );
 }
 
 impl Lab {
@@ -51,8 +61,12 @@ impl Lab {
         let id = std::process::id() % 10000 * 100 + NEXT_LAB.fetch_add(1, Ordering::Relaxed);
         let target_ns = format!("tbt{id}t");
         let client_ns = format!("tbt{id}c");
-        let _ = Command::new("ip").args(["netns", "del", &target_ns]).status();
-        let _ = Command::new("ip").args(["netns", "del", &client_ns]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &target_ns])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &client_ns])
+            .status();
         run(&["ip", "netns", "add", &target_ns]);
         run(&["ip", "netns", "add", &client_ns]);
         for ns in [&target_ns, &client_ns] {
@@ -68,10 +82,25 @@ impl Lab {
             run(&["ip", "-n", &target_ns, "link", "set", &a, "name", &name]);
             run(&["ip", "-n", &client_ns, "link", "set", &b, "name", &name]);
             for ns in [&target_ns, &client_ns] {
-                run(&["ip", "-n", ns, "link", "set", &name, "mtu", &mtu.to_string(), "up"]);
+                run(&[
+                    "ip",
+                    "-n",
+                    ns,
+                    "link",
+                    "set",
+                    &name,
+                    "mtu",
+                    &mtu.to_string(),
+                    "up",
+                ]);
             }
         }
-        Lab { target_ns, client_ns, dir: tempfile::tempdir_in("/var/tmp").expect("temp dir"), children: Vec::new() }
+        Lab {
+            target_ns,
+            client_ns,
+            dir: tempfile::tempdir_in("/var/tmp").expect("temp dir"),
+            children: Vec::new(),
+        }
     }
 
     /// A fully written (not sparse) backing file of `bytes` bytes filled with `byte`.
@@ -83,7 +112,12 @@ impl Lab {
 
     /// Starts `twinblade ARGS` in the target namespace and waits until it serves.
     pub fn start_target(&mut self, args: &[&str]) -> usize {
-        let log = File::create(self.dir.path().join(format!("target-{}.log", self.children.len()))).unwrap();
+        let log = File::create(
+            self.dir
+                .path()
+                .join(format!("target-{}.log", self.children.len())),
+        )
+        .unwrap();
         let child = Command::new("ip")
             .args(["netns", "exec", &self.target_ns])
             .arg(twinblade_bin())
@@ -100,7 +134,12 @@ impl Lab {
 
     /// Runs `twinblade ARGS` in the target namespace to completion.
     pub fn run_target_command(&self, args: &[&str]) -> std::process::Output {
-        Command::new("ip").args(["netns", "exec", &self.target_ns]).arg(twinblade_bin()).args(args).output().unwrap()
+        Command::new("ip")
+            .args(["netns", "exec", &self.target_ns])
+            .arg(twinblade_bin())
+            .args(args)
+            .output()
+            .unwrap()
     }
 
     /// Stops target `index` with SIGTERM and waits for it; returns its exit status.
@@ -120,7 +159,8 @@ impl Lab {
     }
 
     pub fn target_log(&self, index: usize) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("target-{index}.log"))).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join(format!("target-{index}.log")))
+            .unwrap_or_default()
     }
 
     /// Runs `f` on a thread inside the client namespace.

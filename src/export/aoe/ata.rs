@@ -284,7 +284,10 @@ impl IdentifyData {
 
 /// ATA strings hold two characters per word, first character in the high byte, space-padded.
 fn set_ata_string(words: &mut [u8; 512], first_word: usize, width: usize, text: &str) {
-    let mut padded: Vec<u8> = text.bytes().filter(|b| b.is_ascii_graphic() || *b == b' ').collect();
+    let mut padded: Vec<u8> = text
+        .bytes()
+        .filter(|b| b.is_ascii_graphic() || *b == b' ')
+        .collect();
     padded.resize(width, b' ');
     for (i, pair) in padded[..width].chunks(2).enumerate() {
         let at = 2 * (first_word + i);
@@ -311,19 +314,34 @@ mod tests {
     #[test]
     fn lba28_commands_mask_device_bits() {
         let req = AtaRequest::from_repr(&repr(cmd::READ, 0, 2, 0xE0_00_00_10), 2, 0).unwrap();
-        assert_eq!(req, AtaRequest::Read { lba: 0x10, sectors: 2 });
+        assert_eq!(
+            req,
+            AtaRequest::Read {
+                lba: 0x10,
+                sectors: 2
+            }
+        );
     }
 
     #[test]
     fn refuses_more_sectors_than_the_frame_carries() {
         let err = AtaRequest::from_repr(&repr(cmd::READ_EXT, ata_flags::EXTENDED, 3, 0), 2, 0);
-        assert_eq!(err, Err(BadAtaArgument::TooManySectors { sectors: 3, max: 2 }));
+        assert_eq!(
+            err,
+            Err(BadAtaArgument::TooManySectors { sectors: 3, max: 2 })
+        );
     }
 
     #[test]
     fn refuses_short_write_payload() {
         let err = AtaRequest::from_repr(&repr(cmd::WRITE_EXT, 0x41, 2, 0), 2, 1000);
-        assert_eq!(err, Err(BadAtaArgument::ShortWritePayload { sectors: 2, have: 1000 }));
+        assert_eq!(
+            err,
+            Err(BadAtaArgument::ShortWritePayload {
+                sectors: 2,
+                have: 1000
+            })
+        );
     }
 
     #[test]
@@ -344,10 +362,22 @@ mod tests {
         let dev = NullDevice::new(8 * 512);
         let id = IdentifyData::new("0.3:test", "V1", "twinblade");
         let mut out = vec![0u8; 1024];
-        let reply = execute(&AtaRequest::Read { lba: 7, sectors: 2 }, &dev, &id, &[], &mut out);
+        let reply = execute(
+            &AtaRequest::Read { lba: 7, sectors: 2 },
+            &dev,
+            &id,
+            &[],
+            &mut out,
+        );
         assert_eq!(reply.status, status::DRDY | status::ERR);
         assert_eq!(reply.error, error::IDNF);
-        let reply = execute(&AtaRequest::Read { lba: 6, sectors: 2 }, &dev, &id, &[], &mut out);
+        let reply = execute(
+            &AtaRequest::Read { lba: 6, sectors: 2 },
+            &dev,
+            &id,
+            &[],
+            &mut out,
+        );
         assert!(reply.is_ok());
         assert_eq!(reply.data_len, 1024);
         assert_eq!(reply.lba, 8);
@@ -358,7 +388,10 @@ mod tests {
         let dev = NullDevice::new(512);
         let id = IdentifyData::new("s", "f", "m");
         let reply = execute(&AtaRequest::Unsupported(0xB0), &dev, &id, &[], &mut []);
-        assert_eq!((reply.status, reply.error), (status::DRDY | status::ERR, error::ABRT));
+        assert_eq!(
+            (reply.status, reply.error),
+            (status::DRDY | status::ERR, error::ABRT)
+        );
         let reply = execute(&AtaRequest::CheckPowerMode, &dev, &id, &[], &mut []);
         assert_eq!((reply.status, reply.sector_count), (status::DRDY, 0xFF));
     }

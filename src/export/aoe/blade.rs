@@ -92,7 +92,9 @@ pub struct Port {
 impl Port {
     /// Sectors one frame carries at this MTU: 2 at 1500, 17 at 9000.
     pub fn max_sectors(&self) -> u8 {
-        let usable = self.mtu.saturating_sub((aoe::HEADER_LEN - 14 + aoe::ATA_ARG_LEN) as u32);
+        let usable = self
+            .mtu
+            .saturating_sub((aoe::HEADER_LEN - 14 + aoe::ATA_ARG_LEN) as u32);
         (usable / 512).min(255) as u8
     }
 
@@ -258,7 +260,13 @@ impl Blade {
         Outcome::Reply(len)
     }
 
-    fn answer_ata(&mut self, header: HeaderRepr, payload: &[u8], port: &Port, out: &mut [u8]) -> Outcome {
+    fn answer_ata(
+        &mut self,
+        header: HeaderRepr,
+        payload: &[u8],
+        port: &Port,
+        out: &mut [u8],
+    ) -> Outcome {
         let Ok(arg) = AtaArg::new_checked(payload) else {
             return Outcome::Dropped(DropReason::Truncated);
         };
@@ -281,7 +289,13 @@ impl Blade {
             }
         };
         let data_at = aoe::HEADER_LEN + aoe::ATA_ARG_LEN;
-        let result = ata::execute(&request, &*self.device, &self.identify, arg.data(), &mut out[data_at..]);
+        let result = ata::execute(
+            &request,
+            &*self.device,
+            &self.identify,
+            arg.data(),
+            &mut out[data_at..],
+        );
         self.stats.count_ata(&request, &result);
         if !result.is_ok() && result.error == ata::error::ABRT && request.byte_range().is_some() {
             warn_limited!(self.io_error_log, blade = %self.config.name(), ?request, "I/O error answered with ATA ABRT");
@@ -289,7 +303,13 @@ impl Blade {
         Outcome::Reply(self.emit_ata_reply(header, &ata, &result, out))
     }
 
-    fn emit_ata_reply(&self, header: HeaderRepr, request: &AtaRepr, result: &AtaReply, out: &mut [u8]) -> usize {
+    fn emit_ata_reply(
+        &self,
+        header: HeaderRepr,
+        request: &AtaRepr,
+        result: &AtaReply,
+        out: &mut [u8],
+    ) -> usize {
         let reply = AtaRepr {
             aflags: request.aflags,
             err_feature: result.error,
@@ -304,7 +324,13 @@ impl Blade {
         pad_to_minimum(out, len)
     }
 
-    fn answer_config(&mut self, header: HeaderRepr, payload: &[u8], port: &Port, out: &mut [u8]) -> Outcome {
+    fn answer_config(
+        &mut self,
+        header: HeaderRepr,
+        payload: &[u8],
+        port: &Port,
+        out: &mut [u8],
+    ) -> Outcome {
         let Ok(arg) = ConfigArg::new_checked(payload) else {
             return Outcome::Dropped(DropReason::Truncated);
         };
@@ -353,7 +379,13 @@ impl Blade {
         Outcome::Reply(self.emit_config_reply(header, command, port, out))
     }
 
-    fn emit_config_reply(&self, header: HeaderRepr, command: ConfigCommand, port: &Port, out: &mut [u8]) -> usize {
+    fn emit_config_reply(
+        &self,
+        header: HeaderRepr,
+        command: ConfigCommand,
+        port: &Port,
+        out: &mut [u8],
+    ) -> usize {
         let reply = ConfigRepr {
             buffer_count: self.config.buffer_count,
             firmware_version: FIRMWARE_VERSION,
@@ -393,7 +425,10 @@ impl Blade {
                         let mut frame = Frame::new_unchecked(&mut *out);
                         header.emit(&mut frame);
                         frame.payload_mut()[..aoe::MASK_ARG_LEN].copy_from_slice(&arg_bytes);
-                        return Outcome::Reply(pad_to_minimum(out, aoe::HEADER_LEN + aoe::MASK_ARG_LEN));
+                        return Outcome::Reply(pad_to_minimum(
+                            out,
+                            aoe::HEADER_LEN + aoe::MASK_ARG_LEN,
+                        ));
                     }
                 }
             }
@@ -402,7 +437,10 @@ impl Blade {
         reply.directives = self
             .masks
             .iter()
-            .map(|mac| MaskDirective { command: mask::DIR_NONE, mac: *mac })
+            .map(|mac| MaskDirective {
+                command: mask::DIR_NONE,
+                mac: *mac,
+            })
             .collect();
         let mut frame = Frame::new_unchecked(&mut *out);
         header.emit(&mut frame);
@@ -441,7 +479,9 @@ impl Blade {
         let sender = header.dst;
         match request.command {
             reserve::READ => {}
-            reserve::SET if !self.reservations.is_empty() && !self.reservations.contains(&sender) => {
+            reserve::SET
+                if !self.reservations.is_empty() && !self.reservations.contains(&sender) =>
+            {
                 return self.error_reply(header, ErrorCode::TargetReserved, out);
             }
             reserve::SET | reserve::FORCE_SET => {

@@ -17,8 +17,6 @@ pub enum DropReason {
     Masked,
     /// A config test / test-prefix that did not match.
     ConfigMismatch,
-    /// The target's queue was full (more outstanding frames than advertised).
-    QueueFull,
 }
 
 /// Counters of one blade. All relaxed atomics: they are statistics, not synchronisation.
@@ -36,8 +34,6 @@ pub struct BladeStats {
     pub dropped_masked: AtomicU64,
     /// Config tests that did not match.
     pub config_mismatches: AtomicU64,
-    /// Frames dropped because the queue was full.
-    pub dropped_queue_full: AtomicU64,
     /// AoE error replies, indexed by error code (1..=6).
     pub aoe_errors: [AtomicU64; 7],
     /// ATA reads completed.
@@ -64,13 +60,12 @@ impl BladeStats {
     }
 
     /// Counts a dropped frame.
-    pub fn count_drop(&self, reason: DropReason) {
+    pub(crate) fn count_drop(&self, reason: DropReason) {
         let counter = match reason {
             DropReason::Truncated => &self.dropped_truncated,
             DropReason::Malformed => &self.dropped_malformed,
             DropReason::Masked => &self.dropped_masked,
             DropReason::ConfigMismatch => &self.config_mismatches,
-            DropReason::QueueFull => &self.dropped_queue_full,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -87,11 +82,13 @@ impl BladeStats {
         match *request {
             AtaRequest::Read { sectors, .. } => {
                 self.reads.fetch_add(1, Ordering::Relaxed);
-                self.bytes_read.fetch_add(u64::from(sectors) * 512, Ordering::Relaxed);
+                self.bytes_read
+                    .fetch_add(u64::from(sectors) * 512, Ordering::Relaxed);
             }
             AtaRequest::Write { sectors, .. } => {
                 self.writes.fetch_add(1, Ordering::Relaxed);
-                self.bytes_written.fetch_add(u64::from(sectors) * 512, Ordering::Relaxed);
+                self.bytes_written
+                    .fetch_add(u64::from(sectors) * 512, Ordering::Relaxed);
             }
             AtaRequest::Flush => {
                 self.flushes.fetch_add(1, Ordering::Relaxed);
@@ -109,7 +106,7 @@ impl BladeStats {
     pub fn summary(&self) -> String {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "requests={} replies={} reads={} writes={} flushes={} read_bytes={} written_bytes={} ata_errors={} aoe_errors={:?} dropped(truncated={} malformed={} masked={} queue_full={}) config_mismatches={}",
+            "requests={} replies={} reads={} writes={} flushes={} read_bytes={} written_bytes={} ata_errors={} aoe_errors={:?} dropped(truncated={} malformed={} masked={}) config_mismatches={}",
             get(&self.requests),
             get(&self.replies),
             get(&self.reads),
@@ -122,7 +119,6 @@ impl BladeStats {
             get(&self.dropped_truncated),
             get(&self.dropped_malformed),
             get(&self.dropped_masked),
-            get(&self.dropped_queue_full),
             get(&self.config_mismatches),
         )
     }

@@ -32,11 +32,15 @@ impl Cidr {
     pub fn contains(&self, addr: IpAddr) -> bool {
         match (self.addr, canonical(addr)) {
             (IpAddr::V4(net), IpAddr::V4(a)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(net) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(a)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u128::from(net) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -105,7 +109,10 @@ mod tests {
 
     #[test]
     fn networks_and_hosts() {
-        let acl = Acl::new(vec!["10.0.0.0/8".parse().unwrap(), "127.0.0.1".parse().unwrap()]);
+        let acl = Acl::new(vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "127.0.0.1".parse().unwrap(),
+        ]);
         assert!(acl.allows(ip("10.1.2.3")));
         assert!(acl.allows(ip("127.0.0.1")));
         assert!(acl.allows(ip("::ffff:10.9.9.9")));

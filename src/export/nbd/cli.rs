@@ -98,14 +98,23 @@ pub fn run(args: NbdArgs) -> i32 {
         let listener = match bind(&args.bind, args.port).await {
             Ok(l) => l,
             Err(err) => {
-                eprintln!("twinblade nbd: cannot listen on {}:{}: {err}", args.bind, args.port);
+                eprintln!(
+                    "twinblade nbd: cannot listen on {}:{}: {err}",
+                    args.bind, args.port
+                );
                 return 1;
             }
         };
-        let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let local = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         let shutdown = CancellationToken::new();
         let serving = tokio::spawn(server.serve(listener, shutdown.clone()));
-        eprintln!("twinblade nbd: serving {:?} ({size} bytes) on {local}", args.name);
+        eprintln!(
+            "twinblade nbd: serving {:?} ({size} bytes) on {local}",
+            args.name
+        );
         wait_for_signal().await;
         eprintln!("twinblade nbd: shutting down");
         shutdown.cancel();

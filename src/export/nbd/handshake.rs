@@ -13,8 +13,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::server::ExportState;
 use crate::wire::nbd::{
-    client_flags, handshake_flags, info, opt, rep, ExportNameReplyRepr, GreetingRepr,
-    InfoRepr, InfoRequestRepr, OptionReplyRepr, OptionRequest, OptionRequestRepr, ServerRepr,
+    client_flags, handshake_flags, info, opt, rep, ExportNameReplyRepr, GreetingRepr, InfoRepr,
+    InfoRequestRepr, OptionReplyRepr, OptionRequest, OptionRequestRepr, ServerRepr,
 };
 
 /// Longest option data accepted (export names are at most 4096 bytes).
@@ -48,7 +48,11 @@ async fn reply<S: AsyncWrite + Unpin>(
     reply_type: u32,
     data: &[u8],
 ) -> std::io::Result<()> {
-    let header = OptionReplyRepr { option, reply_type, length: data.len() as u32 };
+    let header = OptionReplyRepr {
+        option,
+        reply_type,
+        length: data.len() as u32,
+    };
     let mut buf = vec![0u8; header.buffer_len() + data.len()];
     header.emit(&mut buf);
     buf[header.buffer_len()..].copy_from_slice(data);
@@ -60,7 +64,13 @@ fn find<'a>(exports: &'a [Arc<ExportState>], name: &str) -> Option<&'a Arc<Expor
         .iter()
         .find(|e| e.export.name == name)
         // The empty name selects the default export: the first one.
-        .or_else(|| if name.is_empty() { exports.first() } else { None })
+        .or_else(|| {
+            if name.is_empty() {
+                exports.first()
+            } else {
+                None
+            }
+        })
 }
 
 /// Runs the handshake on `io` until the client enters transmission, aborts, or fails.
@@ -68,7 +78,9 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
     exports: &[Arc<ExportState>],
 ) -> Result<Negotiated, HandshakeError> {
-    let greeting = GreetingRepr { flags: handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES };
+    let greeting = GreetingRepr {
+        flags: handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES,
+    };
     let mut buf = [0u8; GreetingRepr::LEN];
     greeting.emit(&mut buf);
     io.write_all(&buf).await?;
@@ -96,11 +108,17 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
                     .map_err(|_| HandshakeError::Protocol("export name is not UTF-8"))?;
                 // No error reply exists for this option: an unknown name closes the connection.
                 let export = find(exports, name).ok_or(HandshakeError::Ended("unknown export"))?;
-                let r = ExportNameReplyRepr { size: export.size, flags: export.flags, zeroes: !no_zeroes };
+                let r = ExportNameReplyRepr {
+                    size: export.size,
+                    flags: export.flags,
+                    zeroes: !no_zeroes,
+                };
                 let mut buf = vec![0u8; r.buffer_len()];
                 r.emit(&mut buf);
                 io.write_all(&buf).await?;
-                return Ok(Negotiated { export: Arc::clone(export) });
+                return Ok(Negotiated {
+                    export: Arc::clone(export),
+                });
             }
             opt::ABORT => {
                 // Best effort: the client may already have closed.
@@ -113,7 +131,9 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
                     continue;
                 }
                 for e in exports {
-                    let s = ServerRepr { name: e.export.name.clone() };
+                    let s = ServerRepr {
+                        name: e.export.name.clone(),
+                    };
                     let mut buf = vec![0u8; s.buffer_len()];
                     s.emit(&mut buf);
                     reply(io, option, rep::SERVER, &buf).await?;
@@ -129,11 +149,16 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
                     reply(io, option, rep::ERR_UNKNOWN, &[]).await?;
                     continue;
                 };
-                let mut infos = vec![InfoRepr::Export { size: export.size, flags: export.flags }];
+                let mut infos = vec![InfoRepr::Export {
+                    size: export.size,
+                    flags: export.flags,
+                }];
                 if request.requests.contains(&info::NAME) {
                     infos.push(InfoRepr::Name(export.export.name.clone()));
                 }
-                if request.requests.contains(&info::DESCRIPTION) && !export.export.description.is_empty() {
+                if request.requests.contains(&info::DESCRIPTION)
+                    && !export.export.description.is_empty()
+                {
                     infos.push(InfoRepr::Description(export.export.description.clone()));
                 }
                 infos.push(InfoRepr::BlockSize {
@@ -148,7 +173,9 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 reply(io, option, rep::ACK, &[]).await?;
                 if option == opt::GO {
-                    return Ok(Negotiated { export: Arc::clone(export) });
+                    return Ok(Negotiated {
+                        export: Arc::clone(export),
+                    });
                 }
             }
             _ => reply(io, option, rep::ERR_UNSUP, &[]).await?,

@@ -193,7 +193,11 @@ pub struct Server {
 impl Server {
     /// A server with no exports yet.
     pub fn new(config: ServerConfig) -> Self {
-        Server { exports: Vec::new(), config: Arc::new(config), stats: Arc::default() }
+        Server {
+            exports: Vec::new(),
+            config: Arc::new(config),
+            stats: Arc::default(),
+        }
     }
 
     /// Adds an export. Transmission flags follow the device's capabilities.
@@ -456,7 +460,10 @@ impl Connection {
         }
         match tokio::time::timeout(SHUTDOWN_GRACE, write).await {
             Ok(r) => r,
-            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "client does not read replies")),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "client does not read replies",
+            )),
         }
     }
 
@@ -493,7 +500,10 @@ impl Connection {
                     // Consume and drop the payload, then answer.
                     self.inbuf.advance(RequestRepr::LEN);
                     self.skip = u64::from(req.length);
-                    self.skip_reply = Some(SimpleReplyRepr { error, handle: req.handle });
+                    self.skip_reply = Some(SimpleReplyRepr {
+                        error,
+                        handle: req.handle,
+                    });
                     self.stats.error_replies.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
@@ -548,10 +558,9 @@ impl Connection {
                 }
             }
             Command::Flush | Command::Disconnect => {}
-            Command::Cache
-            | Command::BlockStatus
-            | Command::Resize
-            | Command::Unknown(_) => return Some(errno::EINVAL),
+            Command::Cache | Command::BlockStatus | Command::Resize | Command::Unknown(_) => {
+                return Some(errno::EINVAL)
+            }
         }
         None
     }
@@ -579,7 +588,8 @@ impl Connection {
 
     fn error_reply(&mut self, handle: u64, error: u32) {
         self.stats.error_replies.fetch_add(1, Ordering::Relaxed);
-        self.out.push_small(&SimpleReplyRepr { error, handle }.to_bytes());
+        self.out
+            .push_small(&SimpleReplyRepr { error, handle }.to_bytes());
     }
 
     /// Runs or offloads one complete request at the front of the input buffer.
@@ -616,7 +626,15 @@ impl Connection {
                     }
                     self.note_inline_time(started, len);
                 } else {
-                    self.offload(Op::Read { offset: req.offset, len }, handle, ticket, len);
+                    self.offload(
+                        Op::Read {
+                            offset: req.offset,
+                            len,
+                        },
+                        handle,
+                        ticket,
+                        len,
+                    );
                 }
             }
             Command::Write => {
@@ -633,12 +651,22 @@ impl Connection {
                     if error != 0 {
                         self.error_reply(handle, error);
                     } else {
-                        self.out.push_small(&SimpleReplyRepr { error, handle }.to_bytes());
+                        self.out
+                            .push_small(&SimpleReplyRepr { error, handle }.to_bytes());
                     }
                     self.note_inline_time(started, len);
                 } else {
                     let data = self.inbuf.split_to(RequestRepr::LEN + len).freeze();
-                    self.offload(Op::Write { data, offset: req.offset, fua }, handle, ticket, len);
+                    self.offload(
+                        Op::Write {
+                            data,
+                            offset: req.offset,
+                            fua,
+                        },
+                        handle,
+                        ticket,
+                        len,
+                    );
                 }
             }
             Command::Flush => {
@@ -649,12 +677,24 @@ impl Connection {
             Command::Trim => {
                 self.inbuf.advance(RequestRepr::LEN);
                 let ticket = self.export.seq.admit(req.offset, len as u64, Access::Write);
-                self.offload(Op::Trim { offset: req.offset, len: len as u64 }, handle, ticket, 0);
+                self.offload(
+                    Op::Trim {
+                        offset: req.offset,
+                        len: len as u64,
+                    },
+                    handle,
+                    ticket,
+                    0,
+                );
             }
             Command::WriteZeroes => {
                 self.inbuf.advance(RequestRepr::LEN);
                 let ticket = self.export.seq.admit(req.offset, len as u64, Access::Write);
-                let op = Op::Zeroes { offset: req.offset, len: len as u64, fua };
+                let op = Op::Zeroes {
+                    offset: req.offset,
+                    len: len as u64,
+                    fua,
+                };
                 self.offload(op, handle, ticket, 0);
             }
             // Refused by `check`.
@@ -690,12 +730,26 @@ fn device_error(err: &BlockError) -> u32 {
 
 /// A request run on the blocking pool.
 enum Op {
-    Read { offset: u64, len: usize },
+    Read {
+        offset: u64,
+        len: usize,
+    },
     /// `data` still holds the 28-byte request header in front of the payload.
-    Write { data: Bytes, offset: u64, fua: bool },
+    Write {
+        data: Bytes,
+        offset: u64,
+        fua: bool,
+    },
     Flush,
-    Trim { offset: u64, len: u64 },
-    Zeroes { offset: u64, len: u64, fua: bool },
+    Trim {
+        offset: u64,
+        len: u64,
+    },
+    Zeroes {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
 }
 
 impl Op {
@@ -747,7 +801,10 @@ impl OutQueue {
 
     /// Appends `n` zeroed bytes and returns them for filling in.
     fn tail(&mut self, n: usize) -> &mut [u8] {
-        let room = self.chunks.back().is_some_and(|b| b.capacity() - b.len() >= n);
+        let room = self
+            .chunks
+            .back()
+            .is_some_and(|b| b.capacity() - b.len() >= n);
         if !room {
             let chunk = match self.spare.pop() {
                 Some(c) if c.capacity() >= n => c,

@@ -8,11 +8,21 @@ use crate::wire::aoe::{ata_flags, ArgRepr, PacketRepr};
 const CLIENT: MacAddr = MacAddr([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
 const OTHER: MacAddr = MacAddr([0x52, 0x54, 0x00, 0x65, 0x43, 0x21]);
 const OURS: MacAddr = MacAddr([0x02, 0x00, 0x00, 0x00, 0x00, 0x03]);
-const PORT_1500: Port = Port { mac: OURS, mtu: 1500 };
-const PORT_9000: Port = Port { mac: OURS, mtu: 9000 };
+const PORT_1500: Port = Port {
+    mac: OURS,
+    mtu: 1500,
+};
+const PORT_9000: Port = Port {
+    mac: OURS,
+    mtu: 9000,
+};
 
 /// A 1 MiB in-memory-backed blade e0.3 (a file in a temp dir, so writes are real).
-fn blade_with_device() -> (Blade, Arc<FaultyDevice<crate::block::FileDevice>>, tempfile::TempDir) {
+fn blade_with_device() -> (
+    Blade,
+    Arc<FaultyDevice<crate::block::FileDevice>>,
+    tempfile::TempDir,
+) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.img");
     std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
@@ -83,7 +93,11 @@ fn ask(blade: &mut Blade, frame: &[u8], port: &Port) -> (PacketRepr, Vec<u8>) {
             assert!(repr.header.response);
             assert_eq!(repr.header.dst, CLIENT);
             assert_eq!(repr.header.src, port.mac);
-            assert_eq!((repr.header.shelf, repr.header.slot), (0, 3), "reply must carry the real address");
+            assert_eq!(
+                (repr.header.shelf, repr.header.slot),
+                (0, 3),
+                "reply must carry the real address"
+            );
             assert!(len >= 60, "replies are padded to the Ethernet minimum");
             (repr, bytes)
         }
@@ -106,14 +120,22 @@ fn ata_of(repr: &PacketRepr) -> AtaRepr {
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 #[test]
 fn write_then_read_ext_round_trips_data() {
     let (mut blade, _dev, _dir) = blade_with_device();
     let data = pattern(17 * 512, 7);
-    let write = ata_frame(cmd::WRITE_EXT, ata_flags::EXTENDED | ata_flags::WRITE, 17, 100, &data);
+    let write = ata_frame(
+        cmd::WRITE_EXT,
+        ata_flags::EXTENDED | ata_flags::WRITE,
+        17,
+        100,
+        &data,
+    );
     let (reply, bytes) = ask(&mut blade, &write, &PORT_9000);
     let ata = ata_of(&reply);
     assert_eq!(ata.cmd_status, status::DRDY);
@@ -133,7 +155,10 @@ fn lba28_read_and_write_work() {
     let data = pattern(1024, 9);
     // The driver puts 0xE0 in the top byte of a 28-bit LBA.
     let write = ata_frame(cmd::WRITE, ata_flags::WRITE, 2, 0xE000_0008, &data);
-    assert_eq!(ata_of(&ask(&mut blade, &write, &PORT_1500).0).cmd_status, status::DRDY);
+    assert_eq!(
+        ata_of(&ask(&mut blade, &write, &PORT_1500).0).cmd_status,
+        status::DRDY
+    );
     let read = ata_frame(cmd::READ, 0, 2, 8, &[]);
     assert_eq!(&ask(&mut blade, &read, &PORT_1500).1[36..], &data[..]);
 }
@@ -190,7 +215,10 @@ fn identify_reports_capacity_and_lba48() {
     assert_eq!(bytes.len(), 36 + 512);
     let word = |i: usize| u16::from_le_bytes([words[2 * i], words[2 * i + 1]]);
     assert_ne!(word(83) & 0x0400, 0);
-    assert_eq!(u64::from_le_bytes(words[200..208].try_into().unwrap()), 2048);
+    assert_eq!(
+        u64::from_le_bytes(words[200..208].try_into().unwrap()),
+        2048
+    );
 }
 
 #[test]
@@ -198,7 +226,10 @@ fn flush_cache_reaches_the_device() {
     let (mut blade, dev, _dir) = blade_with_device();
     for command in [cmd::FLUSH_CACHE, cmd::FLUSH_CACHE_EXT] {
         let flush = ata_frame(command, 0, 0, 0, &[]);
-        assert_eq!(ata_of(&ask(&mut blade, &flush, &PORT_1500).0).cmd_status, status::DRDY);
+        assert_eq!(
+            ata_of(&ask(&mut blade, &flush, &PORT_1500).0).cmd_status,
+            status::DRDY
+        );
     }
     assert_eq!(dev.flushes(), 2);
 }
@@ -212,7 +243,10 @@ fn failed_flush_is_reported_as_abort() {
     });
     let flush = ata_frame(cmd::FLUSH_CACHE_EXT, 0, 0, 0, &[]);
     let ata = ata_of(&ask(&mut blade, &flush, &PORT_1500).0);
-    assert_eq!((ata.cmd_status, ata.err_feature), (status::DRDY | status::ERR, ata_error::ABRT));
+    assert_eq!(
+        (ata.cmd_status, ata.err_feature),
+        (status::DRDY | status::ERR, ata_error::ABRT)
+    );
 }
 
 #[test]
@@ -224,7 +258,10 @@ fn io_error_is_reported_as_abort() {
     });
     let write = ata_frame(cmd::WRITE_EXT, 0x41, 1, 0, &[1u8; 512]);
     let ata = ata_of(&ask(&mut blade, &write, &PORT_1500).0);
-    assert_eq!((ata.cmd_status, ata.err_feature), (status::DRDY | status::ERR, ata_error::ABRT));
+    assert_eq!(
+        (ata.cmd_status, ata.err_feature),
+        (status::DRDY | status::ERR, ata_error::ABRT)
+    );
 }
 
 #[test]
@@ -236,7 +273,10 @@ fn check_power_mode_and_unsupported_commands() {
     for other in [0xB0u8, 0xEF, 0x25, 0xC8] {
         let frame = ata_frame(other, 0, 0, 0, &[]);
         let ata = ata_of(&ask(&mut blade, &frame, &PORT_1500).0);
-        assert_eq!((ata.cmd_status, ata.err_feature), (status::DRDY | status::ERR, ata_error::ABRT));
+        assert_eq!(
+            (ata.cmd_status, ata.err_feature),
+            (status::DRDY | status::ERR, ata_error::ABRT)
+        );
     }
 }
 
@@ -244,10 +284,19 @@ fn check_power_mode_and_unsupported_commands() {
 fn truncated_frames_are_dropped() {
     let (mut blade, _dev, _dir) = blade_with_device();
     let read = ata_frame(cmd::READ_EXT, ata_flags::EXTENDED, 1, 0, &[]);
-    assert_eq!(silent(&mut blade, &read[..20], &PORT_1500), Outcome::Dropped(DropReason::Truncated));
-    assert_eq!(silent(&mut blade, &read[..30], &PORT_1500), Outcome::Dropped(DropReason::Truncated));
+    assert_eq!(
+        silent(&mut blade, &read[..20], &PORT_1500),
+        Outcome::Dropped(DropReason::Truncated)
+    );
+    assert_eq!(
+        silent(&mut blade, &read[..30], &PORT_1500),
+        Outcome::Dropped(DropReason::Truncated)
+    );
     let config = config_frame(0, 3, ConfigCommand::Read, b"");
-    assert_eq!(silent(&mut blade, &config[..28], &PORT_1500), Outcome::Dropped(DropReason::Truncated));
+    assert_eq!(
+        silent(&mut blade, &config[..28], &PORT_1500),
+        Outcome::Dropped(DropReason::Truncated)
+    );
 }
 
 #[test]
@@ -256,7 +305,10 @@ fn unsupported_version_is_error_5() {
     let mut read = ata_frame(cmd::READ_EXT, ata_flags::EXTENDED, 1, 0, &[]);
     read[14] = 0x20;
     let (reply, _) = ask(&mut blade, &read, &PORT_1500);
-    assert_eq!(reply.header.error, Some(ErrorCode::UnsupportedVersion as u8));
+    assert_eq!(
+        reply.header.error,
+        Some(ErrorCode::UnsupportedVersion as u8)
+    );
 }
 
 #[test]
@@ -268,7 +320,10 @@ fn unknown_command_is_error_1() {
             arg: ArgRepr::Unknown,
         });
         let (reply, _) = ask(&mut blade, &frame, &PORT_1500);
-        assert_eq!(reply.header.error, Some(ErrorCode::UnrecognizedCommand as u8));
+        assert_eq!(
+            reply.header.error,
+            Some(ErrorCode::UnrecognizedCommand as u8)
+        );
         assert_eq!(reply.header.command, Command::Unknown(code));
     }
 }
@@ -278,14 +333,31 @@ fn bad_aflags_are_bad_argument() {
     let (mut blade, _dev, _dir) = blade_with_device();
     let mut read = ata_frame(cmd::READ_EXT, ata_flags::EXTENDED, 1, 0, &[]);
     read[24] |= 0x80;
-    assert_eq!(ask(&mut blade, &read, &PORT_1500).0.header.error, Some(ErrorCode::BadArgument as u8));
+    assert_eq!(
+        ask(&mut blade, &read, &PORT_1500).0.header.error,
+        Some(ErrorCode::BadArgument as u8)
+    );
 }
 
 #[test]
 fn other_addresses_and_responses_are_ignored() {
     let (mut blade, _dev, _dir) = blade_with_device();
-    assert_eq!(silent(&mut blade, &config_frame(0, 4, ConfigCommand::Read, b""), &PORT_1500), Outcome::NotOurs);
-    assert_eq!(silent(&mut blade, &config_frame(1, 3, ConfigCommand::Read, b""), &PORT_1500), Outcome::NotOurs);
+    assert_eq!(
+        silent(
+            &mut blade,
+            &config_frame(0, 4, ConfigCommand::Read, b""),
+            &PORT_1500
+        ),
+        Outcome::NotOurs
+    );
+    assert_eq!(
+        silent(
+            &mut blade,
+            &config_frame(1, 3, ConfigCommand::Read, b""),
+            &PORT_1500
+        ),
+        Outcome::NotOurs
+    );
     let mut response = config_frame(0, 3, ConfigCommand::Read, b"");
     response[14] |= 0x08;
     assert_eq!(silent(&mut blade, &response, &PORT_1500), Outcome::NotOurs);
@@ -295,8 +367,14 @@ fn other_addresses_and_responses_are_ignored() {
 fn broadcast_config_query_gets_real_address_and_geometry() {
     let (mut blade, _dev, _dir) = blade_with_device();
     for (shelf, slot) in [(0xFFFF, 0xFF), (0, 0xFF), (0xFFFF, 3)] {
-        let (reply, _) = ask(&mut blade, &config_frame(shelf, slot, ConfigCommand::Read, b""), &PORT_9000);
-        let ArgRepr::Config(cfg) = reply.arg else { panic!() };
+        let (reply, _) = ask(
+            &mut blade,
+            &config_frame(shelf, slot, ConfigCommand::Read, b""),
+            &PORT_9000,
+        );
+        let ArgRepr::Config(cfg) = reply.arg else {
+            panic!()
+        };
         assert_eq!(cfg.buffer_count, 64);
         assert_eq!(cfg.sector_count, 17);
         assert_eq!(cfg.aoe_version, 1);
@@ -316,32 +394,75 @@ fn config_string_of(repr: &PacketRepr) -> Vec<u8> {
 fn config_set_test_prefix_and_force_set() {
     let (mut blade, _dev, _dir) = blade_with_device();
     // set on an empty string succeeds
-    let (reply, _) = ask(&mut blade, &config_frame(0, 3, ConfigCommand::Set, b"host=alpha"), &PORT_1500);
+    let (reply, _) = ask(
+        &mut blade,
+        &config_frame(0, 3, ConfigCommand::Set, b"host=alpha"),
+        &PORT_1500,
+    );
     assert_eq!(reply.header.error, None);
     assert_eq!(config_string_of(&reply), b"host=alpha");
     // set of the same string again is fine; a different one is error 4 with the current string
-    let (reply, _) = ask(&mut blade, &config_frame(0, 3, ConfigCommand::Set, b"host=alpha"), &PORT_1500);
+    let (reply, _) = ask(
+        &mut blade,
+        &config_frame(0, 3, ConfigCommand::Set, b"host=alpha"),
+        &PORT_1500,
+    );
     assert_eq!(reply.header.error, None);
-    let (reply, _) = ask(&mut blade, &config_frame(0, 3, ConfigCommand::Set, b"host=beta"), &PORT_1500);
-    assert_eq!(reply.header.error, Some(ErrorCode::ConfigStringPresent as u8));
+    let (reply, _) = ask(
+        &mut blade,
+        &config_frame(0, 3, ConfigCommand::Set, b"host=beta"),
+        &PORT_1500,
+    );
+    assert_eq!(
+        reply.header.error,
+        Some(ErrorCode::ConfigStringPresent as u8)
+    );
     assert_eq!(config_string_of(&reply), b"host=alpha");
     // test: exact match only; prefix: prefix only; no reply otherwise
-    ask(&mut blade, &config_frame(0, 3, ConfigCommand::Test, b"host=alpha"), &PORT_1500);
+    ask(
+        &mut blade,
+        &config_frame(0, 3, ConfigCommand::Test, b"host=alpha"),
+        &PORT_1500,
+    );
     assert_eq!(
-        silent(&mut blade, &config_frame(0, 3, ConfigCommand::Test, b"host=alp"), &PORT_1500),
+        silent(
+            &mut blade,
+            &config_frame(0, 3, ConfigCommand::Test, b"host=alp"),
+            &PORT_1500
+        ),
         Outcome::Dropped(DropReason::ConfigMismatch)
     );
-    ask(&mut blade, &config_frame(0, 3, ConfigCommand::TestPrefix, b"host=alp"), &PORT_1500);
-    ask(&mut blade, &config_frame(0, 3, ConfigCommand::TestPrefix, b""), &PORT_1500);
+    ask(
+        &mut blade,
+        &config_frame(0, 3, ConfigCommand::TestPrefix, b"host=alp"),
+        &PORT_1500,
+    );
+    ask(
+        &mut blade,
+        &config_frame(0, 3, ConfigCommand::TestPrefix, b""),
+        &PORT_1500,
+    );
     assert_eq!(
-        silent(&mut blade, &config_frame(0, 3, ConfigCommand::TestPrefix, b"host=b"), &PORT_1500),
+        silent(
+            &mut blade,
+            &config_frame(0, 3, ConfigCommand::TestPrefix, b"host=b"),
+            &PORT_1500
+        ),
         Outcome::Dropped(DropReason::ConfigMismatch)
     );
     // force set replaces
-    let (reply, _) = ask(&mut blade, &config_frame(0, 3, ConfigCommand::ForceSet, b"x"), &PORT_1500);
+    let (reply, _) = ask(
+        &mut blade,
+        &config_frame(0, 3, ConfigCommand::ForceSet, b"x"),
+        &PORT_1500,
+    );
     assert_eq!(config_string_of(&reply), b"x");
     // unknown sub-command: error 2, string unchanged
-    let (reply, _) = ask(&mut blade, &config_frame(0, 3, ConfigCommand::Unknown(9), b""), &PORT_1500);
+    let (reply, _) = ask(
+        &mut blade,
+        &config_frame(0, 3, ConfigCommand::Unknown(9), b""),
+        &PORT_1500,
+    );
     assert_eq!(reply.header.error, Some(ErrorCode::BadArgument as u8));
     assert_eq!(config_string_of(&reply), b"x");
 }
@@ -351,7 +472,10 @@ fn config_set_with_length_beyond_frame_is_dropped_but_read_is_answered() {
     let (mut blade, _dev, _dir) = blade_with_device();
     let mut frame = config_frame(0, 3, ConfigCommand::ForceSet, b"");
     frame[30..32].copy_from_slice(&500u16.to_be_bytes());
-    assert_eq!(silent(&mut blade, &frame, &PORT_1500), Outcome::Dropped(DropReason::Malformed));
+    assert_eq!(
+        silent(&mut blade, &frame, &PORT_1500),
+        Outcome::Dropped(DropReason::Malformed)
+    );
     let mut frame = config_frame(0, 3, ConfigCommand::Read, b"");
     frame[30..32].copy_from_slice(&500u16.to_be_bytes());
     ask(&mut blade, &frame, &PORT_1500);
@@ -363,7 +487,13 @@ fn mask_frame(command: u8, directives: &[(u8, MacAddr)]) -> Vec<u8> {
         arg: ArgRepr::MacMask(MaskRepr {
             command,
             mask_error: 0,
-            directives: directives.iter().map(|(command, mac)| MaskDirective { command: *command, mac: *mac }).collect(),
+            directives: directives
+                .iter()
+                .map(|(command, mac)| MaskDirective {
+                    command: *command,
+                    mac: *mac,
+                })
+                .collect(),
         }),
     })
 }
@@ -378,7 +508,14 @@ fn mask_of(repr: &PacketRepr) -> MaskRepr {
 #[test]
 fn mask_list_edit_read_and_enforcement() {
     let (mut blade, _dev, _dir) = blade_with_device();
-    let (reply, _) = ask(&mut blade, &mask_frame(mask::EDIT, &[(mask::DIR_ADD, CLIENT), (mask::DIR_ADD, CLIENT)]), &PORT_1500);
+    let (reply, _) = ask(
+        &mut blade,
+        &mask_frame(
+            mask::EDIT,
+            &[(mask::DIR_ADD, CLIENT), (mask::DIR_ADD, CLIENT)],
+        ),
+        &PORT_1500,
+    );
     let list = mask_of(&reply);
     assert_eq!(list.mask_error, 0);
     assert_eq!(list.directives.len(), 1, "adding twice keeps one entry");
@@ -386,15 +523,27 @@ fn mask_list_edit_read_and_enforcement() {
     // A MAC not on the list is now ignored entirely.
     let mut from_other = config_frame(0, 3, ConfigCommand::Read, b"");
     from_other[6..12].copy_from_slice(&OTHER.0);
-    assert_eq!(silent(&mut blade, &from_other, &PORT_1500), Outcome::Dropped(DropReason::Masked));
+    assert_eq!(
+        silent(&mut blade, &from_other, &PORT_1500),
+        Outcome::Dropped(DropReason::Masked)
+    );
     // Bad directive: merror 2 and the count of directives applied before it.
     let mut out = vec![0u8; 10000];
     let frame = mask_frame(mask::EDIT, &[(mask::DIR_ADD, OTHER), (7, OTHER)]);
-    let Outcome::Reply(len) = blade.handle(&frame, &PORT_1500, &mut out) else { panic!("no reply") };
+    let Outcome::Reply(len) = blade.handle(&frame, &PORT_1500, &mut out) else {
+        panic!("no reply")
+    };
     let arg = MaskArg::new_checked(&out[24..len]).unwrap();
-    assert_eq!((arg.mask_error(), arg.directive_count()), (mask::ERR_BAD_DIRECTIVE, 1));
+    assert_eq!(
+        (arg.mask_error(), arg.directive_count()),
+        (mask::ERR_BAD_DIRECTIVE, 1)
+    );
     // Delete and read back.
-    let (reply, _) = ask(&mut blade, &mask_frame(mask::EDIT, &[(mask::DIR_DELETE, OTHER)]), &PORT_1500);
+    let (reply, _) = ask(
+        &mut blade,
+        &mask_frame(mask::EDIT, &[(mask::DIR_DELETE, OTHER)]),
+        &PORT_1500,
+    );
     assert_eq!(mask_of(&reply).directives.len(), 1);
     let (reply, _) = ask(&mut blade, &mask_frame(mask::READ, &[]), &PORT_1500);
     assert_eq!(mask_of(&reply).directives[0].mac, CLIENT);
@@ -409,7 +558,9 @@ fn mask_list_full_is_merror_3() {
     let mut directives: Vec<(u8, MacAddr)> = vec![(mask::DIR_ADD, CLIENT)];
     directives.extend((0..MAX_MASKS as u8).map(|i| (mask::DIR_ADD, MacAddr([2, 0, 0, 0, 1, i]))));
     let mut out = vec![0u8; 10000];
-    let Outcome::Reply(len) = blade.handle(&mask_frame(mask::EDIT, &directives), &PORT_1500, &mut out) else {
+    let Outcome::Reply(len) =
+        blade.handle(&mask_frame(mask::EDIT, &directives), &PORT_1500, &mut out)
+    else {
         panic!("no reply")
     };
     // As vblade: merror, and the directive count says how many were applied; no list follows.
@@ -433,7 +584,10 @@ fn reserve_frame(src: MacAddr, command: u8, macs: &[MacAddr]) -> Vec<u8> {
     h.src = src;
     packet(PacketRepr {
         header: h,
-        arg: ArgRepr::Reserve(ReserveRepr { command, macs: macs.to_vec() }),
+        arg: ArgRepr::Reserve(ReserveRepr {
+            command,
+            macs: macs.to_vec(),
+        }),
     })
 }
 
@@ -442,17 +596,33 @@ fn reserve_release_rules() {
     let (mut blade, _dev, _dir) = blade_with_device();
     let mut out = vec![0u8; 10000];
     let reply_of = |blade: &mut Blade, frame: &[u8], out: &mut Vec<u8>| -> PacketRepr {
-        let Outcome::Reply(len) = blade.handle(frame, &PORT_1500, out) else { panic!("no reply") };
+        let Outcome::Reply(len) = blade.handle(frame, &PORT_1500, out) else {
+            panic!("no reply")
+        };
         PacketRepr::parse(&Frame::new_checked(&out[..len]).unwrap()).unwrap()
     };
     // CLIENT reserves for itself.
-    let reply = reply_of(&mut blade, &reserve_frame(CLIENT, reserve::SET, &[CLIENT]), &mut out);
+    let reply = reply_of(
+        &mut blade,
+        &reserve_frame(CLIENT, reserve::SET, &[CLIENT]),
+        &mut out,
+    );
     assert_eq!(reply.header.error, None);
     // OTHER may not set, gets error 6; may read.
-    let reply = reply_of(&mut blade, &reserve_frame(OTHER, reserve::SET, &[OTHER]), &mut out);
+    let reply = reply_of(
+        &mut blade,
+        &reserve_frame(OTHER, reserve::SET, &[OTHER]),
+        &mut out,
+    );
     assert_eq!(reply.header.error, Some(ErrorCode::TargetReserved as u8));
-    let reply = reply_of(&mut blade, &reserve_frame(OTHER, reserve::READ, &[]), &mut out);
-    let ArgRepr::Reserve(list) = reply.arg else { panic!() };
+    let reply = reply_of(
+        &mut blade,
+        &reserve_frame(OTHER, reserve::READ, &[]),
+        &mut out,
+    );
+    let ArgRepr::Reserve(list) = reply.arg else {
+        panic!()
+    };
     assert_eq!(list.macs, vec![CLIENT]);
     // OTHER's ATA I/O is refused with error 6, but IDENTIFY is answered.
     let mut read = ata_frame(cmd::READ_EXT, ata_flags::EXTENDED, 1, 0, &[]);
@@ -466,7 +636,11 @@ fn reserve_release_rules() {
     let read = ata_frame(cmd::READ_EXT, ata_flags::EXTENDED, 1, 0, &[]);
     assert_eq!(reply_of(&mut blade, &read, &mut out).header.error, None);
     // Force set by OTHER releases (empty list), then everyone may do I/O.
-    let reply = reply_of(&mut blade, &reserve_frame(OTHER, reserve::FORCE_SET, &[]), &mut out);
+    let reply = reply_of(
+        &mut blade,
+        &reserve_frame(OTHER, reserve::FORCE_SET, &[]),
+        &mut out,
+    );
     assert_eq!(reply.header.error, None);
     let mut read = ata_frame(cmd::READ_EXT, ata_flags::EXTENDED, 1, 0, &[]);
     read[6..12].copy_from_slice(&OTHER.0);
@@ -491,7 +665,9 @@ fn announce_is_an_unsolicited_config_response() {
     assert_eq!(repr.header.tag, 0);
     assert_eq!(repr.header.dst, MacAddr::BROADCAST);
     assert_eq!((repr.header.shelf, repr.header.slot), (0, 3));
-    let ArgRepr::Config(cfg) = repr.arg else { panic!() };
+    let ArgRepr::Config(cfg) = repr.arg else {
+        panic!()
+    };
     assert_eq!((cfg.buffer_count, cfg.sector_count), (64, 17));
 }
 
@@ -509,7 +685,10 @@ fn read_only_device_aborts_writes() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ro.img");
     std::fs::write(&path, vec![0u8; 1 << 16]).unwrap();
-    let dev = crate::block::OpenOptions::new().read_only(true).open(&path).unwrap();
+    let dev = crate::block::OpenOptions::new()
+        .read_only(true)
+        .open(&path)
+        .unwrap();
     let mut blade = Blade::new(BladeConfig::new(0, 3), Arc::new(dev));
     let write = ata_frame(cmd::WRITE_EXT, 0x41, 1, 0, &[1u8; 512]);
     let ata = ata_of(&ask(&mut blade, &write, &PORT_1500).0);
@@ -521,24 +700,30 @@ fn read_only_device_aborts_writes() {
 fn random_frames_never_panic_and_never_write_outside_requests() {
     use proptest::prelude::*;
     use proptest::test_runner::{Config, TestRunner};
-    let mut runner = TestRunner::new(Config { cases: 2000, ..Config::default() });
+    let mut runner = TestRunner::new(Config {
+        cases: 2000,
+        ..Config::default()
+    });
     let dev = Arc::new(NullDevice::new(1 << 20));
     runner
-        .run(&proptest::collection::vec(any::<u8>(), 0..1100), |mut bytes| {
-            // Aim most cases at us so they get past the address filter.
-            if bytes.len() >= 24 && bytes[0] % 2 == 0 {
-                bytes[12] = 0x88;
-                bytes[13] = 0xa2;
-                bytes[14] = 0x10;
-                bytes[16..19].copy_from_slice(&[0, 0, 3]);
-                bytes[19] %= 5;
-            }
-            let mut blade = Blade::new(BladeConfig::new(0, 3), dev.clone());
-            let mut out = vec![0u8; 10000];
-            if let Outcome::Reply(len) = blade.handle(&bytes, &PORT_1500, &mut out) {
-                prop_assert!(len >= 60 && len <= PORT_1500.max_frame_len() + 600);
-            }
-            Ok(())
-        })
+        .run(
+            &proptest::collection::vec(any::<u8>(), 0..1100),
+            |mut bytes| {
+                // Aim most cases at us so they get past the address filter.
+                if bytes.len() >= 24 && bytes[0] % 2 == 0 {
+                    bytes[12] = 0x88;
+                    bytes[13] = 0xa2;
+                    bytes[14] = 0x10;
+                    bytes[16..19].copy_from_slice(&[0, 0, 3]);
+                    bytes[19] %= 5;
+                }
+                let mut blade = Blade::new(BladeConfig::new(0, 3), dev.clone());
+                let mut out = vec![0u8; 10000];
+                if let Outcome::Reply(len) = blade.handle(&bytes, &PORT_1500, &mut out) {
+                    prop_assert!(len >= 60 && len <= PORT_1500.max_frame_len() + 600);
+                }
+                Ok(())
+            },
+        )
         .unwrap();
 }
