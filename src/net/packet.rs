@@ -94,6 +94,8 @@ fn ifreq_for(name: &str) -> io::Result<libc::ifreq> {
 pub struct PacketSocket {
     fd: OwnedFd,
     ifindex: u32,
+    /// SO_RCVTIMEO currently set, in microseconds (0: none).
+    receive_timeout_us: std::sync::atomic::AtomicU64,
 }
 
 impl PacketSocket {
@@ -116,6 +118,7 @@ impl PacketSocket {
         let sock = PacketSocket {
             fd,
             ifindex: iface.index,
+            receive_timeout_us: std::sync::atomic::AtomicU64::new(0),
         };
         // Our own replies would otherwise come back to us on the same socket.
         let _ = sock.set_int_option(libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, 1);
@@ -335,30 +338,41 @@ impl PacketSocket {
         Ok(())
     }
 
-    /// Receives up to `bufs.len()` frames with one `recvmmsg`, waiting at most `timeout` for
-    /// the first. Writes each frame's length into `lens` and returns how many arrived.
+    /// Receives up to `bufs.len()` frames with one blocking `recvmmsg`, waiting at most
+    /// `timeout` for the first. Writes each frame's length into `lens` and returns how many
+    /// arrived (0 on timeout).
     pub fn recv_batch(
         &self,
         bufs: &mut [Vec<u8>],
         lens: &mut [usize],
         timeout: Duration,
     ) -> io::Result<usize> {
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: one valid pollfd for the duration of the call.
-        #[allow(unsafe_code)]
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if rc <= 0 {
-            let err = io::Error::last_os_error();
-            return if rc == 0 || err.kind() == io::ErrorKind::Interrupted {
-                Ok(0)
-            } else {
-                Err(err)
+        // The timeout lives in the socket (SO_RCVTIMEO), so a batch costs one syscall, not a
+        // poll plus a receive; it is only set again when it changes.
+        let micros = timeout.as_micros().clamp(1, u64::MAX as u128) as u64;
+        if self
+            .receive_timeout_us
+            .swap(micros, std::sync::atomic::Ordering::Relaxed)
+            != micros
+        {
+            let tv = libc::timeval {
+                tv_sec: (micros / 1_000_000) as libc::time_t,
+                tv_usec: (micros % 1_000_000) as libc::suseconds_t,
             };
+            // SAFETY: passes a pointer to a live timeval and its exact size.
+            #[allow(unsafe_code)]
+            let rc = unsafe {
+                libc::setsockopt(
+                    self.fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    &tv as *const libc::timeval as *const libc::c_void,
+                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                )
+            };
+            if rc < 0 {
+                return Err(io::Error::last_os_error());
+            }
         }
         let count = bufs.len().min(lens.len());
         let mut iovecs: Vec<libc::iovec> = bufs[..count]
@@ -383,7 +397,7 @@ impl PacketSocket {
                 self.fd.as_raw_fd(),
                 headers.as_mut_ptr(),
                 count as u32,
-                libc::MSG_DONTWAIT,
+                libc::MSG_WAITFORONE,
                 std::ptr::null_mut(),
             )
         };

@@ -110,6 +110,7 @@ pub fn run(args: NbdArgs) -> i32 {
             .map(|a| a.to_string())
             .unwrap_or_default();
         let shutdown = CancellationToken::new();
+        let stats = server.stats();
         let serving = tokio::spawn(server.serve(listener, shutdown.clone()));
         eprintln!(
             "twinblade nbd: serving {:?} ({size} bytes) on {local}",
@@ -118,7 +119,17 @@ pub fn run(args: NbdArgs) -> i32 {
         wait_for_signal().await;
         eprintln!("twinblade nbd: shutting down");
         shutdown.cancel();
-        match serving.await {
+        let result = serving.await;
+        let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        eprintln!(
+            "twinblade nbd: {} sessions, {} requests ({} inline, {} on the I/O pool, {} errors)",
+            n(&stats.sessions),
+            n(&stats.requests),
+            n(&stats.inline),
+            n(&stats.offloaded),
+            n(&stats.error_replies)
+        );
+        match result {
             Ok(Ok(())) => 0,
             Ok(Err(err)) => {
                 eprintln!("twinblade nbd: {err}");

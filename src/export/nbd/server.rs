@@ -66,8 +66,11 @@ pub const OUT_HIGH_WATER: usize = 4 << 20;
 
 /// Size of a fresh input or output buffer.
 const BUF_CHUNK: usize = 256 << 10;
-/// An inline request slower than this (plus 1 ns per byte) marks the device slow.
-const SLOW_OP: Duration = Duration::from_micros(50);
+/// An inline request slower than this (plus 1 ns per byte) counts as slow.
+const SLOW_OP: Duration = Duration::from_micros(100);
+/// Consecutive slow inline requests that mark the device slow. One slow request proves
+/// little (the thread may have been preempted); a streak means the device blocks.
+const SLOW_STREAK: u32 = 3;
 /// How long a slow device is served with offloading only before inline is tried again.
 const SLOW_BACKOFF: Duration = Duration::from_millis(20);
 /// How long a connection may take to drain its replies once shutdown started.
@@ -146,6 +149,10 @@ pub struct ServerStats {
     pub sessions: AtomicU64,
     /// Requests received in transmission.
     pub requests: AtomicU64,
+    /// Reads and writes run inline on the connection's task.
+    pub inline: AtomicU64,
+    /// Requests run on the blocking pool.
+    pub offloaded: AtomicU64,
     /// Requests answered with an error.
     pub error_replies: AtomicU64,
     /// Connections closed for breaking the protocol.
@@ -336,6 +343,7 @@ async fn serve_connection(
         skip_reply: None,
         reading: true,
         slow_until: None,
+        slow_streak: 0,
         cancel,
     };
     match conn.run().await {
@@ -387,6 +395,8 @@ struct Connection {
     reading: bool,
     /// While set and in the future, nothing runs inline.
     slow_until: Option<Instant>,
+    /// Consecutive slow inline requests.
+    slow_streak: u32,
     cancel: CancellationToken,
 }
 
@@ -580,8 +590,14 @@ impl Connection {
     }
 
     fn note_inline_time(&mut self, started: Instant, len: usize) {
-        let elapsed = started.elapsed();
-        if elapsed > SLOW_OP + Duration::from_nanos(len as u64) {
+        self.stats.inline.fetch_add(1, Ordering::Relaxed);
+        if started.elapsed() <= SLOW_OP + Duration::from_nanos(len as u64) {
+            self.slow_streak = 0;
+            return;
+        }
+        self.slow_streak += 1;
+        if self.slow_streak >= SLOW_STREAK {
+            self.slow_streak = 0;
             self.slow_until = Some(Instant::now() + SLOW_BACKOFF);
         }
     }
@@ -705,6 +721,7 @@ impl Connection {
     }
 
     fn offload(&mut self, op: Op, handle: u64, ticket: Ticket, bytes: usize) {
+        self.stats.offloaded.fetch_add(1, Ordering::Relaxed);
         self.offloaded += 1;
         self.offloaded_bytes += bytes;
         let device = Arc::clone(&self.export.export.device);
