@@ -54,8 +54,8 @@ t_all=$(date +%s.%N)
 step "cargo build" cargo build --release --workspace
 step "cargo test" cargo test --release --workspace
 
-# --- Fuzzing (to be added): short cargo-fuzz runs of the wire parsers, e.g. ------------------------
-# step "fuzz aoe_parse" cargo +nightly fuzz run aoe_parse -- -max_total_time=60
+# --- Fuzzing: a short cargo-fuzz run of every parser (nightly toolchain). ---------------------------
+step "fuzz" initiator-tests/fuzz.sh "${TWINBLADE_FUZZ_SECONDS:-30}"
 
 # --- NBD client tests (to be added): nbdinfo/nbdcopy/qemu-img/fio against the NBD export, e.g. ----
 # step "nbd clients" initiator-tests/nbd-clients.sh --target "$target"
@@ -72,4 +72,7 @@ for i in "${!names[@]}"; do
     printf '  %-32s %-10s %8ss\n' "${names[$i]}" "${results[$i]}" "${times[$i]}"
 done
 printf '  %-32s %-10s %8ss\n' total "$( ((failed)) && echo FAIL || echo PASS)" "$total"
+passed=0
+for r in "${results[@]}"; do [[ $r == PASS ]] && passed=$((passed + 1)); done
+echo "all.sh: $passed passed, $((${#results[@]} - passed)) failed"
 exit "$failed"

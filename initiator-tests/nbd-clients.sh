@@ -133,10 +133,10 @@ check "qemu-img convert/compare" qemu_ok
 # --- fio's nbd engine: random writes with verification, then sequential. -------------------------
 fio_ok() {
     fio --name=randverify --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k --iodepth=32 \
-        --size=$((size_mib / 2))M --verify=crc32c --do_verify=1 --verify_fatal=1 \
+        --size=$((size_mib / 2))M --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 \
         --output="$work/fio1.log" &&
         fio --name=seqverify --ioengine=nbd --uri="$uri" --rw=write --bs=1M --iodepth=8 \
-            --size="${size_mib}M" --verify=md5 --do_verify=1 --verify_fatal=1 \
+            --size="${size_mib}M" --verify=md5 --do_verify=1 --verify_fatal=1 --verify_state_save=0 \
             --output="$work/fio2.log" &&
         ! grep -q 'verify: bad' "$work/fio1.log" "$work/fio2.log"
 }

@@ -33,7 +33,10 @@ struct MemDevice {
 
 impl MemDevice {
     fn new(size: u64) -> Self {
-        MemDevice { data: Mutex::new(vec![0; size as usize]), slow: Mutex::new(None) }
+        MemDevice {
+            data: Mutex::new(vec![0; size as usize]),
+            slow: Mutex::new(None),
+        }
     }
 }
 
@@ -42,7 +45,11 @@ impl BlockDevice for MemDevice {
         self.data.lock().unwrap().len() as u64
     }
     fn capabilities(&self) -> Capabilities {
-        Capabilities { read_only: false, discard: true, write_zeroes: true }
+        Capabilities {
+            read_only: false,
+            discard: true,
+            write_zeroes: true,
+        }
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BlockError> {
         check_range(self.size(), offset, buf.len() as u64)?;
@@ -93,7 +100,12 @@ impl TestServer {
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
         let task = tokio::spawn(server.serve(listener, stop.clone()));
-        TestServer { addr, stop, task, stats }
+        TestServer {
+            addr,
+            stop,
+            task,
+            stats,
+        }
     }
 
     async fn one(device: Arc<dyn BlockDevice>) -> Self {
@@ -102,7 +114,11 @@ impl TestServer {
 
     async fn shutdown(self) {
         self.stop.cancel();
-        tokio::time::timeout(TIMEOUT, self.task).await.unwrap().unwrap().unwrap();
+        tokio::time::timeout(TIMEOUT, self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
     }
 }
 
@@ -114,7 +130,10 @@ struct Client {
 }
 
 async fn send_option(s: &mut TcpStream, option: u32, data: &[u8]) {
-    let h = OptionRequestRepr { option, length: data.len() as u32 };
+    let h = OptionRequestRepr {
+        option,
+        length: data.len() as u32,
+    };
     let mut b = vec![0u8; h.buffer_len()];
     h.emit(&mut b);
     b.extend_from_slice(data);
@@ -143,7 +162,10 @@ async fn greet(addr: SocketAddr) -> TcpStream {
 
 /// Sends INFO or GO for `name`; returns the infos, or the error reply type.
 async fn info_or_go(s: &mut TcpStream, option: u32, name: &str) -> Result<Vec<InfoRepr>, u32> {
-    let req = InfoRequestRepr { name: name.into(), requests: vec![info::NAME, info::BLOCK_SIZE] };
+    let req = InfoRequestRepr {
+        name: name.into(),
+        requests: vec![info::NAME, info::BLOCK_SIZE],
+    };
     let mut data = vec![0u8; req.buffer_len()];
     req.emit(&mut data);
     send_option(s, option, &data).await;
@@ -162,7 +184,9 @@ async fn info_or_go(s: &mut TcpStream, option: u32, name: &str) -> Result<Vec<In
 impl Client {
     async fn connect(addr: SocketAddr, name: &str) -> Client {
         let mut s = greet(addr).await;
-        let infos = info_or_go(&mut s, opt::GO, name).await.expect("GO accepted");
+        let infos = info_or_go(&mut s, opt::GO, name)
+            .await
+            .expect("GO accepted");
         let (size, flags) = infos
             .iter()
             .find_map(|i| match i {
@@ -174,14 +198,26 @@ impl Client {
     }
 
     async fn send(&mut self, command: Command, flags: u16, handle: u64, offset: u64, length: u32) {
-        let r = RequestRepr { flags, command, handle, offset, length };
+        let r = RequestRepr {
+            flags,
+            command,
+            handle,
+            offset,
+            length,
+        };
         let mut b = [0u8; 28];
         r.emit(&mut b);
         self.s.write_all(&b).await.unwrap();
     }
 
     async fn send_write(&mut self, flags: u16, handle: u64, offset: u64, data: &[u8]) {
-        let r = RequestRepr { flags, command: Command::Write, handle, offset, length: data.len() as u32 };
+        let r = RequestRepr {
+            flags,
+            command: Command::Write,
+            handle,
+            offset,
+            length: data.len() as u32,
+        };
         let mut b = vec![0u8; 28];
         r.emit(&mut b);
         b.extend_from_slice(data);
@@ -190,13 +226,19 @@ impl Client {
 
     async fn reply(&mut self) -> SimpleReplyRepr {
         let mut b = [0u8; 16];
-        tokio::time::timeout(TIMEOUT, self.s.read_exact(&mut b)).await.unwrap().unwrap();
+        tokio::time::timeout(TIMEOUT, self.s.read_exact(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
         SimpleReplyRepr::parse(&b).unwrap()
     }
 
     async fn data(&mut self, len: usize) -> Vec<u8> {
         let mut b = vec![0u8; len];
-        tokio::time::timeout(TIMEOUT, self.s.read_exact(&mut b)).await.unwrap().unwrap();
+        tokio::time::timeout(TIMEOUT, self.s.read_exact(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
         b
     }
 
@@ -229,7 +271,10 @@ impl Client {
     async fn disconnect(mut self) {
         self.send(Command::Disconnect, 0, 9, 0, 0).await;
         let mut b = [0u8; 1];
-        let n = tokio::time::timeout(TIMEOUT, self.s.read(&mut b)).await.unwrap().unwrap_or(0);
+        let n = tokio::time::timeout(TIMEOUT, self.s.read(&mut b))
+            .await
+            .unwrap()
+            .unwrap_or(0);
         assert_eq!(n, 0, "server must close after NBD_CMD_DISC");
     }
 }
@@ -237,7 +282,10 @@ impl Client {
 async fn assert_closed(s: &mut TcpStream) {
     let mut b = [0u8; 256];
     loop {
-        match tokio::time::timeout(TIMEOUT, s.read(&mut b)).await.expect("server closes") {
+        match tokio::time::timeout(TIMEOUT, s.read(&mut b))
+            .await
+            .expect("server closes")
+        {
             Ok(0) | Err(_) => return,
             Ok(_) => continue,
         }
@@ -245,7 +293,9 @@ async fn assert_closed(s: &mut TcpStream) {
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,7 +304,11 @@ async fn handshake_reports_size_flags_and_block_sizes() {
     let mut s = greet(srv.addr).await;
     let infos = info_or_go(&mut s, opt::INFO, "disk").await.unwrap();
     assert!(infos.contains(&InfoRepr::Name("disk".into())));
-    assert!(infos.contains(&InfoRepr::BlockSize { minimum: 1, preferred: 4096, maximum: 32 << 20 }));
+    assert!(infos.contains(&InfoRepr::BlockSize {
+        minimum: 1,
+        preferred: 4096,
+        maximum: 32 << 20
+    }));
     let flags = infos
         .iter()
         .find_map(|i| match i {
@@ -265,12 +319,22 @@ async fn handshake_reports_size_flags_and_block_sizes() {
             _ => None,
         })
         .unwrap();
-    for f in [tf::HAS_FLAGS, tf::SEND_FLUSH, tf::SEND_FUA, tf::SEND_TRIM, tf::SEND_WRITE_ZEROES, tf::CAN_MULTI_CONN] {
+    for f in [
+        tf::HAS_FLAGS,
+        tf::SEND_FLUSH,
+        tf::SEND_FUA,
+        tf::SEND_TRIM,
+        tf::SEND_WRITE_ZEROES,
+        tf::CAN_MULTI_CONN,
+    ] {
         assert_ne!(flags & f, 0, "flag {f:#x} missing");
     }
     assert_eq!(flags & tf::READ_ONLY, 0);
     // Unknown export: an error, and the option haggling goes on.
-    assert_eq!(info_or_go(&mut s, opt::GO, "nope").await, Err(rep::ERR_UNKNOWN));
+    assert_eq!(
+        info_or_go(&mut s, opt::GO, "nope").await,
+        Err(rep::ERR_UNKNOWN)
+    );
     // Structured replies are refused, so clients use simple replies.
     send_option(&mut s, opt::STRUCTURED_REPLY, &[]).await;
     assert_eq!(read_option_reply(&mut s).await.0.reply_type, rep::ERR_UNSUP);
@@ -282,7 +346,11 @@ async fn handshake_reports_size_flags_and_block_sizes() {
     assert_eq!(read_option_reply(&mut s).await.0.reply_type, rep::ACK);
     // The empty name selects the default export.
     assert!(info_or_go(&mut s, opt::GO, "").await.is_ok());
-    let mut c = Client { s, size: 64 * MIB, flags };
+    let mut c = Client {
+        s,
+        size: 64 * MIB,
+        flags,
+    };
     assert_eq!(c.read(0, 4096).await.unwrap(), vec![0; 4096]);
     c.disconnect().await;
     // ABORT ends negotiation politely.
@@ -306,7 +374,10 @@ async fn flush_and_fua_reach_the_device() {
     assert_eq!(c.call(Command::Flush, 0, 0, 0).await, 0);
     assert_eq!(dev.flushes(), 1);
     // Write-zeroes with FUA, and trim, reach the device too.
-    assert_eq!(c.call(Command::WriteZeroes, cmd_flags::FUA, 0, 8192).await, 0);
+    assert_eq!(
+        c.call(Command::WriteZeroes, cmd_flags::FUA, 0, 8192).await,
+        0
+    );
     assert_eq!(c.call(Command::Trim, 0, MIB, MIB as u32).await, 0);
     let records = dev.records();
     let kinds: Vec<(IoKind, bool)> = records.iter().map(|r| (r.kind, r.fua)).collect();
@@ -350,9 +421,16 @@ async fn data_round_trips_and_writes_are_ordered() {
     assert!(got == pattern(4096, 39), "overlapping writes reordered");
     // Beyond 4 KiB, the last 1 MiB write (i = 37) wins; i = 38 and 39 were 4 KiB.
     let tail = c.read(4096, 4096).await.unwrap();
-    assert!(tail == pattern(1 << 20, 37)[4096..8192], "overlapping writes reordered");
+    assert!(
+        tail == pattern(1 << 20, 37)[4096..8192],
+        "overlapping writes reordered"
+    );
     // Write-zeroes and trim read back as zeros.
-    assert_eq!(c.call(Command::WriteZeroes, cmd_flags::NO_HOLE, 12345, 1000).await, 0);
+    assert_eq!(
+        c.call(Command::WriteZeroes, cmd_flags::NO_HOLE, 12345, 1000)
+            .await,
+        0
+    );
     assert_eq!(c.read(12345, 1000).await.unwrap(), vec![0; 1000]);
     c.disconnect().await;
     srv.shutdown().await;
@@ -370,14 +448,24 @@ async fn out_of_range_oversized_and_unknown_requests_get_errors() {
     assert_eq!(c.call(Command::Trim, 0, MIB - 1, 2).await, errno::EINVAL);
     // Oversized: a read larger than the maximum, and a write whose payload is consumed.
     assert_eq!(c.read(0, 64 << 20).await, Err(errno::EINVAL));
-    assert_eq!(c.write(0, 0, &vec![0xee; (32 << 20) + 1]).await, errno::EINVAL);
+    assert_eq!(
+        c.write(0, 0, &vec![0xee; (32 << 20) + 1]).await,
+        errno::EINVAL
+    );
     // Unknown commands and flags, and commands that need unnegotiated features.
     assert_eq!(c.call(Command::Unknown(99), 0, 0, 512).await, errno::EINVAL);
     assert_eq!(c.call(Command::Cache, 0, 0, 512).await, errno::EINVAL);
     assert_eq!(c.call(Command::BlockStatus, 0, 0, 512).await, errno::EINVAL);
     assert_eq!(c.call(Command::Read, 0x8000, 0, 512).await, errno::EINVAL);
-    assert_eq!(c.call(Command::Read, cmd_flags::DF, 0, 512).await, errno::EINVAL);
-    assert_eq!(c.call(Command::WriteZeroes, cmd_flags::FAST_ZERO, 0, 512).await, errno::EINVAL);
+    assert_eq!(
+        c.call(Command::Read, cmd_flags::DF, 0, 512).await,
+        errno::EINVAL
+    );
+    assert_eq!(
+        c.call(Command::WriteZeroes, cmd_flags::FAST_ZERO, 0, 512)
+            .await,
+        errno::EINVAL
+    );
     // The connection still works.
     assert_eq!(c.read(0, 512).await.unwrap(), vec![0; 512]);
     c.disconnect().await;
@@ -414,11 +502,16 @@ async fn garbage_closes_only_that_connection() {
     assert_closed(&mut s).await;
     // Garbage instead of an option.
     let mut s = greet(srv.addr).await;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     assert_closed(&mut s).await;
     // A huge option length.
     let mut s = greet(srv.addr).await;
-    let h = OptionRequestRepr { option: opt::GO, length: u32::MAX };
+    let h = OptionRequestRepr {
+        option: opt::GO,
+        length: u32::MAX,
+    };
     let mut b = [0u8; 16];
     h.emit(&mut b);
     s.write_all(&b).await.unwrap();
@@ -426,7 +519,10 @@ async fn garbage_closes_only_that_connection() {
     // Malformed GO data gets an error reply, then the client can still choose.
     let mut s = greet(srv.addr).await;
     send_option(&mut s, opt::GO, &[0, 0, 0, 200, 1]).await;
-    assert_eq!(read_option_reply(&mut s).await.0.reply_type, rep::ERR_INVALID);
+    assert_eq!(
+        read_option_reply(&mut s).await.0.reply_type,
+        rep::ERR_INVALID
+    );
     assert!(info_or_go(&mut s, opt::GO, "disk").await.is_ok());
     // Garbage in transmission.
     s.write_all(&[0x42; 28]).await.unwrap();
@@ -446,7 +542,13 @@ async fn vanishing_clients_do_not_stall_others() {
     for round in 0..5u8 {
         // Half a write payload, then gone.
         let mut c = Client::connect(srv.addr, "disk").await;
-        let r = RequestRepr { flags: 0, command: Command::Write, handle: 1, offset: 0, length: 1 << 20 };
+        let r = RequestRepr {
+            flags: 0,
+            command: Command::Write,
+            handle: 1,
+            offset: 0,
+            length: 1 << 20,
+        };
         let mut b = vec![0u8; 28];
         r.emit(&mut b);
         b.extend_from_slice(&[round; 1000]);
@@ -499,7 +601,12 @@ async fn many_requests_in_flight_with_out_of_order_replies() {
         assert_eq!(r.error, 0);
         let (offset, len) = want.remove(&r.handle).expect("one reply per handle");
         let data = c.data(len).await;
-        assert_eq!(data, full[offset as usize..offset as usize + len], "handle {}", r.handle);
+        assert_eq!(
+            data,
+            full[offset as usize..offset as usize + len],
+            "handle {}",
+            r.handle
+        );
         order.push(r.handle);
     }
     assert_ne!(order[0], 0, "the slow read should not hold up the others");
@@ -545,7 +652,11 @@ async fn acl_refuses_other_addresses() {
         acl: Acl::new(vec!["10.0.0.0/8".parse().unwrap()]),
         ..ServerConfig::default()
     };
-    let srv = TestServer::start(vec![Export::new("", Arc::new(NullDevice::new(MIB)))], config).await;
+    let srv = TestServer::start(
+        vec![Export::new("", Arc::new(NullDevice::new(MIB)))],
+        config,
+    )
+    .await;
     let mut s = TcpStream::connect(srv.addr).await.unwrap();
     assert_closed(&mut s).await;
     assert_eq!(srv.stats.denied.load(Ordering::Relaxed), 1);
@@ -564,7 +675,11 @@ async fn shutdown_finishes_in_flight_requests() {
     let r = c.reply().await;
     assert_eq!((r.handle, r.error), (5, 0));
     assert_closed(&mut c.s).await;
-    tokio::time::timeout(TIMEOUT, srv.task).await.unwrap().unwrap().unwrap();
+    tokio::time::timeout(TIMEOUT, srv.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 }
 
 /// A small deterministic PRNG (xorshift64*), so the model test needs no extra crate.
@@ -611,7 +726,10 @@ async fn nbd_crate_client_matches_a_model() {
                 let mut got = vec![0u8; len];
                 client.seek(SeekFrom::Start(offset as u64)).unwrap();
                 client.read_exact(&mut got).unwrap();
-                assert!(got == model[offset..offset + len], "read at {offset} len {len}");
+                assert!(
+                    got == model[offset..offset + len],
+                    "read at {offset} len {len}"
+                );
             }
         }
         client.flush().unwrap();

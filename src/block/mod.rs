@@ -31,6 +31,7 @@
 //! * **Discard and write-zeroes** are optional ([`Capabilities`]). After `write_zeroes` the
 //!   range reads as zeros; after `discard` its contents are unspecified but stable.
 
+pub mod crash;
 pub mod fault;
 pub mod file;
 pub mod null;

@@ -15,6 +15,7 @@
 
 pub mod aoe;
 pub mod nbd;
+pub mod ondisk;
 
 use std::fmt;
 use std::str::FromStr;

@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -341,6 +341,7 @@ async fn serve_connection(
         offloaded_bytes: 0,
         skip: 0,
         skip_reply: None,
+        pending: None,
         reading: true,
         slow_until: None,
         slow_streak: 0,
@@ -372,6 +373,14 @@ impl From<io::Error> for ConnError {
 struct Done {
     reply: Vec<u8>,
     bytes: usize,
+    payload: Option<Vec<u8>>,
+}
+
+/// A large write whose payload is being read straight into its own buffer.
+struct PendingWrite {
+    req: RequestRepr,
+    buf: Vec<u8>,
+    filled: usize,
 }
 
 struct Connection {
@@ -391,6 +400,8 @@ struct Connection {
     skip: u64,
     /// Reply to send once the discarded payload has been consumed.
     skip_reply: Option<SimpleReplyRepr>,
+    /// A large write waiting for the rest of its payload.
+    pending: Option<PendingWrite>,
     /// False after EOF, `NBD_CMD_DISC` or shutdown: no more requests are parsed.
     reading: bool,
     /// While set and in the future, nothing runs inline.
@@ -422,39 +433,70 @@ impl Connection {
             if can_read && self.inbuf.capacity() - self.inbuf.len() < 64 << 10 {
                 self.inbuf.reserve(BUF_CHUNK);
             }
+            let Connection {
+                rd,
+                inbuf,
+                pending,
+                done_rx,
+                cancel,
+                reading,
+                offloaded,
+                ..
+            } = self;
+            let read = async {
+                match pending {
+                    Some(p) => rd.read(&mut p.buf[p.filled..]).await,
+                    None => rd.read_buf(inbuf).await,
+                }
+            };
             tokio::select! {
                 biased;
-                _ = self.cancel.cancelled(), if self.reading => {
-                    self.reading = false;
-                    self.inbuf.clear();
+                _ = cancel.cancelled(), if *reading => {
+                    self.stop_reading();
                 }
-                done = self.done_rx.recv(), if self.offloaded > 0 => {
+                done = done_rx.recv(), if *offloaded > 0 => {
                     if let Some(done) = done {
                         self.collect(done);
                     }
                 }
-                n = self.rd.read_buf(&mut self.inbuf), if can_read => {
+                n = read, if can_read => {
                     match n {
                         Ok(0) | Err(_) => {
                             // The client is gone (or half-closed): finish what was read.
-                            self.reading = false;
-                            if self.skip > 0 || !self.inbuf.is_empty() {
+                            if self.skip > 0 || !self.inbuf.is_empty() || self.pending.is_some() {
                                 tracing::debug!("nbd: client vanished mid-request");
                             }
-                            self.inbuf.clear();
-                            self.skip = 0;
-                            self.skip_reply = None;
+                            self.stop_reading();
                         }
-                        Ok(_) => {}
+                        Ok(n) => {
+                            if let Some(p) = &mut self.pending {
+                                p.filled += n;
+                                if p.filled == p.buf.len() {
+                                    let p = self.pending.take().expect("checked");
+                                    self.offload_write(p.req, p.buf);
+                                }
+                            }
+                        }
                     }
                 }
             }
         }
     }
 
+    fn stop_reading(&mut self) {
+        self.reading = false;
+        self.inbuf.clear();
+        self.skip = 0;
+        self.skip_reply = None;
+        self.pending = None;
+    }
+
     fn collect(&mut self, done: Done) {
         self.offloaded -= 1;
         self.offloaded_bytes -= done.bytes;
+        if let Some(buf) = done.payload {
+            self.out.pool.give(buf);
+        }
         self.out.push(done.reply);
     }
 
@@ -495,7 +537,8 @@ impl Connection {
                 self.inbuf.clear();
                 return Ok(());
             }
-            if self.offloaded >= self.config.max_in_flight
+            if self.pending.is_some()
+                || self.offloaded >= self.config.max_in_flight
                 || self.offloaded_bytes >= MAX_IN_FLIGHT_BYTES
                 || self.out.bytes >= OUT_HIGH_WATER
                 || self.inbuf.len() < RequestRepr::LEN
@@ -517,7 +560,27 @@ impl Connection {
                     self.stats.error_replies.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                let total = RequestRepr::LEN + req.length as usize;
+                let len = req.length as usize;
+                if len > self.config.inline_max as usize {
+                    // Large: the payload goes straight into a reusable buffer of its own,
+                    // read from the socket without passing through the input buffer.
+                    self.inbuf.advance(RequestRepr::LEN);
+                    let mut buf = self.out.pool.take(len);
+                    let have = len.min(self.inbuf.len());
+                    buf[..have].copy_from_slice(&self.inbuf[..have]);
+                    self.inbuf.advance(have);
+                    if have == len {
+                        self.offload_write(req, buf);
+                    } else {
+                        self.pending = Some(PendingWrite {
+                            req,
+                            buf,
+                            filled: have,
+                        });
+                    }
+                    continue;
+                }
+                let total = RequestRepr::LEN + len;
                 if self.inbuf.len() < total {
                     self.inbuf.reserve(total - self.inbuf.len());
                     return Ok(());
@@ -642,10 +705,11 @@ impl Connection {
                     }
                     self.note_inline_time(started, len);
                 } else {
+                    let buf = self.out.pool.take(SimpleReplyRepr::LEN + len);
                     self.offload(
                         Op::Read {
                             offset: req.offset,
-                            len,
+                            buf,
                         },
                         handle,
                         ticket,
@@ -672,7 +736,9 @@ impl Connection {
                     }
                     self.note_inline_time(started, len);
                 } else {
-                    let data = self.inbuf.split_to(RequestRepr::LEN + len).freeze();
+                    let mut data = self.out.pool.take(len);
+                    data.copy_from_slice(&self.inbuf[RequestRepr::LEN..RequestRepr::LEN + len]);
+                    self.inbuf.advance(RequestRepr::LEN + len);
                     self.offload(
                         Op::Write {
                             data,
@@ -720,6 +786,23 @@ impl Connection {
         }
     }
 
+    /// Offloads a large write whose payload is complete in `data`.
+    fn offload_write(&mut self, req: RequestRepr, data: Vec<u8>) {
+        let len = data.len();
+        let ticket = self.export.seq.admit(req.offset, len as u64, Access::Write);
+        let fua = req.flags & cmd_flags::FUA != 0;
+        self.offload(
+            Op::Write {
+                data,
+                offset: req.offset,
+                fua,
+            },
+            req.handle,
+            ticket,
+            len,
+        );
+    }
+
     fn offload(&mut self, op: Op, handle: u64, ticket: Ticket, bytes: usize) {
         self.stats.offloaded.fetch_add(1, Ordering::Relaxed);
         self.offloaded += 1;
@@ -727,16 +810,29 @@ impl Connection {
         let device = Arc::clone(&self.export.export.device);
         let stats = Arc::clone(&self.stats);
         let tx = self.done_tx.clone();
-        tokio::task::spawn_blocking(move || {
-            ticket.wait();
-            let reply = op.run(&*device, handle);
+        let run = move |ticket: Ticket| {
+            let (reply, payload) = op.run(&*device, handle);
             drop(ticket);
             if SimpleReplyRepr::parse(&reply[..SimpleReplyRepr::LEN]).is_ok_and(|r| r.error != 0) {
                 stats.error_replies.fetch_add(1, Ordering::Relaxed);
             }
             // The connection may be gone; the request still ran, in order.
-            let _ = tx.send(Done { reply, bytes });
-        });
+            let _ = tx.send(Done {
+                reply,
+                bytes,
+                payload,
+            });
+        };
+        if ticket.is_ready() {
+            tokio::task::spawn_blocking(move || run(ticket));
+        } else {
+            // Wait on the runtime, not on a pool thread: pool threads only ever run requests
+            // that can proceed, so a full pool cannot deadlock on ordering.
+            tokio::spawn(async move {
+                ticket.wait_async().await;
+                tokio::task::spawn_blocking(move || run(ticket));
+            });
+        }
     }
 }
 
@@ -747,13 +843,13 @@ fn device_error(err: &BlockError) -> u32 {
 
 /// A request run on the blocking pool.
 enum Op {
+    /// `buf` is the whole reply: 16 header bytes, then room for the data.
     Read {
         offset: u64,
-        len: usize,
+        buf: Vec<u8>,
     },
-    /// `data` still holds the 28-byte request header in front of the payload.
     Write {
-        data: Bytes,
+        data: Vec<u8>,
         offset: u64,
         fua: bool,
     },
@@ -770,30 +866,27 @@ enum Op {
 }
 
 impl Op {
-    /// Runs the request and returns the complete reply.
-    fn run(self, device: &dyn BlockDevice, handle: u64) -> Vec<u8> {
+    /// Runs the request; returns the complete reply and, for a write, its payload buffer.
+    fn run(self, device: &dyn BlockDevice, handle: u64) -> (Vec<u8>, Option<Vec<u8>>) {
         let header = |error: u32| SimpleReplyRepr { error, handle }.to_bytes().to_vec();
-        let result = match self {
-            Op::Read { offset, len } => {
-                let mut reply = vec![0u8; SimpleReplyRepr::LEN + len];
-                return match device.read_at(&mut reply[SimpleReplyRepr::LEN..], offset) {
+        let (result, payload) = match self {
+            Op::Read { offset, mut buf } => {
+                return match device.read_at(&mut buf[SimpleReplyRepr::LEN..], offset) {
                     Ok(()) => {
-                        SimpleReplyRepr { error: 0, handle }.emit(&mut reply);
-                        reply
+                        SimpleReplyRepr { error: 0, handle }.emit(&mut buf);
+                        (buf, None)
                     }
-                    Err(err) => header(device_error(&err)),
+                    Err(err) => (header(device_error(&err)), Some(buf)),
                 };
             }
-            Op::Write { data, offset, fua } => {
-                device.write_at(&data[RequestRepr::LEN..], offset, fua)
-            }
-            Op::Flush => device.flush(),
-            Op::Trim { offset, len } => device.discard(offset, len),
-            Op::Zeroes { offset, len, fua } => device.write_zeroes(offset, len, fua),
+            Op::Write { data, offset, fua } => (device.write_at(&data, offset, fua), Some(data)),
+            Op::Flush => (device.flush(), None),
+            Op::Trim { offset, len } => (device.discard(offset, len), None),
+            Op::Zeroes { offset, len, fua } => (device.write_zeroes(offset, len, fua), None),
         };
         match result {
-            Ok(()) => header(0),
-            Err(err) => header(device_error(&err)),
+            Ok(()) => (header(0), payload),
+            Err(err) => (header(device_error(&err)), payload),
         }
     }
 }
@@ -809,6 +902,8 @@ struct OutQueue {
     bytes: usize,
     /// Emptied chunk buffers kept for reuse (saves an mmap/munmap per batch).
     spare: Vec<Vec<u8>>,
+    /// Large buffers (read replies, write payloads) kept for reuse.
+    pool: BufPool,
 }
 
 impl OutQueue {
@@ -869,14 +964,59 @@ impl OutQueue {
             n -= left;
             let mut chunk = self.chunks.pop_front().expect("checked");
             self.front_written = 0;
-            if chunk.capacity() == BUF_CHUNK && self.spare.len() < 4 {
-                chunk.clear();
-                self.spare.push(chunk);
+            if chunk.capacity() == BUF_CHUNK {
+                if self.spare.len() < 4 {
+                    chunk.clear();
+                    self.spare.push(chunk);
+                }
+            } else {
+                self.pool.give(chunk);
             }
         }
         if self.bytes == 0 {
             self.chunks.clear();
             self.front_written = 0;
+        }
+    }
+}
+
+/// Large buffers kept for reuse, so that big reads and writes do not fault in fresh pages
+/// (a new 1 MiB allocation is a fresh `mmap`: 256 page faults and the kernel zeroing them).
+#[derive(Default)]
+struct BufPool {
+    bufs: Vec<Vec<u8>>,
+    bytes: usize,
+}
+
+impl BufPool {
+    /// Buffers smaller than this are not worth keeping.
+    const MIN: usize = 64 << 10;
+    /// Most bytes kept per connection.
+    const MAX_BYTES: usize = 32 << 20;
+
+    /// A buffer of exactly `len` bytes (contents unspecified: leftovers of earlier use).
+    fn take(&mut self, len: usize) -> Vec<u8> {
+        let mut buf = match self.bufs.iter().position(|b| b.capacity() >= len) {
+            Some(i) => {
+                let b = self.bufs.swap_remove(i);
+                self.bytes -= b.capacity();
+                b
+            }
+            None => Vec::with_capacity(len),
+        };
+        if buf.len() >= len {
+            buf.truncate(len);
+        } else {
+            buf.resize(len, 0);
+        }
+        buf
+    }
+
+    fn give(&mut self, buf: Vec<u8>) {
+        let cap = buf.capacity();
+        if cap >= Self::MIN && self.bytes + cap <= Self::MAX_BYTES {
+            self.bytes += cap;
+            self.bufs.push(buf);
         }
     }
 }
