@@ -98,6 +98,10 @@ cpu_ticks() { # PID -> utime+stime in clock ticks
     awk '{ print $14 + $15 }' "/proc/$1/stat"
 }
 
+context_switches() { # PID -> voluntary + involuntary context switches of all its threads
+    cat /proc/"$1"/task/*/status | awk '/ctxt_switches/ { n += $2 } END { print n }'
+}
+
 field() { # KEY LINE
     sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<" $2"
 }
@@ -118,6 +122,7 @@ for mtu in $mtus; do
             # Warm the page cache and the path.
             initiator read e0.3 -q 16 --bytes "$bytes" >/dev/null
             t0=$(cpu_ticks "$pid")
+            c0=$(context_switches "$pid")
             moved=0
             for op in write read; do
                 for q in 16 64; do
@@ -127,6 +132,9 @@ for mtu in $mtus; do
                 done
             done
             t1=$(cpu_ticks "$pid")
+            c1=$(context_switches "$pid")
+            frames=$((moved / (mtu >= 9000 ? 8704 : 1024)))
+            echo "mtu=$mtu round=$round target=$target row=switches_per_kframe value=$(awk -v c="$((c1 - c0))" -v f="$frames" 'BEGIN { printf "%.1f", c * 1000 / f }')" >>"$results"
             cpu=$(awk -v t="$((t1 - t0))" -v hz="$hz" -v b="$moved" 'BEGIN { printf "%.3f", t / hz / (b / 1e9) }')
             echo "mtu=$mtu round=$round target=$target row=cpu_s_per_gb value=$cpu" >>"$results"
             line=$(initiator write e0.3 -q 1 --bytes $((16 << 20)) --latency --seed "$round")
@@ -146,7 +154,7 @@ for line in open(sys.argv[1]):
     if kv["row"].startswith("lat"):
         rows[key + ("p50",)].append(float(kv["p50_us"]))
         rows[key + ("p99",)].append(float(kv["p99_us"]))
-    elif kv["row"] == "cpu_s_per_gb":
+    elif kv["row"] in ("cpu_s_per_gb", "switches_per_kframe"):
         rows[key + ("v",)].append(float(kv["value"]))
     else:
         rows[key + ("v",)].append(float(kv["mb_s"]))
@@ -164,7 +172,7 @@ print(f"{'MTU':>5} {'row':<14} {'vblade -b 64':>22} {'twinblade':>22} {'ceiling 
 for mtu in sorted({k[0] for k in rows}, reverse=True):
     for row, sub, unit in [("write-q16", "v", "MB/s"), ("read-q16", "v", "MB/s"), ("write-q64", "v", "MB/s"),
                            ("read-q64", "v", "MB/s"), ("lat-q1", "p50", "us"), ("lat-q1", "p99", "us"),
-                           ("cpu_s_per_gb", "v", "s/GB")]:
+                           ("cpu_s_per_gb", "v", "s/GB"), ("switches_per_kframe", "v", "")]:
         cells = [cell((mtu, row, t, sub)) for t in ("vblade", "twinblade", "ceiling")]
         label = f"{row if sub == 'v' else row + ' ' + sub} {unit}"
         ratios = ["", ""]

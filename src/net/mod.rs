@@ -5,5 +5,7 @@
 //! Everything above this module sees byte slices.
 
 mod packet;
+mod ring;
 
 pub use packet::{Interface, PacketSocket};
+pub use ring::{PacketRing, RxRing, TxRing, SLOT_SIZE, TX_CAPACITY};

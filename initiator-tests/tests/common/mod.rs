@@ -112,6 +112,11 @@ impl Lab {
 
     /// Starts `twinblade ARGS` in the target namespace and waits until it serves.
     pub fn start_target(&mut self, args: &[&str]) -> usize {
+        self.start_target_with_env(args, &[])
+    }
+
+    /// [`Lab::start_target`] with extra environment variables.
+    pub fn start_target_with_env(&mut self, args: &[&str], env: &[(&str, &str)]) -> usize {
         let log = File::create(
             self.dir
                 .path()
@@ -122,6 +127,7 @@ impl Lab {
             .args(["netns", "exec", &self.target_ns])
             .arg(twinblade_bin())
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

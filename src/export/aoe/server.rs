@@ -17,7 +17,7 @@
 use super::blade::{Blade, BladeConfig, Outcome, Port};
 use super::stats::BladeStats;
 use crate::block::BlockDevice;
-use crate::net::{Interface, PacketSocket};
+use crate::net::{Interface, PacketRing, PacketSocket, SLOT_SIZE};
 use crate::ratelimit::LogLimiter;
 use crate::warn_limited;
 use crate::wire::aoe::{self, Frame};
@@ -89,10 +89,19 @@ pub struct Export {
     pub interfaces: Vec<String>,
 }
 
+/// How frames move on an interface.
+enum PortIo {
+    /// `PACKET_MMAP` rings: no syscall per frame while busy (the default).
+    Ring(PacketRing),
+    /// A plain packet socket with `recvmmsg`/`sendmmsg` (the fallback when rings are
+    /// unavailable, or when `TWINBLADE_AOE_IO=mmsg` asks for it).
+    Socket(PacketSocket),
+}
+
 /// An interface we serve on.
 struct PortHandle {
     iface: Interface,
-    socket: PacketSocket,
+    io: PortIo,
     mtu: AtomicU32,
 }
 
@@ -150,25 +159,22 @@ impl AoeServer {
                 name: name.clone(),
                 source,
             })?;
-            let socket = PacketSocket::open(&iface, aoe::ETHERTYPE).map_err(|source| {
-                StartError::Socket {
-                    name: name.clone(),
-                    source,
-                }
-            })?;
-            let mtu = iface.mtu().map_err(|source| StartError::Interface {
-                name: name.clone(),
-                source,
-            })?;
             let buffers: usize = exports
                 .iter()
                 .filter(|e| e.interfaces.contains(name))
                 .map(|e| usize::from(e.config.buffer_count))
                 .sum();
-            let _ = socket.set_buffer_sizes((buffers * SKB_COST * 2).max(4 << 20));
+            let io = open_port_io(&iface, buffers).map_err(|source| StartError::Socket {
+                name: name.clone(),
+                source,
+            })?;
+            let mtu = iface.mtu().map_err(|source| StartError::Interface {
+                name: name.clone(),
+                source,
+            })?;
             ports.push(PortHandle {
                 iface,
-                socket,
+                io,
                 mtu: AtomicU32::new(mtu),
             });
         }
@@ -190,8 +196,8 @@ impl AoeServer {
         }
 
         let mut threads = Vec::new();
-        for (port, routes) in ports.into_iter().zip(routes) {
-            announce(&port, &routes);
+        for (mut port, routes) in ports.into_iter().zip(routes) {
+            announce(&mut port, &routes);
             let cancel = cancel.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("aoe-{}", port.iface.name))
@@ -240,8 +246,30 @@ impl Route {
     }
 }
 
+/// Opens the frame I/O of one interface: rings if possible, else a plain socket. Either way
+/// the kernel can queue every frame the blades on it advertised.
+fn open_port_io(iface: &Interface, buffers: usize) -> std::io::Result<PortIo> {
+    let want_socket = std::env::var("TWINBLADE_AOE_IO").is_ok_and(|v| v == "mmsg");
+    if !want_socket {
+        // Each ring slot holds one frame of up to 16 KiB; 1 MiB blocks.
+        let blocks = (buffers * 2 * SLOT_SIZE).div_ceil(1 << 20).max(4);
+        match PacketRing::open(iface, aoe::ETHERTYPE, blocks, 4) {
+            Ok(ring) => {
+                let _ = ring.set_send_buffer((buffers * SKB_COST * 2).max(4 << 20));
+                return Ok(PortIo::Ring(ring));
+            }
+            Err(err) => {
+                tracing::warn!(iface = %iface.name, %err, "PACKET_MMAP rings unavailable, using recvmmsg/sendmmsg")
+            }
+        }
+    }
+    let socket = PacketSocket::open(iface, aoe::ETHERTYPE)?;
+    let _ = socket.set_buffer_sizes((buffers * SKB_COST * 2).max(4 << 20));
+    Ok(PortIo::Socket(socket))
+}
+
 /// Sends each blade's unsolicited config response (broadcast, or to each masked MAC).
-fn announce(port: &PortHandle, routes: &[Route]) {
+fn announce(port: &mut PortHandle, routes: &[Route]) {
     let mut out = vec![0u8; FRAME_BUFFER];
     let current = port.port();
     for route in routes {
@@ -249,7 +277,21 @@ fn announce(port: &PortHandle, routes: &[Route]) {
         let name = blade.config().name();
         for dst in blade.announce_destinations() {
             let len = blade.announce(&current, dst, &mut out);
-            if let Err(err) = port.socket.send(&out[..len]) {
+            let sent = match &mut port.io {
+                PortIo::Socket(socket) => socket.send(&out[..len]),
+                PortIo::Ring(ring) => {
+                    let (_, tx) = ring.split();
+                    match tx.buffer() {
+                        Ok(buf) => {
+                            buf[..len].copy_from_slice(&out[..len]);
+                            tx.commit(len);
+                            tx.kick()
+                        }
+                        Err(err) => Err(err),
+                    }
+                }
+            };
+            if let Err(err) = sent {
                 tracing::warn!(blade = %name, iface = %port.iface.name, %err, "announce failed");
             }
         }
@@ -258,7 +300,86 @@ fn announce(port: &PortHandle, routes: &[Route]) {
 }
 
 /// The frame path of one interface: receive a batch, answer it in order, send the replies.
-fn serve_port(port: PortHandle, routes: Vec<Route>, cancel: CancellationToken) {
+fn serve_port(mut port: PortHandle, routes: Vec<Route>, cancel: CancellationToken) {
+    if let PortIo::Ring(_) = port.io {
+        serve_port_ring(&mut port, &routes, &cancel);
+    } else {
+        serve_port_socket(&port, &routes, &cancel);
+    }
+}
+
+/// Answers one frame with every blade it addresses, writing replies through `emit`.
+fn answer(frame: &[u8], routes: &[Route], mut emit: impl FnMut(&mut Blade) -> bool) {
+    // Cheap pre-filter; the blade does the full check.
+    let Ok(view) = Frame::new_checked(frame) else {
+        return;
+    };
+    if view.is_response() || view.ethertype() != aoe::ETHERTYPE {
+        return;
+    }
+    let (shelf, slot) = (view.shelf(), view.slot());
+    for route in routes {
+        let mut blade = route.lock();
+        if blade.is_addressed(shelf, slot) && !emit(&mut blade) {
+            return;
+        }
+    }
+}
+
+/// The ring frame path: frames are read where the kernel put them and replies built in the
+/// transmit ring; the only syscalls are one kick per batch and a poll when idle.
+fn serve_port_ring(port: &mut PortHandle, routes: &[Route], cancel: &CancellationToken) {
+    let mut last_mtu_check = Instant::now();
+    let error_log = LogLimiter::network();
+    while !cancel.is_cancelled() {
+        if last_mtu_check.elapsed() >= POLL_INTERVAL {
+            port.refresh_mtu();
+            last_mtu_check = Instant::now();
+        }
+        let current = port.port();
+        let PortIo::Ring(ring) = &mut port.io else {
+            return;
+        };
+        match ring.wait_readable(POLL_INTERVAL) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(err) => {
+                warn_limited!(error_log, iface = %port.iface.name, %err, "receive failed");
+                std::thread::sleep(POLL_INTERVAL);
+                continue;
+            }
+        }
+        let (rx, tx) = ring.split();
+        let mut handled = 0;
+        while handled < BATCH {
+            let Some(frame) = rx.next() else { break };
+            answer(frame, routes, |blade| match tx.buffer() {
+                Ok(out) => {
+                    if let Outcome::Reply(len) = blade.handle(frame, &current, out) {
+                        tx.commit(len);
+                    }
+                    true
+                }
+                Err(err) => {
+                    warn_limited!(error_log, %err, "no transmit slot");
+                    false
+                }
+            });
+            rx.release();
+            handled += 1;
+        }
+        if tx.pending() > 0 {
+            if let Err(err) = tx.kick() {
+                warn_limited!(error_log, iface = %port.iface.name, %err, "replies not sent");
+            }
+        }
+    }
+}
+
+fn serve_port_socket(port: &PortHandle, routes: &[Route], cancel: &CancellationToken) {
+    let PortIo::Socket(socket) = &port.io else {
+        return;
+    };
     let mut inbox: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; FRAME_BUFFER]).collect();
     let mut inbox_lens = vec![0usize; BATCH];
     let mut outbox: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; FRAME_BUFFER]).collect();
@@ -271,10 +392,7 @@ fn serve_port(port: PortHandle, routes: Vec<Route>, cancel: CancellationToken) {
             port.refresh_mtu();
             last_mtu_check = Instant::now();
         }
-        let received = match port
-            .socket
-            .recv_batch(&mut inbox, &mut inbox_lens, POLL_INTERVAL)
-        {
+        let received = match socket.recv_batch(&mut inbox, &mut inbox_lens, POLL_INTERVAL) {
             Ok(n) => n,
             Err(err) => {
                 warn_limited!(error_log, iface = %port.iface.name, %err, "receive failed");
@@ -286,37 +404,31 @@ fn serve_port(port: PortHandle, routes: Vec<Route>, cancel: CancellationToken) {
         let mut replies = 0;
         for (frame, &len) in inbox.iter().zip(&inbox_lens).take(received) {
             let frame = &frame[..len];
-            // Cheap pre-filter; the blade does the full check.
-            let Ok(view) = Frame::new_checked(frame) else {
-                continue;
-            };
-            if view.is_response() || view.ethertype() != aoe::ETHERTYPE {
-                continue;
-            }
-            let (shelf, slot) = (view.shelf(), view.slot());
-            for route in &routes {
-                let mut blade = route.lock();
-                if !blade.is_addressed(shelf, slot) {
-                    continue;
-                }
+            answer(frame, routes, |blade| {
                 if let Outcome::Reply(reply_len) =
                     blade.handle(frame, &current, &mut outbox[replies])
                 {
                     outbox_lens[replies] = reply_len;
                     replies += 1;
                     if replies == BATCH {
-                        drop(blade);
-                        send_replies(&port, &outbox, &outbox_lens[..replies], &send_log);
+                        send_replies(port, socket, &outbox, &outbox_lens, &send_log);
                         replies = 0;
                     }
                 }
-            }
+                true
+            });
         }
-        send_replies(&port, &outbox, &outbox_lens[..replies], &send_log);
+        send_replies(port, socket, &outbox, &outbox_lens[..replies], &send_log);
     }
 }
 
-fn send_replies(port: &PortHandle, outbox: &[Vec<u8>], lens: &[usize], log: &LogLimiter) {
+fn send_replies(
+    port: &PortHandle,
+    socket: &PacketSocket,
+    outbox: &[Vec<u8>],
+    lens: &[usize],
+    log: &LogLimiter,
+) {
     if lens.is_empty() {
         return;
     }
@@ -325,7 +437,7 @@ fn send_replies(port: &PortHandle, outbox: &[Vec<u8>], lens: &[usize], log: &Log
         .zip(lens)
         .map(|(buf, &len)| &buf[..len])
         .collect();
-    if let Err(err) = port.socket.send_batch(&frames) {
+    if let Err(err) = socket.send_batch(&frames) {
         warn_limited!(log, iface = %port.iface.name, %err, replies = frames.len(), "replies not sent");
     }
 }
