@@ -235,43 +235,7 @@ impl PacketSocket {
 
     /// Sends one complete Ethernet frame (destination MAC taken from the frame itself).
     pub fn send(&self, frame: &[u8]) -> io::Result<()> {
-        if frame.len() < 14 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "frame shorter than an Ethernet header",
-            ));
-        }
-        let mut dst = [0u8; 6];
-        dst.copy_from_slice(&frame[..6]);
-        let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
-        let addr = self.sockaddr(ethertype, dst);
-        loop {
-            // SAFETY: `frame` and `addr` are valid for the whole call; lengths are exact.
-            #[allow(unsafe_code)]
-            let n = unsafe {
-                libc::sendto(
-                    self.fd.as_raw_fd(),
-                    frame.as_ptr() as *const libc::c_void,
-                    frame.len(),
-                    0,
-                    &addr as *const libc::sockaddr_ll as *const libc::sockaddr,
-                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-                )
-            };
-            if n >= 0 {
-                return Ok(());
-            }
-            let err = io::Error::last_os_error();
-            match err.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                // The send queue is full: wait for room rather than lose a reply.
-                Some(libc::ENOBUFS) | Some(libc::EAGAIN) => {
-                    std::thread::sleep(Duration::from_micros(50));
-                    continue;
-                }
-                _ => return Err(err),
-            }
-        }
+        self.send_batch(&[frame])
     }
 
     /// Sends several complete frames with as few `sendmmsg` calls as the kernel allows.
@@ -326,6 +290,7 @@ impl PacketSocket {
                 let err = io::Error::last_os_error();
                 match err.raw_os_error() {
                     Some(libc::EINTR) => continue,
+                    // The send queue is full: wait for room rather than lose a reply.
                     Some(libc::ENOBUFS) | Some(libc::EAGAIN) => {
                         std::thread::sleep(Duration::from_micros(50));
                         continue;

@@ -123,30 +123,23 @@ impl PacketRing {
             &one as *const i32 as *const _,
             4,
         );
-        let rx = TpacketReq {
-            block_size: BLOCK_SIZE as u32,
-            block_nr: rx_blocks as u32,
-            frame_size: SLOT_SIZE as u32,
-            frame_nr: (rx_blocks * SLOTS_PER_BLOCK) as u32,
-        };
-        set(
-            libc::SOL_PACKET,
-            libc::PACKET_RX_RING,
-            &rx as *const TpacketReq as *const _,
-            std::mem::size_of::<TpacketReq>(),
-        )?;
-        let tx = TpacketReq {
-            block_size: BLOCK_SIZE as u32,
-            block_nr: tx_blocks as u32,
-            frame_size: SLOT_SIZE as u32,
-            frame_nr: (tx_blocks * SLOTS_PER_BLOCK) as u32,
-        };
-        set(
-            libc::SOL_PACKET,
-            libc::PACKET_TX_RING,
-            &tx as *const TpacketReq as *const _,
-            std::mem::size_of::<TpacketReq>(),
-        )?;
+        for (option, blocks) in [
+            (libc::PACKET_RX_RING, rx_blocks),
+            (libc::PACKET_TX_RING, tx_blocks),
+        ] {
+            let request = TpacketReq {
+                block_size: BLOCK_SIZE as u32,
+                block_nr: blocks as u32,
+                frame_size: SLOT_SIZE as u32,
+                frame_nr: (blocks * SLOTS_PER_BLOCK) as u32,
+            };
+            set(
+                libc::SOL_PACKET,
+                option,
+                &request as *const TpacketReq as *const _,
+                std::mem::size_of::<TpacketReq>(),
+            )?;
+        }
         let map_len = (rx_blocks + tx_blocks) * BLOCK_SIZE;
         // SAFETY: maps the rings the kernel just allocated for this socket; checked below.
         let map = unsafe {
