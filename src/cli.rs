@@ -2,7 +2,7 @@
 //!
 //! `twinblade vblade ...` takes exactly vblade's arguments so an existing setup can swap the
 //! binary; `twinblade aoe ...` serves several blades from one process; `twinblade nbd ...`
-//! is a qemu-nbd-like NBD front end.
+//! is a qemu-nbd-like NBD front end; `create-md` / `dump-md` manage a resource's meta-data.
 
 use crate::block::{BlockDevice, OpenOptions, SECTOR_SIZE};
 use crate::export::aoe::{AoeServer, BladeConfig, Export};
@@ -49,6 +49,10 @@ pub enum Command {
     Aoe(AoeArgs),
     /// Serve one file or device over NBD, like qemu-nbd.
     Nbd(crate::export::nbd::cli::NbdArgs),
+    /// Write fresh meta-data (superblock, activity log, bitmap) for a resource, like `drbdadm create-md`.
+    CreateMd(crate::meta::cli::CreateMdArgs),
+    /// Print a resource's meta-data, like `drbdadm dump-md`.
+    DumpMd(crate::meta::cli::DumpMdArgs),
 }
 
 /// vblade's arguments.
@@ -179,6 +183,8 @@ pub fn main() -> i32 {
         Command::Vblade(args) => run_vblade(args),
         Command::Aoe(args) => run_aoe(args),
         Command::Nbd(args) => crate::export::nbd::cli::run(args),
+        Command::CreateMd(args) => crate::meta::cli::run_create_md(args),
+        Command::DumpMd(args) => crate::meta::cli::run_dump_md(args),
     }
 }
 

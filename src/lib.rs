@@ -14,7 +14,11 @@
 
 pub mod block;
 pub mod cli;
+pub mod cluster;
+pub mod config;
 pub mod export;
+pub mod meta;
 pub mod net;
 pub mod ratelimit;
+pub mod repl;
 pub mod wire;

@@ -406,10 +406,17 @@ async fn data_round_trips_and_writes_are_ordered() {
     let a = pattern(100_000, 7);
     assert_eq!(c.write(0, 12345, &a).await, 0);
     assert_eq!(c.read(12345, a.len() as u32).await.unwrap(), a);
-    // Pipelined overlapping writes of mixed sizes (inline and offloaded) land in order.
+    // Pipelined overlapping writes of mixed sizes and paths land in order: 1 MiB writes
+    // (payload read into a buffer of its own), half of them FUA (run on the pool), and 4 KiB
+    // writes (inline once the overlapping earlier write is done, else on the pool).
     for i in 0..40u64 {
-        let len = if i % 3 == 1 { 1 << 20 } else { 4096 };
-        c.send_write(0, 100 + i, 0, &pattern(len, i as u8)).await;
+        let (len, flags) = match i % 6 {
+            1 => (1 << 20, cmd_flags::FUA),
+            4 => (1 << 20, 0),
+            _ => (4096, 0),
+        };
+        c.send_write(flags, 100 + i, 0, &pattern(len, i as u8))
+            .await;
     }
     let mut seen = HashSet::new();
     for _ in 0..40 {
@@ -419,7 +426,7 @@ async fn data_round_trips_and_writes_are_ordered() {
     }
     let got = c.read(0, 4096).await.unwrap();
     assert!(got == pattern(4096, 39), "overlapping writes reordered");
-    // Beyond 4 KiB, the last 1 MiB write (i = 37) wins; i = 38 and 39 were 4 KiB.
+    // Beyond 4 KiB, the last 1 MiB write (i = 37, FUA) wins; i = 38 and 39 were 4 KiB.
     let tail = c.read(4096, 4096).await.unwrap();
     assert!(
         tail == pattern(1 << 20, 37)[4096..8192],
@@ -582,7 +589,7 @@ async fn vanishing_clients_do_not_stall_others() {
 async fn many_requests_in_flight_with_out_of_order_replies() {
     let dev = Arc::new(MemDevice::new(16 * MIB));
     dev.write_at(&pattern(16 << 20, 3), 0, false).unwrap();
-    *dev.slow.lock().unwrap() = Some((0, MIB, Duration::from_millis(300)));
+    *dev.slow.lock().unwrap() = Some((0, MIB, Duration::from_secs(1)));
     let srv = TestServer::one(dev.clone()).await;
     let mut c = Client::connect(srv.addr, "disk").await;
     // A slow large read first, then 200 small reads elsewhere: the small ones finish first.
@@ -717,7 +724,7 @@ async fn nbd_crate_client_matches_a_model() {
         for _ in 0..300 {
             let len = 1 + rng.below(200_000);
             let offset = rng.below(SIZE - len);
-            if rng.next() % 2 == 0 {
+            if rng.next().is_multiple_of(2) {
                 let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
                 client.seek(SeekFrom::Start(offset as u64)).unwrap();
                 client.write_all(&data).unwrap();

@@ -94,18 +94,25 @@ fn recvmmsg_fallback_serves_the_same() {
     // The default frame path uses PACKET_MMAP rings; the fallback must work as well.
     let mut lab = Lab::new(9000, 1);
     let file = lab.backing_file("disk.img", 8 << 20, 0);
-    let index = lab.start_target_with_env(&["vblade", "0", "3", "eth0", file.to_str().unwrap()], &[("TWINBLADE_AOE_IO", "mmsg")]);
+    let index = lab.start_target_with_env(
+        &["vblade", "0", "3", "eth0", file.to_str().unwrap()],
+        &[("TWINBLADE_AOE_IO", "mmsg")],
+    );
     let read = lab.in_client(|| {
         let mut init = Initiator::open("eth0").unwrap();
         let target = init.find(0, 3, Duration::from_secs(5)).unwrap();
-        init.run(&target, &plan(true, 4 * MIB, 64, &target, 5)).unwrap();
-        init.run(&target, &plan(false, 4 * MIB, 64, &target, 5)).unwrap()
+        init.run(&target, &plan(true, 4 * MIB, 64, &target, 5))
+            .unwrap();
+        init.run(&target, &plan(false, 4 * MIB, 64, &target, 5))
+            .unwrap()
     });
     assert_eq!(read.mismatched_sectors, 0);
     assert_eq!(read.retransmits, 0);
     assert_file_holds_pattern(&file, 0, 4 * MIB, 5);
     lab.stop_target(index);
-    assert!(!lab.target_log(index).contains("PACKET_MMAP rings unavailable"));
+    assert!(!lab
+        .target_log(index)
+        .contains("PACKET_MMAP rings unavailable"));
 }
 
 #[test]

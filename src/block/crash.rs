@@ -24,8 +24,13 @@
 //! volatile — and a FUA write that was in flight counts as volatile (it may be lost or torn).
 //! Point [`durability_points`](CrashDevice::durability_points) means "now". Property tests
 //! run a workload once and then crash it at every point, in every mode.
+//!
+//! Several devices can share one power supply ([`CrashDevice::record_group_history`]): their
+//! operations go into one log, points are counted across all of them, and
+//! [`CrashDevice::crash_group_at`] cuts the power to all of them at the same moment — what a
+//! node with its data and meta-data on two disks sees.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{check_range, BlockDevice, Capabilities, Result, SECTOR_SIZE};
 
@@ -43,7 +48,11 @@ pub enum CrashMode {
 /// One logged operation.
 #[derive(Debug, Clone)]
 enum Op {
-    Write { offset: u64, data: Vec<u8>, fua: bool },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    },
     Flush,
 }
 
@@ -55,16 +64,18 @@ struct Pending {
 
 #[derive(Debug)]
 struct History {
-    base: Vec<u8>,
-    ops: Vec<Op>,
+    /// Durable image of each device when recording started.
+    bases: Vec<Vec<u8>>,
+    /// (device index, operation), in the order they happened.
+    ops: Vec<(usize, Op)>,
 }
 
 #[derive(Debug)]
 struct State {
     durable: Vec<u8>,
-    current: Vec<u8>,
+    /// Unflushed writes in order; reads see them on top of `durable`.
     volatile: Vec<Pending>,
-    history: Option<History>,
+    history: Option<(Arc<Mutex<History>>, usize)>,
     writes: u64,
     fua_writes: u64,
     flushes: u64,
@@ -114,7 +125,6 @@ impl CrashDevice {
         CrashDevice {
             size: image.len() as u64,
             state: Mutex::new(State {
-                current: image.clone(),
                 durable: image,
                 volatile: Vec::new(),
                 history: None,
@@ -133,31 +143,50 @@ impl CrashDevice {
     /// [`crash_at`](Self::crash_at). Unflushed writes already present are logged as the first
     /// (non-FUA) operations.
     pub fn record_history(&self) {
-        let mut st = self.lock();
-        let ops = st
-            .volatile
-            .iter()
-            .map(|p| Op::Write {
-                offset: p.offset,
-                data: p.data.clone(),
-                fua: false,
-            })
-            .collect();
-        st.history = Some(History {
-            base: st.durable.clone(),
-            ops,
-        });
+        Self::record_group_history(&[self]);
+    }
+
+    /// Like [`record_history`](Self::record_history) for devices that share a power supply:
+    /// one log, points counted across all of them.
+    pub fn record_group_history(devices: &[&CrashDevice]) {
+        let history = Arc::new(Mutex::new(History {
+            bases: Vec::new(),
+            ops: Vec::new(),
+        }));
+        for (i, dev) in devices.iter().enumerate() {
+            let mut st = dev.lock();
+            let mut h = history.lock().unwrap_or_else(|e| e.into_inner());
+            h.bases.push(st.durable.clone());
+            for p in &st.volatile {
+                h.ops.push((
+                    i,
+                    Op::Write {
+                        offset: p.offset,
+                        data: p.data.clone(),
+                        fua: false,
+                    },
+                ));
+            }
+            drop(h);
+            st.history = Some((history.clone(), i));
+        }
+    }
+
+    fn history(&self) -> (Arc<Mutex<History>>, usize) {
+        self.lock()
+            .history
+            .clone()
+            .expect("record_history was not called")
     }
 
     /// Number of durability points (flushes and FUA writes) logged since
-    /// [`record_history`](Self::record_history).
+    /// [`record_history`](Self::record_history), on this device and those sharing its log.
     pub fn durability_points(&self) -> usize {
-        self.lock().history.as_ref().map_or(0, |h| {
-            h.ops
-                .iter()
-                .filter(|op| matches!(op, Op::Flush | Op::Write { fua: true, .. }))
-                .count()
-        })
+        let Some((history, _)) = self.lock().history.clone() else {
+            return 0;
+        };
+        let h = history.lock().unwrap_or_else(|e| e.into_inner());
+        h.ops.iter().filter(|(_, op)| is_point(op)).count()
     }
 
     /// Cuts the power now and returns what survives, as a new device.
@@ -167,50 +196,25 @@ impl CrashDevice {
     }
 
     /// Cuts the power while durability point `point` (0-based, in log order) was in flight and
-    /// returns what survives. `point == durability_points()` is the same as [`crash`](Self::crash).
+    /// returns what survives of this device. `point == durability_points()` is the same as
+    /// [`crash`](Self::crash).
     ///
     /// Panics if history is not being recorded or `point` is beyond the end.
     pub fn crash_at(&self, point: usize, mode: CrashMode) -> CrashDevice {
-        let st = self.lock();
-        let history = st.history.as_ref().expect("record_history was not called");
-        let mut durable = history.base.clone();
-        let mut volatile: Vec<Pending> = Vec::new();
-        let mut seen = 0;
-        for op in &history.ops {
-            let is_point = matches!(op, Op::Flush | Op::Write { fua: true, .. });
-            if is_point && seen == point {
-                // In flight: a FUA write may or may not have landed; a flush had not finished.
-                if let Op::Write { offset, data, .. } = op {
-                    volatile.push(Pending {
-                        offset: *offset,
-                        data: data.clone(),
-                    });
-                }
-                return CrashDevice::from_image(settle(durable, &volatile, mode));
-            }
-            match op {
-                Op::Write { offset, data, fua } => {
-                    if *fua {
-                        apply(&mut durable, *offset, data);
-                    } else {
-                        volatile.push(Pending {
-                            offset: *offset,
-                            data: data.clone(),
-                        });
-                    }
-                }
-                Op::Flush => {
-                    for p in volatile.drain(..) {
-                        apply(&mut durable, p.offset, &p.data);
-                    }
-                }
-            }
-            if is_point {
-                seen += 1;
-            }
-        }
-        assert_eq!(seen, point, "durability point {point} beyond the log");
-        CrashDevice::from_image(settle(durable, &volatile, mode))
+        let (history, index) = self.history();
+        let h = history.lock().unwrap_or_else(|e| e.into_inner());
+        CrashDevice::from_image(replay(&h, index, point, mode))
+    }
+
+    /// Cuts the power to every device of a group (see
+    /// [`record_group_history`](Self::record_group_history)) at the same moment: while point
+    /// `point` was in flight. Returns the survivors in the order the group was formed.
+    pub fn crash_group_at(
+        devices: &[&CrashDevice],
+        point: usize,
+        mode: CrashMode,
+    ) -> Vec<CrashDevice> {
+        devices.iter().map(|d| d.crash_at(point, mode)).collect()
     }
 
     /// The durable image: what [`CrashMode::DropAll`] would leave.
@@ -220,7 +224,12 @@ impl CrashDevice {
 
     /// What reads see now.
     pub fn image(&self) -> Vec<u8> {
-        self.lock().current.clone()
+        let st = self.lock();
+        let mut image = st.durable.clone();
+        for p in &st.volatile {
+            apply(&mut image, p.offset, &p.data);
+        }
+        image
     }
 
     /// Number of writes in the volatile layer.
@@ -244,9 +253,95 @@ impl CrashDevice {
     }
 }
 
+fn is_point(op: &Op) -> bool {
+    matches!(op, Op::Flush | Op::Write { fua: true, .. })
+}
+
+/// Rebuilds device `index` of a history as a power cut during point `point` leaves it.
+fn replay(h: &History, index: usize, point: usize, mode: CrashMode) -> Vec<u8> {
+    // Each device gets its own random choices.
+    let mode = match mode {
+        CrashMode::DropAll => CrashMode::DropAll,
+        CrashMode::KeepSubset(seed) => {
+            CrashMode::KeepSubset(seed ^ (index as u64).wrapping_mul(0x9e37_79b9))
+        }
+        CrashMode::TearSector(seed) => {
+            CrashMode::TearSector(seed ^ (index as u64).wrapping_mul(0x9e37_79b9))
+        }
+    };
+    let mut durable = h.bases[index].clone();
+    let mut volatile: Vec<Pending> = Vec::new();
+    let mut seen = 0;
+    for (dev, op) in &h.ops {
+        let point_op = is_point(op);
+        if point_op && seen == point {
+            // In flight: a FUA write may or may not have landed; a flush had not finished.
+            if let (true, Op::Write { offset, data, .. }) = (*dev == index, op) {
+                volatile.push(Pending {
+                    offset: *offset,
+                    data: data.clone(),
+                });
+            }
+            return settle(durable, &volatile, mode);
+        }
+        if *dev == index {
+            match op {
+                Op::Write { offset, data, fua } => {
+                    if *fua {
+                        apply(&mut durable, *offset, data);
+                        supersede(&mut volatile, *offset, data.len() as u64);
+                    } else {
+                        volatile.push(Pending {
+                            offset: *offset,
+                            data: data.clone(),
+                        });
+                    }
+                }
+                Op::Flush => {
+                    for p in volatile.drain(..) {
+                        apply(&mut durable, p.offset, &p.data);
+                    }
+                }
+            }
+        }
+        if point_op {
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, point, "durability point {point} beyond the log");
+    settle(durable, &volatile, mode)
+}
+
 fn apply(image: &mut [u8], offset: u64, data: &[u8]) {
     let o = offset as usize;
     image[o..o + data.len()].copy_from_slice(data);
+}
+
+/// Cuts `[offset, offset + len)` out of the volatile writes: a FUA write replaced those bytes
+/// in the cache too, so the older cached versions can never reach the disk after it.
+fn supersede(volatile: &mut Vec<Pending>, offset: u64, len: u64) {
+    let end = offset + len;
+    let mut kept = Vec::with_capacity(volatile.len());
+    for p in volatile.drain(..) {
+        let p_end = p.offset + p.data.len() as u64;
+        if p_end <= offset || p.offset >= end {
+            kept.push(p);
+            continue;
+        }
+        if p.offset < offset {
+            kept.push(Pending {
+                offset: p.offset,
+                data: p.data[..(offset - p.offset) as usize].to_vec(),
+            });
+        }
+        if p_end > end {
+            kept.push(Pending {
+                offset: end,
+                data: p.data[(end - p.offset) as usize..].to_vec(),
+            });
+        }
+    }
+    *volatile = kept;
 }
 
 /// Applies `mode` to the volatile writes on top of `durable`.
@@ -294,7 +389,15 @@ impl BlockDevice for CrashDevice {
         check_range(self.size, offset, buf.len() as u64)?;
         let st = self.lock();
         let o = offset as usize;
-        buf.copy_from_slice(&st.current[o..o + buf.len()]);
+        let end = o + buf.len();
+        buf.copy_from_slice(&st.durable[o..end]);
+        for p in &st.volatile {
+            let (p_start, p_end) = (p.offset as usize, p.offset as usize + p.data.len());
+            let (from, to) = (p_start.max(o), p_end.min(end));
+            if from < to {
+                buf[from - o..to - o].copy_from_slice(&p.data[from - p_start..to - p_start]);
+            }
+        }
         Ok(())
     }
 
@@ -302,23 +405,27 @@ impl BlockDevice for CrashDevice {
         check_range(self.size, offset, data.len() as u64)?;
         let mut st = self.lock();
         st.writes += 1;
-        apply(&mut st.current, offset, data);
         if fua {
             st.fua_writes += 1;
             apply(&mut st.durable, offset, data);
+            supersede(&mut st.volatile, offset, data.len() as u64);
         } else if !data.is_empty() {
             st.volatile.push(Pending {
                 offset,
                 data: data.to_vec(),
             });
         }
-        if let Some(h) = st.history.as_mut() {
+        if let Some((h, index)) = &st.history {
             if fua || !data.is_empty() {
-                h.ops.push(Op::Write {
+                let op = Op::Write {
                     offset,
                     data: data.to_vec(),
                     fua,
-                });
+                };
+                h.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .ops
+                    .push((*index, op));
             }
         }
         Ok(())
@@ -331,8 +438,11 @@ impl BlockDevice for CrashDevice {
         for p in &volatile {
             apply(&mut st.durable, p.offset, &p.data);
         }
-        if let Some(h) = st.history.as_mut() {
-            h.ops.push(Op::Flush);
+        if let Some((h, index)) = &st.history {
+            h.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .ops
+                .push((*index, Op::Flush));
         }
         Ok(())
     }
@@ -372,7 +482,11 @@ mod tests {
         let dev = CrashDevice::new(64 * 1024);
         dev.write_at(&pattern(4, 4096), 4096, true).unwrap();
         dev.write_at(&pattern(5, 4096), 0, false).unwrap();
-        for mode in [CrashMode::DropAll, CrashMode::KeepSubset(7), CrashMode::TearSector(7)] {
+        for mode in [
+            CrashMode::DropAll,
+            CrashMode::KeepSubset(7),
+            CrashMode::TearSector(7),
+        ] {
             let after = dev.crash(mode);
             assert_eq!(read(&after, 4096, 4096), pattern(4, 4096), "{mode:?}");
         }
@@ -418,13 +532,33 @@ mod tests {
             let after = read(&dev.crash(CrashMode::TearSector(seed)), 0, 4096);
             let mixed = after
                 .chunks(512)
-                .filter(|s| s.iter().any(|&b| b == 0xaa) && s.iter().any(|&b| b == 0x55))
+                .filter(|s| s.contains(&0xaa) && s.contains(&0x55))
                 .count();
             assert_eq!(mixed, 1, "seed {seed}");
         }
         // Without unflushed writes, a tear changes nothing.
         dev.flush().unwrap();
         assert_eq!(dev.crash(CrashMode::TearSector(1)).image(), dev.image());
+    }
+
+    #[test]
+    fn fua_write_supersedes_the_cached_older_version() {
+        let dev = CrashDevice::new(16 * 1024);
+        dev.write_at(&[1; 2048], 0, false).unwrap();
+        dev.write_at(&[2; 512], 512, true).unwrap();
+        dev.flush().unwrap();
+        assert_eq!(dev.durable_image(), dev.image());
+        let dev = CrashDevice::new(16 * 1024);
+        dev.write_at(&[1; 2048], 0, false).unwrap();
+        dev.write_at(&[2; 512], 512, true).unwrap();
+        for seed in 0..16 {
+            let after = read(&dev.crash(CrashMode::KeepSubset(seed)), 512, 512);
+            assert_eq!(
+                after,
+                vec![2; 512],
+                "an older cached sector overwrote a FUA write"
+            );
+        }
     }
 
     #[test]
@@ -462,14 +596,49 @@ mod tests {
     }
 
     #[test]
+    fn a_group_crashes_at_one_moment() {
+        let meta = CrashDevice::new(8192);
+        let data = CrashDevice::new(8192);
+        CrashDevice::record_group_history(&[&meta, &data]);
+        data.write_at(&[1; 512], 0, false).unwrap();
+        data.flush().unwrap(); // point 0
+        meta.write_at(&[2; 512], 0, true).unwrap(); // point 1
+        data.write_at(&[3; 512], 512, false).unwrap();
+        meta.flush().unwrap(); // point 2: flushes only the meta device
+        assert_eq!(meta.durability_points(), 3);
+        assert_eq!(data.durability_points(), 3);
+        let at = |p| CrashDevice::crash_group_at(&[&meta, &data], p, CrashMode::DropAll);
+        let cut = at(1);
+        assert_eq!(
+            read(&cut[0], 0, 512),
+            vec![0; 512],
+            "the FUA write was in flight"
+        );
+        assert_eq!(read(&cut[1], 0, 512), vec![1; 512]);
+        let cut = at(3);
+        assert_eq!(read(&cut[0], 0, 512), vec![2; 512]);
+        assert_eq!(
+            read(&cut[1], 512, 512),
+            vec![0; 512],
+            "a flush of one device left the other"
+        );
+    }
+
+    #[test]
     fn record_history_starts_with_the_cache() {
         let dev = CrashDevice::new(8192);
         dev.write_at(&[9; 512], 0, false).unwrap();
         dev.record_history();
         assert_eq!(dev.durability_points(), 0);
-        assert_eq!(read(&dev.crash_at(0, CrashMode::DropAll), 0, 512), vec![0; 512]);
+        assert_eq!(
+            read(&dev.crash_at(0, CrashMode::DropAll), 0, 512),
+            vec![0; 512]
+        );
         dev.flush().unwrap();
-        assert_eq!(read(&dev.crash_at(1, CrashMode::DropAll), 0, 512), vec![9; 512]);
+        assert_eq!(
+            read(&dev.crash_at(1, CrashMode::DropAll), 0, 512),
+            vec![9; 512]
+        );
         assert_eq!(dev.flushes(), 1);
         assert_eq!(dev.writes(), 1);
     }

@@ -16,6 +16,7 @@
 pub mod aoe;
 pub mod nbd;
 pub mod ondisk;
+pub mod repl;
 
 use std::fmt;
 use std::str::FromStr;

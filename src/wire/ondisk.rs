@@ -320,7 +320,10 @@ impl SuperblockRepr {
             _ => return Err(malformed("kind")),
         };
         let name_bytes = &b[sb_field::NAME..sb_field::NAME + SB_NAME_LEN];
-        let name_len = name_bytes.iter().position(|&c| c == 0).unwrap_or(SB_NAME_LEN);
+        let name_len = name_bytes
+            .iter()
+            .position(|&c| c == 0)
+            .unwrap_or(SB_NAME_LEN);
         if name_bytes[name_len..].iter().any(|&c| c != 0) {
             return Err(malformed("name"));
         }
@@ -358,7 +361,7 @@ impl SuperblockRepr {
         if self.bm_block_shift != BM_BLOCK_SHIFT {
             return Err(malformed("bm_block_shift"));
         }
-        if self.data_size % block != 0 {
+        if !self.data_size.is_multiple_of(block) {
             return Err(malformed("data_size"));
         }
         if self.data_size >> self.al_extent_shift >= AL_FREE as u64 {
@@ -379,11 +382,15 @@ impl SuperblockRepr {
         // Three regions, each 4 KiB aligned, none overlapping.
         let regions = [
             (self.sb_offset, 2 * block, "sb_offset"),
-            (self.al_offset, self.al_transactions as u64 * block, "al_offset"),
+            (
+                self.al_offset,
+                self.al_transactions as u64 * block,
+                "al_offset",
+            ),
             (self.bm_offset, self.bm_pages as u64 * block, "bm_offset"),
         ];
         for (i, &(start, len, field)) in regions.iter().enumerate() {
-            if start % block != 0 || start.checked_add(len).is_none() {
+            if !start.is_multiple_of(block) || start.checked_add(len).is_none() {
                 return Err(malformed(field));
             }
             for &(other, other_len, _) in &regions[..i] {
@@ -393,7 +400,7 @@ impl SuperblockRepr {
             }
         }
         let total: u64 = regions.iter().map(|r| r.1).sum();
-        if self.md_size < total || self.md_size % block != 0 {
+        if self.md_size < total || !self.md_size.is_multiple_of(block) {
             return Err(malformed("md_size"));
         }
         Ok(())
@@ -752,7 +759,12 @@ impl BitmapPageRepr {
 
     /// Writes the page (checksum included). Missing bits are written as zero.
     pub fn emit<T: AsRef<[u8]> + AsMut<[u8]>>(&self, page: &mut BitmapPage<T>) {
-        emit_bitmap_page(&mut page.buffer.as_mut()[..BLOCK_LEN], self.md_uuid, self.index, &self.bits);
+        emit_bitmap_page(
+            &mut page.buffer.as_mut()[..BLOCK_LEN],
+            self.md_uuid,
+            self.index,
+            &self.bits,
+        );
     }
 }
 
@@ -796,8 +808,9 @@ pub fn fuzz_parse(data: &[u8]) {
         }
         if let Ok(tr) = AlTransaction::new_checked(&block[..]) {
             if let Ok(repr) = AlTransactionRepr::parse(&tr) {
-                let again = AlTransactionRepr::parse(&AlTransaction::new_unchecked(&repr.to_block()[..]))
-                    .expect("an emitted transaction must parse");
+                let again =
+                    AlTransactionRepr::parse(&AlTransaction::new_unchecked(&repr.to_block()[..]))
+                        .expect("an emitted transaction must parse");
                 assert_eq!(again, repr, "AL transaction round trip");
             }
         }
@@ -884,7 +897,8 @@ mod tests {
 
     #[test]
     fn superblock_rejects_bad_geometry_even_with_valid_checksum() {
-        let cases: Vec<Box<dyn Fn(&mut SuperblockRepr)>> = vec![
+        type Mutation = Box<dyn Fn(&mut SuperblockRepr)>;
+        let cases: Vec<Mutation> = vec![
             Box::new(|s| s.al_extent_shift = 12),
             Box::new(|s| s.bm_block_shift = 9),
             Box::new(|s| s.data_size = 1000),
@@ -945,8 +959,9 @@ mod tests {
             bad[at] ^= 1;
             assert!(AlTransactionRepr::parse(&AlTransaction::new_unchecked(&bad[..])).is_err());
         }
+        // A torn write: the tail of the update area is missing.
         let mut torn = good.clone();
-        torn[2048..].fill(0);
+        torn[180..].fill(0);
         assert!(AlTransactionRepr::parse(&AlTransaction::new_unchecked(&torn[..])).is_err());
         // Counts out of range with a valid checksum.
         for (at, v) in [(26usize, 65u16), (30, 917), (24, 2)] {
@@ -963,14 +978,21 @@ mod tests {
         let mut bits = vec![0u8; BM_BYTES_PER_PAGE];
         bits[0] = 0x81;
         bits[BM_BYTES_PER_PAGE - 1] = 0x80;
-        let repr = BitmapPageRepr { md_uuid: 5, index: 3, bits };
+        let repr = BitmapPageRepr {
+            md_uuid: 5,
+            index: 3,
+            bits,
+        };
         let mut block = vec![0u8; BLOCK_LEN];
         repr.emit(&mut BitmapPage::new_unchecked(&mut block[..]));
         assert_eq!(&block[0..4], b"TBBM");
         assert_eq!(&block[16..20], &3u32.to_le_bytes());
         assert_eq!(block[32], 0x81);
         assert_eq!(block[4095], 0x80);
-        assert_eq!(BitmapPageRepr::parse(&BitmapPage::new_checked(&block[..]).unwrap()).unwrap(), repr);
+        assert_eq!(
+            BitmapPageRepr::parse(&BitmapPage::new_checked(&block[..]).unwrap()).unwrap(),
+            repr
+        );
         block[100] ^= 4;
         assert!(BitmapPageRepr::parse(&BitmapPage::new_unchecked(&block[..])).is_err());
         assert!(BitmapPageRepr::parse(&BitmapPage::new_unchecked(&[0u8; BLOCK_LEN][..])).is_err());
@@ -981,7 +1003,10 @@ mod tests {
         // 32 KiB ring = 8 transactions; 7 * 916 slots survive a torn newest transaction.
         assert_eq!(al_capacity(8), 6412);
         assert!(al_capacity(8) >= 1237);
-        assert_eq!(bm_pages_for(1 << 40), (1u64 << 28).div_ceil(BM_BITS_PER_PAGE));
+        assert_eq!(
+            bm_pages_for(1 << 40),
+            (1u64 << 28).div_ceil(BM_BITS_PER_PAGE)
+        );
     }
 
     #[test]
@@ -1025,7 +1050,11 @@ mod tests {
                         al_extents,
                         al_extent_shift: shift,
                         bm_block_shift: 12,
-                        kind: if internal { MetaKind::Internal } else { MetaKind::External },
+                        kind: if internal {
+                            MetaKind::Internal
+                        } else {
+                            MetaKind::External
+                        },
                         bm_pages,
                         name: name.clone(),
                     }
@@ -1042,14 +1071,16 @@ mod tests {
             any::<u16>(),
             proptest::collection::vec(any::<u32>(), 0..=AL_CONTEXT_PER_TR),
         )
-            .prop_map(|(md_uuid, number, reset, updates, context_start, context)| AlTransactionRepr {
-                md_uuid,
-                number,
-                kind: if reset { AlKind::Reset } else { AlKind::Update },
-                updates,
-                context_start,
-                context,
-            })
+            .prop_map(
+                |(md_uuid, number, reset, updates, context_start, context)| AlTransactionRepr {
+                    md_uuid,
+                    number,
+                    kind: if reset { AlKind::Reset } else { AlKind::Update },
+                    updates,
+                    context_start,
+                    context,
+                },
+            )
     }
 
     proptest! {

@@ -46,6 +46,9 @@ pub struct NbdArgs {
     /// pool; 0 sends everything to the pool.
     #[arg(long, default_value_t = ServerConfig::default().inline_max)]
     pub inline_max: u32,
+    /// Largest write (bytes) run on the connection's own thread.
+    #[arg(long, default_value_t = ServerConfig::default().inline_write_max)]
+    pub inline_write_max: u32,
     /// Network threads (default: one per CPU).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -72,6 +75,7 @@ pub fn run(args: NbdArgs) -> i32 {
     let config = ServerConfig {
         max_connections: args.max_connections,
         inline_max: args.inline_max,
+        inline_write_max: args.inline_write_max,
         acl: Acl::new(args.allow.clone()),
         ..ServerConfig::default()
     };

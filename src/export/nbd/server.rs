@@ -14,18 +14,28 @@
 //! 1. read whatever the socket has (one `read` syscall can carry hundreds of requests) into
 //!    an input buffer, and parse every complete request in it;
 //! 2. admit each request through the export's [`Sequencer`] in arrival order, then either
-//!    run it **inline** (small reads and writes whose ticket is immediately ready, while the
-//!    device answers quickly: a page-cache hit costs less than handing it to another thread)
-//!    or **offload** it to tokio's blocking pool (flush, FUA, trim, write-zeroes, large
-//!    requests, requests that must wait for an overlapping earlier one, and everything while
-//!    the device is slow);
-//! 3. collect finished offloaded requests from a channel;
+//!    run it **inline** on the connection's task, or hand it to tokio's **blocking pool**;
+//! 3. collect finished pool requests from a channel;
 //! 4. write every reply that is ready with one `writev`.
 //!
-//! Inline reads are read straight into the output buffer behind their reply header and
-//! inline writes are written straight from the input buffer, so the small-request path makes
-//! no copies besides the kernel's, no allocations and no thread hops. Replies may leave out
-//! of order; clients match them by handle.
+//! Where a request runs, while the device is fast (a page cache):
+//!
+//! | request | runs |
+//! |---------|------|
+//! | read ≤ [`ServerConfig::inline_max`] | inline, read straight into the output buffer |
+//! | write ≤ `inline_max` | inline, written straight from the input buffer |
+//! | write ≤ [`ServerConfig::inline_write_max`] | payload read from the socket into a reused buffer of its own, then inline |
+//! | larger reads and writes | the pool; those parsed from one input batch share one pool task |
+//! | flush, FUA, trim, write-zeroes | the pool, one task each |
+//! | anything whose ticket must wait for an earlier overlapping request | the pool, after waiting on the runtime (never on a pool thread) |
+//!
+//! A page-cache hit costs less than two thread hops, so the small-request path makes no copies
+//! besides the kernel's, no allocations and no hops. When three plain reads or writes in a
+//! row take longer than [`SLOW_OP`] (the device blocks: a disk, a cache miss, a remote
+//! mirror), the connection sends everything to the pool, one task per request so they run in
+//! parallel, for [`SLOW_BACKOFF`], then tries inline again. Large buffers are pooled per
+//! connection, so big requests do not fault in fresh pages. Replies may leave out of order;
+//! clients match them by handle.
 //!
 //! # Limits
 //!
@@ -40,7 +50,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -66,13 +76,13 @@ pub const OUT_HIGH_WATER: usize = 4 << 20;
 
 /// Size of a fresh input or output buffer.
 const BUF_CHUNK: usize = 256 << 10;
-/// An inline request slower than this (plus 1 ns per byte) counts as slow.
-const SLOW_OP: Duration = Duration::from_micros(100);
+/// A plain read or write slower than this (plus 1 ns per byte) counts as slow.
+pub const SLOW_OP: Duration = Duration::from_micros(100);
 /// Consecutive slow inline requests that mark the device slow. One slow request proves
 /// little (the thread may have been preempted); a streak means the device blocks.
 const SLOW_STREAK: u32 = 3;
-/// How long a slow device is served with offloading only before inline is tried again.
-const SLOW_BACKOFF: Duration = Duration::from_millis(20);
+/// How long a slow device is served from the pool only before inline is tried again.
+pub const SLOW_BACKOFF: Duration = Duration::from_millis(20);
 /// How long a connection may take to drain its replies once shutdown started.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -117,8 +127,12 @@ pub struct ServerConfig {
     pub max_in_flight: usize,
     /// Largest read or write payload accepted (bytes).
     pub max_payload: u32,
-    /// Largest read or write run inline on the connection's task (bytes); 0 disables inline.
+    /// Largest read run inline on the connection's task (bytes); 0 disables inline reads.
+    /// Writes up to this size are also run straight from the input buffer.
     pub inline_max: u32,
+    /// Largest write run inline on the connection's task (bytes). Writes larger than
+    /// `inline_max` have their payload read into a buffer of their own first.
+    pub inline_write_max: u32,
     /// Time a client has to finish negotiation.
     pub handshake_timeout: Duration,
     /// Which clients may connect.
@@ -132,6 +146,7 @@ impl Default for ServerConfig {
             max_in_flight: 128,
             max_payload: DEFAULT_MAX_PAYLOAD,
             inline_max: 128 << 10,
+            inline_write_max: 1 << 20,
             handshake_timeout: Duration::from_secs(30),
             acl: Acl::default(),
         }
@@ -337,11 +352,14 @@ async fn serve_connection(
         out: OutQueue::default(),
         done_tx,
         done_rx,
+        batch: Vec::new(),
+        batch_bytes: 0,
         offloaded: 0,
         offloaded_bytes: 0,
         skip: 0,
         skip_reply: None,
         pending: None,
+        expect_large_write: false,
         reading: true,
         slow_until: None,
         slow_streak: 0,
@@ -374,6 +392,49 @@ struct Done {
     reply: Vec<u8>,
     bytes: usize,
     payload: Option<Vec<u8>>,
+    /// For plain reads and writes: whether the device took long enough to suggest it blocks
+    /// (see [`SLOW_OP`]). Flushes, FUA and the like are slow by nature and say nothing.
+    slow: Option<bool>,
+}
+
+/// A request admitted and ready to run on the blocking pool.
+struct Job {
+    op: Op,
+    handle: u64,
+    ticket: Ticket,
+    bytes: usize,
+}
+
+/// Payload bytes collected into one batch before it is handed to the pool.
+const BATCH_BYTES: usize = 4 << 20;
+
+/// Runs `jobs` in order on the current (pool) thread and sends their replies in one message.
+fn run_jobs(
+    jobs: Vec<Job>,
+    device: &dyn BlockDevice,
+    stats: &ServerStats,
+    tx: &mpsc::UnboundedSender<Vec<Done>>,
+) {
+    let mut done = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let timed = matches!(job.op, Op::Read { .. } | Op::Write { fua: false, .. });
+        let started = Instant::now();
+        let (reply, payload) = job.op.run(device, job.handle);
+        drop(job.ticket);
+        let slow =
+            timed.then(|| started.elapsed() > SLOW_OP + Duration::from_nanos(job.bytes as u64));
+        if SimpleReplyRepr::parse(&reply[..SimpleReplyRepr::LEN]).is_ok_and(|r| r.error != 0) {
+            stats.error_replies.fetch_add(1, Ordering::Relaxed);
+        }
+        done.push(Done {
+            reply,
+            bytes: job.bytes,
+            payload,
+            slow,
+        });
+    }
+    // The connection may be gone; the requests still ran, in order.
+    let _ = tx.send(done);
 }
 
 /// A large write whose payload is being read straight into its own buffer.
@@ -391,8 +452,11 @@ struct Connection {
     wr: OwnedWriteHalf,
     inbuf: BytesMut,
     out: OutQueue,
-    done_tx: mpsc::UnboundedSender<Done>,
-    done_rx: mpsc::UnboundedReceiver<Done>,
+    done_tx: mpsc::UnboundedSender<Vec<Done>>,
+    done_rx: mpsc::UnboundedReceiver<Vec<Done>>,
+    /// Ready large reads and writes parsed from the current input, run as one pool task.
+    batch: Vec<Job>,
+    batch_bytes: usize,
     /// Requests handed to the blocking pool and not yet collected.
     offloaded: usize,
     offloaded_bytes: usize,
@@ -402,6 +466,9 @@ struct Connection {
     skip_reply: Option<SimpleReplyRepr>,
     /// A large write waiting for the rest of its payload.
     pending: Option<PendingWrite>,
+    /// The last request was a large write: read the next header in a small read, so that
+    /// the next payload is not read into the input buffer only to be copied out again.
+    expect_large_write: bool,
     /// False after EOF, `NBD_CMD_DISC` or shutdown: no more requests are parsed.
     reading: bool,
     /// While set and in the future, nothing runs inline.
@@ -437,15 +504,18 @@ impl Connection {
                 rd,
                 inbuf,
                 pending,
+                expect_large_write,
                 done_rx,
                 cancel,
                 reading,
                 offloaded,
                 ..
             } = self;
+            let small_read = *expect_large_write && inbuf.is_empty();
             let read = async {
                 match pending {
                     Some(p) => rd.read(&mut p.buf[p.filled..]).await,
+                    None if small_read => rd.read_buf(&mut (&mut *inbuf).limit(4096)).await,
                     None => rd.read_buf(inbuf).await,
                 }
             };
@@ -491,13 +561,18 @@ impl Connection {
         self.pending = None;
     }
 
-    fn collect(&mut self, done: Done) {
-        self.offloaded -= 1;
-        self.offloaded_bytes -= done.bytes;
-        if let Some(buf) = done.payload {
-            self.out.pool.give(buf);
+    fn collect(&mut self, done: Vec<Done>) {
+        for d in done {
+            self.offloaded -= 1;
+            self.offloaded_bytes -= d.bytes;
+            if let Some(buf) = d.payload {
+                self.out.pool.give(buf);
+            }
+            self.out.push(d.reply);
+            if let Some(slow) = d.slow {
+                self.note_slow(slow);
+            }
         }
-        self.out.push(done.reply);
     }
 
     /// Writes every queued reply; during shutdown, gives up after a grace period.
@@ -519,8 +594,15 @@ impl Connection {
         }
     }
 
-    /// Parses and dispatches every complete request in the input buffer, within the limits.
+    /// Parses and dispatches every complete request in the input buffer, within the limits,
+    /// then hands the batch of ready large requests to the pool.
     fn process_input(&mut self) -> Result<(), ConnError> {
+        let result = self.parse_requests();
+        self.flush_batch();
+        result
+    }
+
+    fn parse_requests(&mut self) -> Result<(), ConnError> {
         loop {
             if self.skip > 0 {
                 let n = self.skip.min(self.inbuf.len() as u64);
@@ -548,6 +630,7 @@ impl Connection {
             let req = RequestRepr::parse(&self.inbuf[..RequestRepr::LEN])
                 .map_err(|_| ConnError::Protocol("bad request magic"))?;
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            self.expect_large_write = false;
             if req.command == Command::Write {
                 if let Some(error) = self.check(&req) {
                     // Consume and drop the payload, then answer.
@@ -561,7 +644,8 @@ impl Connection {
                     continue;
                 }
                 let len = req.length as usize;
-                if len > self.config.inline_max as usize {
+                self.expect_large_write = len > self.config.inline_max as usize;
+                if self.expect_large_write {
                     // Large: the payload goes straight into a reusable buffer of its own,
                     // read from the socket without passing through the input buffer.
                     self.inbuf.advance(RequestRepr::LEN);
@@ -654,7 +738,15 @@ impl Connection {
 
     fn note_inline_time(&mut self, started: Instant, len: usize) {
         self.stats.inline.fetch_add(1, Ordering::Relaxed);
-        if started.elapsed() <= SLOW_OP + Duration::from_nanos(len as u64) {
+        self.note_slow(started.elapsed() > SLOW_OP + Duration::from_nanos(len as u64));
+    }
+
+    fn is_slow(&self) -> bool {
+        self.slow_until.is_some_and(|until| Instant::now() < until)
+    }
+
+    fn note_slow(&mut self, slow: bool) {
+        if !slow {
             self.slow_streak = 0;
             return;
         }
@@ -791,6 +883,32 @@ impl Connection {
         let len = data.len();
         let ticket = self.export.seq.admit(req.offset, len as u64, Access::Write);
         let fua = req.flags & cmd_flags::FUA != 0;
+        if !fua
+            && len <= self.config.inline_write_max as usize
+            && !self.is_slow()
+            && ticket.is_ready()
+        {
+            // Cheaper than two thread hops while the device is a page cache.
+            let started = Instant::now();
+            let device = Arc::clone(&self.export.export.device);
+            let error = match device.write_at(&data, req.offset, false) {
+                Ok(()) => 0,
+                Err(err) => device_error(&err),
+            };
+            drop(ticket);
+            self.out.pool.give(data);
+            if error != 0 {
+                self.error_reply(req.handle, error);
+            } else {
+                let reply = SimpleReplyRepr {
+                    error,
+                    handle: req.handle,
+                };
+                self.out.push_small(&reply.to_bytes());
+            }
+            self.note_inline_time(started, len);
+            return;
+        }
         self.offload(
             Op::Write {
                 data,
@@ -807,32 +925,52 @@ impl Connection {
         self.stats.offloaded.fetch_add(1, Ordering::Relaxed);
         self.offloaded += 1;
         self.offloaded_bytes += bytes;
+        // Large plain reads and writes that can run now share one pool task per input batch
+        // while the device is fast: one thread hop for many requests. Everything else (and
+        // everything while the device is slow) gets a task of its own, so they run in parallel.
+        let batchable = matches!(op, Op::Read { .. } | Op::Write { fua: false, .. })
+            && !self.is_slow()
+            && ticket.is_ready();
+        let job = Job {
+            op,
+            handle,
+            ticket,
+            bytes,
+        };
+        if batchable {
+            self.batch.push(job);
+            self.batch_bytes += bytes;
+            if self.batch_bytes >= BATCH_BYTES {
+                self.flush_batch();
+            }
+            return;
+        }
         let device = Arc::clone(&self.export.export.device);
         let stats = Arc::clone(&self.stats);
         let tx = self.done_tx.clone();
-        let run = move |ticket: Ticket| {
-            let (reply, payload) = op.run(&*device, handle);
-            drop(ticket);
-            if SimpleReplyRepr::parse(&reply[..SimpleReplyRepr::LEN]).is_ok_and(|r| r.error != 0) {
-                stats.error_replies.fetch_add(1, Ordering::Relaxed);
-            }
-            // The connection may be gone; the request still ran, in order.
-            let _ = tx.send(Done {
-                reply,
-                bytes,
-                payload,
-            });
-        };
-        if ticket.is_ready() {
-            tokio::task::spawn_blocking(move || run(ticket));
+        let run = move |job: Job| run_jobs(vec![job], &*device, &stats, &tx);
+        if job.ticket.is_ready() {
+            tokio::task::spawn_blocking(move || run(job));
         } else {
             // Wait on the runtime, not on a pool thread: pool threads only ever run requests
             // that can proceed, so a full pool cannot deadlock on ordering.
             tokio::spawn(async move {
-                ticket.wait_async().await;
-                tokio::task::spawn_blocking(move || run(ticket));
+                job.ticket.wait_async().await;
+                tokio::task::spawn_blocking(move || run(job));
             });
         }
+    }
+
+    fn flush_batch(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let jobs = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
+        let device = Arc::clone(&self.export.export.device);
+        let stats = Arc::clone(&self.stats);
+        let tx = self.done_tx.clone();
+        tokio::task::spawn_blocking(move || run_jobs(jobs, &*device, &stats, &tx));
     }
 }
 
@@ -911,16 +1049,23 @@ impl OutQueue {
         self.bytes == 0
     }
 
-    /// Appends `n` zeroed bytes and returns them for filling in.
+    /// Appends `n` bytes (contents unspecified) and returns them for filling in.
     fn tail(&mut self, n: usize) -> &mut [u8] {
         let room = self
             .chunks
             .back()
             .is_some_and(|b| b.capacity() - b.len() >= n);
         if !room {
-            let chunk = match self.spare.pop() {
-                Some(c) if c.capacity() >= n => c,
-                _ => Vec::with_capacity(BUF_CHUNK.max(n)),
+            let chunk = if n > BUF_CHUNK {
+                // A large read reply: a reused buffer, handed back to the pool once sent.
+                let mut big = self.pool.take(n);
+                big.clear();
+                big
+            } else {
+                match self.spare.pop() {
+                    Some(c) => c,
+                    None => Vec::with_capacity(BUF_CHUNK),
+                }
             };
             self.chunks.push_back(chunk);
         }

@@ -1,0 +1,37 @@
+//! The cluster state machine: role, connection, disk and replication state of one node, as a
+//! pure `step(now, event) -> actions` core in the raft-rs style.
+//!
+//! This module owns the *decisions*: when a node may become primary, when it serves, when it
+//! drops the peer, when a resync starts, when UUIDs rotate. It owns no sockets, files or timers:
+//! the daemon feeds it [`Event`]s (operator commands, what the peer connection saw, disk errors,
+//! timer ticks) with the current time, and performs the [`Action`]s it returns, in order.
+//!
+//! * [`machine`]: [`Machine`], its [`Config`], [`Startup`], [`Event`], [`Command`], [`Action`].
+//! * [`sim`]: a deterministic two-node simulation (two machines, a simulated link that can drop,
+//!   cut and restore, explicit time, toy disks with bitmaps) used by the tests in
+//!   `tests/cluster_*.rs`; it is also the reference for how a daemon executes the actions.
+//!
+//! The state words are DRBD's (`drbdadm status`): role Primary/Secondary, connection
+//! StandAlone/Connecting/WFReportParams/Connected, disk Diskless/Inconsistent/Outdated/
+//! Consistent/UpToDate/DUnknown, replication Off/Established/SyncSource/SyncTarget/
+//! PausedSyncS/PausedSyncT. They are defined in [`crate::wire::repl`] (they travel in
+//! `StateChange`) and re-exported here.
+//!
+//! # Invariants
+//!
+//! * Only a Primary serves (AoE/NBD exports, floating IP); a Secondary is silent.
+//! * A node never promotes itself while it is still waiting for its peer at startup, nor with
+//!   data that is not UpToDate; the operator can override with `primary --force`.
+//! * While connected, at most one node is Primary: `primary` is refused if the peer is Primary,
+//!   and two Primaries that meet are a split brain.
+//! * A split brain or unrelated data leaves the node StandAlone, with no resync; only the
+//!   operator (`connect --discard-my-data` on the loser) resolves it.
+
+pub mod machine;
+pub mod sim;
+
+pub use crate::repl::uuid::{SyncDecision, SyncDirection};
+pub use crate::wire::repl::{ConnState, DisconnectReason, DiskState, ReplState, Role};
+pub use machine::{
+    Action, Command, Config, Event, Machine, Notification, Refusal, Startup, Status,
+};

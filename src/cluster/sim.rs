@@ -1,0 +1,503 @@
+//! A deterministic two-node simulation: two [`Machine`]s, a simulated link, explicit time, and
+//! toy disks (a few numbered blocks, a bitmap, generation UUIDs).
+//!
+//! It executes every [`Action`] the way the daemon must (serving, connecting, UUID rotations,
+//! bitmap marking, resync with union bitmaps), so tests can check the properties that matter:
+//! exactly one node serves, a split brain is detected and not synced, a resync leaves both
+//! disks equal. Pure: no sockets, no threads, no real time; UUIDs come from a seeded generator.
+//!
+//! Link faults, after raft-rs's test network: [`Pair::cut`] (both sides see the connection
+//! break at once), [`Pair::drop_traffic`] (everything is silently lost: only timeouts notice),
+//! [`Pair::stall_writes`] (heartbeats answer but a node's disk never completes a write), and
+//! [`Pair::restore`].
+
+use super::machine::{Action, Command, Config, Event, Machine, Startup, Status};
+use super::{ConnState, DiskState, ReplState, Role, SyncDirection};
+use crate::repl::uuid::{decide, HandshakeContext, UuidSet};
+use std::collections::{BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+/// Number of blocks on each simulated disk.
+pub const BLOCKS: usize = 16;
+/// Granularity of [`Pair::advance`].
+pub const STEP: Duration = Duration::from_millis(100);
+
+/// One simulated node.
+#[derive(Debug)]
+pub struct Node {
+    /// The state machine (replaced on [`Pair::restart`]).
+    pub machine: Machine,
+    /// Whether the process is running.
+    pub up: bool,
+    /// Generation UUIDs, as the meta-data would hold them.
+    pub uuids: UuidSet,
+    /// The data: block versions.
+    pub blocks: [u64; BLOCKS],
+    /// Out-of-sync blocks.
+    pub bitmap: BTreeSet<usize>,
+    /// Writes sent to the peer and not acknowledged: (block, value, sent at).
+    pub pending: Vec<(usize, u64, Instant)>,
+    /// Whether the exports run here.
+    pub serving: bool,
+    /// The node wants a connection (last connection action was Connect).
+    pub wants_connect: bool,
+    /// Every action this node was asked to perform.
+    pub actions: Vec<Action>,
+    /// Disk detached.
+    pub detached: bool,
+    /// This node's resync role while one runs.
+    pub resync: Option<(SyncDirection, bool)>,
+    /// Writes to this node's disk hang (never complete).
+    pub stalled: bool,
+}
+
+impl Node {
+    fn new(config: Config, startup: Startup, uuids: UuidSet, now: Instant) -> (Node, Vec<Action>) {
+        let (machine, actions) = Machine::new(config, startup, now);
+        (
+            Node {
+                machine,
+                up: true,
+                uuids,
+                blocks: [0; BLOCKS],
+                bitmap: BTreeSet::new(),
+                pending: Vec::new(),
+                serving: false,
+                wants_connect: false,
+                actions: Vec::new(),
+                detached: startup.disk == DiskState::Diskless,
+                resync: None,
+                stalled: false,
+            },
+            actions,
+        )
+    }
+
+    /// The machine's status.
+    pub fn status(&self) -> Status {
+        self.machine.status()
+    }
+
+    /// Whether this node refused `command` at any time.
+    pub fn refused(&self, command: Command) -> bool {
+        self.actions
+            .iter()
+            .any(|a| matches!(a, Action::Refuse { command: c, .. } if *c == command))
+    }
+}
+
+/// A running resync between the two nodes.
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    source: usize,
+    full: bool,
+    source_at_start: UuidSet,
+    remaining: Duration,
+}
+
+/// Two nodes and the link between them.
+#[derive(Debug)]
+pub struct Pair {
+    /// The nodes.
+    pub nodes: [Node; 2],
+    /// Simulated time.
+    pub now: Instant,
+    /// How long a resync takes.
+    pub resync_time: Duration,
+    connected: bool,
+    cut: bool,
+    dropping: bool,
+    queue: VecDeque<(usize, Event)>,
+    job: Option<Job>,
+    rng: u64,
+    next_value: u64,
+}
+
+impl Pair {
+    /// Two nodes started at the same instant with the same data (block versions 0) and the
+    /// given UUIDs (use the same set for "in sync").
+    pub fn new(configs: [Config; 2], startups: [Startup; 2], uuids: [UuidSet; 2]) -> Pair {
+        let now = Instant::now();
+        let [c0, c1] = configs;
+        let (n0, a0) = Node::new(c0, startups[0], uuids[0], now);
+        let (n1, a1) = Node::new(c1, startups[1], uuids[1], now);
+        let mut pair = Pair {
+            nodes: [n0, n1],
+            now,
+            resync_time: Duration::from_secs(1),
+            connected: false,
+            cut: false,
+            dropping: false,
+            queue: VecDeque::new(),
+            job: None,
+            rng: 0x9e37_79b9_7f4a_7c15,
+            next_value: 1,
+        };
+        pair.execute(0, a0);
+        pair.execute(1, a1);
+        pair.pump();
+        pair
+    }
+
+    /// The usual pair: node 0 preferred, both auto-promoting, consistent data in sync.
+    pub fn healthy() -> Pair {
+        let uuids = UuidSet {
+            current: 0x1000,
+            ..Default::default()
+        };
+        Pair::new(
+            [
+                Config {
+                    preferred_primary: true,
+                    ..Config::default()
+                },
+                Config::default(),
+            ],
+            [Startup::consistent(); 2],
+            [uuids; 2],
+        )
+    }
+
+    fn fresh_uuid(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng & !0xff) | 0x100
+    }
+
+    /// Whether the two machines are connected through the simulated link.
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// Which nodes serve.
+    pub fn serving(&self) -> [bool; 2] {
+        [self.nodes[0].serving, self.nodes[1].serving]
+    }
+
+    /// Number of nodes serving.
+    pub fn serving_count(&self) -> usize {
+        self.serving().iter().filter(|&&s| s).count()
+    }
+
+    /// Feeds an event to node `n` and executes the resulting actions.
+    pub fn step(&mut self, n: usize, event: Event) {
+        if !self.nodes[n].up {
+            return;
+        }
+        let actions = self.nodes[n].machine.step(self.now, event);
+        self.execute(n, actions);
+        self.pump();
+    }
+
+    /// An operator command on node `n`.
+    pub fn command(&mut self, n: usize, command: Command) {
+        self.step(n, Event::Command(command));
+    }
+
+    /// Advances time by `d` in [`STEP`]s: heartbeats, ticks, connection attempts, resync.
+    pub fn advance(&mut self, d: Duration) {
+        let end = self.now + d;
+        while self.now < end {
+            self.now += STEP;
+            if self.connected && !self.dropping {
+                for n in 0..2 {
+                    self.queue.push_back((n, Event::PeerAlive));
+                }
+            }
+            for n in 0..2 {
+                self.queue.push_back((n, Event::Tick));
+            }
+            self.pump();
+            self.try_connect();
+            self.run_resync(STEP);
+            self.pump();
+        }
+    }
+
+    /// Breaks the connection: both sides see it close.
+    pub fn cut(&mut self) {
+        self.cut = true;
+        self.disconnect_link();
+    }
+
+    /// Silently loses all traffic (no heartbeats, no state messages, writes hang).
+    pub fn drop_traffic(&mut self) {
+        self.dropping = true;
+    }
+
+    /// Heals the link; the nodes reconnect on the next [`Pair::advance`].
+    pub fn restore(&mut self) {
+        self.cut = false;
+        self.dropping = false;
+    }
+
+    /// Makes writes to node `n`'s disk hang (or complete again).
+    pub fn stall_writes(&mut self, n: usize, stalled: bool) {
+        self.nodes[n].stalled = stalled;
+    }
+
+    /// Kills node `n`: its peer sees the connection close.
+    pub fn crash(&mut self, n: usize) {
+        self.nodes[n].up = false;
+        self.nodes[n].serving = false;
+        self.nodes[n].wants_connect = false;
+        self.disconnect_link();
+    }
+
+    /// Starts node `n` again with a new machine; its disk and UUIDs are what it had.
+    pub fn restart(&mut self, n: usize, config: Config, startup: Startup) {
+        let uuids = self.nodes[n].uuids;
+        let (node, actions) = Node::new(config, startup, uuids, self.now);
+        let old = std::mem::replace(&mut self.nodes[n], node);
+        self.nodes[n].blocks = old.blocks;
+        self.nodes[n].bitmap = old.bitmap;
+        self.execute(n, actions);
+        self.pump();
+    }
+
+    /// A client write of a new version to `block` through node `n`. Returns the version, or
+    /// `None` if node `n` does not serve.
+    pub fn write(&mut self, n: usize, block: usize) -> Option<u64> {
+        if !self.nodes[n].up || !self.nodes[n].serving {
+            return None;
+        }
+        let v = self.next_value;
+        self.next_value += 1;
+        let peer = 1 - n;
+        let local_disk = !self.nodes[n].detached;
+        let replicating = self.connected
+            && !self.nodes[peer].detached
+            && self.nodes[n].status().conn == ConnState::Connected;
+        if local_disk {
+            self.nodes[n].blocks[block] = v;
+        }
+        if replicating {
+            if self.dropping || self.nodes[peer].stalled {
+                self.nodes[n].pending.push((block, v, self.now));
+                let oldest = self.nodes[n].pending.first().map(|p| p.2);
+                self.step(
+                    n,
+                    Event::PeerWrites {
+                        oldest_pending: oldest,
+                    },
+                );
+            } else {
+                self.nodes[peer].blocks[block] = v;
+            }
+        } else if local_disk {
+            self.nodes[n].bitmap.insert(block);
+        } else {
+            panic!("node {n} serves without a disk and without a peer");
+        }
+        Some(v)
+    }
+
+    fn disconnect_link(&mut self) {
+        if self.connected {
+            self.connected = false;
+            self.job = None;
+            for n in 0..2 {
+                self.nodes[n].resync = None;
+                self.queue.push_back((n, Event::PeerLost));
+            }
+            self.pump();
+        }
+    }
+
+    fn try_connect(&mut self) {
+        let ready = |node: &Node| {
+            node.up && node.wants_connect && node.status().conn == ConnState::Connecting
+        };
+        if self.connected
+            || self.cut
+            || self.dropping
+            || !ready(&self.nodes[0])
+            || !ready(&self.nodes[1])
+        {
+            return;
+        }
+        self.connected = true;
+        let s = [self.nodes[0].status(), self.nodes[1].status()];
+        let sets = [0, 1].map(|n| {
+            let mut set = self.nodes[n].uuids;
+            set.flags = self.nodes[n].machine.uuid_flags();
+            set
+        });
+        for n in 0..2 {
+            self.queue.push_back((n, Event::PeerConnected));
+        }
+        for n in 0..2 {
+            let p = 1 - n;
+            let decision = if s[n].disk == DiskState::Diskless || s[p].disk == DiskState::Diskless {
+                None
+            } else {
+                let ctx = HandshakeContext {
+                    local_role: s[n].role,
+                    peer_role: s[p].role,
+                    resolve_conflicts: n == 0,
+                };
+                Some(decide(&sets[n], &sets[p], &ctx))
+            };
+            self.queue.push_back((
+                n,
+                Event::Handshake {
+                    decision,
+                    peer_role: s[p].role,
+                    peer_disk: s[p].disk,
+                },
+            ));
+        }
+        self.pump();
+    }
+
+    fn pump(&mut self) {
+        while let Some((n, event)) = self.queue.pop_front() {
+            if !self.nodes[n].up {
+                continue;
+            }
+            let actions = self.nodes[n].machine.step(self.now, event);
+            self.execute(n, actions);
+        }
+    }
+
+    fn execute(&mut self, n: usize, actions: Vec<Action>) {
+        let peer = 1 - n;
+        for action in actions {
+            self.nodes[n].actions.push(action.clone());
+            match action {
+                Action::StartServing => {
+                    assert!(!self.nodes[n].serving, "node {n} started serving twice");
+                    self.nodes[n].serving = true;
+                }
+                Action::StopServing => self.nodes[n].serving = false,
+                Action::Connect => self.nodes[n].wants_connect = true,
+                Action::Disconnect { .. } => {
+                    self.nodes[n].wants_connect = false;
+                    if self.connected {
+                        self.connected = false;
+                        self.job = None;
+                        self.nodes[0].resync = None;
+                        self.nodes[1].resync = None;
+                        self.queue.push_back((peer, Event::PeerLost));
+                    }
+                }
+                Action::SendState { role, disk, .. } => {
+                    if self.connected && !self.dropping {
+                        self.queue
+                            .push_back((peer, Event::PeerState { role, disk }));
+                    }
+                }
+                Action::StartResync {
+                    direction,
+                    full,
+                    tell_peer,
+                } => {
+                    self.nodes[n].resync = Some((direction, full));
+                    if tell_peer && self.connected && !self.dropping {
+                        self.queue.push_back((
+                            peer,
+                            Event::PeerStartedResync {
+                                direction: direction.mirrored(),
+                                full,
+                            },
+                        ));
+                    }
+                    self.maybe_start_job();
+                }
+                Action::PauseResync | Action::ResumeResync => {}
+                Action::NewCurrentUuid => {
+                    let fresh = self.fresh_uuid();
+                    self.nodes[n].uuids.new_current(fresh);
+                }
+                Action::MarkOutOfSync => {
+                    let node = &mut self.nodes[n];
+                    for (block, _, _) in node.pending.drain(..) {
+                        node.bitmap.insert(block);
+                    }
+                }
+                Action::Detach => self.nodes[n].detached = true,
+                Action::Notify(_) | Action::Log(_) | Action::Refuse { .. } => {}
+            }
+        }
+    }
+
+    /// Both sides agreed on a resync: exchange bitmaps and rotate UUIDs.
+    fn maybe_start_job(&mut self) {
+        let (Some((d0, f0)), Some((d1, f1))) = (self.nodes[0].resync, self.nodes[1].resync) else {
+            return;
+        };
+        if self.job.is_some() {
+            return;
+        }
+        assert_eq!(d0, d1.mirrored(), "both sides must agree on the direction");
+        assert_eq!(f0, f1, "both sides must agree on full vs bitmap");
+        let source = if d0 == SyncDirection::Source { 0 } else { 1 };
+        let target = 1 - source;
+        let union: BTreeSet<usize> = self.nodes[0]
+            .bitmap
+            .union(&self.nodes[1].bitmap)
+            .copied()
+            .collect();
+        self.nodes[0].bitmap = union.clone();
+        self.nodes[1].bitmap = union;
+        let source_at_start = self.nodes[source].uuids;
+        let fresh = self.fresh_uuid();
+        let sync_uuid = self.nodes[source].uuids.start_resync_source(fresh);
+        self.nodes[target].uuids.start_resync_target(sync_uuid);
+        self.job = Some(Job {
+            source,
+            full: f0,
+            source_at_start,
+            remaining: self.resync_time,
+        });
+    }
+
+    fn run_resync(&mut self, dt: Duration) {
+        let Some(mut job) = self.job else { return };
+        let paused = self.nodes.iter().any(|n| {
+            matches!(
+                n.status().repl,
+                ReplState::PausedSyncS | ReplState::PausedSyncT
+            )
+        });
+        if !self.connected || self.dropping || paused {
+            return;
+        }
+        job.remaining = job.remaining.saturating_sub(dt);
+        if !job.remaining.is_zero() {
+            self.job = Some(job);
+            return;
+        }
+        self.job = None;
+        let (s, t) = (job.source, 1 - job.source);
+        let blocks: Vec<usize> = if job.full {
+            (0..BLOCKS).collect()
+        } else {
+            self.nodes[s].bitmap.iter().copied().collect()
+        };
+        for b in blocks {
+            self.nodes[t].blocks[b] = self.nodes[s].blocks[b];
+        }
+        self.nodes[s].uuids.finish_resync_source();
+        self.nodes[t]
+            .uuids
+            .finish_resync_target(&job.source_at_start);
+        for n in 0..2 {
+            self.nodes[n].bitmap.clear();
+            self.nodes[n].resync = None;
+            self.queue.push_back((n, Event::ResyncDone));
+        }
+        self.pump();
+    }
+
+    /// Whether both disks hold the same data.
+    pub fn in_sync(&self) -> bool {
+        self.nodes[0].blocks == self.nodes[1].blocks
+    }
+
+    /// The role of node `n`.
+    pub fn role(&self, n: usize) -> Role {
+        self.nodes[n].status().role
+    }
+}

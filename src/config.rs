@@ -1,0 +1,717 @@
+//! The configuration file: one TOML file, identical on both nodes.
+//!
+//! ```toml
+//! [cluster]
+//! shared-secret = "change-me"          # authenticates every peer connection
+//! [node.alpha]
+//! address = "192.168.100.1"            # replication link
+//! interface = "eth0"                   # client-facing: AoE (later also the floating IP)
+//! [node.beta]
+//! address = "192.168.100.2"
+//! interface = "eth0"
+//! [resource.r0]
+//! aoe = "e0.3"                         # shelf 0..65534, slot 0..254; unique
+//! port = 7788                          # replication port; unique
+//! protocol = "C"                       # C (default), B, A
+//! durability = "node"                  # node (default) or power; see crate::meta
+//! al-extents = 1237                    # optional: activity-log slots (7..65534)
+//! al-extent-kib = 4096                 # optional: activity-log extent size (64 KiB..1 GiB)
+//! [resource.r0.on.alpha]
+//! disk = "/var/lib/twinblade/r0.img"
+//! meta-disk = "internal"               # or the path of a separate device or file
+//! [resource.r0.on.beta]
+//! disk = "/dev/sdb"
+//! meta-disk = "/dev/loop0"
+//! ```
+//!
+//! [`Config::load`] parses and validates. Every error names the file, the key path and the
+//! problem, e.g. `/etc/twinblade.toml: resource.r0.on.beta.disk: missing`. Unknown keys are
+//! errors. Validation: exactly two nodes; every resource has an `on` section for each node and
+//! none for anything else; AoE addresses parse as `eS.L` and are unique; ports are unique;
+//! protocol is A, B or C; durability is node or power.
+//!
+//! [`Config::this_node`] picks the local node: `--node NAME`, else `$TWINBLADE_NODE`, else the
+//! host name (full, then up to the first dot).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::meta::layout::{
+    LayoutParams, DEFAULT_AL_EXTENTS, DEFAULT_AL_EXTENT_SHIFT, MIN_AL_EXTENTS,
+};
+
+/// The default configuration file.
+pub const DEFAULT_PATH: &str = "/etc/twinblade.toml";
+/// The environment variable that names the local node.
+pub const NODE_ENV: &str = "TWINBLADE_NODE";
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{}: {source}", file.display())]
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A key is missing, unknown or has a bad value.
+    #[error("{}: {key}: {problem}", file.display())]
+    Invalid {
+        /// The file.
+        file: PathBuf,
+        /// Dotted key path (`resource.r0.on.beta.disk`).
+        key: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// Replication protocol (DRBD's A/B/C).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum Protocol {
+    /// Complete when written locally and sent.
+    A,
+    /// Complete when written locally and received by the peer.
+    B,
+    /// Complete when written on both nodes.
+    #[default]
+    C,
+}
+
+/// How durable an acknowledged write is (see [`crate::meta`], "Durability levels").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// In the operating system of every replica that must have it: survives any one node dying.
+    #[default]
+    Node,
+    /// Flushed to stable storage on every such replica: survives a simultaneous power cut.
+    Power,
+}
+
+impl fmt::Display for Durability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Durability::Node => "node",
+            Durability::Power => "power",
+        })
+    }
+}
+
+/// `[cluster]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Cluster {
+    /// Authenticates every peer connection.
+    pub shared_secret: String,
+}
+
+/// `[node.NAME]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Node {
+    /// Address on the replication link.
+    pub address: IpAddr,
+    /// Client-facing interface (AoE, floating IP).
+    pub interface: String,
+}
+
+/// Where a resource's meta-data lives on one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaDisk {
+    /// At the end of the data disk.
+    Internal,
+    /// On a separate device or file.
+    External(PathBuf),
+}
+
+impl<'de> Deserialize<'de> for MetaDisk {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(if s == "internal" {
+            MetaDisk::Internal
+        } else {
+            MetaDisk::External(PathBuf::from(s))
+        })
+    }
+}
+
+/// `[resource.NAME.on.NODE]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct OnNode {
+    /// Data device or file.
+    pub disk: PathBuf,
+    /// `internal` or a path.
+    pub meta_disk: MetaDisk,
+}
+
+/// An AoE address `eSHELF.SLOT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AoeAddress {
+    /// Shelf, 0..65534.
+    pub shelf: u16,
+    /// Slot, 0..254.
+    pub slot: u8,
+}
+
+impl std::str::FromStr for AoeAddress {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not an AoE address like e0.3 (shelf 0..65534, slot 0..254)");
+        let (shelf, slot) = s
+            .strip_prefix('e')
+            .and_then(|r| r.split_once('.'))
+            .ok_or_else(bad)?;
+        let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+        if !digits(shelf) || !digits(slot) {
+            return Err(bad());
+        }
+        let shelf: u16 = shelf.parse().map_err(|_| bad())?;
+        let slot: u8 = slot.parse().map_err(|_| bad())?;
+        if shelf == u16::MAX || slot == u8::MAX {
+            return Err(bad());
+        }
+        Ok(AoeAddress { shelf, slot })
+    }
+}
+
+impl fmt::Display for AoeAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "e{}.{}", self.shelf, self.slot)
+    }
+}
+
+/// `[resource.NAME]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Resource {
+    /// AoE address, `eS.L` (checked by [`Config::load`]; see [`Resource::aoe_address`]).
+    pub aoe: String,
+    /// Replication TCP port.
+    pub port: u16,
+    /// Replication protocol.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Durability level.
+    #[serde(default)]
+    pub durability: Durability,
+    /// Activity-log slots (default 1237).
+    pub al_extents: Option<u32>,
+    /// Activity-log extent size in KiB (default 4096).
+    pub al_extent_kib: Option<u32>,
+    /// Per-node disks.
+    pub on: BTreeMap<String, OnNode>,
+}
+
+impl Resource {
+    /// The parsed AoE address (validated at load).
+    pub fn aoe_address(&self) -> AoeAddress {
+        self.aoe.parse().expect("validated at load")
+    }
+
+    /// Activity-log geometry for create-md.
+    pub fn layout_params(&self) -> LayoutParams {
+        LayoutParams {
+            al_extents: self.al_extents.unwrap_or(DEFAULT_AL_EXTENTS),
+            al_extent_shift: self
+                .al_extent_kib
+                .map_or(DEFAULT_AL_EXTENT_SHIFT, |k| (k.trailing_zeros() + 10) as u8),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct File {
+    cluster: Cluster,
+    node: BTreeMap<String, Node>,
+    #[serde(default)]
+    resource: BTreeMap<String, Resource>,
+}
+
+/// A loaded, validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// `[cluster]`.
+    pub cluster: Cluster,
+    /// `[node.*]`, exactly two.
+    pub nodes: BTreeMap<String, Node>,
+    /// `[resource.*]`.
+    pub resources: BTreeMap<String, Resource>,
+}
+
+impl Config {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates `text`; `path` is only used in errors.
+    pub fn parse(text: &str, path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        let path = path.as_ref();
+        let file: File = toml::from_str(text).map_err(|e| {
+            let (key, problem) = describe_toml_error(text, &e);
+            ConfigError::Invalid {
+                file: path.to_path_buf(),
+                key,
+                problem,
+            }
+        })?;
+        let config = Config {
+            path: path.to_path_buf(),
+            cluster: file.cluster,
+            nodes: file.node,
+            resources: file.resource,
+        };
+        config
+            .validate()
+            .map_err(|(key, problem)| ConfigError::Invalid {
+                file: path.to_path_buf(),
+                key,
+                problem,
+            })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        if self.cluster.shared_secret.is_empty() {
+            return Err(("cluster.shared-secret".into(), "must not be empty".into()));
+        }
+        if self.nodes.len() != 2 {
+            let names: Vec<&str> = self.nodes.keys().map(String::as_str).collect();
+            return Err((
+                "node".into(),
+                format!(
+                    "exactly two nodes are needed, found {} ({})",
+                    names.len(),
+                    names.join(", ")
+                ),
+            ));
+        }
+        for (name, node) in &self.nodes {
+            if node.interface.is_empty() {
+                return Err((format!("node.{name}.interface"), "must not be empty".into()));
+            }
+        }
+        let (a, b) = {
+            let mut it = self.nodes.values();
+            (it.next().unwrap(), it.next().unwrap())
+        };
+        if a.address == b.address {
+            return Err((
+                "node".into(),
+                format!("both nodes have address {}", a.address),
+            ));
+        }
+        let mut aoe_seen: HashMap<AoeAddress, &str> = HashMap::new();
+        let mut port_seen: HashMap<u16, &str> = HashMap::new();
+        for (rname, res) in &self.resources {
+            let key = |k: &str| format!("resource.{rname}.{k}");
+            let aoe: AoeAddress = res.aoe.parse().map_err(|e| (key("aoe"), e))?;
+            if let Some(other) = aoe_seen.insert(aoe, rname) {
+                return Err((
+                    key("aoe"),
+                    format!("{aoe} is already used by resource {other}"),
+                ));
+            }
+            if res.port == 0 {
+                return Err((key("port"), "must not be 0".into()));
+            }
+            if let Some(other) = port_seen.insert(res.port, rname) {
+                return Err((
+                    key("port"),
+                    format!("{} is already used by resource {other}", res.port),
+                ));
+            }
+            if let Some(al) = res.al_extents {
+                if !(MIN_AL_EXTENTS..=65534).contains(&al) {
+                    return Err((
+                        key("al-extents"),
+                        format!("{al} is outside {MIN_AL_EXTENTS}..65534"),
+                    ));
+                }
+            }
+            if let Some(kib) = res.al_extent_kib {
+                if !kib.is_power_of_two() || !(64..=1 << 20).contains(&kib) {
+                    return Err((
+                        key("al-extent-kib"),
+                        format!("{kib} is not a power of two between 64 and 1048576"),
+                    ));
+                }
+            }
+            for node in self.nodes.keys() {
+                let Some(on) = res.on.get(node) else {
+                    return Err((key(&format!("on.{node}")), "missing".into()));
+                };
+                if on.disk.as_os_str().is_empty() {
+                    return Err((key(&format!("on.{node}.disk")), "must not be empty".into()));
+                }
+                if on.meta_disk == MetaDisk::External(PathBuf::new()) {
+                    return Err((
+                        key(&format!("on.{node}.meta-disk")),
+                        "must not be empty".into(),
+                    ));
+                }
+                if on.meta_disk == MetaDisk::External(on.disk.clone()) {
+                    return Err((
+                        key(&format!("on.{node}.meta-disk")),
+                        "is the data disk itself; use \"internal\"".into(),
+                    ));
+                }
+            }
+            for node in res.on.keys() {
+                if !self.nodes.contains_key(node) {
+                    return Err((
+                        key(&format!("on.{node}")),
+                        format!("{node} is not a [node.*]"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The resource called `name`.
+    pub fn resource(&self, name: &str) -> Result<&Resource, ConfigError> {
+        self.resources
+            .get(name)
+            .ok_or_else(|| ConfigError::Invalid {
+                file: self.path.clone(),
+                key: format!("resource.{name}"),
+                problem: format!(
+                    "not defined (defined: {})",
+                    self.resources
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })
+    }
+
+    /// The node this process runs as: `explicit` (from `--node`), else `$TWINBLADE_NODE`,
+    /// else the host name (or its part before the first dot).
+    pub fn this_node(&self, explicit: Option<&str>) -> Result<&str, ConfigError> {
+        let env = std::env::var(NODE_ENV).ok().filter(|s| !s.is_empty());
+        let (candidates, source): (Vec<String>, String) = if let Some(name) = explicit {
+            (vec![name.to_string()], "--node".into())
+        } else if let Some(name) = env {
+            (vec![name], format!("${NODE_ENV}"))
+        } else {
+            let host = hostname();
+            let short = host.split('.').next().unwrap_or("").to_string();
+            (vec![host, short], "the host name".into())
+        };
+        for c in &candidates {
+            if let Some((name, _)) = self.nodes.get_key_value(c.as_str()) {
+                return Ok(name.as_str());
+            }
+        }
+        Err(ConfigError::Invalid {
+            file: self.path.clone(),
+            key: "node".into(),
+            problem: format!(
+                "{source} gives {:?}, which is none of the configured nodes ({}); pass --node or set ${NODE_ENV}",
+                candidates[0],
+                self.nodes.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        })
+    }
+
+    /// The name of the other node.
+    pub fn peer_of(&self, node: &str) -> Option<&str> {
+        self.nodes.keys().map(String::as_str).find(|n| *n != node)
+    }
+}
+
+/// The kernel's host name.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Turns a toml/serde error into (key path, problem), using the error's span to find the table
+/// header and key it points at.
+fn describe_toml_error(text: &str, err: &toml::de::Error) -> (String, String) {
+    let msg = err.message().trim().to_string();
+    let Some(span) = err.span() else {
+        return ("(document)".into(), msg);
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[line_start..]
+        .find('\n')
+        .map_or(text.len(), |i| line_start + i);
+    let line = text[line_start..line_end].trim();
+    let line_no = before.matches('\n').count() + 1;
+    let header_of = |l: &str| -> Option<String> {
+        let l = l.trim();
+        let inner = l
+            .strip_prefix("[[")
+            .and_then(|r| r.split("]]").next())
+            .or_else(|| l.strip_prefix('[').and_then(|r| r.split(']').next()))?;
+        Some(
+            inner
+                .split('.')
+                .map(|p| p.trim().trim_matches('"'))
+                .collect::<Vec<_>>()
+                .join("."),
+        )
+    };
+    let key_of = |l: &str| -> Option<String> {
+        let (k, _) = l.split_once('=')?;
+        let k = k.trim().trim_matches('"');
+        (!k.is_empty() && !k.starts_with('[')).then(|| k.to_string())
+    };
+    // The table the error is in: the span's own line if it is a header, else the last header
+    // above it.
+    let (table, key_here) = if let Some(h) = header_of(line) {
+        (h, None)
+    } else {
+        let table = before[..line_start]
+            .lines()
+            .rev()
+            .find_map(header_of)
+            .unwrap_or_default();
+        (table, key_of(line))
+    };
+    let join = |a: &str, b: &str| {
+        if a.is_empty() {
+            b.to_string()
+        } else {
+            format!("{a}.{b}")
+        }
+    };
+    let quoted = |m: &str, prefix: &str| -> Option<String> {
+        let rest = m.strip_prefix(prefix)?;
+        let rest = rest.strip_prefix('`')?;
+        Some(rest[..rest.find('`')?].to_string())
+    };
+    if let Some(field) = quoted(&msg, "missing field ") {
+        let base = match &key_here {
+            Some(k) => join(&table, k),
+            None => table,
+        };
+        return (join(&base, &field), "missing".into());
+    }
+    if let Some(field) = quoted(&msg, "unknown field ") {
+        let expected = msg
+            .split_once(", expected ")
+            .map(|(_, e)| e.replace('`', ""));
+        let problem = match expected {
+            Some(e) => format!("unknown key (expected {e})"),
+            None => "unknown key".into(),
+        };
+        return (join(&table, &field), problem);
+    }
+    match key_here {
+        Some(k) => (join(&table, &k), msg),
+        None if !table.is_empty() => (table, msg),
+        None => (format!("line {line_no}"), msg),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[cluster]
+shared-secret = "s3cret"
+[node.alpha]
+address = "192.168.100.1"
+interface = "eth0"
+[node.beta]
+address = "192.168.100.2"
+interface = "eth0"
+[resource.r0]
+aoe = "e0.3"
+port = 7788
+[resource.r0.on.alpha]
+disk = "/var/lib/twinblade/r0.img"
+meta-disk = "internal"
+[resource.r0.on.beta]
+disk = "/dev/sdb"
+meta-disk = "/dev/loop0"
+"#;
+
+    fn err(text: &str) -> String {
+        Config::parse(text, "/etc/twinblade.toml")
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn parses_with_defaults() {
+        let c = Config::parse(GOOD, "/etc/twinblade.toml").unwrap();
+        let r = c.resource("r0").unwrap();
+        assert_eq!(r.protocol, Protocol::C);
+        assert_eq!(r.durability, Durability::Node);
+        assert_eq!(r.aoe_address(), AoeAddress { shelf: 0, slot: 3 });
+        assert_eq!(r.layout_params(), LayoutParams::default());
+        assert_eq!(r.on["alpha"].meta_disk, MetaDisk::Internal);
+        assert_eq!(
+            r.on["beta"].meta_disk,
+            MetaDisk::External("/dev/loop0".into())
+        );
+        assert_eq!(c.peer_of("alpha"), Some("beta"));
+        assert_eq!(c.this_node(Some("beta")).unwrap(), "beta");
+        assert!(c
+            .this_node(Some("gamma"))
+            .unwrap_err()
+            .to_string()
+            .contains("alpha, beta"));
+        assert!(c
+            .resource("r9")
+            .unwrap_err()
+            .to_string()
+            .contains("resource.r9: not defined"));
+    }
+
+    #[test]
+    fn errors_name_file_key_and_problem() {
+        let missing_disk = GOOD.replace("disk = \"/dev/sdb\"\n", "");
+        assert_eq!(
+            err(&missing_disk),
+            "/etc/twinblade.toml: resource.r0.on.beta.disk: missing"
+        );
+        let unknown = GOOD.replace("port = 7788", "port = 7788\nfoo = 1");
+        assert!(
+            err(&unknown).starts_with("/etc/twinblade.toml: resource.r0.foo: unknown key"),
+            "{}",
+            err(&unknown)
+        );
+        let bad_type = GOOD.replace("port = 7788", "port = \"x\"");
+        assert!(
+            err(&bad_type).starts_with("/etc/twinblade.toml: resource.r0.port: invalid type"),
+            "{}",
+            err(&bad_type)
+        );
+        let bad_ip = GOOD.replace("192.168.100.2", "not-an-ip");
+        assert!(
+            err(&bad_ip).starts_with("/etc/twinblade.toml: node.beta.address: "),
+            "{}",
+            err(&bad_ip)
+        );
+        let bad_protocol = GOOD.replace("port = 7788", "port = 7788\nprotocol = \"D\"");
+        assert!(
+            err(&bad_protocol).contains("resource.r0.protocol: unknown variant `D`"),
+            "{}",
+            err(&bad_protocol)
+        );
+        let bad_durability = GOOD.replace("port = 7788", "port = 7788\ndurability = \"disk\"");
+        assert!(
+            err(&bad_durability).contains("resource.r0.durability: unknown variant"),
+            "{}",
+            err(&bad_durability)
+        );
+        let no_on = GOOD.replace(
+            "[resource.r0.on.beta]\ndisk = \"/dev/sdb\"\nmeta-disk = \"/dev/loop0\"\n",
+            "",
+        );
+        assert_eq!(
+            err(&no_on),
+            "/etc/twinblade.toml: resource.r0.on.beta: missing"
+        );
+        let missing_cluster = GOOD.replace("[cluster]\nshared-secret = \"s3cret\"\n", "");
+        assert_eq!(
+            err(&missing_cluster),
+            "/etc/twinblade.toml: cluster: missing"
+        );
+    }
+
+    #[test]
+    fn validates_semantics() {
+        let three = format!("{GOOD}[node.gamma]\naddress = \"10.0.0.3\"\ninterface = \"eth0\"\n");
+        assert!(err(&three).contains("node: exactly two nodes are needed, found 3"));
+        for (aoe, ok) in [
+            ("e0.3", true),
+            ("e65534.254", true),
+            ("e65535.0", false),
+            ("e0.255", false),
+            ("0.3", false),
+            ("e0", false),
+            ("e+1.2", false),
+        ] {
+            let text = GOOD.replace("\"e0.3\"", &format!("{aoe:?}"));
+            assert_eq!(Config::parse(&text, "f").is_ok(), ok, "{aoe}");
+            if !ok {
+                assert!(err(&text).contains("resource.r0.aoe: "), "{aoe}");
+            }
+        }
+        let second = r#"
+[resource.r1]
+aoe = "e0.3"
+port = 7789
+[resource.r1.on.alpha]
+disk = "/a"
+meta-disk = "internal"
+[resource.r1.on.beta]
+disk = "/b"
+meta-disk = "internal"
+"#;
+        assert!(err(&format!("{GOOD}{second}"))
+            .contains("resource.r1.aoe: e0.3 is already used by resource r0"));
+        let same_port = second.replace("e0.3", "e0.4").replace("7789", "7788");
+        assert!(err(&format!("{GOOD}{same_port}"))
+            .contains("resource.r1.port: 7788 is already used by resource r0"));
+        let ok = second.replace("e0.3", "e0.4");
+        assert_eq!(
+            Config::parse(&format!("{GOOD}{ok}"), "f")
+                .unwrap()
+                .resources
+                .len(),
+            2
+        );
+        let stranger =
+            format!("{GOOD}[resource.r0.on.gamma]\ndisk = \"/x\"\nmeta-disk = \"internal\"\n");
+        assert!(err(&stranger).contains("resource.r0.on.gamma: gamma is not a [node.*]"));
+        let al = GOOD.replace("port = 7788", "port = 7788\nal-extents = 3");
+        assert!(err(&al).contains("resource.r0.al-extents: 3 is outside 7..65534"));
+        let kib = GOOD.replace("port = 7788", "port = 7788\nal-extent-kib = 100");
+        assert!(err(&kib).contains("resource.r0.al-extent-kib"));
+        let kib = GOOD.replace(
+            "port = 7788",
+            "port = 7788\nal-extent-kib = 1024\nal-extents = 6433",
+        );
+        let params = Config::parse(&kib, "f").unwrap().resources["r0"].layout_params();
+        assert_eq!(
+            params,
+            LayoutParams {
+                al_extents: 6433,
+                al_extent_shift: 20
+            }
+        );
+    }
+
+    #[test]
+    fn shipped_examples_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("appliance/examples");
+        for name in ["twinblade.toml", "lab.toml"] {
+            let c = Config::load(dir.join(name)).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(c.nodes.len(), 2, "{name}");
+            assert!(c.resources.contains_key("r0"), "{name}");
+        }
+        let err = Config::load("/nonexistent/twinblade.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("/nonexistent/twinblade.toml: "), "{err}");
+    }
+}

@@ -1,0 +1,547 @@
+//! `twinblade create-md RES` and `twinblade dump-md RES`.
+//!
+//! Both read the configuration (`--config`, default `/etc/twinblade.toml`), pick the local node
+//! (`--node`, else `$TWINBLADE_NODE`, else the host name) and act on that node's
+//! `resource.RES.on.NODE` disks: `meta-disk = "internal"` puts the meta-data at the end of
+//! `disk`; any other value is the path of a separate device or file for it.
+//!
+//! # create-md
+//!
+//! Writes fresh meta-data: superblock (uuids "just created", AL clean, not consistent), an
+//! empty activity log and a clear bitmap. It refuses — exit status 1, naming what it found and
+//! where — when the meta-data area holds existing twinblade meta-data, a filesystem, swap,
+//! LUKS, LVM, MD RAID or partition-table signature, or (internal) when a filesystem at the
+//! start of the disk is larger than the usable size that remains; `--force` overwrites. It
+//! prints the layout and, for internal meta-data, the usable size, which is smaller than the
+//! disk.
+//!
+//! # dump-md output
+//!
+//! Read-only. One `key: value` line per item, in this order (`--json` prints one JSON object
+//! with the same keys, numbers as numbers, lists as arrays, uuids as 16-digit hex strings):
+//!
+//! | key | value |
+//! |-----|-------|
+//! | `resource` | resource name from the superblock |
+//! | `node` | the node the configuration selected |
+//! | `meta-disk` | `internal PATH` or `external PATH` (the device holding the meta-data) |
+//! | `format` | on-disk format version |
+//! | `md-uuid` | 16 hex digits: identity of this meta-data, new at every create-md |
+//! | `superblock` | `copy N, seq S; other copy: valid seq S' / damaged (why) / missing` |
+//! | `flags` | space-separated: `consistent primary-ind crashed-primary peer-outdated al-clean`, or `none` |
+//! | `uuid-current`, `uuid-bitmap` | 16 hex digits |
+//! | `uuid-history` | two uuids, newest first |
+//! | `data-size` | usable bytes and sectors: `N bytes (S sectors)` |
+//! | `meta-data` | `N bytes at byte O` |
+//! | `activity-log` | `T transactions at byte O, E extents of X bytes` |
+//! | `al-ring` | `V valid, I invalid, newest transaction N` (or `newest none`) |
+//! | `al-state` | `clean`, `dirty: N extents` or `dirty: incomplete (whole device out of sync on attach)` |
+//! | `al-extents` | the extent numbers the log names (only when dirty; `none` if empty) |
+//! | `bitmap` | `P pages at byte O, 4096 bytes per bit` |
+//! | `bitmap-corrupt-pages` | page indices, or `none` |
+//! | `out-of-sync` | on-disk bitmap: `N bytes (B blocks)` |
+//! | `out-of-sync-after-attach` | bitmap plus the AL extents if dirty: `N bytes` |
+//! | `out-of-sync-ranges` | up to 32 `START-END` byte ranges (END exclusive), `...` if more, or `none` |
+//!
+//! Exit status: 0 printed, 1 no or damaged meta-data or an I/O error, 2 configuration error.
+
+use std::path::{Path, PathBuf};
+
+use crate::block::{BlockDevice, FileDevice, OpenOptions};
+use crate::cli::ExitCode;
+use crate::config::{Config, MetaDisk};
+use crate::wire::ondisk::{flags, MetaKind, BLOCK_LEN};
+
+use super::layout::BM_BLOCK_SIZE;
+use super::store::{create, inspect, CreateOptions, Inspection};
+use super::superblock::CopyState;
+
+/// Arguments of `twinblade create-md`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CreateMdArgs {
+    /// Resource name (a `[resource.NAME]` of the configuration).
+    pub res: String,
+    /// Overwrite existing meta-data or a filesystem/partition signature in the meta-data area.
+    #[arg(long)]
+    pub force: bool,
+    /// Configuration file.
+    #[arg(long, short = 'c', default_value = crate::config::DEFAULT_PATH)]
+    pub config: PathBuf,
+    /// This node's name (default: $TWINBLADE_NODE, else the host name).
+    #[arg(long)]
+    pub node: Option<String>,
+}
+
+/// Arguments of `twinblade dump-md`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DumpMdArgs {
+    /// Resource name (a `[resource.NAME]` of the configuration).
+    pub res: String,
+    /// Configuration file.
+    #[arg(long, short = 'c', default_value = crate::config::DEFAULT_PATH)]
+    pub config: PathBuf,
+    /// This node's name (default: $TWINBLADE_NODE, else the host name).
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Print one JSON object instead of `key: value` lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The disks of one resource on this node.
+struct Target {
+    node: String,
+    disk: PathBuf,
+    meta_disk: MetaDisk,
+    params: super::LayoutParams,
+}
+
+fn target(config: &Path, res: &str, node: Option<&str>) -> Result<Target, String> {
+    let cfg = Config::load(config).map_err(|e| e.to_string())?;
+    let resource = cfg.resource(res).map_err(|e| e.to_string())?;
+    let node = cfg.this_node(node).map_err(|e| e.to_string())?;
+    let on = &resource.on[node];
+    Ok(Target {
+        node: node.to_string(),
+        disk: on.disk.clone(),
+        meta_disk: on.meta_disk.clone(),
+        params: resource.layout_params(),
+    })
+}
+
+fn open(path: &Path, read_only: bool) -> Result<FileDevice, String> {
+    OpenOptions::new()
+        .read_only(read_only)
+        .preallocate(false)
+        .open(path)
+        .map_err(|e| e.to_string())
+}
+
+/// Runs `twinblade create-md`; returns the exit status.
+pub fn run_create_md(args: CreateMdArgs) -> i32 {
+    let t = match target(&args.config, &args.res, args.node.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("twinblade create-md: {e}");
+            return ExitCode::Usage as i32;
+        }
+    };
+    let prefix = format!("twinblade create-md: {} on {}", args.res, t.node);
+    let opts = CreateOptions {
+        name: args.res.clone(),
+        params: t.params,
+        force: args.force,
+    };
+    let (result, meta_path, disk_size) = match &t.meta_disk {
+        MetaDisk::Internal => {
+            let dev = match open(&t.disk, false) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("{prefix}: {e}");
+                    return ExitCode::Failure as i32;
+                }
+            };
+            (
+                create(&dev, 0, MetaKind::Internal, &opts),
+                t.disk.clone(),
+                dev.size(),
+            )
+        }
+        MetaDisk::External(meta_path) => {
+            let data = match open(&t.disk, true) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("{prefix}: {e}");
+                    return ExitCode::Failure as i32;
+                }
+            };
+            let meta = match open(meta_path, false) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("{prefix}: {e}");
+                    return ExitCode::Failure as i32;
+                }
+            };
+            (
+                create(&meta, data.size(), MetaKind::External, &opts),
+                meta_path.clone(),
+                data.size(),
+            )
+        }
+    };
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{prefix}: {}: {e}", meta_path.display());
+            return ExitCode::Failure as i32;
+        }
+    };
+    for f in &report.overwritten {
+        eprintln!("{prefix}: overwrote {f}");
+    }
+    let l = &report.layout;
+    let kind = match l.kind {
+        MetaKind::Internal => "internal",
+        MetaKind::External => "external",
+    };
+    println!(
+        "{prefix}: {kind} meta-data written to {}",
+        meta_path.display()
+    );
+    println!("md-uuid: {:016X}", report.md_uuid);
+    println!("meta-data: {} bytes at byte {}", l.md_size, l.md_offset);
+    println!(
+        "activity-log: {} transactions at byte {}, {} extents of {} bytes",
+        l.al_transactions,
+        l.al_offset,
+        l.al_extents,
+        l.extent_size()
+    );
+    println!(
+        "bitmap: {} pages at byte {}, {BM_BLOCK_SIZE} bytes per bit",
+        l.bm_pages, l.bm_offset
+    );
+    println!(
+        "usable size: {} bytes ({} sectors) of a {} byte disk{}",
+        l.data_size,
+        l.data_size / 512,
+        disk_size,
+        if l.kind == MetaKind::Internal {
+            " (the internal meta-data takes the rest)"
+        } else {
+            ""
+        }
+    );
+    ExitCode::Ok as i32
+}
+
+/// Runs `twinblade dump-md`; returns the exit status.
+pub fn run_dump_md(args: DumpMdArgs) -> i32 {
+    let t = match target(&args.config, &args.res, args.node.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("twinblade dump-md: {e}");
+            return ExitCode::Usage as i32;
+        }
+    };
+    let prefix = format!("twinblade dump-md: {} on {}", args.res, t.node);
+    let (kind, meta_path, result) = match &t.meta_disk {
+        MetaDisk::Internal => match open(&t.disk, true) {
+            Ok(dev) => (
+                MetaKind::Internal,
+                t.disk.clone(),
+                inspect(&dev, 0, MetaKind::Internal),
+            ),
+            Err(e) => {
+                eprintln!("{prefix}: {e}");
+                return ExitCode::Failure as i32;
+            }
+        },
+        MetaDisk::External(meta_path) => {
+            let opened = open(&t.disk, true).and_then(|d| Ok((d, open(meta_path, true)?)));
+            match opened {
+                Ok((data, meta)) => (
+                    MetaKind::External,
+                    meta_path.clone(),
+                    inspect(&meta, data.size(), MetaKind::External),
+                ),
+                Err(e) => {
+                    eprintln!("{prefix}: {e}");
+                    return ExitCode::Failure as i32;
+                }
+            }
+        }
+    };
+    let insp = match result {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("{prefix}: {}: {e}", meta_path.display());
+            return ExitCode::Failure as i32;
+        }
+    };
+    let fields = dump_fields(&insp, &t.node, kind, &meta_path);
+    if args.json {
+        println!("{}", to_json(&fields));
+    } else {
+        for (k, v) in &fields {
+            println!("{k}: {}", v.text());
+        }
+    }
+    ExitCode::Ok as i32
+}
+
+/// One dump-md value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    /// Printed as is; a JSON string.
+    Str(String),
+    /// A JSON number.
+    Num(u64),
+    /// Space-separated; a JSON array.
+    List(Vec<Value>),
+}
+
+impl Value {
+    fn text(&self) -> String {
+        match self {
+            Value::Str(s) => s.clone(),
+            Value::Num(n) => n.to_string(),
+            Value::List(v) if v.is_empty() => "none".into(),
+            Value::List(v) => v.iter().map(Value::text).collect::<Vec<_>>().join(" "),
+        }
+    }
+
+    fn json(&self) -> String {
+        match self {
+            Value::Str(s) => {
+                let mut out = String::from("\"");
+                for c in s.chars() {
+                    match c {
+                        '"' => out.push_str("\\\""),
+                        '\\' => out.push_str("\\\\"),
+                        c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+                        c => out.push(c),
+                    }
+                }
+                out.push('"');
+                out
+            }
+            Value::Num(n) => n.to_string(),
+            Value::List(v) => format!(
+                "[{}]",
+                v.iter().map(Value::json).collect::<Vec<_>>().join(",")
+            ),
+        }
+    }
+}
+
+fn to_json(fields: &[(&'static str, Value)]) -> String {
+    let body: Vec<String> = fields
+        .iter()
+        .map(|(k, v)| format!("{}:{}", Value::Str(k.to_string()).json(), v.json()))
+        .collect();
+    format!("{{{}}}", body.join(","))
+}
+
+fn hex(v: u64) -> Value {
+    Value::Str(format!("{v:016X}"))
+}
+
+/// The dump-md lines for an inspection (see the module docs for the format).
+pub fn dump_fields(
+    insp: &Inspection,
+    node: &str,
+    kind: MetaKind,
+    meta_path: &Path,
+) -> Vec<(&'static str, Value)> {
+    let sb = &insp.superblock;
+    let l = &insp.layout;
+    let s = |v: String| Value::Str(v);
+    let other = 1 - insp.copy_in_force;
+    let other_state = match &insp.superblocks.copies[other] {
+        CopyState::Valid(r) => format!("valid seq {}", r.seq),
+        CopyState::Invalid(e) => format!("damaged ({e})"),
+        CopyState::Missing => "missing".into(),
+    };
+    let flag_names: Vec<Value> = [
+        (flags::CONSISTENT, "consistent"),
+        (flags::PRIMARY_IND, "primary-ind"),
+        (flags::CRASHED_PRIMARY, "crashed-primary"),
+        (flags::PEER_OUTDATED, "peer-outdated"),
+        (flags::AL_CLEAN, "al-clean"),
+    ]
+    .iter()
+    .filter(|(bit, _)| sb.flags & bit != 0)
+    .map(|(_, name)| s(name.to_string()))
+    .collect();
+    let clean = sb.flags & flags::AL_CLEAN != 0;
+    let al_state = if clean {
+        "clean".to_string()
+    } else if insp.al.complete {
+        format!("dirty: {} extents", insp.al.extents.len())
+    } else {
+        "dirty: incomplete (whole device out of sync on attach)".to_string()
+    };
+    let mut after = insp.bitmap.clone();
+    if !clean {
+        if insp.al.complete {
+            for &e in &insp.al.extents {
+                after.set_range((e as u64) << l.al_extent_shift, l.extent_size());
+            }
+        } else {
+            after.set_all();
+        }
+    }
+    let runs = insp.bitmap.runs(l.data_size);
+    let mut ranges: Vec<Value> = runs
+        .iter()
+        .take(32)
+        .map(|r| s(format!("{}-{}", r.start, r.end)))
+        .collect();
+    if runs.len() > 32 {
+        ranges.push(s("...".into()));
+    }
+    let kind_name = match kind {
+        MetaKind::Internal => "internal",
+        MetaKind::External => "external",
+    };
+    let mut fields = vec![
+        ("resource", s(sb.name.clone())),
+        ("node", s(node.to_string())),
+        (
+            "meta-disk",
+            s(format!("{kind_name} {}", meta_path.display())),
+        ),
+        ("format", Value::Num(crate::wire::ondisk::SB_VERSION as u64)),
+        ("md-uuid", hex(sb.md_uuid)),
+        (
+            "superblock",
+            s(format!(
+                "copy {}, seq {}; other copy: {other_state}",
+                insp.copy_in_force, sb.seq
+            )),
+        ),
+        ("flags", Value::List(flag_names)),
+        ("uuid-current", hex(sb.uuids[0])),
+        ("uuid-bitmap", hex(sb.uuids[1])),
+        (
+            "uuid-history",
+            Value::List(vec![hex(sb.uuids[2]), hex(sb.uuids[3])]),
+        ),
+        (
+            "data-size",
+            s(format!(
+                "{} bytes ({} sectors)",
+                l.data_size,
+                l.data_size / 512
+            )),
+        ),
+        (
+            "meta-data",
+            s(format!("{} bytes at byte {}", l.md_size, l.md_offset)),
+        ),
+        (
+            "activity-log",
+            s(format!(
+                "{} transactions at byte {}, {} extents of {} bytes",
+                l.al_transactions,
+                l.al_offset,
+                l.al_extents,
+                l.extent_size()
+            )),
+        ),
+        (
+            "al-ring",
+            s(format!(
+                "{} valid, {} invalid, newest transaction {}",
+                insp.al.valid,
+                insp.al.invalid,
+                insp.al.newest.map_or("none".to_string(), |n| n.to_string())
+            )),
+        ),
+        ("al-state", s(al_state)),
+    ];
+    if !clean {
+        fields.push((
+            "al-extents",
+            Value::List(
+                insp.al
+                    .extents
+                    .iter()
+                    .map(|&e| Value::Num(e as u64))
+                    .collect(),
+            ),
+        ));
+    }
+    fields.extend([
+        (
+            "bitmap",
+            s(format!(
+                "{} pages at byte {}, {} bytes per bit",
+                l.bm_pages, l.bm_offset, BM_BLOCK_SIZE
+            )),
+        ),
+        (
+            "bitmap-corrupt-pages",
+            Value::List(
+                insp.corrupt_pages
+                    .iter()
+                    .map(|&p| Value::Num(p as u64))
+                    .collect(),
+            ),
+        ),
+        (
+            "out-of-sync",
+            s(format!(
+                "{} bytes ({} blocks)",
+                insp.bitmap.out_of_sync_bytes(),
+                insp.bitmap.count()
+            )),
+        ),
+        (
+            "out-of-sync-after-attach",
+            s(format!("{} bytes", after.out_of_sync_bytes())),
+        ),
+        ("out-of-sync-ranges", Value::List(ranges)),
+    ]);
+    debug_assert!(BLOCK_LEN as u64 == BM_BLOCK_SIZE);
+    fields
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::crash::{CrashDevice, CrashMode};
+    use crate::meta::store::MetaStore;
+    use crate::meta::LayoutParams;
+    use std::sync::Arc;
+
+    #[test]
+    fn dump_fields_describe_a_crashed_store() {
+        let dev = Arc::new(CrashDevice::new(4 << 20));
+        let opts = CreateOptions {
+            name: "r0".into(),
+            params: LayoutParams {
+                al_extents: 7,
+                al_extent_shift: 16,
+            },
+            force: false,
+        };
+        create(dev.as_ref(), 0, MetaKind::Internal, &opts).unwrap();
+        let insp = inspect(dev.as_ref(), 0, MetaKind::Internal).unwrap();
+        let fields = dump_fields(&insp, "alpha", MetaKind::Internal, Path::new("/x"));
+        let get = |fields: &[(&str, Value)], k: &str| {
+            fields.iter().find(|(key, _)| *key == k).unwrap().1.text()
+        };
+        assert_eq!(get(&fields, "resource"), "r0");
+        assert_eq!(get(&fields, "flags"), "al-clean");
+        assert_eq!(get(&fields, "al-state"), "clean");
+        assert_eq!(get(&fields, "uuid-current"), "0000000000000004");
+        assert_eq!(get(&fields, "out-of-sync-ranges"), "none");
+        assert!(get(&fields, "superblock").starts_with("copy 1, seq 1; other copy: valid seq 0"));
+
+        let (store, _) = MetaStore::attach(dev.clone(), dev.clone(), MetaKind::Internal).unwrap();
+        store.write_begin(65536, 4096).unwrap();
+        store.mark_out_of_sync(65536, 4096);
+        store.write_end(65536, 4096);
+        let crashed = dev.crash(CrashMode::DropAll);
+        let insp = inspect(&crashed, 0, MetaKind::Internal).unwrap();
+        let fields = dump_fields(&insp, "alpha", MetaKind::Internal, Path::new("/x"));
+        assert_eq!(get(&fields, "al-state"), "dirty: 1 extents");
+        assert_eq!(get(&fields, "al-extents"), "1");
+        assert_eq!(get(&fields, "flags"), "none");
+        assert_eq!(get(&fields, "out-of-sync"), "0 bytes (0 blocks)");
+        assert_eq!(get(&fields, "out-of-sync-after-attach"), "65536 bytes");
+        let json = to_json(&fields);
+        assert!(
+            json.starts_with("{\"resource\":\"r0\",\"node\":\"alpha\""),
+            "{json}"
+        );
+        assert!(json.contains("\"al-extents\":[1]"), "{json}");
+        assert!(json.contains("\"flags\":[]"), "{json}");
+        assert_eq!(
+            Value::Str("a\"b\\\n".into()).json(),
+            "\"a\\\"b\\\\\\u000a\""
+        );
+    }
+}
