@@ -57,8 +57,8 @@ step "cargo test" cargo test --release --workspace
 # --- Fuzzing: a short cargo-fuzz run of every parser (nightly toolchain). ---------------------------
 step "fuzz" initiator-tests/fuzz.sh "${TWINBLADE_FUZZ_SECONDS:-30}"
 
-# --- NBD client tests (to be added): nbdinfo/nbdcopy/qemu-img/fio against the NBD export, e.g. ----
-# step "nbd clients" initiator-tests/nbd-clients.sh --target "$target"
+# --- NBD: real clients (nbdinfo, nbdcopy, qemu-img, qemu-io, fio's nbd engine) on loopback. -------
+step "nbd clients" initiator-tests/nbd-clients.sh --target "$target"
 
 # --- Real Linux aoe driver in a VM, at both MTUs. ------------------------------------------------
 step "vm build" initiator-tests/vm/build.sh

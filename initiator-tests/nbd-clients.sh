@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Real third-party NBD clients (Debian's libnbd-bin, qemu-utils, fio) against `twinblade nbd`
 # on loopback: nbdinfo (name, size, list), nbdcopy in and out with a checksum match,
-# qemu-img convert/compare, fio's nbd engine writing with verification, a read-only export,
+# qemu-img convert/compare, fio's nbd engine writing with verification, qemu-io's flush, FUA,
+# write-zeroes, discard and an out-of-range read, a read-only export, the client allowlist,
 # and a clean shutdown on SIGTERM.
 #
 # Usage: initiator-tests/nbd-clients.sh [--bin PATH] [--size MiB] [--target IGNORED]
@@ -149,9 +150,9 @@ qemu_io_ok() {
         -c 'write -z 128k 64k' -c 'discard 1M 1M' -c 'read -P 0xab 0 64k' \
         -c 'read -P 0xcd 64k 4k' -c 'read -P 0 128k 64k' "$uri" 2>&1) || { echo "$out" >&2; return 1; }
     ! grep -qiE 'error|fail|mismatch' <<<"$out" || { echo "$out" >&2; return 1; }
-    # A read past the end must fail, not hang or crash the server.
-    ! qemu-io -f raw -c "read $size 4k" "$uri" >/dev/null 2>&1 || true
-    nbdinfo --size "$uri" >/dev/null
+    # A read past the end must fail (qemu-io exits 1), not hang or crash the server.
+    ! timeout 20 qemu-io -f raw -c "read $size 4k" "$uri" >/dev/null 2>&1 &&
+        nbdinfo --size "$uri" >/dev/null
 }
 check "qemu-io flush/fua/zeroes/discard" qemu_io_ok
 
@@ -169,6 +170,16 @@ readonly_ok() {
 }
 check "read-only export" readonly_ok
 check "SIGTERM shuts down cleanly (read-only)" stop_server
+
+# --- The allowlist: loopback clients are refused unless their address is listed. ------------------
+start_server --name acl --allow 10.0.0.0/8 --allow 127.0.0.2 "$disk"
+acl_refuses() { ! timeout 20 nbdinfo --size "nbd://127.0.0.1:$port/acl" >/dev/null 2>&1; }
+check "allowlist refuses 127.0.0.1" acl_refuses
+check "SIGTERM shuts down cleanly (allowlist)" stop_server
+start_server --name acl --allow 10.0.0.0/8 --allow 127.0.0.0/8 "$disk"
+acl_admits() { [[ $(timeout 20 nbdinfo --size "nbd://127.0.0.1:$port/acl") == "$size" ]]; }
+check "allowlist admits 127.0.0.0/8" acl_admits
+check "SIGTERM shuts down cleanly (allowlist 2)" stop_server
 
 log "$passes passed, $failures failed"
 echo "nbd-clients: $passes passed, $failures failed"
