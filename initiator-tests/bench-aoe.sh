@@ -29,9 +29,13 @@ command -v vblade >/dev/null || { echo "bench-aoe.sh: vblade is not installed (a
 
 cd "$repo"
 cargo build --release --workspace --quiet
-bin=$repo/target/release
 work=/var/tmp/twinblade-bench
-mkdir -p "$work"
+mkdir -p "$work/bin"
+# Private copies: a build running elsewhere in this checkout must not swap binaries mid-run.
+bin=$work/bin
+cp "$repo/target/release/twinblade" "$repo/target/release/aoe-init" "$repo/target/release/aoe-ceiling" "$bin/"
+load() { cut -d' ' -f1-3 /proc/loadavg; }
+echo "bench: $(nproc) CPUs, load average at start: $(load); commit $(git -C "$repo" rev-parse --short HEAD)$(git -C "$repo" diff --quiet HEAD -- src initiator-tests || echo ' (with local changes)')"
 image=$work/bench.img
 results=$work/results.txt
 : >"$results"
@@ -116,6 +120,7 @@ for mtu in $mtus; do
     bytes=$size_bytes
     ((mtu < 9000)) && bytes=$((size_bytes / 2))
     for round in $(seq "$rounds"); do
+        echo "bench: MTU $mtu round $round, load average $(load)"
         for target in vblade twinblade ceiling; do
             start_target "$target"
             pid=$(cat "$work/$target.pid")
@@ -145,6 +150,7 @@ for mtu in $mtus; do
 done
 
 # Report: medians with spread, ratios twinblade/ceiling and twinblade/vblade.
+echo "bench: load average at end: $(load)"
 python3 - "$results" "$rounds" <<'PY'
 import sys, statistics, collections
 rows = collections.defaultdict(list)
