@@ -63,6 +63,7 @@ pub struct TxRing {
     slots: usize,
     next: usize,
     pending: usize,
+    staged: usize,
 }
 
 // SAFETY: the mapping is owned by the ring alone and touched only through `&mut` borrows of
@@ -170,6 +171,7 @@ impl PacketRing {
                 slots: tx_blocks * SLOTS_PER_BLOCK,
                 next: 0,
                 pending: 0,
+                staged: 0,
             },
             fd,
             map,
@@ -298,6 +300,43 @@ impl RxRing {
         slot_status(self.slot(self.next)).store(TP_STATUS_KERNEL, Ordering::Release);
         self.next = (self.next + 1) % self.slots;
     }
+
+    /// The received frame `ahead` slots past the current one, if the kernel has handed over
+    /// every slot up to it. Frames stay ours until released, so a batch can be looked at as
+    /// a whole and handed back with [`RxRing::release_many`].
+    pub fn peek(&self, ahead: usize) -> Option<&[u8]> {
+        if ahead >= self.slots {
+            return None;
+        }
+        let slot = self.slot((self.next + ahead) % self.slots);
+        if slot_status(slot).load(Ordering::Acquire) & TP_STATUS_USER == 0 {
+            return None;
+        }
+        // SAFETY: as in `next`: the kernel handed the slot over (status USER, acquire) and
+        // tp_mac/tp_snaplen are checked to lie inside the slot.
+        #[allow(unsafe_code)]
+        unsafe {
+            let header = &*(slot as *const libc::tpacket2_hdr);
+            let start = usize::from(header.tp_mac);
+            let len = header.tp_snaplen as usize;
+            if start + len > SLOT_SIZE {
+                return Some(&[]);
+            }
+            Some(std::slice::from_raw_parts(slot.add(start), len))
+        }
+    }
+
+    /// Hands the current slot and the `count - 1` after it back to the kernel, in order.
+    pub fn release_many(&mut self, count: usize) {
+        for _ in 0..count.min(self.slots) {
+            self.release();
+        }
+    }
+
+    /// Slots in the ring.
+    pub fn capacity(&self) -> usize {
+        self.slots
+    }
 }
 
 impl TxRing {
@@ -310,8 +349,79 @@ impl TxRing {
     }
 
     /// A free slot's frame buffer, waiting for the kernel to free one if the ring is full.
+    /// Not while slots are staged (see [`TxRing::stage`]).
     pub fn buffer(&mut self) -> io::Result<&mut [u8]> {
-        let slot = self.slot(self.next);
+        debug_assert_eq!(self.staged, 0, "buffer() while slots are staged");
+        self.wait_free(self.next)?;
+        Ok(self.data_mut(self.next))
+    }
+
+    /// Reserves the next free slot after those already staged, waiting for the kernel to free
+    /// it if need be, and returns its position among the staged slots. Staged slots are
+    /// filled in any order ([`TxRing::staged_buffer`], [`TxRing::set_staged_len`]) and
+    /// queued together, in ring order, by [`TxRing::commit_staged`]; until then the kernel
+    /// sends none of them (it stops at the first slot not handed over).
+    pub fn stage(&mut self) -> io::Result<usize> {
+        if self.staged + 1 >= self.slots {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "every transmit slot is staged",
+            ));
+        }
+        let index = (self.next + self.staged) % self.slots;
+        self.wait_free(index)?;
+        self.staged += 1;
+        Ok(self.staged - 1)
+    }
+
+    /// The frame buffer of staged slot `position` (as returned by [`TxRing::stage`]).
+    pub fn staged_buffer(&mut self, position: usize) -> &mut [u8] {
+        assert!(position < self.staged, "slot {position} is not staged");
+        self.data_mut((self.next + position) % self.slots)
+    }
+
+    /// Sets the length of the frame in staged slot `position`.
+    pub fn set_staged_len(&mut self, position: usize, len: usize) {
+        assert!(position < self.staged, "slot {position} is not staged");
+        let slot = self.slot((self.next + position) % self.slots);
+        // SAFETY: the slot is ours (staged: status AVAILABLE, seen with acquire) and the
+        // kernel does not look at it before `commit_staged` releases it.
+        #[allow(unsafe_code)]
+        unsafe {
+            (*(slot as *mut libc::tpacket2_hdr)).tp_len = len.min(TX_CAPACITY) as u32;
+        }
+    }
+
+    /// Hands every staged slot to the kernel, in ring order (it sends them at the next kick).
+    pub fn commit_staged(&mut self) {
+        for _ in 0..self.staged {
+            let slot = self.slot(self.next);
+            slot_status(slot).store(TP_STATUS_SEND_REQUEST, Ordering::Release);
+            self.next = (self.next + 1) % self.slots;
+            self.pending += 1;
+        }
+        self.staged = 0;
+    }
+
+    /// Frames staged and not yet committed.
+    pub fn staged(&self) -> usize {
+        self.staged
+    }
+
+    fn data_mut(&mut self, index: usize) -> &mut [u8] {
+        let slot = self.slot(index);
+        // SAFETY: the caller owns slot `index` (status AVAILABLE, seen with acquire) and the
+        // data area lies within it; `&mut self` keeps any other buffer of this ring from being
+        // handed out meanwhile.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::slice::from_raw_parts_mut(slot.add(TX_DATA_OFFSET), TX_CAPACITY)
+        }
+    }
+
+    /// Waits until slot `index` is free, kicking the ring so the kernel frees slots.
+    fn wait_free(&mut self, index: usize) -> io::Result<()> {
+        let slot = self.slot(index);
         let mut spins = 0u32;
         loop {
             let status = slot_status(slot).load(Ordering::Acquire);
@@ -327,15 +437,7 @@ impl TxRing {
                 }
             }
         }
-        // SAFETY: the slot is ours (status AVAILABLE, acquire) and the data area lies within
-        // it; `&mut self` keeps any other buffer of this ring from being handed out meanwhile.
-        #[allow(unsafe_code)]
-        unsafe {
-            Ok(std::slice::from_raw_parts_mut(
-                slot.add(TX_DATA_OFFSET),
-                TX_CAPACITY,
-            ))
-        }
+        Ok(())
     }
 
     /// Queues the frame written into the current slot's buffer (its first `len` bytes).

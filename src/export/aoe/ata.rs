@@ -143,6 +143,17 @@ impl AtaRequest {
         }
     }
 
+    /// Whether a read or write of at least one sector lies wholly inside a device of
+    /// `size_sectors` sectors (false for every other request).
+    pub fn in_range(&self, size_sectors: u64) -> bool {
+        match *self {
+            AtaRequest::Read { lba, sectors } | AtaRequest::Write { lba, sectors } => {
+                sectors > 0 && lba + u64::from(sectors) <= size_sectors
+            }
+            _ => false,
+        }
+    }
+
     /// Byte range `(offset, len)` this request touches, for ordering overlapping requests.
     pub fn byte_range(&self) -> Option<(u64, u64)> {
         match *self {
@@ -222,11 +233,7 @@ pub fn execute(
             } else {
                 device.read_at(&mut data_out[..len], offset)
             };
-            match result {
-                Ok(()) => AtaReply::ok(0, lba + u64::from(sectors), if is_write { 0 } else { len }),
-                Err(BlockError::OutOfRange { .. }) => AtaReply::failed(error::IDNF, sectors, lba),
-                Err(_) => AtaReply::failed(error::ABRT, sectors, lba),
-            }
+            transfer_reply(request, result)
         }
         AtaRequest::Flush => match device.flush() {
             Ok(()) => AtaReply::ok(0, 0, 0),
@@ -238,6 +245,22 @@ pub fn execute(
         }
         AtaRequest::CheckPowerMode => AtaReply::ok(0xFF, 0, 0),
         AtaRequest::Unsupported(_) => AtaReply::failed(error::ABRT, 0, 0),
+    }
+}
+
+/// The reply to a read or write of an in-range `request` (see [`AtaRequest::in_range`]) whose
+/// transfer ended with `result`: how [`execute`] answers, and how a transfer that was executed
+/// together with its neighbours is answered. Any other request is answered with ABRT.
+pub fn transfer_reply(request: &AtaRequest, result: Result<(), BlockError>) -> AtaReply {
+    let (lba, sectors, data_len) = match *request {
+        AtaRequest::Read { lba, sectors } => (lba, sectors, usize::from(sectors) * 512),
+        AtaRequest::Write { lba, sectors } => (lba, sectors, 0),
+        _ => return AtaReply::failed(error::ABRT, 0, 0),
+    };
+    match result {
+        Ok(()) => AtaReply::ok(0, lba + u64::from(sectors), data_len),
+        Err(BlockError::OutOfRange { .. }) => AtaReply::failed(error::IDNF, sectors, lba),
+        Err(_) => AtaReply::failed(error::ABRT, sectors, lba),
     }
 }
 
@@ -410,5 +433,42 @@ mod tests {
         // Model "twinblade" byte-swapped per word: "wt" "ni" ...
         assert_eq!(&words[54..58], b"wtni");
         assert_eq!(&words[20..24], b".0:3");
+    }
+
+    #[test]
+    fn identify_fields_fill_their_words_and_small_devices_report_lba28_capacity() {
+        let id = IdentifyData::new("0.3:alpha", "V0.1", "twinblade");
+        let words = id.words_for(2048);
+        let text = |first: usize, count: usize| -> String {
+            words[2 * first..2 * (first + count)]
+                .chunks(2)
+                .flat_map(|pair| [pair[1] as char, pair[0] as char])
+                .collect()
+        };
+        // Serial words 10-19, firmware 23-26, model 27-46: space-padded ASCII.
+        assert_eq!(text(10, 10), format!("{:<20}", "0.3:alpha"));
+        assert_eq!(text(23, 4), format!("{:<8}", "V0.1"));
+        assert_eq!(text(27, 20), format!("{:<40}", "twinblade"));
+        // Below 2^28 sectors, words 60-61 carry the capacity itself, as do words 100-103.
+        assert_eq!(
+            u32::from_le_bytes(words[120..124].try_into().unwrap()),
+            2048
+        );
+        assert_eq!(
+            u64::from_le_bytes(words[200..208].try_into().unwrap()),
+            2048
+        );
+        // vblade's fixed words (aoe.md): 47, 49 (LBA), 50, 84, 87, 93.
+        let word = |i: usize| u16::from_le_bytes([words[2 * i], words[2 * i + 1]]);
+        assert_eq!(
+            [word(47), word(49), word(50), word(84), word(87), word(93)],
+            [0x8000, 0x0200, 0x4000, 0x4000, 0x4000, 0x400B]
+        );
+        // Long strings are cut to their field, never spilling into the next one.
+        let long = IdentifyData::new(&"s".repeat(40), &"f".repeat(40), &"m".repeat(80));
+        let words = long.words_for(1);
+        assert_eq!(&words[46..54], b"ffffffff");
+        assert_eq!(&words[54..56], b"mm");
+        assert_eq!(words[94], 0, "word 47 low byte untouched");
     }
 }

@@ -115,6 +115,45 @@ pub enum Outcome {
     NotOurs,
 }
 
+/// A read or write that passed every check [`Blade::handle`] makes and lies inside the device:
+/// what is left is the transfer itself, which the frame path may execute together with the
+/// transfers of neighbouring frames (one `read_at`/`write_at` for a run of adjacent sectors)
+/// before [`Blade::finish_transfer`] writes the reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PreparedTransfer {
+    reply: HeaderRepr,
+    ata: AtaRepr,
+    request: AtaRequest,
+}
+
+impl PreparedTransfer {
+    /// Whether it writes (else it reads).
+    pub fn is_write(&self) -> bool {
+        matches!(self.request, AtaRequest::Write { .. })
+    }
+
+    /// First sector.
+    pub fn lba(&self) -> u64 {
+        match self.request {
+            AtaRequest::Read { lba, .. } | AtaRequest::Write { lba, .. } => lba,
+            _ => unreachable!("a prepared transfer is a read or a write"),
+        }
+    }
+
+    /// Bytes transferred.
+    pub fn data_len(&self) -> usize {
+        match self.request {
+            AtaRequest::Read { sectors, .. } | AtaRequest::Write { sectors, .. } => {
+                usize::from(sectors) * 512
+            }
+            _ => unreachable!("a prepared transfer is a read or a write"),
+        }
+    }
+
+    /// Where the data lies in the request frame (writes) and in the reply (reads).
+    pub const DATA_OFFSET: usize = aoe::HEADER_LEN + aoe::ATA_ARG_LEN;
+}
+
 /// One virtual blade.
 pub struct Blade {
     config: BladeConfig,
@@ -200,6 +239,60 @@ impl Blade {
         } else {
             self.masks.clone()
         }
+    }
+
+    /// The device the blade serves.
+    pub fn device(&self) -> &dyn BlockDevice {
+        &*self.device
+    }
+
+    /// If `bytes` is a read or write addressed to this blade alone that [`Blade::handle`] would
+    /// execute (valid, permitted, inside the device), returns it without executing it and
+    /// without counting it; `None` for anything else, which is then answered by
+    /// [`Blade::handle`]. A write's data is `bytes[PreparedTransfer::DATA_OFFSET..][..data_len]`.
+    pub fn prepare_transfer(&self, bytes: &[u8], port: &Port) -> Option<PreparedTransfer> {
+        let frame = Frame::new_checked(bytes).ok()?;
+        let header = HeaderRepr::parse(&frame).ok()?;
+        if header.response
+            || header.version != aoe::VERSION
+            || header.command != Command::Ata
+            || (header.shelf, header.slot) != (self.config.shelf, self.config.slot)
+            || (!self.masks.is_empty() && !self.masks.contains(&header.src))
+            || (!self.reservations.is_empty() && !self.reservations.contains(&header.src))
+        {
+            return None;
+        }
+        let arg = AtaArg::new_checked(frame.payload()).ok()?;
+        let ata = AtaRepr::parse(&arg).ok()?;
+        let request = AtaRequest::from_repr(&ata, port.max_sectors(), arg.data().len()).ok()?;
+        if !request.in_range(self.device.size() / crate::block::SECTOR_SIZE) {
+            return None;
+        }
+        Some(PreparedTransfer {
+            reply: header.reply(port.mac, self.config.shelf, self.config.slot),
+            ata,
+            request,
+        })
+    }
+
+    /// Writes the reply to a prepared transfer that ended with `result` into `out` (a read's
+    /// data must already be at `out[PreparedTransfer::DATA_OFFSET..]`), counts it as
+    /// [`Blade::handle`] would, and returns the reply's length.
+    pub fn finish_transfer(
+        &self,
+        transfer: &PreparedTransfer,
+        result: Result<(), crate::block::BlockError>,
+        out: &mut [u8],
+    ) -> usize {
+        self.stats.count_request();
+        let reply = ata::transfer_reply(&transfer.request, result);
+        self.stats.count_ata(&transfer.request, &reply);
+        if !reply.is_ok() && reply.error == ata::error::ABRT {
+            warn_limited!(self.io_error_log, blade = %self.config.name(), request = ?transfer.request, "I/O error answered with ATA ABRT");
+        }
+        let len = self.emit_ata_reply(transfer.reply, &transfer.ata, &reply, out);
+        self.stats.count_reply();
+        len
     }
 
     /// Answers one received frame. `out` must hold at least `port.max_frame_len()` bytes and

@@ -11,6 +11,6 @@ pub mod blade;
 pub mod server;
 pub mod stats;
 
-pub use blade::{Blade, BladeConfig, Outcome, Port};
+pub use blade::{Blade, BladeConfig, Outcome, Port, PreparedTransfer};
 pub use server::{AoeServer, Export, StartError};
 pub use stats::{BladeStats, DropReason};

@@ -14,10 +14,10 @@
 //! Everything stops when the [`CancellationToken`] is cancelled: the threads notice within
 //! [`POLL_INTERVAL`].
 
-use super::blade::{Blade, BladeConfig, Outcome, Port};
+use super::blade::{Blade, BladeConfig, Outcome, Port, PreparedTransfer};
 use super::stats::BladeStats;
-use crate::block::BlockDevice;
-use crate::net::{Interface, PacketRing, PacketSocket, SLOT_SIZE};
+use crate::block::{BlockDevice, SECTOR_SIZE};
+use crate::net::{Interface, PacketRing, PacketSocket, RxRing, TxRing, SLOT_SIZE};
 use crate::ratelimit::LogLimiter;
 use crate::warn_limited;
 use crate::wire::aoe::{self, Frame};
@@ -327,10 +327,19 @@ fn answer(frame: &[u8], routes: &[Route], mut emit: impl FnMut(&mut Blade) -> bo
 }
 
 /// The ring frame path: frames are read where the kernel put them and replies built in the
-/// transmit ring; the only syscalls are one kick per batch and a poll when idle.
+/// transmit ring; the only syscalls are one kick per batch, a poll when idle, and the device
+/// I/O — one `read_at`/`write_at` per run of adjacent transfers rather than one per frame.
+///
+/// A batch is every frame the receive ring holds (up to [`BATCH`]), taken in arrival order.
+/// Reads and writes that continue the current run (same blade, same direction, the next
+/// sectors) join it: their reply slots are staged in the transmit ring and the transfer waits.
+/// Any other frame first completes the run, then is answered on its own, so every request
+/// still reaches the device in arrival order. Receive slots are handed back at the end of the
+/// batch, which is what lets a run's write data be gathered from where it arrived.
 fn serve_port_ring(port: &mut PortHandle, routes: &[Route], cancel: &CancellationToken) {
     let mut last_mtu_check = Instant::now();
     let error_log = LogLimiter::network();
+    let mut run = Run::default();
     while !cancel.is_cancelled() {
         if last_mtu_check.elapsed() >= POLL_INTERVAL {
             port.refresh_mtu();
@@ -350,29 +359,181 @@ fn serve_port_ring(port: &mut PortHandle, routes: &[Route], cancel: &Cancellatio
             }
         }
         let (rx, tx) = ring.split();
-        let mut handled = 0;
-        while handled < BATCH {
-            let Some(frame) = rx.next() else { break };
-            answer(frame, routes, |blade| match tx.buffer() {
-                Ok(out) => {
-                    if let Outcome::Reply(len) = blade.handle(frame, &current, out) {
-                        tx.commit(len);
+        // Hold at most half the receive ring, so the kernel always has room for what the
+        // initiators were promised.
+        let limit = BATCH.min(rx.capacity() / 2).max(1);
+        let mut held = 0;
+        while held < limit {
+            let Some(frame) = rx.peek(held) else { break };
+            match prepare(frame, routes, &current) {
+                Some((route, transfer)) => {
+                    if !run.continues(route, &transfer) {
+                        run.complete(routes, rx, tx);
                     }
-                    true
+                    match tx.stage() {
+                        Ok(slot) => run.push(route, transfer, held, slot),
+                        Err(err) => {
+                            warn_limited!(error_log, %err, "no transmit slot");
+                        }
+                    }
                 }
-                Err(err) => {
-                    warn_limited!(error_log, %err, "no transmit slot");
-                    false
+                None => {
+                    run.complete(routes, rx, tx);
+                    answer(frame, routes, |blade| match tx.buffer() {
+                        Ok(out) => {
+                            if let Outcome::Reply(len) = blade.handle(frame, &current, out) {
+                                tx.commit(len);
+                            }
+                            true
+                        }
+                        Err(err) => {
+                            warn_limited!(error_log, %err, "no transmit slot");
+                            false
+                        }
+                    });
                 }
-            });
-            rx.release();
-            handled += 1;
+            }
+            held += 1;
         }
+        run.complete(routes, rx, tx);
+        rx.release_many(held);
         if tx.pending() > 0 {
             if let Err(err) = tx.kick() {
                 warn_limited!(error_log, iface = %port.iface.name, %err, "replies not sent");
             }
         }
+    }
+}
+
+/// The blade (route index) that takes `frame` as a plain transfer, if one does.
+fn prepare(frame: &[u8], routes: &[Route], port: &Port) -> Option<(usize, PreparedTransfer)> {
+    routes
+        .iter()
+        .enumerate()
+        .find_map(|(index, route)| Some((index, route.lock().prepare_transfer(frame, port)?)))
+}
+
+/// Adjacent transfers of one blade in one direction, waiting to be executed together.
+#[derive(Default)]
+struct Run {
+    route: usize,
+    entries: Vec<RunEntry>,
+    /// Where a contiguous run's data is gathered (writes) or read into (reads).
+    staging: Vec<u8>,
+}
+
+struct RunEntry {
+    transfer: PreparedTransfer,
+    /// Position of the request frame among the held receive slots.
+    rx: usize,
+    /// Position of the reply among the staged transmit slots.
+    tx: usize,
+}
+
+/// Largest run executed as one device call.
+const MAX_RUN_BYTES: usize = 1 << 20;
+
+impl Run {
+    fn continues(&self, route: usize, next: &PreparedTransfer) -> bool {
+        let Some(last) = self.entries.last() else {
+            return true;
+        };
+        let first = &self.entries[0].transfer;
+        let bytes: usize = self.entries.iter().map(|e| e.transfer.data_len()).sum();
+        route == self.route
+            && next.is_write() == first.is_write()
+            && next.lba() == last.transfer.lba() + (last.transfer.data_len() / 512) as u64
+            && bytes + next.data_len() <= MAX_RUN_BYTES
+    }
+
+    fn push(&mut self, route: usize, transfer: PreparedTransfer, rx: usize, tx: usize) {
+        self.route = route;
+        self.entries.push(RunEntry { transfer, rx, tx });
+    }
+
+    /// Executes the run with one device call (each transfer alone if that call fails, so
+    /// every reply carries its own outcome), writes the replies and queues them.
+    fn complete(&mut self, routes: &[Route], rx: &RxRing, tx: &mut TxRing) {
+        if self.entries.is_empty() {
+            return;
+        }
+        let blade = routes[self.route].lock();
+        let device = blade.device();
+        let data_at = PreparedTransfer::DATA_OFFSET;
+        let first = self.entries[0].transfer;
+        let offset = first.lba() * SECTOR_SIZE;
+        let write = first.is_write();
+        let request_data = |entry: &RunEntry| -> &[u8] {
+            let frame = rx.peek(entry.rx).unwrap_or(&[]);
+            frame
+                .get(data_at..data_at + entry.transfer.data_len())
+                .unwrap_or(&[])
+        };
+        let together = if self.entries.len() == 1 {
+            // Nothing to gather: straight from the receive slot, or into the reply slot.
+            let entry = &self.entries[0];
+            let len = entry.transfer.data_len();
+            if write {
+                device.write_at(request_data(entry), offset, false)
+            } else {
+                device.read_at(
+                    &mut tx.staged_buffer(entry.tx)[data_at..data_at + len],
+                    offset,
+                )
+            }
+        } else {
+            let total: usize = self.entries.iter().map(|e| e.transfer.data_len()).sum();
+            if self.staging.len() < total {
+                self.staging.resize(total, 0);
+            }
+            let mut at = 0;
+            if write {
+                for entry in &self.entries {
+                    let data = request_data(entry);
+                    self.staging[at..at + data.len()].copy_from_slice(data);
+                    at += data.len();
+                }
+                device.write_at(&self.staging[..total], offset, false)
+            } else {
+                let result = device.read_at(&mut self.staging[..total], offset);
+                if result.is_ok() {
+                    for entry in &self.entries {
+                        let len = entry.transfer.data_len();
+                        tx.staged_buffer(entry.tx)[data_at..data_at + len]
+                            .copy_from_slice(&self.staging[at..at + len]);
+                        at += len;
+                    }
+                }
+                result
+            }
+        };
+        let single = self.entries.len() == 1;
+        let alone = together.is_err() && !single;
+        let mut together = Some(together);
+        for entry in &self.entries {
+            let transfer = &entry.transfer;
+            let result = if alone {
+                let offset = transfer.lba() * SECTOR_SIZE;
+                let len = transfer.data_len();
+                if write {
+                    device.write_at(request_data(entry), offset, false)
+                } else {
+                    device.read_at(
+                        &mut tx.staged_buffer(entry.tx)[data_at..data_at + len],
+                        offset,
+                    )
+                }
+            } else if single {
+                together.take().unwrap_or(Ok(()))
+            } else {
+                Ok(())
+            };
+            let len = blade.finish_transfer(transfer, result, tx.staged_buffer(entry.tx));
+            tx.set_staged_len(entry.tx, len);
+        }
+        drop(blade);
+        tx.commit_staged();
+        self.entries.clear();
     }
 }
 

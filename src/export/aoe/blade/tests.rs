@@ -727,3 +727,171 @@ fn random_frames_never_panic_and_never_write_outside_requests() {
         )
         .unwrap();
 }
+
+/// Answers `frame` through the prepared-transfer path as the ring frame path does (one
+/// transfer, executed alone) and returns the reply bytes.
+fn ask_prepared(blade: &mut Blade, frame: &[u8], port: &Port) -> Vec<u8> {
+    let transfer = blade
+        .prepare_transfer(frame, port)
+        .expect("a plain transfer");
+    let mut out = vec![0u8; 10000];
+    let at = PreparedTransfer::DATA_OFFSET;
+    let len = transfer.data_len();
+    let offset = transfer.lba() * 512;
+    let result = if transfer.is_write() {
+        blade.device().write_at(&frame[at..at + len], offset, false)
+    } else {
+        blade.device().read_at(&mut out[at..at + len], offset)
+    };
+    let reply_len = blade.finish_transfer(&transfer, result, &mut out);
+    out.truncate(reply_len);
+    out
+}
+
+#[test]
+fn prepared_transfers_answer_exactly_as_handle_does() {
+    let (mut blade, _dev, _dir) = blade_with_device();
+    let (mut twin, _twin_dev, _twin_dir) = blade_with_device();
+    let data = pattern(17 * 512, 3);
+    let frames = [
+        ata_frame(
+            cmd::WRITE_EXT,
+            ata_flags::EXTENDED | ata_flags::WRITE,
+            17,
+            40,
+            &data,
+        ),
+        ata_frame(cmd::READ_EXT, ata_flags::EXTENDED, 17, 40, &[]),
+        ata_frame(cmd::WRITE, ata_flags::WRITE, 2, 0xE000_0002, &data[..1024]),
+        ata_frame(cmd::READ, 0, 2, 2, &[]),
+        // The driver's probe: a read carrying trailing data.
+        ata_frame(cmd::READ_EXT, ata_flags::EXTENDED, 2, 0, &[0u8; 1024]),
+    ];
+    for frame in &frames {
+        let (_, expected) = ask(&mut twin, frame, &PORT_9000);
+        assert_eq!(ask_prepared(&mut blade, frame, &PORT_9000), expected);
+    }
+    let (a, b) = (blade.stats(), twin.stats());
+    assert_eq!(a.summary(), b.summary(), "counted as handle counts");
+    assert_eq!(a.writes.load(std::sync::atomic::Ordering::Relaxed), 2);
+}
+
+#[test]
+fn failed_prepared_transfer_is_answered_with_abort() {
+    let (mut blade, dev, _dir) = blade_with_device();
+    dev.set_faults(FaultConfig {
+        write_error: Some(FaultSpec::always(InjectedError::Eio)),
+        ..Default::default()
+    });
+    let write = ata_frame(cmd::WRITE_EXT, 0x41, 1, 0, &[1u8; 512]);
+    let reply = ask_prepared(&mut blade, &write, &PORT_1500);
+    let repr = PacketRepr::parse(&Frame::new_checked(&reply[..]).unwrap()).unwrap();
+    let ata = ata_of(&repr);
+    assert_eq!(
+        (ata.cmd_status, ata.err_feature),
+        (status::DRDY | status::ERR, ata_error::ABRT)
+    );
+    assert_eq!(
+        blade
+            .stats()
+            .ata_errors
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[test]
+fn only_plain_permitted_in_range_transfers_are_prepared() {
+    let (mut blade, _dev, _dir) = blade_with_device();
+    let read = ata_frame(cmd::READ_EXT, ata_flags::EXTENDED, 2, 0, &[]);
+    assert!(blade.prepare_transfer(&read, &PORT_1500).is_some());
+    let last = (1 << 20) / 512 - 1;
+    let mut refused: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "beyond the device",
+            ata_frame(cmd::READ_EXT, ata_flags::EXTENDED, 2, last, &[]),
+        ),
+        (
+            "more sectors than the frame carries",
+            ata_frame(cmd::READ_EXT, ata_flags::EXTENDED, 3, 0, &[]),
+        ),
+        (
+            "short write payload",
+            ata_frame(cmd::WRITE_EXT, 0x41, 2, 0, &[0u8; 600]),
+        ),
+        (
+            "no sectors",
+            ata_frame(cmd::READ_EXT, ata_flags::EXTENDED, 0, 0, &[]),
+        ),
+        ("flush", ata_frame(cmd::FLUSH_CACHE_EXT, 0, 0, 0, &[])),
+        ("identify", ata_frame(cmd::IDENTIFY, 0, 1, 0, &[])),
+        ("config", config_frame(0, 3, ConfigCommand::Read, b"")),
+        ("truncated", read[..30].to_vec()),
+    ];
+    let mut broadcast = read.clone();
+    broadcast[16..19].copy_from_slice(&[0xFF, 0xFF, 0xFF]);
+    refused.push(("broadcast", broadcast));
+    let mut other_slot = read.clone();
+    other_slot[18] = 4;
+    refused.push(("another slot", other_slot));
+    let mut version = read.clone();
+    version[14] = 0x20;
+    refused.push(("version 2", version));
+    for (why, frame) in &refused {
+        assert!(
+            blade.prepare_transfer(frame, &PORT_1500).is_none(),
+            "{why} was prepared"
+        );
+    }
+    // Reserved by someone else: the reply is error 6, so not a plain transfer.
+    ask(
+        &mut blade,
+        &reserve_frame(CLIENT, reserve::SET, &[OTHER]),
+        &PORT_1500,
+    );
+    assert!(blade.prepare_transfer(&read, &PORT_1500).is_none());
+    ask(
+        &mut blade,
+        &reserve_frame(CLIENT, reserve::FORCE_SET, &[CLIENT]),
+        &PORT_1500,
+    );
+    assert!(blade.prepare_transfer(&read, &PORT_1500).is_some());
+    // Masked out: dropped, so not a plain transfer either.
+    ask(
+        &mut blade,
+        &mask_frame(mask::EDIT, &[(mask::DIR_ADD, OTHER)]),
+        &PORT_1500,
+    );
+    assert!(blade.prepare_transfer(&read, &PORT_1500).is_none());
+}
+
+#[test]
+fn network_triggered_logs_are_rate_limited_and_every_frame_counted() {
+    let (mut blade, _dev, _dir) = blade_with_device();
+    let mut bad_version = ata_frame(cmd::READ_EXT, ata_flags::EXTENDED, 1, 0, &[]);
+    bad_version[14] = 0x20;
+    let unknown = packet(PacketRepr {
+        header: header(0, 3, Command::Unknown(9)),
+        arg: ArgRepr::Unknown,
+    });
+    let started = std::time::Instant::now();
+    for _ in 0..1000 {
+        ask(&mut blade, &bad_version, &PORT_1500);
+        ask(&mut blade, &unknown, &PORT_1500);
+    }
+    // Every frame is counted exactly...
+    let stats = blade.stats();
+    assert_eq!(stats.errors(ErrorCode::UnsupportedVersion), 1000);
+    assert_eq!(stats.errors(ErrorCode::UnrecognizedCommand), 1000);
+    assert_eq!(
+        stats.requests.load(std::sync::atomic::Ordering::Relaxed),
+        2000
+    );
+    // ...but at most 10 log lines per 5 s window get through (network() limiter).
+    let windows = started.elapsed().as_secs() / 5 + 1;
+    let logged = 2000 - blade.bad_frame_log.suppressed_total();
+    assert!(
+        logged <= 10 * windows,
+        "{logged} log lines for 2000 bad frames in {windows} window(s)"
+    );
+}
