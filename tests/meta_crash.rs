@@ -279,7 +279,13 @@ fn run_case(kind: MetaKind, al_extents: u32, ops: &[Op], seed: u64) -> (usize, u
     (total + 1, checks)
 }
 
-fn config(cases: u32) -> ProptestConfig {
+fn config(default_cases: u32) -> ProptestConfig {
+    // Each case crashes ~60 points x 3 modes; CI's default keeps the test to a few seconds.
+    // PROPTEST_CASES=N runs N cases for a deeper search.
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default_cases);
     ProptestConfig {
         cases,
         failure_persistence: None,
@@ -317,12 +323,12 @@ macro_rules! crash_property {
 crash_property!(
     crash_anywhere_internal_meta_data_covers_every_difference,
     MetaKind::Internal,
-    200
+    24
 );
 crash_property!(
     crash_anywhere_external_meta_data_covers_every_difference,
     MetaKind::External,
-    200
+    24
 );
 
 /// A fixed workload that fills and churns the activity log, so eviction (bitmap write-back,

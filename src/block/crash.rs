@@ -192,7 +192,7 @@ impl CrashDevice {
     /// Cuts the power now and returns what survives, as a new device.
     pub fn crash(&self, mode: CrashMode) -> CrashDevice {
         let st = self.lock();
-        CrashDevice::from_image(settle(st.durable.clone(), &st.volatile, mode))
+        CrashDevice::from_image(settle(st.durable.clone(), pending(&st.volatile), mode))
     }
 
     /// Cuts the power while durability point `point` (0-based, in log order) was in flight and
@@ -215,6 +215,73 @@ impl CrashDevice {
         mode: CrashMode,
     ) -> Vec<CrashDevice> {
         devices.iter().map(|d| d.crash_at(point, mode)).collect()
+    }
+
+    /// Calls `f` once for every durability point of a recorded group (`devices` in the order
+    /// the group was formed, or one device that recorded alone), in order, and once more for
+    /// "now": the [`Cut`] crashes the group while that point was in flight. The same images as
+    /// [`crash_group_at`](Self::crash_group_at) for each point, but the log is replayed once
+    /// instead of once per point, mode and device — what makes crashing at every point of
+    /// every case cheap enough for property tests.
+    ///
+    /// Panics if `devices` is not exactly the recorded group.
+    pub fn for_each_crash_point(devices: &[&CrashDevice], mut f: impl FnMut(&Cut<'_>)) {
+        let (history, _) = devices[0].history();
+        for (i, d) in devices.iter().enumerate() {
+            let (h, index) = d.history();
+            assert!(
+                Arc::ptr_eq(&h, &history) && index == i,
+                "device {i} is not member {i} of the recorded group"
+            );
+        }
+        // A snapshot, so `f` may use the devices (and their log) freely.
+        let (mut durable, ops) = {
+            let h = history.lock().unwrap_or_else(|e| e.into_inner());
+            assert_eq!(h.bases.len(), devices.len(), "not the whole recorded group");
+            (h.bases.clone(), h.ops.clone())
+        };
+        let mut volatile: Vec<Vec<Pending>> = vec![Vec::new(); devices.len()];
+        let mut point = 0;
+        for (dev, op) in &ops {
+            if is_point(op) {
+                let in_flight = match op {
+                    Op::Write { offset, data, .. } => Some((*dev, *offset, &data[..])),
+                    Op::Flush => None,
+                };
+                f(&Cut {
+                    point,
+                    durable: &durable,
+                    volatile: &volatile,
+                    in_flight,
+                });
+                point += 1;
+            }
+            match op {
+                Op::Write {
+                    offset,
+                    data,
+                    fua: true,
+                } => {
+                    apply(&mut durable[*dev], *offset, data);
+                    supersede(&mut volatile[*dev], *offset, data.len() as u64);
+                }
+                Op::Write { offset, data, .. } => volatile[*dev].push(Pending {
+                    offset: *offset,
+                    data: data.clone(),
+                }),
+                Op::Flush => {
+                    for p in volatile[*dev].drain(..) {
+                        apply(&mut durable[*dev], p.offset, &p.data);
+                    }
+                }
+            }
+        }
+        f(&Cut {
+            point,
+            durable: &durable,
+            volatile: &volatile,
+            in_flight: None,
+        });
     }
 
     /// The durable image: what [`CrashMode::DropAll`] would leave.
@@ -253,22 +320,59 @@ impl CrashDevice {
     }
 }
 
+/// A crash group frozen while one durability point was in flight (see
+/// [`CrashDevice::for_each_crash_point`]).
+#[derive(Debug)]
+pub struct Cut<'a> {
+    point: usize,
+    durable: &'a [Vec<u8>],
+    volatile: &'a [Vec<Pending>],
+    /// The FUA write that was in flight: (device, offset, bytes). It may be lost or torn.
+    in_flight: Option<(usize, u64, &'a [u8])>,
+}
+
+impl Cut<'_> {
+    /// The durability point in flight (the number of points, for "now").
+    pub fn point(&self) -> usize {
+        self.point
+    }
+
+    /// Cuts the power: what survives of each device of the group, in group order.
+    pub fn crash(&self, mode: CrashMode) -> Vec<CrashDevice> {
+        (0..self.durable.len())
+            .map(|i| {
+                let extra = self
+                    .in_flight
+                    .filter(|&(dev, _, _)| dev == i)
+                    .map(|(_, offset, data)| (offset, data));
+                let writes = pending(&self.volatile[i]).chain(extra);
+                CrashDevice::from_image(settle(
+                    self.durable[i].clone(),
+                    writes,
+                    device_mode(mode, i),
+                ))
+            })
+            .collect()
+    }
+}
+
 fn is_point(op: &Op) -> bool {
     matches!(op, Op::Flush | Op::Write { fua: true, .. })
 }
 
+/// Each device of a group gets its own random choices from one seed.
+fn device_mode(mode: CrashMode, index: usize) -> CrashMode {
+    let mix = |seed: u64| seed ^ (index as u64).wrapping_mul(0x9e37_79b9);
+    match mode {
+        CrashMode::DropAll => CrashMode::DropAll,
+        CrashMode::KeepSubset(seed) => CrashMode::KeepSubset(mix(seed)),
+        CrashMode::TearSector(seed) => CrashMode::TearSector(mix(seed)),
+    }
+}
+
 /// Rebuilds device `index` of a history as a power cut during point `point` leaves it.
 fn replay(h: &History, index: usize, point: usize, mode: CrashMode) -> Vec<u8> {
-    // Each device gets its own random choices.
-    let mode = match mode {
-        CrashMode::DropAll => CrashMode::DropAll,
-        CrashMode::KeepSubset(seed) => {
-            CrashMode::KeepSubset(seed ^ (index as u64).wrapping_mul(0x9e37_79b9))
-        }
-        CrashMode::TearSector(seed) => {
-            CrashMode::TearSector(seed ^ (index as u64).wrapping_mul(0x9e37_79b9))
-        }
-    };
+    let mode = device_mode(mode, index);
     let mut durable = h.bases[index].clone();
     let mut volatile: Vec<Pending> = Vec::new();
     let mut seen = 0;
@@ -282,7 +386,7 @@ fn replay(h: &History, index: usize, point: usize, mode: CrashMode) -> Vec<u8> {
                     data: data.clone(),
                 });
             }
-            return settle(durable, &volatile, mode);
+            return settle(durable, pending(&volatile), mode);
         }
         if *dev == index {
             match op {
@@ -309,7 +413,7 @@ fn replay(h: &History, index: usize, point: usize, mode: CrashMode) -> Vec<u8> {
         }
     }
     assert_eq!(seen, point, "durability point {point} beyond the log");
-    settle(durable, &volatile, mode)
+    settle(durable, pending(&volatile), mode)
 }
 
 fn apply(image: &mut [u8], offset: u64, data: &[u8]) {
@@ -344,8 +448,16 @@ fn supersede(volatile: &mut Vec<Pending>, offset: u64, len: u64) {
     *volatile = kept;
 }
 
-/// Applies `mode` to the volatile writes on top of `durable`.
-fn settle(mut durable: Vec<u8>, volatile: &[Pending], mode: CrashMode) -> Vec<u8> {
+fn pending(volatile: &[Pending]) -> impl Iterator<Item = (u64, &[u8])> + Clone {
+    volatile.iter().map(|p| (p.offset, &p.data[..]))
+}
+
+/// Applies `mode` to the volatile writes (offset, bytes; in write order) on top of `durable`.
+fn settle<'a>(
+    mut durable: Vec<u8>,
+    volatile: impl Iterator<Item = (u64, &'a [u8])> + Clone,
+    mode: CrashMode,
+) -> Vec<u8> {
     let sector = SECTOR_SIZE as usize;
     let (seed, tear) = match mode {
         CrashMode::DropAll => return durable,
@@ -353,12 +465,15 @@ fn settle(mut durable: Vec<u8>, volatile: &[Pending], mode: CrashMode) -> Vec<u8
         CrashMode::TearSector(seed) => (seed, true),
     };
     let mut rng = SplitMix64::new(seed);
-    let total_sectors: usize = volatile.iter().map(|p| p.data.len().div_ceil(sector)).sum();
+    let total_sectors: usize = volatile
+        .clone()
+        .map(|(_, data)| data.len().div_ceil(sector))
+        .sum();
     let torn = (tear && total_sectors > 0).then(|| rng.below(total_sectors as u64) as usize);
     let mut index = 0;
-    for p in volatile {
-        for (i, chunk) in p.data.chunks(sector).enumerate() {
-            let at = p.offset as usize + i * sector;
+    for (offset, data) in volatile {
+        for (i, chunk) in data.chunks(sector).enumerate() {
+            let at = offset as usize + i * sector;
             if Some(index) == torn {
                 // A prefix of 1..len-1 bytes is new; the rest keeps what was there.
                 let cut = if chunk.len() > 1 {
@@ -622,6 +737,51 @@ mod tests {
             vec![0; 512],
             "a flush of one device left the other"
         );
+    }
+
+    #[test]
+    fn for_each_crash_point_matches_crash_group_at() {
+        let a = CrashDevice::new(16 * 1024);
+        let b = CrashDevice::new(8 * 1024);
+        a.write_at(&[7; 1024], 0, false).unwrap(); // cached before recording
+        CrashDevice::record_group_history(&[&a, &b]);
+        let mut rng = SplitMix64::new(5);
+        for i in 0..60u64 {
+            let (dev, size) = if rng.below(3) == 0 {
+                (&b, 8 * 1024)
+            } else {
+                (&a, 16 * 1024)
+            };
+            match rng.below(5) {
+                0 => dev.flush().unwrap(),
+                r => {
+                    let len = 512 * (1 + rng.below(4));
+                    let at = 512 * rng.below((size - len) / 512);
+                    dev.write_at(&vec![i as u8 + 1; len as usize], at, r == 1)
+                        .unwrap();
+                }
+            }
+        }
+        let total = a.durability_points();
+        let mut seen = Vec::new();
+        CrashDevice::for_each_crash_point(&[&a, &b], |cut| {
+            let k = cut.point();
+            for mode in [
+                CrashMode::DropAll,
+                CrashMode::KeepSubset(k as u64),
+                CrashMode::TearSector(k as u64 * 3),
+            ] {
+                let fast: Vec<Vec<u8>> = cut.crash(mode).iter().map(|d| d.image()).collect();
+                let slow: Vec<Vec<u8>> = CrashDevice::crash_group_at(&[&a, &b], k, mode)
+                    .iter()
+                    .map(|d| d.image())
+                    .collect();
+                assert_eq!(fast, slow, "point {k} {mode:?}");
+            }
+            seen.push(k);
+        });
+        assert_eq!(seen, (0..=total).collect::<Vec<_>>());
+        assert!(total > 10, "the workload made too few points to compare");
     }
 
     #[test]
