@@ -129,6 +129,33 @@ impl Rig {
         }
     }
 
+    /// Calls `f(point, cut)` for every durability point and "now"; `cut(mode)` returns the
+    /// surviving (meta, data) devices.
+    fn for_each_crash_point(
+        &self,
+        mut f: impl FnMut(usize, &dyn Fn(CrashMode) -> (Arc<CrashDevice>, Arc<CrashDevice>)),
+    ) {
+        let internal = Arc::ptr_eq(&self.meta, &self.data);
+        let group: Vec<&CrashDevice> = if internal {
+            vec![&self.meta]
+        } else {
+            vec![&self.meta, &self.data]
+        };
+        CrashDevice::for_each_crash_point(&group, |c| {
+            let cut = |mode| {
+                let mut devs = c.crash(mode).into_iter().map(Arc::new);
+                let meta = devs.next().unwrap();
+                let data = if internal {
+                    meta.clone()
+                } else {
+                    devs.next().unwrap()
+                };
+                (meta, data)
+            };
+            f(c.point(), &cut)
+        });
+    }
+
     fn crash_at(&self, point: usize, mode: CrashMode) -> (Arc<CrashDevice>, Arc<CrashDevice>) {
         if Arc::ptr_eq(&self.meta, &self.data) {
             let dev = Arc::new(self.meta.crash_at(point, mode));
@@ -222,7 +249,7 @@ fn run_case(kind: MetaKind, al_extents: u32, ops: &[Op], seed: u64) -> (usize, u
     // Reused across points: fresh megabyte buffers cost more in page faults than the checks.
     let mut peer = vec![0u8; DATA_SIZE as usize];
     let mut local = vec![0u8; DATA_SIZE as usize];
-    for point in 0..=total {
+    rig.for_each_crash_point(|point, cut| {
         let modes = [
             CrashMode::DropAll,
             CrashMode::KeepSubset(seed ^ point as u64),
@@ -254,7 +281,7 @@ fn run_case(kind: MetaKind, al_extents: u32, ops: &[Op], seed: u64) -> (usize, u
             }
         }
         for mode in modes {
-            let (meta, data) = rig.crash_at(point, mode);
+            let (meta, data) = cut(mode);
             let (after, report) = MetaStore::attach(meta, data.clone(), kind).unwrap_or_else(|e| {
                 panic!("attach after crash at point {point}/{total} {mode:?}: {e}")
             });
@@ -275,7 +302,7 @@ fn run_case(kind: MetaKind, al_extents: u32, ops: &[Op], seed: u64) -> (usize, u
             }
             checks += 1;
         }
-    }
+    });
     (total + 1, checks)
 }
 

@@ -288,7 +288,8 @@ fn run_case(level: Durability, al_extents: u32, ops: &[Op], seed: u64) -> Totals
     };
     let mut a_data = vec![0u8; DATA_SIZE as usize];
     let mut b_data = vec![0u8; DATA_SIZE as usize];
-    for k in 0..=total {
+    CrashDevice::for_each_crash_point(&pair.devices(), |cut| {
+        let k = cut.point();
         let mut oos = vec![false; (DATA_SIZE / BLOCK) as usize];
         for e in &oos_events {
             match *e {
@@ -312,13 +313,11 @@ fn run_case(level: Durability, al_extents: u32, ops: &[Op], seed: u64) -> Totals
             CrashMode::KeepSubset(seed ^ k as u64),
             CrashMode::TearSector(seed.rotate_left(23) ^ k as u64),
         ] {
-            let mut cut = CrashDevice::crash_group_at(&pair.devices(), k, mode)
-                .into_iter()
-                .map(Arc::new);
+            let mut devs = cut.crash(mode).into_iter().map(Arc::new);
             let (a_dev, b_meta, b_dev) = (
-                cut.next().unwrap(),
-                cut.next().unwrap(),
-                cut.next().unwrap(),
+                devs.next().unwrap(),
+                devs.next().unwrap(),
+                devs.next().unwrap(),
             );
             let at = || format!("power cut at point {k}/{total} {mode:?} ({level})");
             let (a_after, a_rep) =
@@ -365,7 +364,7 @@ fn run_case(level: Durability, al_extents: u32, ops: &[Op], seed: u64) -> Totals
             t.lost_acked += lost as usize;
             t.checks += 1;
         }
-    }
+    });
     t
 }
 
@@ -411,12 +410,12 @@ macro_rules! power_cut_property {
 power_cut_property!(
     power_cut_of_both_nodes_at_node_level_is_covered_by_the_meta_data,
     Durability::Node,
-    16
+    8
 );
 power_cut_property!(
     power_cut_of_both_nodes_at_power_level_keeps_every_acknowledged_write,
     Durability::Power,
-    16
+    8
 );
 
 /// The difference between the levels on one write: at `node` a simultaneous power cut may take
