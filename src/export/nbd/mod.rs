@@ -9,6 +9,7 @@
 //!   `ABORT`; everything else is refused with `NBD_REP_ERR_UNSUP`).
 //! * [`acl`]: the optional allowlist of client addresses.
 //! * [`cli`]: `twinblade nbd`, a standalone front end like `qemu-nbd`.
+//! * [`fuzz_session`]: the server driven by arbitrary client bytes, for the `nbd` fuzz target.
 //!
 //! Bytes are parsed and emitted only by [`crate::wire::nbd`]; this module does the I/O.
 //!
@@ -35,8 +36,10 @@
 
 pub mod acl;
 pub mod cli;
+mod fuzz;
 mod handshake;
 pub mod server;
 
 pub use acl::Acl;
+pub use fuzz::fuzz_session;
 pub use server::{Export, Server, ServerConfig, ServerStats};

@@ -51,8 +51,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -207,9 +206,9 @@ impl ExportState {
 
 /// An NBD server: a set of exports and the configuration to serve them with.
 pub struct Server {
-    exports: Vec<Arc<ExportState>>,
-    config: Arc<ServerConfig>,
-    stats: Arc<ServerStats>,
+    pub(super) exports: Vec<Arc<ExportState>>,
+    pub(super) config: Arc<ServerConfig>,
+    pub(super) stats: Arc<ServerStats>,
 }
 
 impl Server {
@@ -341,11 +340,38 @@ async fn serve_connection(
     stats.sessions.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(%peer, export = %export.export.name, "nbd: transmission started");
     let (rd, wr) = socket.into_split();
+    match transmit(rd, wr, export, config, Arc::clone(&stats), cancel).await {
+        Ok(()) => tracing::debug!(%peer, "nbd: connection closed"),
+        Err(ConnError::Protocol(what)) => {
+            stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            warn_limited!(CLIENT_LOG, %peer, what, "nbd: protocol violation, closing");
+        }
+        Err(ConnError::Io(err)) => tracing::debug!(%peer, %err, "nbd: connection lost"),
+    }
+}
+
+/// Runs the transmission phase on a negotiated connection until the client disconnects, the
+/// connection fails, or `cancel` fires and the requests already read are answered.
+///
+/// Generic over the byte stream so that the fuzz target can drive it without sockets; the
+/// server always passes the two halves of a `TcpStream`.
+pub(super) async fn transmit<R, W>(
+    rd: R,
+    wr: W,
+    export: Arc<ExportState>,
+    config: Arc<ServerConfig>,
+    stats: Arc<ServerStats>,
+    cancel: CancellationToken,
+) -> Result<(), ConnError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let mut conn = Connection {
         export,
         config,
-        stats: Arc::clone(&stats),
+        stats,
         rd,
         wr,
         inbuf: BytesMut::with_capacity(BUF_CHUNK),
@@ -365,18 +391,12 @@ async fn serve_connection(
         slow_streak: 0,
         cancel,
     };
-    match conn.run().await {
-        Ok(()) => tracing::debug!(%peer, "nbd: connection closed"),
-        Err(ConnError::Protocol(what)) => {
-            stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-            warn_limited!(CLIENT_LOG, %peer, what, "nbd: protocol violation, closing");
-        }
-        Err(ConnError::Io(err)) => tracing::debug!(%peer, %err, "nbd: connection lost"),
-    }
+    conn.run().await
 }
 
+/// Why a connection ended other than by a clean disconnect.
 #[derive(Debug)]
-enum ConnError {
+pub(super) enum ConnError {
     Io(io::Error),
     Protocol(&'static str),
 }
@@ -444,12 +464,12 @@ struct PendingWrite {
     filled: usize,
 }
 
-struct Connection {
+struct Connection<R, W> {
     export: Arc<ExportState>,
     config: Arc<ServerConfig>,
     stats: Arc<ServerStats>,
-    rd: OwnedReadHalf,
-    wr: OwnedWriteHalf,
+    rd: R,
+    wr: W,
     inbuf: BytesMut,
     out: OutQueue,
     done_tx: mpsc::UnboundedSender<Vec<Done>>,
@@ -478,7 +498,7 @@ struct Connection {
     cancel: CancellationToken,
 }
 
-impl Connection {
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Connection<R, W> {
     async fn run(&mut self) -> Result<(), ConnError> {
         loop {
             self.process_input()?;
@@ -1166,7 +1186,10 @@ impl BufPool {
     }
 }
 
-async fn write_all_vectored(out: &mut OutQueue, wr: &mut OwnedWriteHalf) -> io::Result<()> {
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    out: &mut OutQueue,
+    wr: &mut W,
+) -> io::Result<()> {
     while !out.is_empty() {
         let n = {
             let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(out.chunks.len().min(64));
