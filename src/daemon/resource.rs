@@ -446,8 +446,10 @@ impl Resource {
         }
         let ours = self.uuid_set(&st.machine);
         let theirs: UuidSet = hs.uuids.into();
+        static REFUSALS: LogLimiter = LogLimiter::new(Duration::from_secs(30), 2);
         if hs.params.size != self.device.size() {
-            tracing::error!(
+            crate::warn_limited!(
+                REFUSALS,
                 resource = %self.spec.name,
                 "refusing the peer: its usable size is {} bytes, ours {} bytes; give both nodes disks of the same usable size",
                 hs.params.size,
@@ -456,7 +458,7 @@ impl Resource {
             return;
         }
         if hs.params.protocol != self.spec.protocol || hs.params.durability != self.spec.durability {
-            tracing::error!(resource = %self.spec.name, "refusing the peer: protocol/durability differ ({:?}/{:?} there); the configuration must be identical", hs.params.protocol, hs.params.durability);
+            crate::warn_limited!(REFUSALS, resource = %self.spec.name, "refusing the peer: protocol/durability differ ({:?}/{:?} there); the configuration must be identical", hs.params.protocol, hs.params.durability);
             return;
         }
         let Handshaken { conn, params, .. } = hs;
@@ -965,7 +967,11 @@ impl Resource {
             let Some(stream) = stream else { continue };
             let me = self.clone();
             match peer::handshake(stream, &self.spec.identity, move || me.our_parameters()) {
-                Ok(hs) => self.send(Input::PeerUp(Box::new(hs))),
+                Ok(hs) => {
+                    self.send(Input::PeerUp(Box::new(hs)));
+                    // Give the engine time to take it (or refuse it) before trying again.
+                    std::thread::sleep(Duration::from_secs(1));
+                }
                 Err(e) => {
                     crate::warn_limited!(LIMIT, "resource {}: connection to {} failed: {e}", self.spec.name, self.spec.identity.peer);
                     std::thread::sleep(Duration::from_millis(500));
