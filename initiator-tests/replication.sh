@@ -142,6 +142,7 @@ same_data() {
 }
 aoe() { ip netns exec tbr-c "$init" -i eth0 "$@"; }
 answering() { aoe discover --wait-ms 700 2>/dev/null | grep -c 'e7\.3' || true; }
+nobody_answers() { [[ $(answering) == 0 ]]; }
 
 # --- 1. initial sync -------------------------------------------------------------------------
 start alpha
@@ -192,11 +193,12 @@ log "PASS kill -9 secondary: writes went on, resync, identical"
 # --- 5. split brain on purpose ----------------------------------------------------------------
 ctl alpha disconnect r0 >/dev/null
 ctl beta disconnect r0 >/dev/null
+ctl beta secondary r0 >/dev/null
+wait_for 5 "beta silent" nobody_answers
 ctl alpha primary r0 >/dev/null || fail "alpha cannot be promoted while disconnected"
-aoe write e7.3 -q 16 --seed 14 --bytes 4M >/dev/null || true # whoever answers first
+aoe write e7.3 -q 16 --seed 14 --bytes 4M >/dev/null || fail "write to alpha failed"
 ctl alpha secondary r0 >/dev/null
-sleep 1
-ctl beta primary r0 >/dev/null 2>&1 || true
+ctl beta primary r0 >/dev/null || fail "beta cannot be promoted while disconnected"
 aoe write e7.3 -q 16 --seed 15 --offset 4M --bytes 4M >/dev/null || fail "write to beta failed"
 # alpha wrote seed 14 while beta was primary too: both changed since they parted.
 ctl alpha connect r0 >/dev/null
@@ -210,6 +212,7 @@ ctl alpha connect r0 --discard-my-data >/dev/null
 ctl beta connect r0 >/dev/null
 wait_for 60 "split brain resolved" in_sync
 same_data || fail "loser differs after discard-my-data"
+aoe read e7.3 -q 16 --seed 15 --offset 4M --bytes 4M --verify >/dev/null || fail "the winner's writes are gone"
 log "PASS split brain detected, not synced, resolved by discard-my-data"
 
 # --- 6. wrong secret --------------------------------------------------------------------------

@@ -253,7 +253,9 @@ impl Resource {
             dead_time: self
                 .dead_time
                 .map_or(defaults.dead_time, Duration::from_secs_f64),
-            timeout: self.timeout.map_or(defaults.timeout, Duration::from_secs_f64),
+            timeout: self
+                .timeout
+                .map_or(defaults.timeout, Duration::from_secs_f64),
             ko_count: self.ko_count.unwrap_or(defaults.ko_count),
         }
     }
@@ -403,7 +405,10 @@ impl Config {
             ] {
                 if let Some(v) = v {
                     if !v.is_finite() || !(0.0..=86_400.0).contains(&v) {
-                        return Err((key(k), format!("{v} is not a number of seconds in 0..86400")));
+                        return Err((
+                            key(k),
+                            format!("{v} is not a number of seconds in 0..86400"),
+                        ));
                     }
                 }
             }

@@ -117,8 +117,16 @@ fn handle(
     cancel: &CancellationToken,
 ) -> Result<(), String> {
     let (verb, rest) = words.split_first().ok_or("empty request")?;
-    let flags: Vec<&str> = rest.iter().copied().filter(|w| w.starts_with("--")).collect();
-    let names: Vec<&str> = rest.iter().copied().filter(|w| !w.starts_with("--")).collect();
+    let flags: Vec<&str> = rest
+        .iter()
+        .copied()
+        .filter(|w| w.starts_with("--"))
+        .collect();
+    let names: Vec<&str> = rest
+        .iter()
+        .copied()
+        .filter(|w| !w.starts_with("--"))
+        .collect();
     if names.len() > 1 {
         return Err(format!("{verb}: at most one resource, got {}", names.len()));
     }
@@ -134,7 +142,10 @@ fn handle(
         "status" => {
             known(&["--json"])?;
             let text = if json {
-                let items: Vec<String> = targets.iter().map(|r| status_json(&r.spec.name, &r.snapshot())).collect();
+                let items: Vec<String> = targets
+                    .iter()
+                    .map(|r| status_json(&r.spec.name, &r.snapshot()))
+                    .collect();
                 format!("[{}]", items.join(","))
             } else {
                 targets
@@ -218,7 +229,11 @@ pub fn status_text(name: &str, s: &Snapshot) -> String {
     t += &format!(
         "  disk:{}{}\n",
         st.disk,
-        if s.detached { " (detached after an I/O error)" } else { "" }
+        if s.detached {
+            " (detached after an I/O error)"
+        } else {
+            ""
+        }
     );
     t += &format!(
         "  {} connection:{} role:{}\n",
@@ -227,7 +242,10 @@ pub fn status_text(name: &str, s: &Snapshot) -> String {
     t += &format!("    replication:{} peer-disk:{}", st.repl, st.peer_disk);
     if matches!(
         st.repl,
-        ReplState::SyncSource | ReplState::SyncTarget | ReplState::PausedSyncS | ReplState::PausedSyncT
+        ReplState::SyncSource
+            | ReplState::SyncTarget
+            | ReplState::PausedSyncS
+            | ReplState::PausedSyncT
     ) {
         let (pct, rate, eta) = progress(s);
         t += &format!(" done:{pct:.2}% rate:{rate:.1}MB/s eta:{eta:.0}s");
@@ -256,7 +274,11 @@ fn progress(s: &Snapshot) -> (f64, f64, f64) {
     } else {
         0.0
     };
-    let eta = if rate > 0.0 { remaining / 1e6 / rate } else { 0.0 };
+    let eta = if rate > 0.0 {
+        remaining / 1e6 / rate
+    } else {
+        0.0
+    };
     (pct, rate, eta)
 }
 

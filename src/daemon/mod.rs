@@ -168,30 +168,35 @@ fn attach(
             .open(path)
             .map_err(|e| err(format!("{}: {e}", path.display())))
     };
-    let (meta_dev, kind, data_size_hint): (Arc<dyn BlockDevice>, MetaKind, u64) = match &on.meta_disk {
-        MetaDisk::Internal => {
-            let whole = open(&on.disk, None)?;
-            let size = whole.size();
-            (Arc::new(whole), MetaKind::Internal, size)
-        }
-        MetaDisk::External(path) => {
-            let data = open(&on.disk, None)?;
-            let size = data.size();
-            (Arc::new(open(path, None)?), MetaKind::External, size)
-        }
-    };
+    let (meta_dev, kind, data_size_hint): (Arc<dyn BlockDevice>, MetaKind, u64) =
+        match &on.meta_disk {
+            MetaDisk::Internal => {
+                let whole = open(&on.disk, None)?;
+                let size = whole.size();
+                (Arc::new(whole), MetaKind::Internal, size)
+            }
+            MetaDisk::External(path) => {
+                let data = open(&on.disk, None)?;
+                let size = data.size();
+                (Arc::new(open(path, None)?), MetaKind::External, size)
+            }
+        };
     let insp = crate::meta::store::inspect(meta_dev.as_ref(), data_size_hint, kind)
         .map_err(|e| err(format!("{e} (run `twinblade create-md {name}` first?)")))?;
     let data_size = insp.layout.data_size;
     let data: Arc<dyn BlockDevice> = Arc::new(open(&on.disk, Some(data_size / 512))?);
-    let (store, report) = MetaStore::attach(meta_dev, data.clone(), kind)
-        .map_err(|e| err(e.to_string()))?;
+    let (store, report) =
+        MetaStore::attach(meta_dev, data.clone(), kind).map_err(|e| err(e.to_string()))?;
     if !report.was_clean {
         tracing::warn!(
             resource = name,
             "meta-data was not cleanly closed: {} activity-log extents marked out of sync{}",
             report.al_extents_marked,
-            if report.crashed_primary { "; crashed primary" } else { "" }
+            if report.crashed_primary {
+                "; crashed primary"
+            } else {
+                ""
+            }
         );
     }
     Ok((Arc::new(store), data))

@@ -111,7 +111,10 @@ impl Conn {
 }
 
 /// Reads until one whole message is decoded.
-pub fn read_message(stream: &mut TcpStream, decoder: &mut FrameDecoder) -> Result<Message, PeerError> {
+pub fn read_message(
+    stream: &mut TcpStream,
+    decoder: &mut FrameDecoder,
+) -> Result<Message, PeerError> {
     let mut buf = [0u8; 64 * 1024];
     loop {
         match decoder.next_message() {
@@ -158,10 +161,18 @@ pub fn handshake(
     }))?;
     let hello = match conn.recv()? {
         Message::Hello(h) => h,
-        other => return Err(PeerError::Protocol(format!("expected Hello, got {:?}", other.msg_type()))),
+        other => {
+            return Err(PeerError::Protocol(format!(
+                "expected Hello, got {:?}",
+                other.msg_type()
+            )))
+        }
     };
-    let version = negotiate((VERSION_MIN, VERSION_MAX), (hello.min_version, hello.max_version))
-        .ok_or(PeerError::Version(hello.min_version, hello.max_version))?;
+    let version = negotiate(
+        (VERSION_MIN, VERSION_MAX),
+        (hello.min_version, hello.max_version),
+    )
+    .ok_or(PeerError::Version(hello.min_version, hello.max_version))?;
     conn.version = version;
     if hello.name != id.peer {
         return Err(PeerError::WrongPeer(hello.name, id.peer.clone()));
@@ -173,7 +184,12 @@ pub fn handshake(
     conn.send(Message::AuthChallenge(auth.challenge()))?;
     let challenge = match conn.recv()? {
         Message::AuthChallenge(c) => c,
-        other => return Err(PeerError::Protocol(format!("expected AuthChallenge, got {:?}", other.msg_type()))),
+        other => {
+            return Err(PeerError::Protocol(format!(
+                "expected AuthChallenge, got {:?}",
+                other.msg_type()
+            )))
+        }
     };
     let response = auth
         .respond(&hello.name, &challenge)
@@ -181,17 +197,31 @@ pub fn handshake(
     conn.send(Message::AuthResponse(response))?;
     let theirs = match conn.recv()? {
         Message::AuthResponse(r) => r,
-        other => return Err(PeerError::Protocol(format!("expected AuthResponse, got {:?}", other.msg_type()))),
+        other => {
+            return Err(PeerError::Protocol(format!(
+                "expected AuthResponse, got {:?}",
+                other.msg_type()
+            )))
+        }
     };
     let verified = auth.verify(&theirs).is_ok();
-    conn.send(if verified { Message::AuthOk } else { Message::AuthFail })?;
+    conn.send(if verified {
+        Message::AuthOk
+    } else {
+        Message::AuthFail
+    })?;
     if !verified {
         return Err(PeerError::AuthRejected);
     }
     match conn.recv()? {
         Message::AuthOk => {}
         Message::AuthFail => return Err(PeerError::AuthRefusedByPeer),
-        other => return Err(PeerError::Protocol(format!("expected AuthOk, got {:?}", other.msg_type()))),
+        other => {
+            return Err(PeerError::Protocol(format!(
+                "expected AuthOk, got {:?}",
+                other.msg_type()
+            )))
+        }
     }
 
     let (params, uuids) = ours();
@@ -199,11 +229,21 @@ pub fn handshake(
     conn.send(Message::Uuids(uuids))?;
     let params = match conn.recv()? {
         Message::Parameters(p) => p,
-        other => return Err(PeerError::Protocol(format!("expected Parameters, got {:?}", other.msg_type()))),
+        other => {
+            return Err(PeerError::Protocol(format!(
+                "expected Parameters, got {:?}",
+                other.msg_type()
+            )))
+        }
     };
     let uuids = match conn.recv()? {
         Message::Uuids(u) => u,
-        other => return Err(PeerError::Protocol(format!("expected Uuids, got {:?}", other.msg_type()))),
+        other => {
+            return Err(PeerError::Protocol(format!(
+                "expected Uuids, got {:?}",
+                other.msg_type()
+            )))
+        }
     };
     conn.stream.set_read_timeout(None)?;
     conn.stream.set_write_timeout(None)?;
@@ -235,7 +275,10 @@ pub fn accept(
                     let _ = stream.set_nonblocking(false);
                     return Some(stream);
                 }
-                crate::warn_limited!(limiter, "refused a replication connection from {from}: not the peer");
+                crate::warn_limited!(
+                    limiter,
+                    "refused a replication connection from {from}: not the peer"
+                );
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
             Err(e) => crate::warn_limited!(limiter, "accept on the replication port failed: {e}"),

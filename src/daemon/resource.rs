@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::block::BlockDevice;
 use crate::cluster::{
-    Action, Command, ConnState, DiskState, Event, Machine, Notification, ReplState, Role,
-    Startup, SyncDirection,
+    Action, Command, ConnState, DiskState, Event, Machine, Notification, ReplState, Role, Startup,
+    SyncDirection,
 };
 use crate::export::aoe::blade::BladeConfig;
 use crate::export::aoe::server::{AoeServer, Export};
@@ -40,8 +40,8 @@ use crate::repl::uuid::{decide, random_uuid, HandshakeContext, UuidSet};
 use crate::wire::ondisk::flags;
 use crate::wire::repl::{
     AckKind, BarrierAckRepr, BitmapChunkRepr, BitmapEncoding, DisconnectReason, Durability,
-    FrameDecoder, Message, ParametersRepr, PingRepr, ReplProtocol, ResyncDataRepr,
-    StateChangeRepr, SyncStartRepr, UuidsRepr, WriteAckRepr, MAX_DATA_LEN,
+    FrameDecoder, Message, ParametersRepr, PingRepr, ReplProtocol, ResyncDataRepr, StateChangeRepr,
+    SyncStartRepr, UuidsRepr, WriteAckRepr, MAX_DATA_LEN,
 };
 
 use super::peer::{self, Handshaken, Identity};
@@ -457,7 +457,8 @@ impl Resource {
             );
             return;
         }
-        if hs.params.protocol != self.spec.protocol || hs.params.durability != self.spec.durability {
+        if hs.params.protocol != self.spec.protocol || hs.params.durability != self.spec.durability
+        {
             crate::warn_limited!(REFUSALS, resource = %self.spec.name, "refusing the peer: protocol/durability differ ({:?}/{:?} there); the configuration must be identical", hs.params.protocol, hs.params.durability);
             return;
         }
@@ -745,9 +746,7 @@ impl Resource {
         }
         if s.disk != st.last_disk {
             match s.disk {
-                DiskState::UpToDate | DiskState::Consistent => {
-                    self.set_flags(flags::CONSISTENT, 0)
-                }
+                DiskState::UpToDate | DiskState::Consistent => self.set_flags(flags::CONSISTENT, 0),
                 DiskState::Inconsistent => self.set_flags(0, flags::CONSISTENT),
                 _ => {}
             }
@@ -883,7 +882,9 @@ impl Resource {
                 tracing::info!(resource = %self.spec.name, "serving e{shelf}.{slot} on {}", self.spec.interface);
                 st.aoe = Some(server);
             }
-            Err(e) => tracing::error!(resource = %self.spec.name, error = %e, "cannot serve over AoE"),
+            Err(e) => {
+                tracing::error!(resource = %self.spec.name, error = %e, "cannot serve over AoE")
+            }
         }
         if let Some(addr) = self.spec.nbd {
             match super::NbdHandle::start(
@@ -893,7 +894,9 @@ impl Resource {
                 self.cancel.child_token(),
             ) {
                 Ok(server) => st.nbd = Some(server),
-                Err(e) => tracing::error!(resource = %self.spec.name, error = %e, "cannot serve over NBD"),
+                Err(e) => {
+                    tracing::error!(resource = %self.spec.name, error = %e, "cannot serve over NBD")
+                }
             }
         }
     }
@@ -929,7 +932,9 @@ impl Resource {
         }
         match self.meta.mark_clean() {
             Ok(()) => tracing::info!(resource = %self.spec.name, "meta-data marked clean"),
-            Err(e) => tracing::error!(resource = %self.spec.name, error = %e, "cannot mark the meta-data clean"),
+            Err(e) => {
+                tracing::error!(resource = %self.spec.name, error = %e, "cannot mark the meta-data clean")
+            }
         }
     }
 
@@ -973,7 +978,12 @@ impl Resource {
                     std::thread::sleep(Duration::from_secs(1));
                 }
                 Err(e) => {
-                    crate::warn_limited!(LIMIT, "resource {}: connection to {} failed: {e}", self.spec.name, self.spec.identity.peer);
+                    crate::warn_limited!(
+                        LIMIT,
+                        "resource {}: connection to {} failed: {e}",
+                        self.spec.name,
+                        self.spec.identity.peer
+                    );
                     std::thread::sleep(Duration::from_millis(500));
                 }
             }
@@ -1028,12 +1038,21 @@ impl Resource {
                     send_ack(link, w.id, AckKind::Received)?;
                 }
                 let fua = power || w.flags & crate::repl::device::WRITE_FUA != 0;
-                let ok = !self.device.is_detached() && local.write_at(&w.data, w.offset, fua).is_ok();
+                let ok =
+                    !self.device.is_detached() && local.write_at(&w.data, w.offset, fua).is_ok();
                 if !ok {
                     self.device.detach();
                 }
                 if w.id != 0 && self.spec.protocol == ReplProtocol::C {
-                    send_ack(link, w.id, if ok { AckKind::Completed } else { AckKind::Failed })?;
+                    send_ack(
+                        link,
+                        w.id,
+                        if ok {
+                            AckKind::Completed
+                        } else {
+                            AckKind::Failed
+                        },
+                    )?;
                 }
             }
             Message::Barrier(b) => {
@@ -1057,7 +1076,15 @@ impl Resource {
                 } else {
                     self.device.detach();
                 }
-                send_ack(link, d.id, if ok { AckKind::Completed } else { AckKind::Failed })?;
+                send_ack(
+                    link,
+                    d.id,
+                    if ok {
+                        AckKind::Completed
+                    } else {
+                        AckKind::Failed
+                    },
+                )?;
             }
             Message::ResyncData(d) => {
                 link.complete(d.id, Reply::Data(d.data));

@@ -280,9 +280,9 @@ impl BlockDevice for ReplicatedDevice {
                 }
             };
         let peer_ok = match self.link() {
-            Some(link) if self.protocol != ReplProtocol::A => Self::wait_peer(
-                link.request(|id| Message::Barrier(BarrierRepr { barrier: id })),
-            ),
+            Some(link) if self.protocol != ReplProtocol::A => {
+                Self::wait_peer(link.request(|id| Message::Barrier(BarrierRepr { barrier: id })))
+            }
             _ => false,
         };
         if local_ok || peer_ok {
@@ -297,4 +297,160 @@ fn no_disk() -> BlockError {
     BlockError::Io(std::io::Error::other(
         "no usable disk: the local disk is detached and the peer is not reachable",
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::crash::CrashDevice;
+    use crate::meta::store::{create, CreateOptions};
+    use crate::meta::LayoutParams;
+    use crate::wire::ondisk::MetaKind;
+    use crate::wire::repl::{FrameDecoder, MessageRepr, Packet, WriteAckRepr};
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::{Duration, Instant};
+
+    const SIZE: u64 = 8 << 20;
+
+    /// A replicated device over in-memory disks, linked to a fake peer that applies nothing
+    /// and acknowledges every write `delay` after it arrived (a slow secondary disk).
+    fn device_with_slow_peer(
+        protocol: ReplProtocol,
+        delay: Duration,
+    ) -> (ReplicatedDevice, Arc<MetaStore>) {
+        let meta_dev: Arc<dyn BlockDevice> = Arc::new(CrashDevice::new(1 << 20));
+        let data: Arc<dyn BlockDevice> = Arc::new(CrashDevice::new(SIZE));
+        let opts = CreateOptions {
+            name: "t".into(),
+            params: LayoutParams::default(),
+            force: true,
+        };
+        create(meta_dev.as_ref(), SIZE, MetaKind::External, &opts).unwrap();
+        let (meta, _) = MetaStore::attach(meta_dev, data.clone(), MetaKind::External).unwrap();
+        let meta = Arc::new(meta);
+        let dev = ReplicatedDevice::new(
+            data,
+            meta.clone(),
+            protocol,
+            Durability::Node,
+            Box::new(|_| {}),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut theirs, _) = listener.accept().unwrap();
+        let mut reply = theirs.try_clone().unwrap();
+        let link = Arc::new(PeerLink::new(
+            1,
+            "peer".into(),
+            ours.try_clone().unwrap(),
+            1,
+            0,
+        ));
+        // Acks from the fake peer come back on `ours`.
+        let reader_link = link.clone();
+        let mut ours_rd = ours;
+        std::thread::spawn(move || {
+            let mut dec = FrameDecoder::new().check_sequence(0);
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = ours_rd.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                dec.feed(&buf[..n]);
+                while let Ok(Some(m)) = dec.next_message() {
+                    if let Message::WriteAck(a) = m.message {
+                        reader_link.complete(a.id, Reply::Ack(a.kind));
+                    }
+                }
+            }
+        });
+        std::thread::spawn(move || {
+            let mut dec = FrameDecoder::new().check_sequence(0);
+            let mut buf = vec![0u8; 1 << 16];
+            let mut seq = 0;
+            while let Ok(n) = theirs.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                dec.feed(&buf[..n]);
+                while let Ok(Some(m)) = dec.next_message() {
+                    if let Message::WriteData(w) = m.message {
+                        if w.id == 0 {
+                            continue;
+                        }
+                        std::thread::sleep(delay);
+                        let ack = MessageRepr {
+                            version: 1,
+                            seq,
+                            message: Message::WriteAck(WriteAckRepr {
+                                id: w.id,
+                                kind: AckKind::Completed,
+                            }),
+                        };
+                        seq += 1;
+                        let mut out = vec![0u8; ack.buffer_len()];
+                        ack.emit(&mut Packet::new_unchecked(&mut out[..]));
+                        if reply.write_all(&out).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        dev.set_link(Some(link));
+        (dev, meta)
+    }
+
+    fn timed_write(dev: &ReplicatedDevice) -> Duration {
+        let t = Instant::now();
+        dev.write_at(&[7u8; 4096], 4096, false).unwrap();
+        t.elapsed()
+    }
+
+    #[test]
+    fn protocol_c_waits_for_a_slow_secondary() {
+        let (dev, meta) = device_with_slow_peer(ReplProtocol::C, Duration::from_millis(200));
+        let took = timed_write(&dev);
+        assert!(
+            took >= Duration::from_millis(200),
+            "protocol C acked after {took:?}"
+        );
+        assert_eq!(
+            meta.out_of_sync_bytes(),
+            0,
+            "the peer has it: nothing is dirty"
+        );
+    }
+
+    #[test]
+    fn protocol_a_does_not_wait() {
+        let (dev, meta) = device_with_slow_peer(ReplProtocol::A, Duration::from_millis(200));
+        let took = timed_write(&dev);
+        assert!(
+            took < Duration::from_millis(150),
+            "protocol A acked after {took:?}"
+        );
+        assert_eq!(meta.out_of_sync_bytes(), 0);
+    }
+
+    #[test]
+    fn a_lost_peer_turns_writes_into_dirty_bits() {
+        let (dev, meta) = device_with_slow_peer(ReplProtocol::C, Duration::from_secs(3600));
+        let link = dev.link().unwrap();
+        let waiter = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            link.fail_all();
+        });
+        dev.write_at(&[9u8; 8192], 0, false)
+            .expect("the write completes locally");
+        waiter.join().unwrap();
+        assert_eq!(meta.out_of_sync_bytes(), 8192);
+        let mut back = [0u8; 8192];
+        dev.read_at(&mut back, 0).unwrap();
+        assert_eq!(back, [9u8; 8192]);
+        // With no peer at all, writes are marked at once.
+        dev.write_at(&[1u8; 4096], 1 << 20, false).unwrap();
+        assert_eq!(meta.out_of_sync_bytes(), 8192 + 4096);
+    }
 }

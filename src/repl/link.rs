@@ -117,7 +117,9 @@ impl PeerLink {
             message,
         };
         s.buf.resize(repr.buffer_len(), 0);
-        repr.emit(&mut crate::wire::repl::Packet::new_unchecked(&mut s.buf[..]));
+        repr.emit(&mut crate::wire::repl::Packet::new_unchecked(
+            &mut s.buf[..],
+        ));
         let Sender { stream, buf, .. } = s;
         match stream.write_all(buf) {
             Ok(()) => {
@@ -242,11 +244,17 @@ mod tests {
         }
         assert!(cookies[0] < cookies[1]);
         assert!(link.complete(cookies[1], Reply::Ack(AckKind::Completed)));
-        assert!(!link.complete(cookies[1], Reply::Ack(AckKind::Completed)), "answered once");
+        assert!(
+            !link.complete(cookies[1], Reply::Ack(AckKind::Completed)),
+            "answered once"
+        );
         assert_eq!(a2.recv().unwrap(), Reply::Ack(AckKind::Completed));
         assert!(a1.try_recv().is_err(), "the first is still pending");
         assert_eq!(link.fail_all(), 1);
         assert_eq!(a1.recv().unwrap(), Reply::Ack(AckKind::Failed));
-        assert!(link.request(|_| Message::AuthOk).is_none(), "dead links send nothing");
+        assert!(
+            link.request(|_| Message::AuthOk).is_none(),
+            "dead links send nothing"
+        );
     }
 }

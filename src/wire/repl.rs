@@ -2117,7 +2117,10 @@ mod tests {
             Just(Message::AuthFail),
             Just(Message::SyncDone),
             (any::<bool>(), any::<bool>()).prop_map(|(sender_is_source, full)| {
-                Message::SyncStart(SyncStartRepr { sender_is_source, full })
+                Message::SyncStart(SyncStartRepr {
+                    sender_is_source,
+                    full,
+                })
             }),
             (
                 any::<u64>(),
