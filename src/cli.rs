@@ -53,6 +53,105 @@ pub enum Command {
     CreateMd(crate::meta::cli::CreateMdArgs),
     /// Print a resource's meta-data, like `drbdadm dump-md`.
     DumpMd(crate::meta::cli::DumpMdArgs),
+    /// Run the node: replicate, fail over, serve AoE/NBD while primary (foreground).
+    Run(crate::daemon::RunArgs),
+    /// Roles, connection and disk states, out-of-sync bytes, resync progress, I/O counters.
+    Status(StatusArgs),
+    /// A stream of state changes, like `drbdsetup events2`.
+    Events(EventsArgs),
+    /// Promote to primary (serve the device). `--force` accepts data that is not UpToDate.
+    Primary(PrimaryArgs),
+    /// Demote to secondary: stop serving first.
+    Secondary(ResArgs),
+    /// Connect to the peer again; `--discard-my-data` loses a split brain on purpose.
+    Connect(ConnectArgs),
+    /// Leave the peer (StandAlone) until `connect`.
+    Disconnect(ResArgs),
+    /// Throw away the local data and resync all of it from the peer.
+    Invalidate(ResArgs),
+    /// Resync all of the peer's data from here.
+    InvalidateRemote(ResArgs),
+    /// Pause a running resync.
+    PauseSync(ResArgs),
+    /// Resume a paused resync.
+    ResumeSync(ResArgs),
+}
+
+/// A resource (all if omitted) and the control socket.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ResArgs {
+    /// Resource name (default: all).
+    pub res: Option<String>,
+    /// Control socket (default: $TWINBLADE_CONTROL, else /run/twinblade/control.sock).
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+}
+
+/// `status [RES] [--json]`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    res: ResArgs,
+    /// One JSON array of objects.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `events [RES] [--json]`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EventsArgs {
+    #[command(flatten)]
+    res: ResArgs,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `primary [RES] [--force]`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PrimaryArgs {
+    #[command(flatten)]
+    res: ResArgs,
+    /// Accept data that is not UpToDate (the first promotion after create-md).
+    #[arg(long)]
+    force: bool,
+}
+
+/// `connect [RES] [--discard-my-data]`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectArgs {
+    #[command(flatten)]
+    res: ResArgs,
+    /// This node loses the split brain: its changes are overwritten by the peer's.
+    #[arg(long)]
+    discard_my_data: bool,
+}
+
+fn control_request(verb: &str, res: &ResArgs, flags: &[(&str, bool)]) -> i32 {
+    let mut words = vec![verb.to_string()];
+    words.extend(res.res.clone());
+    words.extend(flags.iter().filter(|f| f.1).map(|f| f.0.to_string()));
+    crate::daemon::control::request(&crate::daemon::control_path(res.control.clone()), &words)
+}
+
+fn run_daemon(args: crate::daemon::RunArgs) -> i32 {
+    let cancel = CancellationToken::new();
+    let on_signal = cancel.clone();
+    if let Err(err) = ctrlc::set_handler(move || on_signal.cancel()) {
+        eprintln!("twinblade: cannot install signal handler: {err}");
+        return ExitCode::Failure as i32;
+    }
+    match crate::daemon::run(args, cancel) {
+        Ok(()) => ExitCode::Ok as i32,
+        Err(e @ crate::daemon::RunError::Config(_)) => {
+            eprintln!("twinblade run: {e}");
+            ExitCode::Usage as i32
+        }
+        Err(e) => {
+            eprintln!("twinblade run: {e}");
+            ExitCode::Failure as i32
+        }
+    }
 }
 
 /// vblade's arguments.
@@ -185,6 +284,21 @@ pub fn main() -> i32 {
         Command::Nbd(args) => crate::export::nbd::cli::run(args),
         Command::CreateMd(args) => crate::meta::cli::run_create_md(args),
         Command::DumpMd(args) => crate::meta::cli::run_dump_md(args),
+        Command::Run(args) => run_daemon(args),
+        Command::Status(a) => control_request("status", &a.res, &[("--json", a.json)]),
+        Command::Events(a) => control_request("events", &a.res, &[("--json", a.json)]),
+        Command::Primary(a) => control_request("primary", &a.res, &[("--force", a.force)]),
+        Command::Secondary(a) => control_request("secondary", &a, &[]),
+        Command::Connect(a) => control_request(
+            "connect",
+            &a.res,
+            &[("--discard-my-data", a.discard_my_data)],
+        ),
+        Command::Disconnect(a) => control_request("disconnect", &a, &[]),
+        Command::Invalidate(a) => control_request("invalidate", &a, &[]),
+        Command::InvalidateRemote(a) => control_request("invalidate-remote", &a, &[]),
+        Command::PauseSync(a) => control_request("pause-sync", &a, &[]),
+        Command::ResumeSync(a) => control_request("resume-sync", &a, &[]),
     }
 }
 

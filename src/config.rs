@@ -190,7 +190,7 @@ impl fmt::Display for AoeAddress {
 }
 
 /// `[resource.NAME]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Resource {
     /// AoE address, `eS.L` (checked by [`Config::load`]; see [`Resource::aoe_address`]).
@@ -207,6 +207,25 @@ pub struct Resource {
     pub al_extents: Option<u32>,
     /// Activity-log extent size in KiB (default 4096).
     pub al_extent_kib: Option<u32>,
+    /// Seconds a starting node waits for its peer before deciding alone (0: forever, as
+    /// DRBD's `wfc-timeout`; default 0).
+    pub wfc_timeout: Option<f64>,
+    /// The same for a node that was a degraded primary when it went down (default 60).
+    pub degr_wfc_timeout: Option<f64>,
+    /// Seconds of silence after which a connected peer is declared dead (heartbeat's
+    /// `deadtime`; default 10.5).
+    pub dead_time: Option<f64>,
+    /// The request timeout ko-count is counted in, seconds (DRBD's `timeout`; default 6).
+    pub timeout: Option<f64>,
+    /// Timeouts a replicated write may take before the peer is dropped (default 7; 0: never).
+    pub ko_count: Option<u32>,
+    /// Promote automatically at startup and on failover (default true).
+    pub auto_promote: Option<bool>,
+    /// The node that becomes primary when both are healthy (default: none; the first to have
+    /// UpToDate data while the other does not).
+    pub preferred_primary: Option<String>,
+    /// Also export the device over NBD on this `ADDRESS:PORT` while primary.
+    pub nbd: Option<std::net::SocketAddr>,
     /// Per-node disks.
     pub on: BTreeMap<String, OnNode>,
 }
@@ -215,6 +234,30 @@ impl Resource {
     /// The parsed AoE address (validated at load).
     pub fn aoe_address(&self) -> AoeAddress {
         self.aoe.parse().expect("validated at load")
+    }
+
+    /// The cluster state machine's timers and policy for node `node`.
+    pub fn machine_config(&self, node: &str) -> crate::cluster::Config {
+        use std::time::Duration;
+        let defaults = crate::cluster::Config::default();
+        let secs = |v: Option<f64>, d: Option<Duration>| match v {
+            Some(0.0) => None,
+            Some(s) => Some(Duration::from_secs_f64(s)),
+            None => d,
+        };
+        crate::cluster::Config {
+            auto_promote: self.auto_promote.unwrap_or(defaults.auto_promote),
+            preferred_primary: self.preferred_primary.as_deref() == Some(node),
+            wfc_timeout: secs(self.wfc_timeout, defaults.wfc_timeout),
+            degr_wfc_timeout: secs(self.degr_wfc_timeout, defaults.degr_wfc_timeout),
+            dead_time: self
+                .dead_time
+                .map_or(defaults.dead_time, Duration::from_secs_f64),
+            timeout: self
+                .timeout
+                .map_or(defaults.timeout, Duration::from_secs_f64),
+            ko_count: self.ko_count.unwrap_or(defaults.ko_count),
+        }
     }
 
     /// Activity-log geometry for create-md.
@@ -238,7 +281,7 @@ struct File {
 }
 
 /// A loaded, validated configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// The file it came from.
     pub path: PathBuf,
@@ -352,6 +395,31 @@ impl Config {
                         key("al-extent-kib"),
                         format!("{kib} is not a power of two between 64 and 1048576"),
                     ));
+                }
+            }
+            for (k, v) in [
+                ("wfc-timeout", res.wfc_timeout),
+                ("degr-wfc-timeout", res.degr_wfc_timeout),
+                ("dead-time", res.dead_time),
+                ("timeout", res.timeout),
+            ] {
+                if let Some(v) = v {
+                    if !v.is_finite() || !(0.0..=86_400.0).contains(&v) {
+                        return Err((
+                            key(k),
+                            format!("{v} is not a number of seconds in 0..86400"),
+                        ));
+                    }
+                }
+            }
+            for (k, v) in [("dead-time", res.dead_time), ("timeout", res.timeout)] {
+                if v == Some(0.0) {
+                    return Err((key(k), "must be more than 0 seconds".into()));
+                }
+            }
+            if let Some(p) = &res.preferred_primary {
+                if !self.nodes.contains_key(p) {
+                    return Err((key("preferred-primary"), format!("{p} is not a node")));
                 }
             }
             for node in self.nodes.keys() {

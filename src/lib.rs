@@ -7,6 +7,10 @@
 //! * [`export`]: the targets that serve a `BlockDevice` to clients (AoE, NBD).
 //! * [`net`]: raw packet sockets and interface queries used by the AoE target.
 //! * [`ratelimit`]: rate-limited, counted logging for anything the network can trigger.
+//! * [`cluster`], [`repl`], [`meta`]: the replication decisions, the replicated device, the
+//!   meta-data.
+//! * [`daemon`]: `twinblade run` — engines, peer connections, the control socket.
+//! * [`config`]: the cluster configuration file.
 //! * [`cli`]: the command line.
 
 #![warn(missing_docs)]
@@ -16,6 +20,7 @@ pub mod block;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod daemon;
 pub mod export;
 pub mod meta;
 pub mod net;

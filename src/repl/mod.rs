@@ -10,4 +10,6 @@
 //! opens a socket or a file.
 
 pub mod auth;
+pub mod device;
+pub mod link;
 pub mod uuid;

@@ -48,6 +48,8 @@
 //! StateChange    role u8, disk u8, conn u8
 //! Ping, PingAck  cookie u64 (echoed)
 //! Disconnect     reason u8, message length u16, message (UTF-8)
+//! SyncStart      flags u8 (bit 0 sender is source, bit 1 full)
+//! SyncDone       (empty)
 //! ```
 //!
 //! A payload must be exactly as long as its fields: trailing bytes are malformed. Offsets and
@@ -327,6 +329,10 @@ pub enum MessageType {
     PingAck,
     /// 20: [`DisconnectRepr`].
     Disconnect,
+    /// 21: [`SyncStartRepr`].
+    SyncStart,
+    /// 22: the resync source copied every out-of-sync block.
+    SyncDone,
     /// Any other code: refused by [`MessageRepr::parse`].
     Unknown(u8),
 }
@@ -355,6 +361,8 @@ impl From<u8> for MessageType {
             18 => Ping,
             19 => PingAck,
             20 => Disconnect,
+            21 => SyncStart,
+            22 => SyncDone,
             other => Unknown(other),
         }
     }
@@ -384,6 +392,8 @@ impl From<MessageType> for u8 {
             Ping => 18,
             PingAck => 19,
             Disconnect => 20,
+            SyncStart => 21,
+            SyncDone => 22,
             Unknown(v) => v,
         }
     }
@@ -1305,6 +1315,42 @@ impl DisconnectRepr {
     }
 }
 
+/// An operator-started resync (`invalidate`, `invalidate-remote`, `primary --force`): the
+/// sender's direction (the receiver takes the other one) and whether the whole device syncs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncStartRepr {
+    /// The sender is the resync source.
+    pub sender_is_source: bool,
+    /// Whole device instead of the bitmap.
+    pub full: bool,
+}
+
+impl SyncStartRepr {
+    /// Parses the 1-byte payload: bit 0 sender is source, bit 1 full; other bits must be 0.
+    pub fn parse(p: &[u8]) -> Result<Self, Error> {
+        exact(p, 1)?;
+        if p[0] & !0b11 != 0 {
+            return Err(Error::Malformed {
+                field: "sync start flags",
+            });
+        }
+        Ok(SyncStartRepr {
+            sender_is_source: p[0] & 1 != 0,
+            full: p[0] & 2 != 0,
+        })
+    }
+
+    /// Payload length.
+    pub const fn buffer_len(&self) -> usize {
+        1
+    }
+
+    /// Writes the payload.
+    pub fn emit(&self, p: &mut [u8]) {
+        p[0] = u8::from(self.sender_is_source) | (u8::from(self.full) << 1);
+    }
+}
+
 /// One message's meaning, without the framing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -1348,6 +1394,10 @@ pub enum Message {
     PingAck(PingRepr),
     /// See [`DisconnectRepr`].
     Disconnect(DisconnectRepr),
+    /// See [`SyncStartRepr`].
+    SyncStart(SyncStartRepr),
+    /// The resync source has copied every block; the target may finish its side.
+    SyncDone,
 }
 
 impl Message {
@@ -1374,6 +1424,8 @@ impl Message {
             Message::Ping(_) => MessageType::Ping,
             Message::PingAck(_) => MessageType::PingAck,
             Message::Disconnect(_) => MessageType::Disconnect,
+            Message::SyncStart(_) => MessageType::SyncStart,
+            Message::SyncDone => MessageType::SyncDone,
         }
     }
 
@@ -1410,6 +1462,11 @@ impl Message {
             T::Ping => Message::Ping(PingRepr::parse(p)?),
             T::PingAck => Message::PingAck(PingRepr::parse(p)?),
             T::Disconnect => Message::Disconnect(DisconnectRepr::parse(p)?),
+            T::SyncStart => Message::SyncStart(SyncStartRepr::parse(p)?),
+            T::SyncDone => {
+                exact(p, 0)?;
+                Message::SyncDone
+            }
             T::Unknown(_) => {
                 return Err(Error::Malformed {
                     field: "message type",
@@ -1439,6 +1496,8 @@ impl Message {
             Message::StateChange(m) => m.buffer_len(),
             Message::Ping(m) | Message::PingAck(m) => m.buffer_len(),
             Message::Disconnect(m) => m.buffer_len(),
+            Message::SyncStart(m) => m.buffer_len(),
+            Message::SyncDone => 0,
         }
     }
 
@@ -1463,6 +1522,8 @@ impl Message {
             Message::StateChange(m) => m.emit(p),
             Message::Ping(m) | Message::PingAck(m) => m.emit(p),
             Message::Disconnect(m) => m.emit(p),
+            Message::SyncStart(m) => m.emit(p),
+            Message::SyncDone => {}
         }
     }
 }
@@ -2054,6 +2115,13 @@ mod tests {
             any::<[u8; 32]>().prop_map(|mac| Message::AuthResponse(AuthResponseRepr { mac })),
             Just(Message::AuthOk),
             Just(Message::AuthFail),
+            Just(Message::SyncDone),
+            (any::<bool>(), any::<bool>()).prop_map(|(sender_is_source, full)| {
+                Message::SyncStart(SyncStartRepr {
+                    sender_is_source,
+                    full,
+                })
+            }),
             (
                 any::<u64>(),
                 pick(ReplProtocol::ALL),

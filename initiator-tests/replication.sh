@@ -1,0 +1,229 @@
+#!/usr/bin/env bash
+# Two real `twinblade run` nodes in network namespaces, a client namespace with the project's
+# AoE initiator, and the failures a pair must survive:
+#
+#   1. initial sync after `primary --force` (create-md on both, internal and external meta-data)
+#   2. exactly one node answers e0.3; writes through AoE reach both disks (byte-identical)
+#   3. kill -9 the primary: the survivor promotes itself, the client keeps writing; the old
+#      primary restarts, resyncs, and both disks end byte-identical with every acknowledged write
+#   4. kill -9 the secondary while the primary writes: writes go on (dirty bits), resync on return
+#   5. a split brain made on purpose is detected and not synced; `connect --discard-my-data` on
+#      the loser resolves it and the loser ends identical
+#   6. a wrong shared secret is refused
+#
+# Usage: initiator-tests/replication.sh [--keep]
+# Needs root; uses namespaces tbr-a, tbr-b, tbr-c and bridge tbrbr0 (nothing else touches them).
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+keep=0
+[[ ${1:-} == --keep ]] && keep=1
+bin=$repo/target/release
+tb=$bin/twinblade
+init=$bin/aoe-init
+[[ -x $tb && -x $init ]] || (cd "$repo" && cargo build --release --workspace --quiet)
+
+work=$(mktemp -d /tmp/tb-repl.XXXXXX)
+pids=()
+log() { printf 'replication: %s\n' "$*" >&2; }
+fail() { log "FAIL: $*"; dump; exit 1; }
+dump() {
+    for n in alpha beta; do
+        echo "----- $n log (tail)" >&2; tail -30 "$work/$n.log" >&2 || true
+    done
+}
+
+net_down() {
+    for ns in tbr-a tbr-b tbr-c; do ip netns del "$ns" 2>/dev/null || true; done
+    ip link del tbrbr0 2>/dev/null || true
+}
+cleanup() {
+    local rc=$?
+    for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    ((keep)) || { net_down; rm -rf "$work"; }
+    exit "$rc"
+}
+trap cleanup EXIT
+
+net_down
+ip link add tbrbr0 type bridge
+ip link set tbrbr0 up
+i=1
+for ns in tbr-a tbr-b tbr-c; do
+    ip netns add "$ns"
+    ip link add "tbrv$i" type veth peer name eth0 netns "$ns"
+    ip link set "tbrv$i" master tbrbr0 up
+    ip -n "$ns" link set lo up
+    ip -n "$ns" link set eth0 up
+    addr=$([[ $ns == tbr-c ]] && echo 10 || echo "$i")
+    ip -n "$ns" addr add "192.168.77.$addr/24" dev eth0
+    i=$((i + 1))
+done
+
+cfg=$work/pair.toml
+write_config() { # SECRET-FOR-BETA (identical config otherwise)
+    cat >"$cfg.$1" <<EOF
+[cluster]
+shared-secret = "$2"
+[node.alpha]
+address = "192.168.77.1"
+interface = "eth0"
+[node.beta]
+address = "192.168.77.2"
+interface = "eth0"
+[resource.r0]
+aoe = "e7.3"
+port = 7788
+protocol = "C"
+durability = "node"
+dead-time = 2
+timeout = 1
+ko-count = 3
+wfc-timeout = 0
+degr-wfc-timeout = 3
+[resource.r0.on.alpha]
+disk = "$work/alpha.img"
+meta-disk = "internal"
+[resource.r0.on.beta]
+disk = "$work/beta.img"
+meta-disk = "$work/beta.md"
+EOF
+}
+write_config alpha "pair-secret"
+write_config beta "pair-secret"
+
+truncate -s $((64 << 20)) "$work/alpha.img" # internal meta-data takes the tail
+usable=$("$tb" create-md --config "$cfg.alpha" --node alpha r0 | sed -n 's/^usable size: \([0-9]*\) bytes.*/\1/p')
+[[ -n $usable ]] || fail "create-md did not report the usable size"
+truncate -s "$usable" "$work/beta.img" # external meta-data: the whole disk is usable
+truncate -s $((1 << 20)) "$work/beta.md"
+"$tb" create-md --config "$cfg.beta" --node beta r0 >/dev/null
+
+declare -A pid
+start() { # NODE
+    local n=$1 ns
+    ns=$([[ $n == alpha ]] && echo tbr-a || echo tbr-b)
+    ip netns exec "$ns" "$tb" run --config "$cfg.$n" --node "$n" --control "$work/$n.sock" \
+        >>"$work/$n.log" 2>&1 &
+    pid[$n]=$!
+    pids+=("$!")
+    for _ in $(seq 50); do [[ -S $work/$n.sock ]] && return 0; sleep 0.1; done
+    fail "$n did not open its control socket"
+}
+ctl() { # NODE VERB...
+    local n=$1
+    shift
+    "$tb" "$1" --control "$work/$n.sock" "${@:2}"
+}
+field() { # NODE KEY: a value from status --json
+    ctl "$1" status r0 --json | tr ',{}' '\n\n\n' | sed -n "s/^\"$2\":\"\{0,1\}\([^\"]*\)\"\{0,1\}$/\1/p" | head -1
+}
+wait_for() { # SECONDS DESCRIPTION COMMAND...: poll until COMMAND succeeds
+    local secs=$1 what=$2 t
+    shift 2
+    for t in $(seq $((secs * 10))); do
+        if "$@" >/dev/null 2>&1; then return 0; fi
+        sleep 0.1
+    done
+    fail "timed out after ${secs}s waiting for: $what"
+}
+state_is() { # NODE KEY VALUE
+    [[ $(field "$1" "$2") == "$3" ]]
+}
+in_sync() { # both UpToDate and connected
+    state_is alpha disk UpToDate && state_is beta disk UpToDate &&
+        state_is alpha replication Established && state_is beta replication Established
+}
+data_size() { ctl alpha status r0 --json | tr ',{}' '\n\n\n' | sed -n 's/^"size":\([0-9]*\)$/\1/p'; }
+same_data() {
+    local n
+    n=$(data_size)
+    cmp -n "$n" "$work/alpha.img" "$work/beta.img"
+}
+aoe() { ip netns exec tbr-c "$init" -i eth0 "$@"; }
+answering() { aoe discover --wait-ms 700 2>/dev/null | grep -c 'e7\.3' || true; }
+nobody_answers() { [[ $(answering) == 0 ]]; }
+
+# --- 1. initial sync -------------------------------------------------------------------------
+start alpha
+start beta
+wait_for 15 "connection" state_is alpha connection Connected
+ctl alpha primary r0 --force >/dev/null || fail "primary --force refused"
+wait_for 30 "initial sync" in_sync
+state_is alpha role Primary || fail "alpha is not primary"
+same_data || fail "disks differ after the initial sync"
+log "PASS initial sync ($(data_size) bytes)"
+
+# --- 2. one answer, writes reach both --------------------------------------------------------
+n=$(answering)
+[[ $n == 1 ]] || fail "$n nodes answer e7.3 (want exactly 1)"
+aoe write e7.3 -q 16 --seed 11 --bytes 16M >/dev/null || fail "write through AoE failed"
+aoe read e7.3 -q 16 --seed 11 --bytes 16M --verify >/dev/null || fail "read-back mismatch"
+wait_for 5 "no pending writes" in_sync
+same_data || fail "disks differ after replicated writes"
+log "PASS exactly one node answers; replicated writes identical"
+
+# --- 3. kill -9 the primary -------------------------------------------------------------------
+kill -9 "${pid[alpha]}"
+wait_for 20 "beta takes over" state_is beta role Primary
+n=$(answering)
+[[ $n == 1 ]] || fail "$n nodes answer e7.3 after the failover"
+aoe write e7.3 -q 16 --seed 12 --offset 8M --bytes 8M >/dev/null || fail "write to the survivor failed"
+start alpha
+wait_for 60 "resync after the primary's return" in_sync
+state_is beta role Primary || fail "beta lost its role"
+aoe read e7.3 -q 16 --seed 12 --offset 8M --bytes 8M --verify >/dev/null || fail "acknowledged write lost"
+same_data || fail "disks differ after the returning primary resynced"
+log "PASS kill -9 primary: failover, resync, identical"
+
+# --- 4. kill -9 the secondary while writing ---------------------------------------------------
+aoe write e7.3 -q 16 --seed 13 --bytes 32M >/dev/null &
+wpid=$!
+sleep 0.3
+kill -9 "${pid[alpha]}"
+wait "$wpid" || fail "writes failed while the secondary died"
+oos=$(field beta out-of-sync)
+log "out-of-sync on beta after losing alpha: $oos bytes"
+start alpha
+wait_for 60 "resync after the secondary's return" in_sync
+aoe read e7.3 -q 16 --seed 13 --bytes 32M --verify >/dev/null || fail "acknowledged write lost"
+same_data || fail "disks differ after the secondary resynced"
+log "PASS kill -9 secondary: writes went on, resync, identical"
+
+# --- 5. split brain on purpose ----------------------------------------------------------------
+ctl alpha disconnect r0 >/dev/null
+ctl beta disconnect r0 >/dev/null
+ctl beta secondary r0 >/dev/null
+wait_for 5 "beta silent" nobody_answers
+ctl alpha primary r0 >/dev/null || fail "alpha cannot be promoted while disconnected"
+aoe write e7.3 -q 16 --seed 14 --bytes 4M >/dev/null || fail "write to alpha failed"
+ctl alpha secondary r0 >/dev/null
+ctl beta primary r0 >/dev/null || fail "beta cannot be promoted while disconnected"
+aoe write e7.3 -q 16 --seed 15 --offset 4M --bytes 4M >/dev/null || fail "write to beta failed"
+# alpha wrote seed 14 while beta was primary too: both changed since they parted.
+ctl alpha connect r0 >/dev/null
+ctl beta connect r0 >/dev/null
+wait_for 15 "split brain detected" state_is alpha connection StandAlone
+sleep 1
+state_is beta connection StandAlone || fail "beta did not notice the split brain"
+if same_data; then fail "split brain made no difference?"; fi
+grep -qi "split-brain" "$work/alpha.log" || fail "split brain not logged"
+ctl alpha connect r0 --discard-my-data >/dev/null
+ctl beta connect r0 >/dev/null
+wait_for 60 "split brain resolved" in_sync
+same_data || fail "loser differs after discard-my-data"
+aoe read e7.3 -q 16 --seed 15 --offset 4M --bytes 4M --verify >/dev/null || fail "the winner's writes are gone"
+log "PASS split brain detected, not synced, resolved by discard-my-data"
+
+# --- 6. wrong secret --------------------------------------------------------------------------
+ctl alpha disconnect r0 >/dev/null
+kill -TERM "${pid[alpha]}"
+wait "${pid[alpha]}" || fail "alpha did not stop cleanly on SIGTERM"
+grep -q "meta-data marked clean" "$work/alpha.log" || fail "no clean meta-data at stop"
+write_config alpha "wrong-secret"
+start alpha
+sleep 3
+state_is alpha connection Connected && fail "a wrong secret was accepted"
+grep -q "authentication failed" "$work/alpha.log" "$work/beta.log" || fail "wrong secret not logged"
+log "PASS wrong shared secret refused"
+log "all passed"

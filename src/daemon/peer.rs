@@ -1,0 +1,291 @@
+//! Peer connections: TCP set-up, the Hello / authentication / parameters handshake, and the
+//! reader that turns the byte stream into messages.
+//!
+//! ```text
+//! both sides:  Hello(versions, nonce, name)  →  negotiate version, check the peer's name
+//!              AuthChallenge(nonce)          →  AuthResponse(HMAC(secret, both names+nonces))
+//!              AuthOk | AuthFail             →  a wrong secret ends here: nothing else is sent
+//!              Parameters + Uuids            →  the engine decides (repl::uuid::decide)
+//! ```
+//!
+//! The node whose name sorts first connects; the other accepts. One connection per resource.
+
+use std::io::{ErrorKind, Read};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use crate::repl::auth::{fresh_nonce, Authenticator};
+use crate::wire::repl::{
+    negotiate, FrameDecoder, HelloRepr, Message, MessageRepr, Packet, ParametersRepr, UuidsRepr,
+    VERSION_MAX, VERSION_MIN,
+};
+
+/// How long each handshake step may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a connection attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The socket failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The byte stream was not our protocol (or was corrupted).
+    #[error("bad message from the peer: {0}")]
+    Decode(String),
+    /// The peer sent something out of order.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// No common protocol version.
+    #[error("no common protocol version (ours {VERSION_MIN}..{VERSION_MAX}, peer {0}..{1})")]
+    Version(u16, u16),
+    /// The peer is not who the configuration says.
+    #[error("the peer calls itself {0:?}, expected {1:?}")]
+    WrongPeer(String, String),
+    /// The peer's answer to our challenge did not verify: wrong shared secret (or an impostor).
+    #[error("authentication failed: the peer does not know the shared secret")]
+    AuthRejected,
+    /// The peer refused our answer.
+    #[error("authentication failed: the peer refused our response (shared secrets differ?)")]
+    AuthRefusedByPeer,
+    /// The peer closed the connection.
+    #[error("the peer closed the connection")]
+    Closed,
+}
+
+/// Who we are and whom we expect.
+#[derive(Clone)]
+pub struct Identity {
+    /// Our node name.
+    pub local: String,
+    /// The peer's node name.
+    pub peer: String,
+    /// The cluster's shared secret.
+    pub secret: Vec<u8>,
+}
+
+/// A message stream during the handshake (blocking, with timeouts).
+pub struct Conn {
+    /// The socket.
+    pub stream: TcpStream,
+    /// Incoming bytes not yet decoded.
+    pub decoder: FrameDecoder,
+    /// Next outgoing sequence number.
+    pub seq_out: u64,
+    /// Negotiated version (the newest ours until negotiated).
+    pub version: u16,
+}
+
+impl Conn {
+    /// Wraps a connected socket.
+    pub fn new(stream: TcpStream) -> std::io::Result<Conn> {
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        Ok(Conn {
+            stream,
+            decoder: FrameDecoder::new().check_sequence(0),
+            seq_out: 0,
+            version: VERSION_MAX,
+        })
+    }
+
+    /// Sends one message.
+    pub fn send(&mut self, message: Message) -> Result<(), PeerError> {
+        use std::io::Write;
+        let repr = MessageRepr {
+            version: self.version,
+            seq: self.seq_out,
+            message,
+        };
+        let mut buf = vec![0u8; repr.buffer_len()];
+        repr.emit(&mut Packet::new_unchecked(&mut buf[..]));
+        self.stream.write_all(&buf)?;
+        self.seq_out += 1;
+        Ok(())
+    }
+
+    /// Receives one message.
+    pub fn recv(&mut self) -> Result<Message, PeerError> {
+        read_message(&mut self.stream, &mut self.decoder)
+    }
+}
+
+/// Reads until one whole message is decoded.
+pub fn read_message(
+    stream: &mut TcpStream,
+    decoder: &mut FrameDecoder,
+) -> Result<Message, PeerError> {
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        match decoder.next_message() {
+            Ok(Some(m)) => return Ok(m.message),
+            Ok(None) => {}
+            Err(e) => return Err(PeerError::Decode(e.to_string())),
+        }
+        let n = match stream.read(&mut buf) {
+            Ok(0) => return Err(PeerError::Closed),
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        decoder.feed(&buf[..n]);
+    }
+}
+
+/// What the handshake learned.
+pub struct Handshaken {
+    /// The connection, ready for the reader and the link.
+    pub conn: Conn,
+    /// The peer's parameters.
+    pub params: ParametersRepr,
+    /// The peer's generation UUIDs.
+    pub uuids: UuidsRepr,
+    /// We hold "resolve conflicts" (our Hello nonce is the larger).
+    pub resolve_conflicts: bool,
+}
+
+/// Runs the handshake on a fresh connection. `ours` is called after authentication and gives
+/// what we tell the peer about ourselves (so it is current).
+pub fn handshake(
+    stream: TcpStream,
+    id: &Identity,
+    ours: impl FnOnce() -> (ParametersRepr, UuidsRepr),
+) -> Result<Handshaken, PeerError> {
+    let mut conn = Conn::new(stream)?;
+    let nonce = fresh_nonce(&mut rand::rng());
+    conn.send(Message::Hello(HelloRepr {
+        min_version: VERSION_MIN,
+        max_version: VERSION_MAX,
+        nonce,
+        name: id.local.clone(),
+    }))?;
+    let hello = match conn.recv()? {
+        Message::Hello(h) => h,
+        other => {
+            return Err(PeerError::Protocol(format!(
+                "expected Hello, got {:?}",
+                other.msg_type()
+            )))
+        }
+    };
+    let version = negotiate(
+        (VERSION_MIN, VERSION_MAX),
+        (hello.min_version, hello.max_version),
+    )
+    .ok_or(PeerError::Version(hello.min_version, hello.max_version))?;
+    conn.version = version;
+    if hello.name != id.peer {
+        return Err(PeerError::WrongPeer(hello.name, id.peer.clone()));
+    }
+    let resolve_conflicts = nonce > hello.nonce;
+
+    let mut auth = Authenticator::new(&id.secret, &id.local, fresh_nonce(&mut rand::rng()))
+        .map_err(|e| PeerError::Protocol(e.to_string()))?;
+    conn.send(Message::AuthChallenge(auth.challenge()))?;
+    let challenge = match conn.recv()? {
+        Message::AuthChallenge(c) => c,
+        other => {
+            return Err(PeerError::Protocol(format!(
+                "expected AuthChallenge, got {:?}",
+                other.msg_type()
+            )))
+        }
+    };
+    let response = auth
+        .respond(&hello.name, &challenge)
+        .map_err(|e| PeerError::Protocol(e.to_string()))?;
+    conn.send(Message::AuthResponse(response))?;
+    let theirs = match conn.recv()? {
+        Message::AuthResponse(r) => r,
+        other => {
+            return Err(PeerError::Protocol(format!(
+                "expected AuthResponse, got {:?}",
+                other.msg_type()
+            )))
+        }
+    };
+    let verified = auth.verify(&theirs).is_ok();
+    conn.send(if verified {
+        Message::AuthOk
+    } else {
+        Message::AuthFail
+    })?;
+    if !verified {
+        return Err(PeerError::AuthRejected);
+    }
+    match conn.recv()? {
+        Message::AuthOk => {}
+        Message::AuthFail => return Err(PeerError::AuthRefusedByPeer),
+        other => {
+            return Err(PeerError::Protocol(format!(
+                "expected AuthOk, got {:?}",
+                other.msg_type()
+            )))
+        }
+    }
+
+    let (params, uuids) = ours();
+    conn.send(Message::Parameters(params))?;
+    conn.send(Message::Uuids(uuids))?;
+    let params = match conn.recv()? {
+        Message::Parameters(p) => p,
+        other => {
+            return Err(PeerError::Protocol(format!(
+                "expected Parameters, got {:?}",
+                other.msg_type()
+            )))
+        }
+    };
+    let uuids = match conn.recv()? {
+        Message::Uuids(u) => u,
+        other => {
+            return Err(PeerError::Protocol(format!(
+                "expected Uuids, got {:?}",
+                other.msg_type()
+            )))
+        }
+    };
+    conn.stream.set_read_timeout(None)?;
+    conn.stream.set_write_timeout(None)?;
+    Ok(Handshaken {
+        conn,
+        params,
+        uuids,
+        resolve_conflicts,
+    })
+}
+
+/// Tries once to reach the peer (we are the connecting side).
+pub fn dial(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+}
+
+/// Waits up to `wait` for the peer to connect to our listener (non-blocking listener).
+pub fn accept(
+    listener: &TcpListener,
+    expected: std::net::IpAddr,
+    wait: Duration,
+    limiter: &crate::ratelimit::LogLimiter,
+) -> Option<TcpStream> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match listener.accept() {
+            Ok((stream, from)) => {
+                if from.ip() == expected {
+                    let _ = stream.set_nonblocking(false);
+                    return Some(stream);
+                }
+                crate::warn_limited!(
+                    limiter,
+                    "refused a replication connection from {from}: not the peer"
+                );
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => crate::warn_limited!(limiter, "accept on the replication port failed: {e}"),
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

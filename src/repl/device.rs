@@ -1,0 +1,456 @@
+//! [`ReplicatedDevice`]: the `BlockDevice` the exports serve on a primary. A write completes
+//! only when every replica that must have it has it; a lost peer turns writes into dirty bits,
+//! not errors.
+//!
+//! # The write path
+//!
+//! ```text
+//! meta.write_begin            extents hot (AL transaction durable if one was cold)
+//! ┌ order lock ─────────────┐
+//! │ send WriteData to peer  │  same order on both nodes for overlapping writes
+//! │ local write             │
+//! └─────────────────────────┘
+//! wait for the peer          protocol C: written there at the durability level
+//!                            protocol B: received there; protocol A: not at all
+//! mark out of sync           if the peer did not confirm (lost, dropped by ko-count)
+//! meta.write_end
+//! ```
+//!
+//! Durability `node` acknowledges what is in the operating system of both nodes; `power` writes
+//! with FUA on both nodes before the acknowledgement.
+//!
+//! # Faults
+//!
+//! A local I/O error detaches the local disk (`on-io-error detach`): the engine is told
+//! ([`DeviceEvent::LocalIoError`]); reads and writes then go to the peer only, and fail only if
+//! there is no peer either.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::block::{check_range, BlockDevice, BlockError, Capabilities, Result};
+use crate::meta::store::MetaStore;
+use crate::wire::repl::{
+    AckKind, BarrierRepr, Durability, Message, ReplProtocol, ResyncRequestRepr, WriteDataRepr,
+};
+
+use super::link::{PeerLink, Reply};
+
+/// `WriteData` flag: force unit access.
+pub const WRITE_FUA: u32 = 1;
+
+/// What the device tells its owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceEvent {
+    /// The local disk failed; it is detached.
+    LocalIoError,
+}
+
+/// I/O counters for `status`.
+#[derive(Debug, Default)]
+pub struct IoCounters {
+    /// Bytes read by clients.
+    pub read_bytes: AtomicU64,
+    /// Bytes written by clients.
+    pub written_bytes: AtomicU64,
+    /// Bytes sent to the peer (replicated writes).
+    pub sent_bytes: AtomicU64,
+    /// Writes that completed without the peer and were marked out of sync.
+    pub writes_marked: AtomicU64,
+}
+
+/// The replicated block device of one resource.
+pub struct ReplicatedDevice {
+    local: Arc<dyn BlockDevice>,
+    meta: Arc<MetaStore>,
+    protocol: ReplProtocol,
+    durability: Durability,
+    link: RwLock<Option<Arc<PeerLink>>>,
+    order: Mutex<()>,
+    detached: AtomicBool,
+    events: Box<dyn Fn(DeviceEvent) + Send + Sync>,
+    /// Counters.
+    pub counters: IoCounters,
+}
+
+impl std::fmt::Debug for ReplicatedDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicatedDevice")
+            .field("protocol", &self.protocol)
+            .field("durability", &self.durability)
+            .field("detached", &self.is_detached())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReplicatedDevice {
+    /// A device over `local` (the data area, exactly `meta.data_size()` bytes) and its
+    /// meta-data. `events` is called from I/O threads.
+    pub fn new(
+        local: Arc<dyn BlockDevice>,
+        meta: Arc<MetaStore>,
+        protocol: ReplProtocol,
+        durability: Durability,
+        events: Box<dyn Fn(DeviceEvent) + Send + Sync>,
+    ) -> ReplicatedDevice {
+        ReplicatedDevice {
+            local,
+            meta,
+            protocol,
+            durability,
+            link: RwLock::new(None),
+            order: Mutex::new(()),
+            detached: AtomicBool::new(false),
+            events,
+            counters: IoCounters::default(),
+        }
+    }
+
+    /// Starts (Some) or stops (None) replicating to a peer. Stopping fails every write still
+    /// waiting for it, which then marks its blocks out of sync.
+    pub fn set_link(&self, link: Option<Arc<PeerLink>>) {
+        let old = {
+            let mut l = self.link.write().unwrap_or_else(|e| e.into_inner());
+            std::mem::replace(&mut *l, link)
+        };
+        drop(old);
+    }
+
+    /// The link writes go to, if any.
+    pub fn link(&self) -> Option<Arc<PeerLink>> {
+        self.link
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .filter(|l| !l.is_dead())
+    }
+
+    /// The local disk is detached.
+    pub fn is_detached(&self) -> bool {
+        self.detached.load(Ordering::Acquire)
+    }
+
+    /// Takes the local disk out of the I/O path.
+    pub fn detach(&self) {
+        if !self.detached.swap(true, Ordering::AcqRel) {
+            (self.events)(DeviceEvent::LocalIoError);
+        }
+    }
+
+    /// The order lock: whoever sends blocks to the peer (writes, resync) holds it so that
+    /// overlapping data reaches both disks in the same order.
+    pub fn order_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.order.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The local data device.
+    pub fn local(&self) -> &Arc<dyn BlockDevice> {
+        &self.local
+    }
+
+    fn local_write(&self, data: &[u8], offset: u64, fua: bool) -> bool {
+        if self.is_detached() {
+            return false;
+        }
+        let fua = fua || self.durability == Durability::Power;
+        match self.local.write_at(data, offset, fua) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(offset, len = data.len(), error = %e, "local write failed; detaching the disk");
+                self.detach();
+                false
+            }
+        }
+    }
+
+    fn wait_peer(answer: Option<super::link::Answer>) -> bool {
+        match answer {
+            Some(rx) => matches!(
+                rx.recv(),
+                Ok(Reply::Ack(AckKind::Completed | AckKind::Received))
+            ),
+            None => false,
+        }
+    }
+}
+
+impl BlockDevice for ReplicatedDevice {
+    fn size(&self) -> u64 {
+        self.local.size()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            read_only: false,
+            discard: false,
+            write_zeroes: false,
+        }
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(self.size(), offset, buf.len() as u64)?;
+        self.counters
+            .read_bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        if !self.is_detached() {
+            match self.local.read_at(buf, offset) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::error!(offset, len = buf.len(), error = %e, "local read failed; detaching the disk");
+                    self.detach();
+                }
+            }
+        }
+        // Detached: read through the peer.
+        let link = self.link().ok_or_else(no_disk)?;
+        let answer = link
+            .request(|id| {
+                Message::ResyncRequest(ResyncRequestRepr {
+                    id,
+                    offset,
+                    len: buf.len() as u32,
+                    checksum: None,
+                })
+            })
+            .ok_or_else(no_disk)?;
+        match answer.recv() {
+            Ok(Reply::Data(data)) if data.len() == buf.len() => {
+                buf.copy_from_slice(&data);
+                Ok(())
+            }
+            _ => Err(no_disk()),
+        }
+    }
+
+    fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<()> {
+        let len = data.len() as u64;
+        check_range(self.size(), offset, len)?;
+        self.meta
+            .write_begin(offset, len)
+            .map_err(|e| BlockError::Io(std::io::Error::other(e.to_string())))?;
+        self.counters
+            .written_bytes
+            .fetch_add(len, Ordering::Relaxed);
+        let (answer, local_ok) = {
+            let _order = self.order_lock();
+            let answer = self.link().and_then(|link| {
+                let message = |id| {
+                    Message::WriteData(WriteDataRepr {
+                        id,
+                        offset,
+                        flags: if fua { WRITE_FUA } else { 0 },
+                        data: data.to_vec(),
+                    })
+                };
+                self.counters.sent_bytes.fetch_add(len, Ordering::Relaxed);
+                if self.protocol == ReplProtocol::A {
+                    // Fire and forget: id 0 asks for no acknowledgement.
+                    link.send(message(0)).ok().map(|()| None)
+                } else {
+                    link.request(message).map(Some)
+                }
+            });
+            (answer, self.local_write(data, offset, fua))
+        };
+        let peer_ok = match answer {
+            Some(None) => true,
+            Some(Some(rx)) => Self::wait_peer(Some(rx)),
+            None => false,
+        };
+        if !peer_ok {
+            if !local_ok {
+                self.meta.write_end(offset, len);
+                return Err(no_disk());
+            }
+            self.meta.mark_out_of_sync(offset, len);
+            self.counters.writes_marked.fetch_add(1, Ordering::Relaxed);
+        }
+        self.meta.write_end(offset, len);
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        let local_ok = !self.is_detached()
+            && match self.local.flush() {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!(error = %e, "local flush failed; detaching the disk");
+                    self.detach();
+                    false
+                }
+            };
+        let peer_ok = match self.link() {
+            Some(link) if self.protocol != ReplProtocol::A => {
+                Self::wait_peer(link.request(|id| Message::Barrier(BarrierRepr { barrier: id })))
+            }
+            _ => false,
+        };
+        if local_ok || peer_ok {
+            Ok(())
+        } else {
+            Err(no_disk())
+        }
+    }
+}
+
+fn no_disk() -> BlockError {
+    BlockError::Io(std::io::Error::other(
+        "no usable disk: the local disk is detached and the peer is not reachable",
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::crash::CrashDevice;
+    use crate::meta::store::{create, CreateOptions};
+    use crate::meta::LayoutParams;
+    use crate::wire::ondisk::MetaKind;
+    use crate::wire::repl::{FrameDecoder, MessageRepr, Packet, WriteAckRepr};
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::{Duration, Instant};
+
+    const SIZE: u64 = 8 << 20;
+
+    /// A replicated device over in-memory disks, linked to a fake peer that applies nothing
+    /// and acknowledges every write `delay` after it arrived (a slow secondary disk).
+    fn device_with_slow_peer(
+        protocol: ReplProtocol,
+        delay: Duration,
+    ) -> (ReplicatedDevice, Arc<MetaStore>) {
+        let meta_dev: Arc<dyn BlockDevice> = Arc::new(CrashDevice::new(1 << 20));
+        let data: Arc<dyn BlockDevice> = Arc::new(CrashDevice::new(SIZE));
+        let opts = CreateOptions {
+            name: "t".into(),
+            params: LayoutParams::default(),
+            force: true,
+        };
+        create(meta_dev.as_ref(), SIZE, MetaKind::External, &opts).unwrap();
+        let (meta, _) = MetaStore::attach(meta_dev, data.clone(), MetaKind::External).unwrap();
+        let meta = Arc::new(meta);
+        let dev = ReplicatedDevice::new(
+            data,
+            meta.clone(),
+            protocol,
+            Durability::Node,
+            Box::new(|_| {}),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut theirs, _) = listener.accept().unwrap();
+        let mut reply = theirs.try_clone().unwrap();
+        let link = Arc::new(PeerLink::new(
+            1,
+            "peer".into(),
+            ours.try_clone().unwrap(),
+            1,
+            0,
+        ));
+        // Acks from the fake peer come back on `ours`.
+        let reader_link = link.clone();
+        let mut ours_rd = ours;
+        std::thread::spawn(move || {
+            let mut dec = FrameDecoder::new().check_sequence(0);
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = ours_rd.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                dec.feed(&buf[..n]);
+                while let Ok(Some(m)) = dec.next_message() {
+                    if let Message::WriteAck(a) = m.message {
+                        reader_link.complete(a.id, Reply::Ack(a.kind));
+                    }
+                }
+            }
+        });
+        std::thread::spawn(move || {
+            let mut dec = FrameDecoder::new().check_sequence(0);
+            let mut buf = vec![0u8; 1 << 16];
+            let mut seq = 0;
+            while let Ok(n) = theirs.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                dec.feed(&buf[..n]);
+                while let Ok(Some(m)) = dec.next_message() {
+                    if let Message::WriteData(w) = m.message {
+                        if w.id == 0 {
+                            continue;
+                        }
+                        std::thread::sleep(delay);
+                        let ack = MessageRepr {
+                            version: 1,
+                            seq,
+                            message: Message::WriteAck(WriteAckRepr {
+                                id: w.id,
+                                kind: AckKind::Completed,
+                            }),
+                        };
+                        seq += 1;
+                        let mut out = vec![0u8; ack.buffer_len()];
+                        ack.emit(&mut Packet::new_unchecked(&mut out[..]));
+                        if reply.write_all(&out).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        dev.set_link(Some(link));
+        (dev, meta)
+    }
+
+    fn timed_write(dev: &ReplicatedDevice) -> Duration {
+        let t = Instant::now();
+        dev.write_at(&[7u8; 4096], 4096, false).unwrap();
+        t.elapsed()
+    }
+
+    #[test]
+    fn protocol_c_waits_for_a_slow_secondary() {
+        let (dev, meta) = device_with_slow_peer(ReplProtocol::C, Duration::from_millis(200));
+        let took = timed_write(&dev);
+        assert!(
+            took >= Duration::from_millis(200),
+            "protocol C acked after {took:?}"
+        );
+        assert_eq!(
+            meta.out_of_sync_bytes(),
+            0,
+            "the peer has it: nothing is dirty"
+        );
+    }
+
+    #[test]
+    fn protocol_a_does_not_wait() {
+        let (dev, meta) = device_with_slow_peer(ReplProtocol::A, Duration::from_millis(200));
+        let took = timed_write(&dev);
+        assert!(
+            took < Duration::from_millis(150),
+            "protocol A acked after {took:?}"
+        );
+        assert_eq!(meta.out_of_sync_bytes(), 0);
+    }
+
+    #[test]
+    fn a_lost_peer_turns_writes_into_dirty_bits() {
+        let (dev, meta) = device_with_slow_peer(ReplProtocol::C, Duration::from_secs(3600));
+        let link = dev.link().unwrap();
+        let waiter = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            link.fail_all();
+        });
+        dev.write_at(&[9u8; 8192], 0, false)
+            .expect("the write completes locally");
+        waiter.join().unwrap();
+        assert_eq!(meta.out_of_sync_bytes(), 8192);
+        let mut back = [0u8; 8192];
+        dev.read_at(&mut back, 0).unwrap();
+        assert_eq!(back, [9u8; 8192]);
+        // With no peer at all, writes are marked at once.
+        dev.write_at(&[1u8; 4096], 1 << 20, false).unwrap();
+        assert_eq!(meta.out_of_sync_bytes(), 8192 + 4096);
+    }
+}

@@ -1,0 +1,260 @@
+//! [`PeerLink`]: the send half of an established, authenticated peer connection, and the table
+//! of requests still waiting for the peer's answer.
+//!
+//! Whoever needs an answer (a replicated write, a flush, a resync block) registers an id and
+//! sends under one lock, so messages leave in the order they were registered; the connection's
+//! reader completes the id when the ack arrives. When the link dies, [`PeerLink::fail_all`]
+//! answers every waiter with [`AckKind::Failed`]: a lost peer turns writes into dirty bits, never
+//! into a hang.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
+
+use crate::wire::repl::{AckKind, Message, MessageRepr};
+
+/// What a waiter learns: an acknowledgement, or the data it asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// `WriteAck` / `BarrierAck` (or `Failed` when the link died).
+    Ack(AckKind),
+    /// `ResyncData` answering a read request.
+    Data(Vec<u8>),
+}
+
+/// Where a waiter learns it.
+pub type Answer = Receiver<Reply>;
+
+struct Pending {
+    tx: SyncSender<Reply>,
+    sent_at: Instant,
+}
+
+struct Sender {
+    stream: TcpStream,
+    seq: u64,
+    buf: Vec<u8>,
+}
+
+/// The send half of a peer connection plus its pending-answer table.
+pub struct PeerLink {
+    /// Identifies this connection in events (a reconnect gets a new id).
+    pub conn_id: u64,
+    /// The peer's node name.
+    pub peer_name: String,
+    version: u16,
+    /// A second handle on the socket, so a dying link can shut it down even while a sender
+    /// is blocked in `write`.
+    control: Option<TcpStream>,
+    sender: Mutex<Sender>,
+    pending: Mutex<HashMap<u64, Pending>>,
+    next_id: AtomicU64,
+    dead: AtomicBool,
+    last_heard: Mutex<Instant>,
+}
+
+impl std::fmt::Debug for PeerLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerLink")
+            .field("conn_id", &self.conn_id)
+            .field("peer_name", &self.peer_name)
+            .field("dead", &self.is_dead())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PeerLink {
+    /// Wraps the write side of `stream`; `first_seq` is the next sequence number to send.
+    pub fn new(
+        conn_id: u64,
+        peer_name: String,
+        stream: TcpStream,
+        version: u16,
+        first_seq: u64,
+    ) -> PeerLink {
+        PeerLink {
+            conn_id,
+            peer_name,
+            version,
+            control: stream.try_clone().ok(),
+            sender: Mutex::new(Sender {
+                stream,
+                seq: first_seq,
+                buf: Vec::new(),
+            }),
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            dead: AtomicBool::new(false),
+            last_heard: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Whether the link failed (or was closed).
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
+    }
+
+    /// Sends one message. An error kills the link.
+    pub fn send(&self, message: Message) -> std::io::Result<()> {
+        let mut s = lock(&self.sender);
+        self.send_locked(&mut s, message)
+    }
+
+    fn send_locked(&self, s: &mut Sender, message: Message) -> std::io::Result<()> {
+        if self.is_dead() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "peer link is down",
+            ));
+        }
+        let repr = MessageRepr {
+            version: self.version,
+            seq: s.seq,
+            message,
+        };
+        s.buf.resize(repr.buffer_len(), 0);
+        repr.emit(&mut crate::wire::repl::Packet::new_unchecked(
+            &mut s.buf[..],
+        ));
+        let Sender { stream, buf, .. } = s;
+        match stream.write_all(buf) {
+            Ok(()) => {
+                s.seq += 1;
+                Ok(())
+            }
+            Err(e) => {
+                self.fail_all();
+                Err(e)
+            }
+        }
+    }
+
+    /// Registers a new request id and sends the message `build(id)` makes, atomically with
+    /// respect to other sends. `None` if the link is down (nothing was sent).
+    pub fn request(&self, build: impl FnOnce(u64) -> Message) -> Option<Answer> {
+        let mut s = lock(&self.sender);
+        if self.is_dead() {
+            return None;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = sync_channel(1);
+        lock(&self.pending).insert(
+            id,
+            Pending {
+                tx,
+                sent_at: Instant::now(),
+            },
+        );
+        if self.send_locked(&mut s, build(id)).is_err() {
+            // fail_all already answered the waiter.
+            return Some(rx);
+        }
+        Some(rx)
+    }
+
+    /// The peer answered request `id`.
+    pub fn complete(&self, id: u64, reply: Reply) -> bool {
+        match lock(&self.pending).remove(&id) {
+            Some(p) => {
+                let _ = p.tx.try_send(reply);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// When the oldest request still waiting was sent.
+    pub fn oldest_pending(&self) -> Option<Instant> {
+        lock(&self.pending).values().map(|p| p.sent_at).min()
+    }
+
+    /// Requests waiting for an answer.
+    pub fn pending_count(&self) -> usize {
+        lock(&self.pending).len()
+    }
+
+    /// Something arrived from the peer.
+    pub fn heard(&self) {
+        *lock(&self.last_heard) = Instant::now();
+    }
+
+    /// When something last arrived from the peer.
+    pub fn last_heard(&self) -> Instant {
+        *lock(&self.last_heard)
+    }
+
+    /// Marks the link dead, shuts the socket down (which ends the reader) and answers every
+    /// waiter with `Failed`. Returns how many were waiting.
+    pub fn fail_all(&self) -> usize {
+        self.dead.store(true, Ordering::Release);
+        if let Some(c) = &self.control {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+        let drained: Vec<Pending> = lock(&self.pending).drain().map(|(_, p)| p).collect();
+        for p in &drained {
+            let _ = p.tx.try_send(Reply::Ack(AckKind::Failed));
+        }
+        drained.len()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::repl::{FrameDecoder, PingRepr};
+    use std::io::Read;
+    use std::net::TcpListener;
+
+    fn pair() -> (PeerLink, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        (PeerLink::new(1, "peer".into(), a, 1, 0), b)
+    }
+
+    #[test]
+    fn requests_are_framed_in_order_and_completed_by_id() {
+        let (link, mut other) = pair();
+        let a1 = link
+            .request(|id| Message::Ping(PingRepr { cookie: id }))
+            .unwrap();
+        let a2 = link
+            .request(|id| Message::Ping(PingRepr { cookie: id }))
+            .unwrap();
+        assert_eq!(link.pending_count(), 2);
+        let mut dec = FrameDecoder::new().check_sequence(0);
+        let mut cookies = Vec::new();
+        let mut buf = [0u8; 256];
+        while cookies.len() < 2 {
+            let n = other.read(&mut buf).unwrap();
+            dec.feed(&buf[..n]);
+            while let Some(m) = dec.next_message().unwrap() {
+                if let Message::Ping(p) = m.message {
+                    cookies.push(p.cookie);
+                }
+            }
+        }
+        assert!(cookies[0] < cookies[1]);
+        assert!(link.complete(cookies[1], Reply::Ack(AckKind::Completed)));
+        assert!(
+            !link.complete(cookies[1], Reply::Ack(AckKind::Completed)),
+            "answered once"
+        );
+        assert_eq!(a2.recv().unwrap(), Reply::Ack(AckKind::Completed));
+        assert!(a1.try_recv().is_err(), "the first is still pending");
+        assert_eq!(link.fail_all(), 1);
+        assert_eq!(a1.recv().unwrap(), Reply::Ack(AckKind::Failed));
+        assert!(
+            link.request(|_| Message::AuthOk).is_none(),
+            "dead links send nothing"
+        );
+    }
+}
