@@ -60,6 +60,9 @@ step "fuzz" initiator-tests/fuzz.sh "${TWINBLADE_FUZZ_SECONDS:-30}"
 # --- NBD: real clients (nbdinfo, nbdcopy, qemu-img, qemu-io, fio's nbd engine) on loopback. -------
 step "nbd clients" initiator-tests/nbd-clients.sh --target "$target"
 
+# --- Two real nodes (`twinblade run`) in namespaces: sync, failover, kill -9, split brain. --------
+step "replicated pair" initiator-tests/replication.sh
+
 # --- Real Linux aoe driver in a VM, at both MTUs. ------------------------------------------------
 step "vm build" initiator-tests/vm/build.sh
 step "linux-aoe mtu 1500 ($target)" initiator-tests/linux-aoe.sh --mtu 1500 --target "$target"
