@@ -671,6 +671,28 @@ async fn acl_refuses_other_addresses() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_admits_listed_networks() {
+    let config = ServerConfig {
+        acl: Acl::new(vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "127.0.0.0/8".parse().unwrap(),
+        ]),
+        ..ServerConfig::default()
+    };
+    let srv = TestServer::start(
+        vec![Export::new("disk", Arc::new(NullDevice::new(MIB)))],
+        config,
+    )
+    .await;
+    let mut c = Client::connect(srv.addr, "disk").await;
+    assert_eq!(c.read(0, 512).await.unwrap(), vec![0; 512]);
+    c.disconnect().await;
+    assert_eq!(srv.stats.denied.load(Ordering::Relaxed), 0);
+    assert_eq!(srv.stats.sessions.load(Ordering::Relaxed), 1);
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_in_flight_requests() {
     let dev = Arc::new(FaultyDevice::new(NullDevice::new(MIB)));
     dev.set_flush_delay(Duration::from_millis(200));
