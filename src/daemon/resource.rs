@@ -608,7 +608,7 @@ impl Resource {
             while bit < end {
                 let count = (end - bit).min(MAX_DATA_LEN as u64 * 8 / 2) as u32;
                 let mut bits = vec![0xffu8; count.div_ceil(8) as usize];
-                if count % 8 != 0 {
+                if !count.is_multiple_of(8) {
                     *bits.last_mut().unwrap() = (1u8 << (count % 8)) - 1;
                 }
                 let _ = link.send(Message::BitmapChunk(BitmapChunkRepr {
