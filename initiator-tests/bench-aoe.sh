@@ -35,7 +35,7 @@ mkdir -p "$work/bin"
 bin=$work/bin
 cp "$repo/target/release/twinblade" "$repo/target/release/aoe-init" "$repo/target/release/aoe-ceiling" "$bin/"
 load() { cut -d' ' -f1-3 /proc/loadavg; }
-echo "bench: $(nproc) CPUs, load average at start: $(load); commit $(git -C "$repo" rev-parse --short HEAD)$(git -C "$repo" diff --quiet HEAD -- src initiator-tests || echo ' (with local changes)')"
+echo "bench: $(nproc) CPUs, load average at start: $(load); commit $(git -C "$repo" rev-parse --short HEAD)$(git -C "$repo" diff --quiet HEAD -- src/net src/export/aoe src/wire src/block initiator-tests || echo ' (with local changes)')"
 image=$work/bench.img
 results=$work/results.txt
 : >"$results"

@@ -513,3 +513,81 @@ fn overlapping_writes_in_one_batch_keep_arrival_order() {
         }
     });
 }
+
+/// The `open(2)` flags of the descriptors process `pid` holds on `file`.
+fn open_flags_of(pid: u32, file: &std::path::Path) -> Vec<i32> {
+    let file = file.canonicalize().unwrap();
+    let mut flags = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let entry = entry.unwrap();
+        if std::fs::read_link(entry.path()).ok().as_deref() != Some(file.as_path()) {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            entry.file_name().to_string_lossy()
+        ))
+        .unwrap();
+        let octal = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .expect("flags line")
+            .trim();
+        flags.push(i32::from_str_radix(octal, 8).unwrap());
+    }
+    flags
+}
+
+#[test]
+fn vblade_flags_b_d_s_take_effect() {
+    let mut lab = Lab::new(9000, 1);
+    let file = lab.backing_file("disk.img", 8 << 20, 0);
+    // vblade's defaults: 64 buffers here (vblade's own is 16), buffered, not synchronous.
+    let plain = lab.start_target(&["vblade", "0", "3", "eth0", file.to_str().unwrap()]);
+    let buffers = lab.in_client(|| {
+        let mut init = Initiator::open("eth0").unwrap();
+        init.find(0, 3, Duration::from_secs(5))
+            .unwrap()
+            .buffer_count
+    });
+    assert_eq!(buffers, 64);
+    let flags = open_flags_of(lab.target_pid(plain), &file);
+    assert!(!flags.is_empty(), "the target holds the backing file open");
+    assert!(flags
+        .iter()
+        .all(|f| f & (libc::O_DIRECT | libc::O_SYNC) == 0));
+    lab.stop_target(plain);
+
+    let tuned = lab.start_target(&[
+        "vblade",
+        "-b",
+        "16",
+        "-d",
+        "-s",
+        "0",
+        "3",
+        "eth0",
+        file.to_str().unwrap(),
+    ]);
+    let (buffers, read) = lab.in_client(|| {
+        let mut init = Initiator::open("eth0").unwrap();
+        let target = init.find(0, 3, Duration::from_secs(5)).unwrap();
+        init.run(&target, &plan(true, 2 * MIB, 16, &target, 12))
+            .unwrap();
+        let read = init
+            .run(&target, &plan(false, 2 * MIB, 16, &target, 12))
+            .unwrap();
+        (target.buffer_count, read)
+    });
+    assert_eq!(buffers, 16, "-b sets the advertised buffer count");
+    assert_eq!(read.mismatched_sectors, 0);
+    let flags = open_flags_of(lab.target_pid(tuned), &file);
+    assert!(!flags.is_empty(), "the target holds the backing file open");
+    assert!(
+        flags
+            .iter()
+            .all(|f| f & libc::O_DIRECT != 0 && f & libc::O_SYNC == libc::O_SYNC),
+        "-d and -s open the file O_DIRECT|O_SYNC: {flags:?}"
+    );
+    assert_file_holds_pattern(&file, 0, 2 * MIB, 12);
+}

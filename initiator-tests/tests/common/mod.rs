@@ -164,6 +164,12 @@ impl Lab {
         }
     }
 
+    /// The process id of target `index` (`ip netns exec` execs the binary, so it is
+    /// twinblade's own).
+    pub fn target_pid(&self, index: usize) -> u32 {
+        self.children[index].id()
+    }
+
     pub fn target_log(&self, index: usize) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("target-{index}.log")))
             .unwrap_or_default()

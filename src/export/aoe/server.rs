@@ -8,6 +8,10 @@
 //! syscalls per batch and no thread hand-offs. A blade served on several interfaces is shared
 //! behind a mutex (uncontended in the common single-interface case).
 //!
+//! On the ring path, reads and writes of adjacent sectors that arrive in one batch are executed
+//! as one device call (see [`serve_port_ring`]); `TWINBLADE_AOE_RUN_BYTES` caps such a run
+//! (default 1 MiB; 0 executes every transfer on its own, as vblade does).
+//!
 //! The socket buffers are sized so the kernel never drops what we advertised (the buffer count
 //! of every blade on the interface, at the largest frame size).
 //!
@@ -339,7 +343,10 @@ fn answer(frame: &[u8], routes: &[Route], mut emit: impl FnMut(&mut Blade) -> bo
 fn serve_port_ring(port: &mut PortHandle, routes: &[Route], cancel: &CancellationToken) {
     let mut last_mtu_check = Instant::now();
     let error_log = LogLimiter::network();
-    let mut run = Run::default();
+    let mut run = Run {
+        max_bytes: run_limit(),
+        ..Run::default()
+    };
     while !cancel.is_cancelled() {
         if last_mtu_check.elapsed() >= POLL_INTERVAL {
             port.refresh_mtu();
@@ -416,6 +423,8 @@ fn prepare(frame: &[u8], routes: &[Route], port: &Port) -> Option<(usize, Prepar
 /// Adjacent transfers of one blade in one direction, waiting to be executed together.
 #[derive(Default)]
 struct Run {
+    /// Largest run executed as one device call (0: every transfer on its own).
+    max_bytes: usize,
     route: usize,
     entries: Vec<RunEntry>,
     /// Where a contiguous run's data is gathered (writes) or read into (reads).
@@ -430,8 +439,16 @@ struct RunEntry {
     tx: usize,
 }
 
-/// Largest run executed as one device call.
+/// Largest run executed as one device call, unless `TWINBLADE_AOE_RUN_BYTES` says otherwise
+/// (0 executes every transfer on its own, as vblade does).
 const MAX_RUN_BYTES: usize = 1 << 20;
+
+fn run_limit() -> usize {
+    std::env::var("TWINBLADE_AOE_RUN_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(MAX_RUN_BYTES)
+}
 
 impl Run {
     fn continues(&self, route: usize, next: &PreparedTransfer) -> bool {
@@ -443,7 +460,7 @@ impl Run {
         route == self.route
             && next.is_write() == first.is_write()
             && next.lba() == last.transfer.lba() + (last.transfer.data_len() / 512) as u64
-            && bytes + next.data_len() <= MAX_RUN_BYTES
+            && bytes + next.data_len() <= self.max_bytes
     }
 
     fn push(&mut self, route: usize, transfer: PreparedTransfer, rx: usize, tx: usize) {
