@@ -95,7 +95,9 @@ write_config beta "pair-secret"
 truncate -s $((64 << 20)) "$work/alpha.img" # internal meta-data takes the tail
 usable=$("$tb" create-md --config "$cfg.alpha" --node alpha r0 | sed -n 's/^usable size: \([0-9]*\) bytes.*/\1/p')
 [[ -n $usable ]] || fail "create-md did not report the usable size"
-truncate -s "$usable" "$work/beta.img" # external meta-data: the whole disk is usable
+# External meta-data: the whole disk is usable. 1 MiB more than alpha's, so the pair must
+# agree on the smaller size.
+truncate -s $((usable + (1 << 20))) "$work/beta.img"
 truncate -s $((1 << 20)) "$work/beta.md"
 "$tb" create-md --config "$cfg.beta" --node beta r0 >/dev/null
 
@@ -152,6 +154,8 @@ ctl alpha primary r0 --force >/dev/null || fail "primary --force refused"
 wait_for 30 "initial sync" in_sync
 state_is alpha role Primary || fail "alpha is not primary"
 same_data || fail "disks differ after the initial sync"
+[[ $(ctl beta status r0 --json | tr ',{}' '\n\n\n' | sed -n 's/^"size":\([0-9]*\)$/\1/p') == "$usable" ]] ||
+    fail "beta did not shrink to the smaller usable size $usable"
 log "PASS initial sync ($(data_size) bytes)"
 
 # --- 2. one answer, writes reach both --------------------------------------------------------

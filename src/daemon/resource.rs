@@ -447,15 +447,25 @@ impl Resource {
         let ours = self.uuid_set(&st.machine);
         let theirs: UuidSet = hs.uuids.into();
         static REFUSALS: LogLimiter = LogLimiter::new(Duration::from_secs(30), 2);
-        if hs.params.size != self.device.size() {
-            crate::warn_limited!(
-                REFUSALS,
+        // Usable size: the smaller of the two, unless that would cut into data in use.
+        if hs.params.size < self.device.size() {
+            if st.machine.status().serving {
+                crate::warn_limited!(
+                    REFUSALS,
+                    resource = %self.spec.name,
+                    "refusing the peer: its usable size ({} bytes) is smaller than the device in use ({} bytes)",
+                    hs.params.size,
+                    self.device.size()
+                );
+                return;
+            }
+            tracing::warn!(
                 resource = %self.spec.name,
-                "refusing the peer: its usable size is {} bytes, ours {} bytes; give both nodes disks of the same usable size",
-                hs.params.size,
-                self.device.size()
+                "the peer's disk is smaller: the device shrinks from {} to {} bytes",
+                self.device.size(),
+                hs.params.size
             );
-            return;
+            self.device.limit_size(hs.params.size);
         }
         if hs.params.protocol != self.spec.protocol || hs.params.durability != self.spec.durability
         {
@@ -661,7 +671,12 @@ impl Resource {
     fn copy_out_of_sync(&self, link: &PeerLink, paused: &AtomicBool) -> bool {
         let size = self.device.size();
         loop {
-            let ranges: Vec<_> = self.meta.iterate_dirty().collect();
+            // Bits beyond a size shrunk to the peer's never need copying.
+            let ranges: Vec<_> = self
+                .meta
+                .iterate_dirty()
+                .filter(|r| r.start < size)
+                .collect();
             if ranges.is_empty() {
                 return true;
             }

@@ -68,6 +68,8 @@ pub struct ReplicatedDevice {
     link: RwLock<Option<Arc<PeerLink>>>,
     order: Mutex<()>,
     detached: AtomicBool,
+    /// The usable size agreed with the peer (the smaller of the two; `u64::MAX` before).
+    limit: AtomicU64,
     events: Box<dyn Fn(DeviceEvent) + Send + Sync>,
     /// Counters.
     pub counters: IoCounters,
@@ -101,6 +103,7 @@ impl ReplicatedDevice {
             link: RwLock::new(None),
             order: Mutex::new(()),
             detached: AtomicBool::new(false),
+            limit: AtomicU64::new(u64::MAX),
             events,
             counters: IoCounters::default(),
         }
@@ -114,6 +117,16 @@ impl ReplicatedDevice {
             std::mem::replace(&mut *l, link)
         };
         drop(old);
+    }
+
+    /// The local data area's size (what this node could offer alone).
+    pub fn local_size(&self) -> u64 {
+        self.local.size()
+    }
+
+    /// Limits the device to `size` bytes (the peer's disk is smaller). Only ever shrinks.
+    pub fn limit_size(&self, size: u64) {
+        self.limit.fetch_min(size, Ordering::AcqRel);
     }
 
     /// The link writes go to, if any.
@@ -176,7 +189,7 @@ impl ReplicatedDevice {
 
 impl BlockDevice for ReplicatedDevice {
     fn size(&self) -> u64 {
-        self.local.size()
+        self.local.size().min(self.limit.load(Ordering::Acquire))
     }
 
     fn capabilities(&self) -> Capabilities {
