@@ -105,7 +105,7 @@ declare -A pid
 start() { # NODE
     local n=$1 ns
     ns=$([[ $n == alpha ]] && echo tbr-a || echo tbr-b)
-    ip netns exec "$ns" "$tb" run --config "$cfg.$n" --node "$n" --control "$work/$n.sock" \
+    TWINBLADE_TEST_FAULTS=1 ip netns exec "$ns" "$tb" run --config "$cfg.$n" --node "$n" --control "$work/$n.sock" \
         >>"$work/$n.log" 2>&1 &
     pid[$n]=$!
     pids+=("$!")
@@ -194,11 +194,43 @@ aoe read e7.3 -q 16 --seed 13 --bytes 32M --verify >/dev/null || fail "acknowled
 same_data || fail "disks differ after the secondary resynced"
 log "PASS kill -9 secondary: writes went on, resync, identical"
 
+# --- 4b. a secondary that stops completing writes while it still answers pings (ko-count) -----
+# beta is primary, alpha secondary. With alpha's disk taking 20 s per write, beta must drop it
+# after ko-count x timeout (3 x 1 s), not wait 20 s per write.
+ctl alpha fault r0 write-delay-ms=20000 >/dev/null
+t0=$(date +%s.%N)
+aoe write e7.3 -q 4 --seed 16 --bytes 64K >/dev/null || fail "write failed while the secondary was stuck"
+took=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+log "64 KiB written in ${took}s with a stuck secondary (ko-count 3 x timeout 1 s)"
+awk -v t="$took" 'BEGIN { exit !(t < 10) }' || fail "the primary waited ${took}s for a stuck secondary"
+grep -q "ko-count\|not completing\|KoCount\|ko_count" "$work/beta.log" || log "(no ko-count wording in beta's log)"
+ctl alpha fault r0 clear >/dev/null
+wait_for 90 "resync after the stuck secondary recovered" in_sync
+aoe read e7.3 -q 16 --seed 16 --bytes 64K --verify >/dev/null || fail "acknowledged write lost"
+same_data || fail "disks differ after the stuck secondary recovered"
+log "PASS a stuck secondary is dropped after ko-count; resync on recovery"
+
+# --- 4c. on-io-error detach: the primary's disk fails, I/O goes on through the peer ----------
+ctl beta fault r0 write-error read-error >/dev/null
+aoe write e7.3 -q 16 --seed 17 --bytes 1M >/dev/null || fail "write failed after the primary's disk failed"
+aoe read e7.3 -q 16 --seed 17 --bytes 1M --verify >/dev/null || fail "read through the peer failed"
+wait_for 5 "beta detached" state_is beta detached true
+log "PASS primary's disk failed: detached, reads and writes served through the peer"
+ctl beta fault r0 clear >/dev/null
+# A detached disk stays out until the node restarts (as DRBD's until attach): restart beta.
+kill -TERM "${pid[beta]}"
+wait "${pid[beta]}" || true
+start beta
+wait_for 60 "beta back and resynced" in_sync
+same_data || fail "disks differ after the detached disk came back"
+log "PASS detached disk resynced after restart"
+
 # --- 5. split brain on purpose ----------------------------------------------------------------
 ctl alpha disconnect r0 >/dev/null
 ctl beta disconnect r0 >/dev/null
+ctl alpha secondary r0 >/dev/null
 ctl beta secondary r0 >/dev/null
-wait_for 5 "beta silent" nobody_answers
+wait_for 5 "both silent" nobody_answers
 ctl alpha primary r0 >/dev/null || fail "alpha cannot be promoted while disconnected"
 aoe write e7.3 -q 16 --seed 14 --bytes 4M >/dev/null || fail "write to alpha failed"
 ctl alpha secondary r0 >/dev/null

@@ -75,6 +75,23 @@ pub enum Command {
     PauseSync(ResArgs),
     /// Resume a paused resync.
     ResumeSync(ResArgs),
+    /// Test hook: make the data disk slow or failing (`write-delay-ms=N`, `write-error`,
+    /// `read-error`, `clear`); needs a daemon started with TWINBLADE_TEST_FAULTS=1.
+    #[command(hide = true)]
+    Fault(FaultArgs),
+}
+
+/// `fault RES SPEC...`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FaultArgs {
+    /// Resource name.
+    res: String,
+    /// Faults to set.
+    #[arg(required = true)]
+    specs: Vec<String>,
+    /// Control socket.
+    #[arg(long)]
+    control: Option<PathBuf>,
 }
 
 /// A resource (all if omitted) and the control socket.
@@ -299,6 +316,11 @@ pub fn main() -> i32 {
         Command::InvalidateRemote(a) => control_request("invalidate-remote", &a, &[]),
         Command::PauseSync(a) => control_request("pause-sync", &a, &[]),
         Command::ResumeSync(a) => control_request("resume-sync", &a, &[]),
+        Command::Fault(a) => {
+            let mut words = vec!["fault".to_string(), a.res];
+            words.extend(a.specs);
+            crate::daemon::control::request(&crate::daemon::control_path(a.control), &words)
+        }
     }
 }
 

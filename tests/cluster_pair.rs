@@ -305,13 +305,31 @@ fn ko_count_drops_a_stalled_peer() {
             reason: DisconnectReason::KoCount
         }));
     assert!(
-        pair.nodes[0].bitmap.contains(&4),
-        "the stuck write is out of sync"
+        saw(&pair, 0, |a| *a == Action::MarkOutOfSync),
+        "the stuck write was marked out of sync"
     );
     assert!(pair.nodes[0].pending.is_empty());
     assert!(pair.serving()[0], "the primary keeps serving");
+    assert!(
+        saw(
+            &pair,
+            1,
+            |a| matches!(a, Action::Notify(n) if n.to_string() == "change device disk:Outdated")
+        ),
+        "the dropped secondary knows its data is old"
+    );
+    pair.advance(secs(30));
+    assert!(
+        !pair.serving()[1],
+        "a secondary dropped by its primary never promotes itself"
+    );
     let v = pair.write(0, 5).unwrap();
     assert_eq!(pair.nodes[0].blocks[5], v);
+    // Once the secondary's disk recovers, a resync brings it back.
+    pair.stall_writes(1, false);
+    pair.advance(secs(60));
+    assert!(pair.in_sync(), "resynced after the stall");
+    assert_eq!(pair.nodes[1].status().disk, DiskState::UpToDate);
 }
 
 #[test]

@@ -182,8 +182,15 @@ pub enum Event {
         /// When the oldest pending write was sent.
         oldest_pending: Option<Instant>,
     },
-    /// The connection broke (reset, closed, or the peer said Disconnect).
+    /// The connection broke (reset, closed).
     PeerLost,
+    /// The peer closed the connection on purpose and said why (`Disconnect`). A Secondary
+    /// dropped by its Primary for any reason but an orderly shutdown (ko-count, …) is Outdated:
+    /// the Primary goes on without it, so it must not promote itself.
+    PeerDropped {
+        /// The peer's reason.
+        reason: DisconnectReason,
+    },
     /// The local disk failed a read, write or flush (on-io-error detach).
     LocalIoError,
     /// The resync engine finished.
@@ -469,6 +476,23 @@ impl Machine {
             Event::PeerLost => {
                 if self.linked() {
                     out.push(Action::Log("connection to the peer lost".into()));
+                    self.lose_peer(&mut out);
+                    self.conn = ConnState::Connecting;
+                    out.push(Action::Connect);
+                }
+            }
+            Event::PeerDropped { reason } => {
+                if self.linked() {
+                    out.push(Action::Log(format!(
+                        "the peer dropped the connection: {reason}"
+                    )));
+                    if reason != DisconnectReason::Shutdown
+                        && self.role == Role::Secondary
+                        && self.peer_role == Role::Primary
+                        && self.disk == DiskState::UpToDate
+                    {
+                        self.disk = DiskState::Outdated;
+                    }
                     self.lose_peer(&mut out);
                     self.conn = ConnState::Connecting;
                     out.push(Action::Connect);

@@ -372,14 +372,20 @@ impl Pair {
                 }
                 Action::StopServing => self.nodes[n].serving = false,
                 Action::Connect => self.nodes[n].wants_connect = true,
-                Action::Disconnect { .. } => {
+                Action::Disconnect { reason } => {
                     self.nodes[n].wants_connect = false;
                     if self.connected {
                         self.connected = false;
                         self.job = None;
                         self.nodes[0].resync = None;
                         self.nodes[1].resync = None;
-                        self.queue.push_back((peer, Event::PeerLost));
+                        // The peer hears why unless the link is what failed.
+                        let event = if self.dropping || reason == super::DisconnectReason::Timeout {
+                            Event::PeerLost
+                        } else {
+                            Event::PeerDropped { reason }
+                        };
+                        self.queue.push_back((peer, event));
                     }
                 }
                 Action::SendState { role, disk, .. } => {

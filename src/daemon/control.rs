@@ -117,6 +117,14 @@ fn handle(
     cancel: &CancellationToken,
 ) -> Result<(), String> {
     let (verb, rest) = words.split_first().ok_or("empty request")?;
+    if *verb == "fault" {
+        // Test hook: `fault RES SPEC...`; the specs are plain words.
+        let (res, specs) = rest.split_first().ok_or("fault: RES SPEC... expected")?;
+        let r = pick(resources, Some(res))?;
+        let text = r[0].inject(specs)?;
+        writeln!(out, "{text}").map_err(|e| e.to_string())?;
+        return Ok(());
+    }
     let flags: Vec<&str> = rest
         .iter()
         .copied()

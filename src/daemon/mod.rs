@@ -21,6 +21,7 @@ use std::thread::JoinHandle;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::block::fault::FaultyDevice;
 use crate::block::file::OpenOptions;
 use crate::block::BlockDevice;
 use crate::config::{Config, MetaDisk};
@@ -29,6 +30,13 @@ use crate::wire::ondisk::MetaKind;
 use crate::wire::repl::{Durability, ReplProtocol};
 
 use resource::{Resource, ResourceSpec};
+
+/// Set (to anything) to put a fault-injecting layer under every resource's data disk, steered
+/// by the control verb `fault` — for tests of ko-count and on-io-error, never for production.
+pub const TEST_FAULTS_ENV: &str = "TWINBLADE_TEST_FAULTS";
+
+/// The fault-injecting layer a test can steer.
+pub type TestFaults = Arc<FaultyDevice<crate::block::file::FileDevice>>;
 
 /// The default control socket.
 pub const DEFAULT_CONTROL: &str = "/run/twinblade/control.sock";
@@ -85,7 +93,7 @@ pub fn run(args: RunArgs, cancel: CancellationToken) -> Result<(), RunError> {
     let mut resources = Vec::new();
     let mut threads = Vec::new();
     for (name, res) in &config.resources {
-        let (meta, data) = attach(&config, name, &node)?;
+        let (meta, data, faults) = attach(&config, name, &node)?;
         let local_node = &config.nodes[&node];
         let peer_node = &config.nodes[&peer];
         let aoe = res.aoe_address();
@@ -111,6 +119,7 @@ pub fn run(args: RunArgs, cancel: CancellationToken) -> Result<(), RunError> {
                 crate::config::Durability::Power => Durability::Power,
             },
             nbd: res.nbd,
+            faults,
         };
         let (r, t) = Resource::start(
             spec,
@@ -150,12 +159,15 @@ fn wait_cancelled(cancel: &CancellationToken) {
     }
 }
 
+/// A resource's attached meta-data, its data area, and the test fault layer if enabled.
+type Attached = (Arc<MetaStore>, Arc<dyn BlockDevice>, Option<TestFaults>);
+
 /// Opens a resource's disks and attaches its meta-data. Returns the store and the data area.
 fn attach(
     config: &Config,
     name: &str,
     node: &str,
-) -> Result<(Arc<MetaStore>, Arc<dyn BlockDevice>), RunError> {
+) -> Result<Attached, RunError> {
     let on = &config.resources[name].on[node];
     let err = |what: String| RunError::Disk {
         resource: name.to_string(),
@@ -184,7 +196,18 @@ fn attach(
     let insp = crate::meta::store::inspect(meta_dev.as_ref(), data_size_hint, kind)
         .map_err(|e| err(format!("{e} (run `twinblade create-md {name}` first?)")))?;
     let data_size = insp.layout.data_size;
-    let data: Arc<dyn BlockDevice> = Arc::new(open(&on.disk, Some(data_size / 512))?);
+    let file = open(&on.disk, Some(data_size / 512))?;
+    let (data, faults): (Arc<dyn BlockDevice>, Option<TestFaults>) =
+        if std::env::var_os(TEST_FAULTS_ENV).is_some() {
+            tracing::warn!(
+                resource = name,
+                "{TEST_FAULTS_ENV} is set: the data disk can be made to fail (tests only)"
+            );
+            let f = Arc::new(FaultyDevice::new(file));
+            (f.clone(), Some(f))
+        } else {
+            (Arc::new(file), None)
+        };
     let (store, report) =
         MetaStore::attach(meta_dev, data.clone(), kind).map_err(|e| err(e.to_string()))?;
     if !report.was_clean {
@@ -199,7 +222,7 @@ fn attach(
             }
         );
     }
-    Ok((Arc::new(store), data))
+    Ok((Arc::new(store), data, faults))
 }
 
 /// An NBD export of one device on a thread of its own (the NBD server is async).

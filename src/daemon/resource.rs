@@ -99,6 +99,8 @@ pub struct ResourceSpec {
     pub durability: Durability,
     /// NBD export address while primary.
     pub nbd: Option<SocketAddr>,
+    /// The test-only fault layer under the data disk (see [`super::TEST_FAULTS_ENV`]).
+    pub faults: Option<super::TestFaults>,
 }
 
 /// Resync progress, for status.
@@ -149,6 +151,9 @@ pub struct Resource {
     pub progress: Progress,
     started: Instant,
     me: std::sync::Weak<Resource>,
+    /// The connected peer has no disk: writes it forwards to us exist only here, so we mark
+    /// them out of sync (and started a new data generation when it lost its disk).
+    peer_diskless: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -193,6 +198,7 @@ impl Resource {
         let status = machine.status();
         let res = Arc::new_cyclic(|me| Resource {
             me: me.clone(),
+            peer_diskless: AtomicBool::new(false),
             spec,
             meta,
             device,
@@ -265,6 +271,32 @@ impl Resource {
             protocol: self.spec.protocol,
             durability: self.spec.durability,
         }
+    }
+
+    /// Steers the test-only fault layer: `write-delay-ms=N`, `write-error`, `read-error`,
+    /// `clear`.
+    pub fn inject(&self, specs: &[&str]) -> Result<String, String> {
+        use crate::block::fault::{FaultSpec, InjectedError};
+        let faults = self.spec.faults.as_ref().ok_or_else(|| {
+            format!(
+                "fault injection is off (start the daemon with {}=1)",
+                super::TEST_FAULTS_ENV
+            )
+        })?;
+        let mut config = faults.faults();
+        for spec in specs {
+            match *spec {
+                "clear" => config = Default::default(),
+                "write-error" => config.write_error = Some(FaultSpec::always(InjectedError::Eio)),
+                "read-error" => config.read_error = Some(FaultSpec::always(InjectedError::Eio)),
+                other => match other.strip_prefix("write-delay-ms=").map(str::parse::<u64>) {
+                    Some(Ok(ms)) => config.write_delay = Duration::from_millis(ms),
+                    _ => return Err(format!("unknown fault {other:?} (write-delay-ms=N, write-error, read-error, clear)")),
+                },
+            }
+        }
+        faults.set_faults(config.clone());
+        Ok(format!("faults: {config:?}"))
     }
 
     /// Subscribes to event lines; the current state comes first, as `exists` lines.
@@ -585,7 +617,7 @@ impl Resource {
             Message::Disconnect(d) => {
                 tracing::warn!(resource = %self.spec.name, "the peer disconnected: {} {}", d.reason, d.message);
                 self.drop_link(st);
-                self.step(st, Event::PeerLost);
+                self.step(st, Event::PeerDropped { reason: d.reason });
             }
             other => {
                 tracing::debug!("ignored {:?} from the peer", other.msg_type());
@@ -777,6 +809,18 @@ impl Resource {
             && self.meta.superblock().flags & (flags::PEER_OUTDATED | flags::CRASHED_PRIMARY) != 0
         {
             self.set_flags(0, flags::PEER_OUTDATED | flags::CRASHED_PRIMARY);
+        }
+        let peer_diskless = s.conn == ConnState::Connected && s.peer_disk == DiskState::Diskless;
+        if peer_diskless
+            && s.disk == DiskState::UpToDate
+            && !self.peer_diskless.swap(true, Ordering::AcqRel)
+        {
+            tracing::warn!(resource = %self.spec.name, "the peer lost its disk: this node now holds the only copy");
+            if let Err(e) = self.meta.new_current_uuid() {
+                tracing::error!(resource = %self.spec.name, error = %e, "cannot write a new current UUID");
+            }
+        } else if !peer_diskless {
+            self.peer_diskless.store(false, Ordering::Release);
         }
         // Replicate writes whenever the connection is established.
         let replicate = s.conn == ConnState::Connected && s.peer_disk != DiskState::Diskless;
@@ -1029,34 +1073,81 @@ impl Resource {
         mut stream: std::net::TcpStream,
         mut decoder: FrameDecoder,
     ) {
+        // Data is applied on a thread of its own, in arrival order, so that a slow disk does
+        // not silence the keepalive: the peer can tell "alive but not completing writes"
+        // (ko-count) from "dead" (dead-time).
+        let (work_tx, work_rx) = channel::<Message>();
+        {
+            let me = self.clone();
+            let link = link.clone();
+            let _ = std::thread::Builder::new()
+                .name(format!("apply-{}", self.spec.name))
+                .spawn(move || {
+                    for message in work_rx {
+                        if let Err(e) = me.apply(&link, message) {
+                            tracing::warn!(resource = %me.spec.name, "peer link failed while answering: {e}");
+                            link.fail_all();
+                            return;
+                        }
+                    }
+                });
+        }
         let why = loop {
             let message = match peer::read_message(&mut stream, &mut decoder) {
                 Ok(m) => m,
                 Err(e) => break e.to_string(),
             };
             link.heard();
-            if let Err(e) = self.apply(&link, message) {
+            let answered = match &message {
+                Message::Ping(p) => link.send(Message::PingAck(*p)).map_err(|e| e.to_string()),
+                Message::PingAck(_) => Ok(()),
+                Message::WriteAck(a) => {
+                    link.complete(a.id & !PUSH_BIT, Reply::Ack(a.kind));
+                    Ok(())
+                }
+                Message::BarrierAck(a) => {
+                    link.complete(a.barrier, Reply::Ack(AckKind::Completed));
+                    Ok(())
+                }
+                Message::ResyncData(d) if d.id & PUSH_BIT == 0 => {
+                    link.complete(d.id, Reply::Data(d.data.clone()));
+                    Ok(())
+                }
+                Message::Disconnect(_) => {
+                    // Straight to the engine: the peer's verdict must not wait behind data
+                    // queued for a slow disk.
+                    self.send(Input::PeerMessage(link.conn_id, message));
+                    Ok(())
+                }
+                Message::WriteData(w) if w.id != 0 && self.spec.protocol == ReplProtocol::B => {
+                    // Protocol B: received is enough; the write itself is queued.
+                    send_ack(link.as_ref(), w.id, AckKind::Received)
+                        .and_then(|()| work_tx.send(message).map_err(|e| e.to_string()))
+                }
+                _ => work_tx.send(message).map_err(|e| e.to_string()),
+            };
+            if let Err(e) = answered {
                 break e;
             }
         };
+        drop(work_tx);
         link.fail_all();
         self.send(Input::PeerDown(link.conn_id, why));
     }
 
-    /// Handles one message from the peer on the reader thread.
+    /// Applies one message from the peer, in arrival order (the applier thread).
     fn apply(&self, link: &PeerLink, message: Message) -> Result<(), String> {
         let local = self.device.local();
         let power = self.spec.durability == Durability::Power;
         match message {
             Message::WriteData(w) => {
-                if w.id != 0 && self.spec.protocol == ReplProtocol::B {
-                    send_ack(link, w.id, AckKind::Received)?;
-                }
                 let fua = power || w.flags & crate::repl::device::WRITE_FUA != 0;
                 let ok =
                     !self.device.is_detached() && local.write_at(&w.data, w.offset, fua).is_ok();
                 if !ok {
                     self.device.detach();
+                } else if self.peer_diskless.load(Ordering::Acquire) {
+                    self.meta.mark_out_of_sync(w.offset, w.data.len() as u64);
                 }
                 if w.id != 0 && self.spec.protocol == ReplProtocol::C {
                     send_ack(

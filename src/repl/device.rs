@@ -270,11 +270,13 @@ impl BlockDevice for ReplicatedDevice {
             Some(Some(rx)) => Self::wait_peer(Some(rx)),
             None => false,
         };
-        if !peer_ok {
-            if !local_ok {
-                self.meta.write_end(offset, len);
-                return Err(no_disk());
-            }
+        if !peer_ok && !local_ok {
+            self.meta.write_end(offset, len);
+            return Err(no_disk());
+        }
+        if !peer_ok || !local_ok {
+            // Only one replica has it: the block differs until a resync (a detached local
+            // disk records what it missed, as far as its meta-data can still be written).
             self.meta.mark_out_of_sync(offset, len);
             self.counters.writes_marked.fetch_add(1, Ordering::Relaxed);
         }
