@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# The one-machine lab: two storage nodes and a client in network namespaces on one bridge, and an
-# AoE target (twinblade or Debian's vblade) serving a file as e0.3 from node alpha.
+# The one-machine lab: two storage nodes and a client in network namespaces on one bridge, and
+# e0.3 served either by the replicated pair (`twinblade run` on alpha and beta: the appliance) or
+# by a single AoE target (twinblade or Debian's vblade) on node alpha.
 #
 # Usage:
-#   appliance/lab.sh up [--mtu 1500|9000] [--size 256M] [--target twinblade|vblade]
+#   appliance/lab.sh up [--mtu 1500|9000] [--size 256M] [--target pair|twinblade|vblade]
+#
+#   --target pair (the default) runs the appliance in the shape of appliance/examples/lab.toml,
+#   written to the state dir with the lab's paths: alpha's disk is the image (internal
+#   meta-data at its end), beta's a second file with external meta-data. `up` waits until alpha
+#   is Primary with both disks UpToDate (the first up does the initial sync with `primary
+#   --force`). Control: twinblade status --control <state dir>/alpha.sock (or beta.sock).
 #   appliance/lab.sh down [--purge]     tear everything down (--purge also deletes image and logs)
 #   appliance/lab.sh status
 #   appliance/lab.sh add-tap NAME       tap NAME in the root namespace on the bridge (for a VM)
@@ -223,6 +230,105 @@ twinblade_bin() {
     echo "$bin"
 }
 
+# --- the replicated pair -----------------------------------------------------------------------
+pair_ctl() { # NODE VERB...: a control verb against one node of the pair
+    local node=$1
+    shift
+    "$(twinblade_bin)" "$1" --control "$state_dir/$node.sock" "${@:2}"
+}
+
+pair_field() { # NODE KEY: one value of status --json
+    pair_ctl "$1" status r0 --json 2>/dev/null | tr ',{}' '\n\n\n' |
+        sed -n "s/^\"$2\":\"\{0,1\}\([^\"]*\)\"\{0,1\}$/\1/p" | head -1
+}
+
+pair_wait() { # SECONDS WHAT COMMAND...: poll until COMMAND succeeds
+    local secs=$1 what=$2 i
+    shift 2
+    for ((i = 0; i < secs * 10; i++)); do
+        if "$@"; then return 0; fi
+        sleep 0.1
+    done
+    tail -n 20 "$state_dir/alpha.log" "$state_dir/beta.log" >&2 || true
+    die "timed out after ${secs}s waiting for: $what"
+}
+
+pair_sockets() { [[ -S $state_dir/alpha.sock && -S $state_dir/beta.sock ]]; }
+pair_connected() { [[ $(pair_field alpha connection) == Connected ]]; }
+pair_ready() {
+    [[ $(pair_field alpha role) == Primary && $(pair_field alpha disk) == UpToDate &&
+        $(pair_field beta disk) == UpToDate && $(pair_field alpha replication) == Established &&
+        $(pair_field alpha serving) == true ]]
+}
+
+pair_start() { # IMAGE: alpha's disk; prints alpha's pid
+    local img=$1 bin cfg beta_img beta_md node usable
+    bin=$(twinblade_bin)
+    cfg=$state_dir/pair.toml
+    beta_img=${img%.img}-beta.img
+    beta_md=${img%.img}-beta.md
+    mkdir -p "$state_dir"
+    rm -f "$state_dir/alpha.sock" "$state_dir/beta.sock"
+    cat >"$cfg" <<EOF
+# Written by appliance/lab.sh (the shape of appliance/examples/lab.toml, with the lab's paths).
+[cluster]
+shared-secret = "lab-only-not-secret"
+[node.alpha]
+address = "${ADDR[tb-alpha]%/*}"
+interface = "eth0"
+[node.beta]
+address = "${ADDR[tb-beta]%/*}"
+interface = "eth0"
+[resource.r0]
+aoe = "e$SHELF.$SLOT"
+port = 7788
+protocol = "C"
+durability = "node"
+preferred-primary = "alpha"
+dead-time = 3
+timeout = 2
+ko-count = 3
+[resource.r0.on.alpha]
+disk = "$img"
+meta-disk = "internal"
+[resource.r0.on.beta]
+disk = "$beta_img"
+meta-disk = "$beta_md"
+EOF
+    # Meta-data: kept if present, else written fresh (these are the lab's own files).
+    if ! "$bin" dump-md --config "$cfg" --node alpha r0 >/dev/null 2>&1; then
+        "$bin" create-md --force --config "$cfg" --node alpha r0 >/dev/null ||
+            die "create-md on alpha failed"
+    fi
+    usable=$("$bin" dump-md --config "$cfg" --node alpha r0 | sed -n 's/^data-size: \([0-9]*\) bytes.*/\1/p')
+    [[ -n $usable ]] || die "cannot tell alpha's usable size (no data-size in dump-md)"
+    if [[ ! -f $beta_img || $(stat -c %s "$beta_img") != "$usable" ]] ||
+        ! "$bin" dump-md --config "$cfg" --node beta r0 >/dev/null 2>&1; then
+        rm -f "$beta_img" "$beta_md"
+        truncate -s "$usable" "$beta_img"
+        truncate -s 8M "$beta_md"
+        "$bin" create-md --force --config "$cfg" --node beta r0 >/dev/null ||
+            die "create-md on beta failed"
+    fi
+    for node in alpha beta; do
+        printf '\n=== %s: ip netns exec tb-%s %s run --node %s\n' "$(date -Is)" "$node" "$bin" "$node" \
+            >>"$state_dir/$node.log"
+        # shellcheck disable=SC2016 # $$ and $@ belong to the inner sh
+        NO_COLOR=1 setsid sh -c 'echo $$ >"$1"; shift; exec "$@"' sh "$state_dir/$node.pid" \
+            ip netns exec "tb-$node" "$bin" run --config "$cfg" --node "$node" \
+            --control "$state_dir/$node.sock" </dev/null >>"$state_dir/$node.log" 2>&1 &
+    done
+    pair_wait 20 "both nodes' control sockets" pair_sockets
+    pair_wait 30 "alpha connected to beta" pair_connected
+    if [[ $(pair_field alpha disk) != UpToDate && $(pair_field beta disk) != UpToDate ]]; then
+        log "fresh pair: initial sync from alpha (primary --force)"
+        pair_ctl alpha primary r0 --force >&2 || die "primary --force on alpha failed"
+    fi
+    pair_wait 300 "alpha Primary and serving, both disks UpToDate" pair_ready
+    cp "$state_dir/alpha.pid" "$state_dir/target.pid"
+    cat "$state_dir/alpha.pid"
+}
+
 target_start() { # TARGET IMAGE
     local target=$1 img=$2 pid i
     local -a cmd opts
@@ -236,10 +342,15 @@ target_start() { # TARGET IMAGE
         read -ra opts <<<"${TWINBLADE_LAB_TARGET_OPTS--b 64}"
         cmd=(vblade "${opts[@]}")
         ;;
-    *) die "unknown target '$target' (twinblade|vblade)" ;;
+    pair) ;;
+    *) die "unknown target '$target' (pair|twinblade|vblade)" ;;
     esac
     cmd+=("$SHELF" "$SLOT" "$TARGET_IF" "$img")
 
+    if [[ $target == pair ]]; then
+        pair_start "$img"
+        return
+    fi
     mkdir -p "$state_dir"
     printf '\n=== %s: ip netns exec %s %s\n' "$(date -Is)" "$TARGET_NODE" "${cmd[*]}" \
         >>"$state_dir/target.log"
@@ -271,7 +382,7 @@ target_start() { # TARGET IMAGE
 # Subcommands
 # ---------------------------------------------------------------------------------------------
 cmd_up() {
-    local mtu=1500 size=256M target=twinblade bytes pid mac
+    local mtu=1500 size=256M target=pair bytes pid mac
     while (($#)); do
         case $1 in
         --mtu) mtu=${2:?--mtu needs a value}; shift ;;
@@ -285,13 +396,13 @@ cmd_up() {
     if ! [[ $mtu =~ ^[0-9]+$ ]] || ((mtu < 1280 || mtu > 65535)); then die "bad --mtu $mtu"; fi
     bytes=$(numfmt --from=iec "$size" 2>/dev/null) || die "bad --size $size"
     ((bytes >= 1048576 && bytes % 512 == 0)) || die "--size must be >= 1M and a multiple of 512"
-    case $target in twinblade | vblade) ;; *) die "bad --target $target (twinblade|vblade)" ;; esac
+    case $target in pair | twinblade | vblade) ;; *) die "bad --target $target (pair|twinblade|vblade)" ;; esac
     # Build before touching anything, so a compile error leaves the lab as it was.
-    if [[ $target == twinblade ]]; then twinblade_bin >/dev/null; fi
+    if [[ $target != vblade ]]; then twinblade_bin >/dev/null; fi
 
     mkdir -p "$state_dir"
     # Only the target's node: tests may have their own processes in the other namespaces.
-    target_stop "$TARGET_NODE"
+    target_stop "$TARGET_NODE" tb-beta
     net_up "$mtu"
     image_ensure "$default_image" "$bytes"
     # lab.env first: add-tap reads the MTU from it.

@@ -67,6 +67,9 @@ step "replicated pair" initiator-tests/replication.sh
 step "vm build" initiator-tests/vm/build.sh
 step "linux-aoe mtu 1500 ($target)" initiator-tests/linux-aoe.sh --mtu 1500 --target "$target"
 step "linux-aoe mtu 9000 ($target)" initiator-tests/linux-aoe.sh --mtu 9000 --target "$target"
+# The same driver test against the appliance: e0.3 from the replicated pair; the host checks that
+# both nodes' disks hold what the guest wrote.
+step "linux-aoe mtu 9000 (pair)" initiator-tests/linux-aoe.sh --mtu 9000 --target pair
 
 # --- Summary. ------------------------------------------------------------------------------------
 total=$(awk -v a="$t_all" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')

@@ -2,7 +2,7 @@
 # The real Linux aoe driver against the lab's AoE target: boot a Debian kernel in qemu (TCG) on a
 # tap on the lab bridge, discover e0.3, write/read a 32 MiB pattern, then mkfs/mount/fsck ext4.
 #
-# Usage: initiator-tests/linux-aoe.sh [--mtu 1500|9000] [--target twinblade|vblade]
+# Usage: initiator-tests/linux-aoe.sh [--mtu 1500|9000] [--target twinblade|vblade|pair]
 #                                     [--keep-lab | --use-lab] [--timeout SECONDS]
 #                                     [--expect-payload BYTES]
 #
@@ -213,6 +213,16 @@ if [[ -z $fail ]]; then
             log "host check ok: $LAB_IMAGE at $off MiB has md5 $got"
         else
             fail="backing file at $off MiB has md5 $got, guest wrote $want"
+        fi
+        if [[ -z $fail && $LAB_TARGET == pair ]]; then
+            # The replicated pair: the secondary's disk must hold it too.
+            beta_img=${LAB_IMAGE%.img}-beta.img
+            got=$(dd if="$beta_img" bs=1M skip="$off" count=32 status=none | md5sum | cut -d' ' -f1)
+            if [[ $got == "$want" ]]; then
+                log "host check ok: secondary's $beta_img at $off MiB has md5 $got"
+            else
+                fail="secondary's disk at $off MiB has md5 $got, guest wrote $want"
+            fi
         fi
     fi
 fi

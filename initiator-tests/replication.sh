@@ -226,6 +226,9 @@ same_data || fail "disks differ after the detached disk came back"
 log "PASS detached disk resynced after restart"
 
 # --- 5. split brain on purpose ----------------------------------------------------------------
+# beta's event stream, like drbdsetup events2 (read back below).
+ctl beta events r0 >"$work/beta.events" 2>&1 &
+pids+=("$!")
 ctl alpha disconnect r0 >/dev/null
 ctl beta disconnect r0 >/dev/null
 ctl alpha secondary r0 >/dev/null
@@ -250,6 +253,10 @@ wait_for 60 "split brain resolved" in_sync
 same_data || fail "loser differs after discard-my-data"
 aoe read e7.3 -q 16 --seed 15 --offset 4M --bytes 4M --verify >/dev/null || fail "the winner's writes are gone"
 log "PASS split brain detected, not synced, resolved by discard-my-data"
+grep -q '^exists resource name:r0' "$work/beta.events" || fail "events: no initial state"
+grep -q '^change resource name:r0 role:Primary' "$work/beta.events" || fail "events: no promotion seen"
+grep -q 'split-brain' "$work/beta.events" || fail "events: split brain not reported"
+log "PASS events stream: $(wc -l <"$work/beta.events") lines, promotion and split brain seen"
 
 # --- 6. wrong secret --------------------------------------------------------------------------
 ctl alpha disconnect r0 >/dev/null

@@ -163,11 +163,7 @@ fn wait_cancelled(cancel: &CancellationToken) {
 type Attached = (Arc<MetaStore>, Arc<dyn BlockDevice>, Option<TestFaults>);
 
 /// Opens a resource's disks and attaches its meta-data. Returns the store and the data area.
-fn attach(
-    config: &Config,
-    name: &str,
-    node: &str,
-) -> Result<Attached, RunError> {
+fn attach(config: &Config, name: &str, node: &str) -> Result<Attached, RunError> {
     let on = &config.resources[name].on[node];
     let err = |what: String| RunError::Disk {
         resource: name.to_string(),

@@ -323,7 +323,6 @@ impl Resource {
     }
 
     fn publish(&self, line: String) {
-        let line = format!("{} {line}", self.spec.name);
         lock(&self.subscribers).retain(|s| s.send(line.clone()).is_ok());
     }
 
@@ -911,12 +910,16 @@ impl Resource {
             }
             Action::Detach => self.device.detach(),
             Action::Notify(n) => {
+                // drbdsetup events2 style: `change <object> name:<res> <key>:<value>`.
                 let line = match &n {
-                    Notification::Change { .. } | Notification::SplitBrain(_) => n.to_string(),
+                    Notification::Change { object, key, value } => {
+                        format!("change {object} name:{name} {key}:{value}")
+                    }
+                    Notification::SplitBrain(why) => {
+                        tracing::error!(resource = %name, "Split-Brain detected: {why}; dropping the connection");
+                        format!("call helper name:{name} split-brain: {why}")
+                    }
                 };
-                if let Notification::SplitBrain(why) = &n {
-                    tracing::error!(resource = %name, "Split-Brain detected: {why}; dropping the connection");
-                }
                 self.publish(line);
             }
             Action::Log(l) => tracing::info!(resource = %name, "{l}"),
