@@ -262,7 +262,7 @@ pair_ready() {
 }
 
 pair_start() { # IMAGE: alpha's disk; prints alpha's pid
-    local img=$1 bin cfg beta_img beta_md node usable
+    local img=$1 bin cfg beta_img beta_md node usable marker=${1%.img}.pair
     bin=$(twinblade_bin)
     cfg=$state_dir/pair.toml
     beta_img=${img%.img}-beta.img
@@ -295,15 +295,20 @@ meta-disk = "internal"
 disk = "$beta_img"
 meta-disk = "$beta_md"
 EOF
-    # Meta-data: kept if present, else written fresh (these are the lab's own files).
-    if ! "$bin" dump-md --config "$cfg" --node alpha r0 >/dev/null 2>&1; then
+    # Meta-data: kept only if the last user of the image was the pair (the marker) and both
+    # nodes' meta-data reads back; otherwise both are written fresh (these are the lab's own
+    # files) and the first up syncs beta from alpha. A standalone target may have changed the
+    # image behind the meta-data's back.
+    local fresh=0
+    if [[ ! -f $marker ]] || ! "$bin" dump-md --config "$cfg" --node alpha r0 >/dev/null 2>&1 ||
+        ! "$bin" dump-md --config "$cfg" --node beta r0 >/dev/null 2>&1; then
+        fresh=1
         "$bin" create-md --force --config "$cfg" --node alpha r0 >/dev/null ||
             die "create-md on alpha failed"
     fi
     usable=$("$bin" dump-md --config "$cfg" --node alpha r0 | sed -n 's/^data-size: \([0-9]*\) bytes.*/\1/p')
     [[ -n $usable ]] || die "cannot tell alpha's usable size (no data-size in dump-md)"
-    if [[ ! -f $beta_img || $(stat -c %s "$beta_img") != "$usable" ]] ||
-        ! "$bin" dump-md --config "$cfg" --node beta r0 >/dev/null 2>&1; then
+    if ((fresh)) || [[ ! -f $beta_img || $(stat -c %s "$beta_img") != "$usable" ]]; then
         rm -f "$beta_img" "$beta_md"
         truncate -s "$usable" "$beta_img"
         truncate -s 8M "$beta_md"
@@ -325,6 +330,7 @@ EOF
         pair_ctl alpha primary r0 --force >&2 || die "primary --force on alpha failed"
     fi
     pair_wait 300 "alpha Primary and serving, both disks UpToDate" pair_ready
+    touch "$marker"
     cp "$state_dir/alpha.pid" "$state_dir/target.pid"
     cat "$state_dir/alpha.pid"
 }
@@ -351,6 +357,7 @@ target_start() { # TARGET IMAGE
         pair_start "$img"
         return
     fi
+    rm -f "${img%.img}.pair" # a standalone target changes the image behind the pair's meta-data
     mkdir -p "$state_dir"
     printf '\n=== %s: ip netns exec %s %s\n' "$(date -Is)" "$TARGET_NODE" "${cmd[*]}" \
         >>"$state_dir/target.log"
