@@ -8,8 +8,8 @@
 #
 #   --target pair (the default) runs the appliance in the shape of appliance/examples/lab.toml,
 #   written to the state dir with the lab's paths: alpha's disk is the image (internal
-#   meta-data at its end), beta's a second file with external meta-data. `up` waits until alpha
-#   is Primary with both disks UpToDate (the first up does the initial sync with `primary
+#   meta-data at its end), beta's a second file with external meta-data. `up` waits until a
+#   node (alpha, the preferred primary, unless beta took over) is Primary with both disks UpToDate (the first up does the initial sync with `primary
 #   --force`). Control: twinblade status --control <state dir>/alpha.sock (or beta.sock).
 #   appliance/lab.sh down [--purge]     tear everything down (--purge also deletes image and logs)
 #   appliance/lab.sh status
@@ -203,6 +203,13 @@ target_stop() { # [NAMESPACE...] whose leftover processes to stop too (default: 
     local pid ns
     local -a namespaces=("$@")
     ((${#namespaces[@]})) || namespaces=("${NODES[@]}")
+    # The pair: the secondary (beta) first, so that stopping the primary is not a failover.
+    pid=$(cat "$state_dir/beta.pid" 2>/dev/null || true)
+    if [[ $pid =~ ^[0-9]+$ ]] && proc_alive "$pid"; then
+        log "stopping beta pid $pid"
+        stop_pid "$pid"
+    fi
+    rm -f "$state_dir/beta.pid"
     if pid=$(target_pid); then
         log "stopping target pid $pid"
         stop_pid "$pid"
@@ -255,10 +262,20 @@ pair_wait() { # SECONDS WHAT COMMAND...: poll until COMMAND succeeds
 
 pair_sockets() { [[ -S $state_dir/alpha.sock && -S $state_dir/beta.sock ]]; }
 pair_connected() { [[ $(pair_field alpha connection) == Connected ]]; }
-pair_ready() {
-    [[ $(pair_field alpha role) == Primary && $(pair_field alpha disk) == UpToDate &&
-        $(pair_field beta disk) == UpToDate && $(pair_field alpha replication) == Established &&
-        $(pair_field alpha serving) == true ]]
+pair_primary() { # prints the node that is Primary and serving, if one is
+    local node
+    for node in alpha beta; do
+        if [[ $(pair_field "$node" role) == Primary && $(pair_field "$node" serving) == true ]]; then
+            echo "$node"
+            return 0
+        fi
+    done
+    return 1
+}
+
+pair_ready() { # one node Primary and serving, both disks UpToDate, replication established
+    pair_primary >/dev/null && [[ $(pair_field alpha disk) == UpToDate &&
+        $(pair_field beta disk) == UpToDate && $(pair_field alpha replication) == Established ]]
 }
 
 pair_start() { # IMAGE: alpha's disk; prints alpha's pid
@@ -329,7 +346,9 @@ EOF
         log "fresh pair: initial sync from alpha (primary --force)"
         pair_ctl alpha primary r0 --force >&2 || die "primary --force on alpha failed"
     fi
-    pair_wait 300 "alpha Primary and serving, both disks UpToDate" pair_ready
+    pair_wait 300 "a Primary serving, both disks UpToDate" pair_ready
+    # Normally alpha (preferred-primary); beta if it took over when alpha was stopped first.
+    log "pair up: $(pair_primary) is Primary"
     touch "$marker"
     cp "$state_dir/alpha.pid" "$state_dir/target.pid"
     cat "$state_dir/alpha.pid"
