@@ -159,15 +159,10 @@ pub fn handshake(
         nonce,
         name: id.local.clone(),
     }))?;
-    let hello = match conn.recv()? {
-        Message::Hello(h) => h,
-        other => {
-            return Err(PeerError::Protocol(format!(
-                "expected Hello, got {:?}",
-                other.msg_type()
-            )))
-        }
-    };
+    let hello = expect(&mut conn, "Hello", |m| match m {
+        Message::Hello(x) => Some(x),
+        _ => None,
+    })?;
     let version = negotiate(
         (VERSION_MIN, VERSION_MAX),
         (hello.min_version, hello.max_version),
@@ -182,28 +177,18 @@ pub fn handshake(
     let mut auth = Authenticator::new(&id.secret, &id.local, fresh_nonce(&mut rand::rng()))
         .map_err(|e| PeerError::Protocol(e.to_string()))?;
     conn.send(Message::AuthChallenge(auth.challenge()))?;
-    let challenge = match conn.recv()? {
-        Message::AuthChallenge(c) => c,
-        other => {
-            return Err(PeerError::Protocol(format!(
-                "expected AuthChallenge, got {:?}",
-                other.msg_type()
-            )))
-        }
-    };
+    let challenge = expect(&mut conn, "AuthChallenge", |m| match m {
+        Message::AuthChallenge(x) => Some(x),
+        _ => None,
+    })?;
     let response = auth
         .respond(&hello.name, &challenge)
         .map_err(|e| PeerError::Protocol(e.to_string()))?;
     conn.send(Message::AuthResponse(response))?;
-    let theirs = match conn.recv()? {
-        Message::AuthResponse(r) => r,
-        other => {
-            return Err(PeerError::Protocol(format!(
-                "expected AuthResponse, got {:?}",
-                other.msg_type()
-            )))
-        }
-    };
+    let theirs = expect(&mut conn, "AuthResponse", |m| match m {
+        Message::AuthResponse(x) => Some(x),
+        _ => None,
+    })?;
     let verified = auth.verify(&theirs).is_ok();
     conn.send(if verified {
         Message::AuthOk
@@ -227,24 +212,14 @@ pub fn handshake(
     let (params, uuids) = ours();
     conn.send(Message::Parameters(params))?;
     conn.send(Message::Uuids(uuids))?;
-    let params = match conn.recv()? {
-        Message::Parameters(p) => p,
-        other => {
-            return Err(PeerError::Protocol(format!(
-                "expected Parameters, got {:?}",
-                other.msg_type()
-            )))
-        }
-    };
-    let uuids = match conn.recv()? {
-        Message::Uuids(u) => u,
-        other => {
-            return Err(PeerError::Protocol(format!(
-                "expected Uuids, got {:?}",
-                other.msg_type()
-            )))
-        }
-    };
+    let params = expect(&mut conn, "Parameters", |m| match m {
+        Message::Parameters(x) => Some(x),
+        _ => None,
+    })?;
+    let uuids = expect(&mut conn, "Uuids", |m| match m {
+        Message::Uuids(x) => Some(x),
+        _ => None,
+    })?;
     conn.stream.set_read_timeout(None)?;
     conn.stream.set_write_timeout(None)?;
     Ok(Handshaken {
@@ -253,6 +228,18 @@ pub fn handshake(
         uuids,
         resolve_conflicts,
     })
+}
+
+/// Receives the next message and takes it apart with `pick`; anything else is a protocol
+/// violation naming what was `wanted`.
+fn expect<T>(
+    conn: &mut Conn,
+    wanted: &str,
+    pick: impl FnOnce(Message) -> Option<T>,
+) -> Result<T, PeerError> {
+    let message = conn.recv()?;
+    let got = message.msg_type();
+    pick(message).ok_or_else(|| PeerError::Protocol(format!("expected {wanted}, got {got:?}")))
 }
 
 /// Tries once to reach the peer (we are the connecting side).
@@ -287,5 +274,87 @@ pub fn accept(
             return None;
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::repl::{DiskState, Durability, ReplProtocol, Role};
+
+    fn ours(size: u64) -> (ParametersRepr, UuidsRepr) {
+        (
+            ParametersRepr {
+                size,
+                protocol: ReplProtocol::C,
+                durability: Durability::Node,
+                role: Role::Secondary,
+                disk: DiskState::Consistent,
+                max_write: 1 << 20,
+            },
+            UuidsRepr {
+                current: size,
+                bitmap: 0,
+                history: [0, 0],
+                dirty_bits: 0,
+                flags: 0,
+            },
+        )
+    }
+
+    fn id(local: &str, peer: &str, secret: &str) -> Identity {
+        Identity {
+            local: local.into(),
+            peer: peer.into(),
+            secret: secret.as_bytes().to_vec(),
+        }
+    }
+
+    /// Runs both sides of a handshake over loopback.
+    fn both(
+        a: Identity,
+        b: Identity,
+    ) -> (Result<Handshaken, PeerError>, Result<Handshaken, PeerError>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepting = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            handshake(s, &b, || ours(2000))
+        });
+        let dialed = handshake(dial(addr).unwrap(), &a, || ours(1000));
+        (dialed, accepting.join().unwrap())
+    }
+
+    #[test]
+    fn the_right_secret_exchanges_parameters() {
+        let (a, b) = both(id("alpha", "beta", "s3cret"), id("beta", "alpha", "s3cret"));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(a.params.size, 2000, "alpha learned beta's parameters");
+        assert_eq!(b.uuids.current, 1000, "beta learned alpha's UUIDs");
+        assert_ne!(
+            a.resolve_conflicts, b.resolve_conflicts,
+            "exactly one side resolves conflicts"
+        );
+    }
+
+    #[test]
+    fn a_wrong_secret_is_refused_on_both_sides() {
+        let (a, b) = both(id("alpha", "beta", "right"), id("beta", "alpha", "wrong"));
+        for r in [a, b] {
+            assert!(
+                matches!(
+                    r,
+                    Err(PeerError::AuthRejected | PeerError::AuthRefusedByPeer)
+                ),
+                "got {:?}",
+                r.err()
+            );
+        }
+    }
+
+    #[test]
+    fn an_unexpected_peer_name_is_refused() {
+        let (a, _) = both(id("alpha", "beta", "s"), id("gamma", "alpha", "s"));
+        assert!(matches!(a, Err(PeerError::WrongPeer(ref n, _)) if n == "gamma"));
     }
 }
