@@ -798,14 +798,15 @@ impl Resource {
             }
             st.last_disk = s.disk;
         }
+        let on_disk = self.meta.superblock().flags;
         if s.role == Role::Primary && s.conn != ConnState::Connected && s.degraded {
-            if self.meta.superblock().flags & flags::PEER_OUTDATED == 0 {
+            if on_disk & flags::PEER_OUTDATED == 0 {
                 self.set_flags(flags::PEER_OUTDATED, 0);
             }
         } else if s.conn == ConnState::Connected
             && s.repl == ReplState::Established
             && s.peer_disk == DiskState::UpToDate
-            && self.meta.superblock().flags & (flags::PEER_OUTDATED | flags::CRASHED_PRIMARY) != 0
+            && on_disk & (flags::PEER_OUTDATED | flags::CRASHED_PRIMARY) != 0
         {
             self.set_flags(0, flags::PEER_OUTDATED | flags::CRASHED_PRIMARY);
         }

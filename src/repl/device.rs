@@ -119,11 +119,6 @@ impl ReplicatedDevice {
         drop(old);
     }
 
-    /// The local data area's size (what this node could offer alone).
-    pub fn local_size(&self) -> u64 {
-        self.local.size()
-    }
-
     /// Limits the device to `size` bytes (the peer's disk is smaller). Only ever shrinks.
     pub fn limit_size(&self, size: u64) {
         self.limit.fetch_min(size, Ordering::AcqRel);
