@@ -205,12 +205,29 @@ json() { ctl "$1" status r0 --json 2>/dev/null || true; }
 jfield() { # JSON KEY: a top-level or peer value from status --json
     tr ',{}' '\n\n\n' <<<"$1" | sed -n "s/^\"$2\":\"\{0,1\}\([^\"]*\)\"\{0,1\}$/\1/p" | head -1
 }
-in_sync() { # both UpToDate, replication established, alpha Primary and serving
-    local a b
-    a=$(json alpha) b=$(json beta)
-    [[ $(jfield "$a" disk) == UpToDate && $(jfield "$b" disk) == UpToDate &&
-        $(jfield "$a" replication) == Established && $(jfield "$b" replication) == Established &&
-        $(jfield "$a" role) == Primary && $(jfield "$a" serving) == true ]]
+in_sync() { # both UpToDate, replication established, alpha Primary and serving (one status call)
+    local a
+    a=$(json alpha)
+    [[ $(jfield "$a" disk) == UpToDate && $(jfield "$a" peer-disk) == UpToDate &&
+        $(jfield "$a" replication) == Established && $(jfield "$a" role) == Primary &&
+        $(jfield "$a" serving) == true ]]
+}
+resync_log_secs() { # the daemon's own account of its last resync: "resync started" to "finished"
+    python3 - "$work/alpha.log" <<'PY'
+import sys, datetime
+start = end = None
+for line in open(sys.argv[1], errors="replace"):
+    if "resync started" in line or "resync finished (source)" in line:
+        try:
+            t = datetime.datetime.fromisoformat(line.split()[0].replace("Z", "+00:00"))
+        except ValueError:
+            continue
+        if "resync started" in line:
+            start, end = t, None
+        else:
+            end = t
+print(f"{(end - start).total_seconds():.2f}" if start and end else "n/a")
+PY
 }
 wait_for() { # SECONDS WHAT COMMAND...
     local secs=$1 what=$2
@@ -275,16 +292,16 @@ for n in alpha beta; do
     head -c "$dev_bytes" /dev/urandom >"$work/$n.img"
 done
 write_config node
-usable=$("$tb" create-md --force --config "$cfg" --node alpha r0 | sed -n 's/^usable size: \([0-9]*\) bytes.*/\1/p')
-"$tb" create-md --force --config "$cfg" --node beta r0 >/dev/null
+usable=$("$tb" create-md --force --config "$cfg" --node alpha r0 2>/dev/null | sed -n 's/^usable size: \([0-9]*\) bytes.*/\1/p')
+"$tb" create-md --force --config "$cfg" --node beta r0 >/dev/null 2>&1 || die "create-md on beta failed"
 [[ -n $usable ]] || die "create-md did not report the usable size"
 same_data() { cmp -s -n "$usable" "$work/alpha.img" "$work/beta.img"; }
 
 full_sync() { # KIND: fresh meta-data on both, primary --force on alpha, time to both UpToDate
     local kind=$1 t0 secs c
     write_config node
-    "$tb" create-md --force --config "$cfg" --node alpha r0 >/dev/null
-    "$tb" create-md --force --config "$cfg" --node beta r0 >/dev/null
+    "$tb" create-md --force --config "$cfg" --node alpha r0 >/dev/null 2>&1 || die "create-md on alpha failed"
+    "$tb" create-md --force --config "$cfg" --node beta r0 >/dev/null 2>&1 || die "create-md on beta failed"
     start_node alpha
     start_node beta
     wait_for 30 "alpha connected" eval '[[ $(jfield "$(json alpha)" connection) == Connected ]]'
@@ -294,7 +311,7 @@ full_sync() { # KIND: fresh meta-data on both, primary --force on alpha, time to
     secs=$(since "$t0")
     c=$(resync_counters alpha)
     read -r sent same zero <<<"$c"
-    record "round=0 target=sync row=full_$kind bytes=$usable seconds=$secs sent=$sent same=$same zero=$zero identical=$(same_data && echo yes || echo no)"
+    record "round=0 target=sync row=full_$kind bytes=$usable seconds=$secs copy_seconds=$(resync_log_secs) sent=$sent same=$same zero=$zero identical=$(same_data && echo yes || echo no)"
     log "full sync of $kind data: $usable bytes in ${secs}s (resync sent/same/zero: $c)"
 }
 
@@ -325,7 +342,7 @@ for round in $(seq "$rounds"); do
         bytes=$size_bytes lat_bytes=$((16 << 20))
         case $target in
         pair-node) start_pair node ;;
-        pair-power) start_pair power; bytes=$power_bytes lat_bytes=$((power_bytes / 4)) ;;
+        pair-power) start_pair power; bytes=$power_bytes lat_bytes=$((power_bytes / 2)) ;;
         *) start_single "$target" ;;
         esac
         aoe read e0.3 -q 16 --bytes "$bytes" >/dev/null # warm the path
@@ -383,7 +400,7 @@ outage() { # KIND: stop (secondary stopped) | crash (and then the primary killed
     [[ $m0 =~ ^[0-9]+$ && $same =~ ^[0-9]+$ ]] && same=$((same - m0))
     [[ $z0 =~ ^[0-9]+$ && $zero =~ ^[0-9]+$ ]] && zero=$((zero - z0))
     aoe read e0.3 -q 16 --offset "$off" --bytes "${outage_mib}M" --seed "$seed" --verify >/dev/null || die "the outage's writes do not read back"
-    record "round=0 target=resync row=outage_$kind written=$((outage_mib << 20)) oos=$oos al_extents=$al seconds=$secs sent=$sent same=$same zero=$zero identical=$(same_data && echo yes || echo no)"
+    record "round=0 target=resync row=outage_$kind written=$((outage_mib << 20)) oos=$oos al_extents=$al seconds=$secs copy_seconds=$(resync_log_secs) sent=$sent same=$same zero=$zero identical=$(same_data && echo yes || echo no)"
     log "outage ($kind): $outage_mib MiB written, out-of-sync at reconnect $oos bytes, resync ${secs}s (sent/same/zero: $sent $same $zero)"
     stop_pair
 }
@@ -476,6 +493,9 @@ for t in ("vblade", "standalone", "pair-node", "pair-power"):
     row(f"CPU s/GB written, {t}" + (" (both nodes)" if t.startswith("pair") else ""), fmt(v, " s"), "reported",
         f"{v / sa:.2f}" if v and sa else "n/a", "ok" if v is not None else "n/a")
 row("raw TCP, 1 stream, 256 KiB writes", fmt(tcp, " MB/s"), "reference", "", "info")
+row(f"raw TCP, {frame} B messages acked, window 16", fmt(med("tcp", "rr-frame-q16"), " MB/s"), "reference (protocol C's shape)", "", "info")
+row(f"raw TCP, {frame} B messages acked, window 64", fmt(med("tcp", "rr-frame-q64"), " MB/s"), "reference (protocol C's shape)", "", "info")
+row(f"raw TCP, {frame} B round trip p50 / p99", f"{fmt(med('tcp', 'rr-frame-q1', 'p50_us'))} / {fmt(med('tcp', 'rr-frame-q1', 'p99_us'))} us", "reference", "", "info")
 mib = 1 << 20
 def moved(kv):
     if kv.get("sent", "n/a") != "n/a":
@@ -497,7 +517,7 @@ for kind in ("stop", "crash"):
     row(f"resync after outage: {n // mib} MiB written, {what}", f"{m / mib:.1f} MiB ({src})",
         f"<= {goal / mib:.1f} MiB (1.1 x N" + (" + AL extents x 4 MiB)" if kind == "crash" else ")"),
         f"{m / n:.2f} x N", "ok" if m <= goal else "SHORT")
-    row(f"  resync time ({kind}), reconnect to UpToDate", f"{float(kv['seconds']):.2f} s", counters(kv),
+    row(f"  resync time ({kind}), reconnect to UpToDate", f"{float(kv['seconds']):.2f} s (copy {kv.get('copy_seconds', 'n/a')} s)", counters(kv),
         f"{m / mib / max(float(kv['seconds']), 1e-9):.0f} MiB/s", "info")
     row(f"  data identical after ({kind})", kv["identical"], "yes", "", "ok" if kv["identical"] == "yes" else "SHORT")
 for kind in ("zero", "random"):
@@ -509,11 +529,11 @@ for kind in ("zero", "random"):
     rate = b / s / 1e6
     if kind == "zero":
         goal = 5.0 * b / (1 << 30)
-        row(f"full sync, {b / mib:.0f} MiB mostly zero", f"{s:.2f} s ({rate:.0f} MB/s)", f"<= {goal:.2f} s (5 s per GiB)",
+        row(f"full sync, {b / mib:.0f} MiB mostly zero", f"{s:.2f} s (copy {kv.get('copy_seconds', 'n/a')} s)", f"<= {goal:.2f} s (5 s per GiB)",
             f"{s / goal:.2f}", "ok" if s <= goal else "SHORT")
     else:
         goal = 0.8 * tcp if tcp else None
-        row(f"full sync, {b / mib:.0f} MiB random", f"{rate:.1f} MB/s ({s:.2f} s)", f">= {fmt(goal)} MB/s (0.8 x TCP)",
+        row(f"full sync, {b / mib:.0f} MiB random", f"{rate:.1f} MB/s ({s:.2f} s, copy {kv.get('copy_seconds', 'n/a')} s)", f">= {fmt(goal)} MB/s (0.8 x TCP)",
             f"{rate / tcp:.2f} x TCP" if tcp else "n/a", "n/a" if not goal else ("ok" if rate >= goal else "SHORT"))
     row(f"  full sync ({kind}) resync counters", counters(kv), "", "", "info")
     row(f"  data identical after full sync ({kind})", kv["identical"], "yes", "", "ok" if kv["identical"] == "yes" else "SHORT")
