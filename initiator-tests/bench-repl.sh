@@ -291,6 +291,7 @@ for n in alpha beta; do
     log "writing $work/$n.img: $dev_mib MiB of random data"
     head -c "$dev_bytes" /dev/urandom >"$work/$n.img"
 done
+sync "$work/alpha.img" "$work/beta.img" # no writeback of the fill competing with what is measured
 write_config node
 usable=$("$tb" create-md --force --config "$cfg" --node alpha r0 2>/dev/null | sed -n 's/^usable size: \([0-9]*\) bytes.*/\1/p')
 "$tb" create-md --force --config "$cfg" --node beta r0 >/dev/null 2>&1 || die "create-md on beta failed"
@@ -413,6 +414,7 @@ outage crash
 log "writing alpha's data: zeros with 1/128 random"
 head -c "$usable" /dev/zero | dd of="$work/alpha.img" bs=1M iflag=fullblock conv=notrunc status=none
 head -c $((usable / 128)) /dev/urandom | dd of="$work/alpha.img" conv=notrunc status=none
+sync "$work/alpha.img" "$work/beta.img"
 full_sync zero
 stop_pair
 
