@@ -94,7 +94,11 @@ teardown() {
         kill -KILL "$p" 2>/dev/null || true
     done
     pid=()
-    for ns in tbq-a tbq-b tbq-c; do ip netns del "$ns" 2>/dev/null || true; done
+    for ns in tbq-a tbq-b tbq-c; do
+        # Whatever an earlier run killed with SIGKILL left in our namespaces.
+        for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
+        ip netns del "$ns" 2>/dev/null || true
+    done
     ip link del tbqbr0 2>/dev/null || true
     ip link del tbqr-a 2>/dev/null || true
 }
@@ -396,10 +400,10 @@ outage() { # KIND: stop (secondary stopped) | crash (and then the primary killed
     c=$(resync_counters alpha)
     read -r s0 m0 z0 <<<"$c0"
     read -r sent same zero <<<"$c"
-    # Counters may be cumulative: take the difference when both readings exist.
-    [[ $s0 =~ ^[0-9]+$ && $sent =~ ^[0-9]+$ ]] && sent=$((sent - s0))
-    [[ $m0 =~ ^[0-9]+$ && $same =~ ^[0-9]+$ ]] && same=$((same - m0))
-    [[ $z0 =~ ^[0-9]+$ && $zero =~ ^[0-9]+$ ]] && zero=$((zero - z0))
+    # Counters may be cumulative (take the difference) or per resync (a smaller value after).
+    [[ $s0 =~ ^[0-9]+$ && $sent =~ ^[0-9]+$ ]] && ((sent >= s0)) && sent=$((sent - s0))
+    [[ $m0 =~ ^[0-9]+$ && $same =~ ^[0-9]+$ ]] && ((same >= m0)) && same=$((same - m0))
+    [[ $z0 =~ ^[0-9]+$ && $zero =~ ^[0-9]+$ ]] && ((zero >= z0)) && zero=$((zero - z0))
     aoe read e0.3 -q 16 --offset "$off" --bytes "${outage_mib}M" --seed "$seed" --verify >/dev/null || die "the outage's writes do not read back"
     record "round=0 target=resync row=outage_$kind written=$((outage_mib << 20)) oos=$oos al_extents=$al seconds=$secs copy_seconds=$(resync_log_secs) sent=$sent same=$same zero=$zero identical=$(same_data && echo yes || echo no)"
     log "outage ($kind): $outage_mib MiB written, out-of-sync at reconnect $oos bytes, resync ${secs}s (sent/same/zero: $sent $same $zero)"
