@@ -551,4 +551,41 @@ for r in summary:
     print("  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip())
 short = sum(1 for r in summary if r[4] == "SHORT")
 print(f"{short} row(s) SHORT" if short else "every goal met")
+
+# Where each shortfall comes from, as far as this run's own figures tell.
+notes = []
+for q in (16, 64):
+    sa, rep, rr = med("standalone", f"write-q{q}"), med("pair-node", f"write-q{q}"), med("tcp", f"rr-frame-q{q}")
+    if sa and rep and rep < 0.8 * min(x for x in (sa, tcp) if x):
+        if rr:
+            where = "the link's" if rr < 0.8 * sa else "the daemon's (the link carries more)"
+            notes.append(f"write q{q}: the pair {rep:.0f} MB/s; raw TCP with {q} frame-sized messages in flight, each acked, {rr:.0f} MB/s "
+                         f"({rep / rr:.0%} of it reached): the limit is {where}; CPU {fmt(med('pair-node', 'cpu-write'))} s/GB on both nodes "
+                         f"against {fmt(med('standalone', 'cpu-write'))} standalone")
+sa, rep, rtt = med("standalone", "lat-q1", "p50_us"), med("pair-node", "lat-q1", "p50_us"), med("tcp", "rr-frame-q1", "p50_us")
+if sa and rep and rtt and rep > 2 * sa:
+    notes.append(f"latency q1 p50: standalone {sa:.0f} us + one frame's TCP round trip {rtt:.0f} us = {sa + rtt:.0f} us; "
+                 f"the pair {rep:.0f} us, so {rep - sa - rtt:.0f} us come from the replication path beyond the wire (hand-offs, the peer's write)")
+for kind in ("zero", "random"):
+    kv = single.get(f"full_{kind}")
+    if not kv:
+        continue
+    b, secs = int(kv["bytes"]), float(kv["seconds"])
+    if kind == "zero" and kv.get("zero", "n/a") == "n/a":
+        notes.append(f"full sync, mostly zero ({secs:.2f} s): status --json has no resync zero counter, so zero blocks are presumably "
+                     f"copied like any other; the time is then that of copying {b / mib:.0f} MiB")
+    if kind == "random" and tcp and b / secs / 1e6 < 0.8 * tcp:
+        copy = kv.get("copy_seconds", "n/a")
+        copy_s = float(copy) if copy != "n/a" else secs
+        notes.append(f"full sync, random: {secs:.2f} s wall of which the daemon logs {copy} s of copying "
+                     f"({b / 1e6 / max(copy_s, 1e-9):.0f} MB/s while copying); raw TCP carries {tcp:.0f} MB/s in 256 KiB writes, "
+                     f"so the copier (256 KiB chunks, 16 in flight) and the peer's applier are the limit, not the wire")
+p99 = rows.get(("standalone", "lat-q1", "p99_us"))
+if p99 and max(p99) > 20 * (med("standalone", "lat-q1", "p50_us") or 1):
+    notes.append(f"p99 at 1 outstanding: standalone p99 {max(p99):.0f} us at worst is scheduler noise (the load average above), "
+                 f"so the p99 verdicts mean little in this run")
+if notes:
+    print("\nNotes")
+    for n in notes:
+        print(f"- {n}")
 PY
