@@ -7,16 +7,18 @@
 #
 # Rows: write MiB/s at 16 and 64 outstanding, read MiB/s at 16 and 64, p50/p99 write latency at
 # 1 outstanding, CPU seconds per GB of the target processes (both nodes summed for the pair).
-# Then the resync figures: bytes moved and time after an outage in which N MiB were written
-# (secondary stopped), the same after the primary also crashed (plus its hot activity-log
-# extents), a full sync of a mostly-zero device and a full sync of random data. Ends with one
-# summary table: figure, value, goal, ratio, verdict (ok / SHORT / info); short rows are shown.
+# Each round also times a full sync of a mostly-zero device and of random data. Then, once: bytes
+# moved and time of the resync after an outage in which N MiB were written (secondary stopped),
+# and the same after the primary also crashed (plus its hot activity-log extents). Ends with one
+# summary table: figure, value, goal, ratio, verdict (ok / SHORT / info), short rows included,
+# and notes on where each shortfall comes from.
 #
 # Usage: initiator-tests/bench-repl.sh [--quick] [--rounds N] [--mtu 9000] [--size-mib 256]
 #            [--power-mib 8] [--dev-mib 1024] [--outage-mib 64] [--no-build]
 #
 #   --quick       smoke run (about 2 minutes): 1 round, 64 MiB rows, a 256 MiB device
-#   --rounds      interleaved rounds (vblade, standalone, pair node, pair power, raw TCP; again)
+#   --rounds      interleaved rounds (full syncs, raw TCP, vblade, standalone, pair node, pair
+#                 power; again)
 #   --mtu         MTU of the client-facing bridge (AoE frames); the replication link uses 9000
 #   --size-mib    bytes per throughput row (durability node and the single-node targets)
 #   --power-mib   bytes per throughput row at durability power (a flush per write on each node
@@ -28,7 +30,8 @@
 # bridge tbqbr0 (MTU --mtu) and eth1 on a direct veth between them (the replication link,
 # 192.168.79.1/.2, MTU 9000); the client namespace tbq-c has eth0 on tbqbr0. Nothing else uses
 # these names. Backing files are plain buffered files under /var/tmp/twinblade-bench-repl, fully
-# written with random data first; alpha's file serves vblade and standalone twinblade too.
+# written first (alpha.img, beta.img random; zero.img mostly zeros, alpha's disk for the
+# mostly-zero sync); alpha.img serves vblade and standalone twinblade too.
 # Durability of the single-node targets: page cache (no -d/-s, no flush), like bench-aoe.sh.
 # The figures drift on a shared machine: only the ratios within one run mean much.
 set -euo pipefail
@@ -166,7 +169,7 @@ start_single() { # vblade | standalone
 }
 
 cfg=$work/pair.toml
-write_config() { # DURABILITY
+write_config() { # DURABILITY [ALPHA-DISK]
     cat >"$cfg" <<EOF
 [cluster]
 shared-secret = "bench-only"
@@ -187,7 +190,7 @@ timeout = 2
 ko-count = 5
 degr-wfc-timeout = 10
 [resource.r0.on.alpha]
-disk = "$work/alpha.img"
+disk = "${2:-$work/alpha.img}"
 meta-disk = "internal"
 [resource.r0.on.beta]
 disk = "$work/beta.img"
@@ -290,21 +293,27 @@ field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<" $2"; }
 hz=$(getconf CLK_TCK)
 cpu_per_gb() { awk -v t="$1" -v hz="$hz" -v b="$2" 'BEGIN { printf "%.3f", t / hz / (b / 1e9) }'; }
 
-# --- backing files: fully written, random ------------------------------------------------------
+# --- backing files: fully written ----------------------------------------------------------------
+# alpha.img and beta.img: different random data. zero.img: alpha's disk for the mostly-zero full
+# sync, zeros (written, not sparse) except the first 1/128 random.
 for n in alpha beta; do
     log "writing $work/$n.img: $dev_mib MiB of random data"
     head -c "$dev_bytes" /dev/urandom >"$work/$n.img"
 done
-sync "$work/alpha.img" "$work/beta.img" # no writeback of the fill competing with what is measured
+log "writing $work/zero.img: $dev_mib MiB of zeros, the first 1/128 random"
+head -c "$dev_bytes" /dev/zero >"$work/zero.img"
+head -c $((dev_bytes / 128)) /dev/urandom | dd of="$work/zero.img" conv=notrunc status=none
+sync "$work/alpha.img" "$work/beta.img" "$work/zero.img" # no writeback competing with what is measured
 write_config node
 usable=$("$tb" create-md --force --config "$cfg" --node alpha r0 2>/dev/null | sed -n 's/^usable size: \([0-9]*\) bytes.*/\1/p')
 "$tb" create-md --force --config "$cfg" --node beta r0 >/dev/null 2>&1 || die "create-md on beta failed"
 [[ -n $usable ]] || die "create-md did not report the usable size"
-same_data() { cmp -s -n "$usable" "$work/alpha.img" "$work/beta.img"; }
+same_data() { cmp -s -n "$usable" "${1:-$work/alpha.img}" "$work/beta.img"; } # [ALPHA-DISK]
 
-full_sync() { # KIND: fresh meta-data on both, primary --force on alpha, time to both UpToDate
-    local kind=$1 t0 secs c
-    write_config node
+full_sync() { # KIND ROUND: fresh meta-data on both, primary --force on alpha, time to both UpToDate
+    local kind=$1 round=$2 disk=$work/alpha.img t0 secs c
+    [[ $kind == zero ]] && disk=$work/zero.img
+    write_config node "$disk"
     "$tb" create-md --force --config "$cfg" --node alpha r0 >/dev/null 2>&1 || die "create-md on alpha failed"
     "$tb" create-md --force --config "$cfg" --node beta r0 >/dev/null 2>&1 || die "create-md on beta failed"
     start_node alpha
@@ -316,15 +325,12 @@ full_sync() { # KIND: fresh meta-data on both, primary --force on alpha, time to
     secs=$(since "$t0")
     c=$(resync_counters alpha)
     read -r sent same zero <<<"$c"
-    record "round=0 target=sync row=full_$kind bytes=$usable seconds=$secs copy_seconds=$(resync_log_secs) sent=$sent same=$same zero=$zero identical=$(same_data && echo yes || echo no)"
+    record "round=$round target=sync row=full_$kind bytes=$usable seconds=$secs copy_seconds=$(resync_log_secs) sent=$sent same=$same zero=$zero identical=$(same_data "$disk" && echo yes || echo no)"
     log "full sync of $kind data: $usable bytes in ${secs}s (resync sent/same/zero: $c)"
+    stop_pair
 }
 
-# --- 1. full sync of random data (also the pair's initial sync) ----------------------------------
-full_sync random
-stop_pair
-
-# --- 2. interleaved rounds -----------------------------------------------------------------------
+# --- 1. interleaved rounds -----------------------------------------------------------------------
 ip netns exec tbq-b "$bin/tcp-bench" serve 192.168.79.2:7799 >"$work/tcp.log" 2>&1 &
 pid[tcp]=$!
 for _ in $(seq 50); do grep -q serving "$work/tcp.log" && break; sleep 0.1; done
@@ -333,6 +339,10 @@ size_bytes=$((size_mib << 20))
 power_bytes=$((power_mib << 20))
 for round in $(seq "$rounds"); do
     log "round $round/$rounds, load average $(load)"
+    # Beta holds other data each time: alpha.img's after the rounds' pair rows, zero.img's after
+    # the mostly-zero sync. The random sync is also the pair's initial sync for this round.
+    full_sync zero "$round"
+    full_sync random "$round"
     line=$(tcp stream --msg 256K --bytes $((size_bytes * 4)))
     record "round=$round target=tcp row=stream-256k value=$(field mb_s "$line")"
     line=$(tcp stream --msg "$frame" --bytes "$size_bytes")
@@ -369,7 +379,7 @@ for round in $(seq "$rounds"); do
 done
 stop tcp
 
-# --- 3. resync after an outage --------------------------------------------------------------------
+# --- 2. resync after an outage --------------------------------------------------------------------
 # The pair at durability node; the secondary is stopped, N MiB are written through AoE at
 # 16 outstanding (away from the blocks the rounds wrote), the secondary returns.
 outage() { # KIND: stop (secondary stopped) | crash (and then the primary killed -9 too)
@@ -412,16 +422,6 @@ outage() { # KIND: stop (secondary stopped) | crash (and then the primary killed
 outage stop
 outage crash
 
-# --- 4. full sync of a mostly-zero device ----------------------------------------------------------
-# alpha's data: zeros (written, not sparse) except the first 1/128 random; beta keeps its
-# old (different) data, so only recognising zeros can make it cheap.
-log "writing alpha's data: zeros with 1/128 random"
-head -c "$usable" /dev/zero | dd of="$work/alpha.img" bs=1M iflag=fullblock conv=notrunc status=none
-head -c $((usable / 128)) /dev/urandom | dd of="$work/alpha.img" conv=notrunc status=none
-sync "$work/alpha.img" "$work/beta.img"
-full_sync zero
-stop_pair
-
 # --- report ----------------------------------------------------------------------------------------
 log "load average at end: $(load)"
 python3 - "$results" "$rounds" "$mtu" "$frame" "$size_mib" "$power_mib" "$dev_mib" "$outage_mib" <<'PY'
@@ -429,8 +429,12 @@ import sys, statistics, collections
 path, rounds, mtu, frame, size_mib, power_mib, dev_mib, outage_mib = sys.argv[1:]
 rows = collections.defaultdict(list)
 single = {}
+syncs = collections.defaultdict(list)
 for line in open(path):
     kv = dict(p.split("=", 1) for p in line.split())
+    if kv["target"] == "sync":
+        syncs[kv["row"]].append(kv)
+        continue
     if kv["round"] == "0":
         single[kv["row"]] = kv
         continue
@@ -526,20 +530,36 @@ for kind in ("stop", "crash"):
     row(f"  resync time ({kind}), reconnect to UpToDate", f"{float(kv['seconds']):.2f} s (copy {kv.get('copy_seconds', 'n/a')} s)", counters(kv),
         f"{m / mib / max(float(kv['seconds']), 1e-9):.0f} MiB/s", "info")
     row(f"  data identical after ({kind})", kv["identical"], "yes", "", "ok" if kv["identical"] == "yes" else "SHORT")
+def sync_summary(kind):
+    """The rounds' full syncs of one kind: medians, spread, and whether every one ended identical."""
+    runs = syncs.get(f"full_{kind}")
+    if not runs:
+        return None
+    out = {"bytes": runs[0]["bytes"], "n": len(runs)}
+    secs = [float(r["seconds"]) for r in runs]
+    out["seconds"], out["smin"], out["smax"] = statistics.median(secs), min(secs), max(secs)
+    for k in ("copy_seconds", "sent", "same", "zero"):
+        v = [float(r[k]) for r in runs if r.get(k, "n/a") not in ("n/a", "")]
+        out[k] = "n/a" if not v else (f"{statistics.median(v):.2f}" if k == "copy_seconds" else str(int(statistics.median(v))))
+    ok = sum(1 for r in runs if r["identical"] == "yes")
+    out["identical"] = "yes" if ok == len(runs) else f"no ({len(runs) - ok} of {len(runs)} differ)"
+    return out
+
 for kind in ("zero", "random"):
-    kv = single.get(f"full_{kind}")
+    kv = sync_summary(kind)
     if not kv:
         row(f"full sync ({kind})", "n/a", "", "", "n/a")
         continue
-    b, s = int(kv["bytes"]), float(kv["seconds"])
+    b, s = int(kv["bytes"]), kv["seconds"]
     rate = b / s / 1e6
+    spread = f"[{kv['smin']:.2f}-{kv['smax']:.2f}]"
     if kind == "zero":
         goal = 5.0 * b / (1 << 30)
-        row(f"full sync, {b / mib:.0f} MiB mostly zero", f"{s:.2f} s (copy {kv.get('copy_seconds', 'n/a')} s)", f"<= {goal:.2f} s (5 s per GiB)",
+        row(f"full sync, {b / mib:.0f} MiB mostly zero", f"{s:.2f} s {spread} (copy {kv['copy_seconds']} s)", f"<= {goal:.2f} s (5 s per GiB)",
             f"{s / goal:.2f}", "ok" if s <= goal else "SHORT")
     else:
         goal = 0.8 * tcp if tcp else None
-        row(f"full sync, {b / mib:.0f} MiB random", f"{rate:.1f} MB/s ({s:.2f} s, copy {kv.get('copy_seconds', 'n/a')} s)", f">= {fmt(goal)} MB/s (0.8 x TCP)",
+        row(f"full sync, {b / mib:.0f} MiB random", f"{rate:.1f} MB/s ({s:.2f} s {spread}, copy {kv['copy_seconds']} s)", f">= {fmt(goal)} MB/s (0.8 x TCP)",
             f"{rate / tcp:.2f} x TCP" if tcp else "n/a", "n/a" if not goal else ("ok" if rate >= goal else "SHORT"))
     row(f"  full sync ({kind}) resync counters", counters(kv), "", "", "info")
     row(f"  data identical after full sync ({kind})", kv["identical"], "yes", "", "ok" if kv["identical"] == "yes" else "SHORT")
@@ -567,10 +587,10 @@ if sa and rep and rtt and rep > 2 * sa:
     notes.append(f"latency q1 p50: standalone {sa:.0f} us + one frame's TCP round trip {rtt:.0f} us = {sa + rtt:.0f} us; "
                  f"the pair {rep:.0f} us, so {rep - sa - rtt:.0f} us come from the replication path beyond the wire (hand-offs, the peer's write)")
 for kind in ("zero", "random"):
-    kv = single.get(f"full_{kind}")
+    kv = sync_summary(kind)
     if not kv:
         continue
-    b, secs = int(kv["bytes"]), float(kv["seconds"])
+    b, secs = int(kv["bytes"]), kv["seconds"]
     if kind == "zero" and kv.get("zero", "n/a") == "n/a":
         notes.append(f"full sync, mostly zero ({secs:.2f} s): status --json has no resync zero counter, so zero blocks are presumably "
                      f"copied like any other; the time is then that of copying {b / mib:.0f} MiB")
