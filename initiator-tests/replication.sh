@@ -6,6 +6,7 @@
 #   2. exactly one node answers e0.3; writes through AoE reach both disks (byte-identical)
 #   3. kill -9 the primary: the survivor promotes itself, the client keeps writing; the old
 #      primary restarts, resyncs, and both disks end byte-identical with every acknowledged write
+#   3b. a primary that is still a resync target reads stale blocks from its peer
 #   4. kill -9 the secondary while the primary writes: writes go on (dirty bits), resync on return
 #   5. a split brain made on purpose is detected and not synced; `connect --discard-my-data` on
 #      the loser resolves it and the loser ends identical
@@ -36,6 +37,8 @@ dump() {
 net_down() {
     for ns in tbr-a tbr-b tbr-c; do ip netns del "$ns" 2>/dev/null || true; done
     ip link del tbrbr0 2>/dev/null || true
+    # A deleted namespace's veths go away asynchronously; do not race a quick rerun.
+    for i in 1 2 3; do ip link del "tbrv$i" 2>/dev/null || true; done
 }
 cleanup() {
     local rc=$?
@@ -132,6 +135,9 @@ wait_for() { # SECONDS DESCRIPTION COMMAND...: poll until COMMAND succeeds
 state_is() { # NODE KEY VALUE
     [[ $(field "$1" "$2") == "$3" ]]
 }
+peer_role_is() { # NODE ROLE: the peer's role as NODE sees it
+    [[ $(ctl "$1" status r0 --json | sed -n 's/.*"peer":{[^}]*"role":"\([A-Za-z]*\)".*/\1/p') == "$2" ]]
+}
 in_sync() { # both UpToDate and connected
     state_is alpha disk UpToDate && state_is beta disk UpToDate &&
         state_is alpha replication Established && state_is beta replication Established
@@ -156,6 +162,9 @@ state_is alpha role Primary || fail "alpha is not primary"
 same_data || fail "disks differ after the initial sync"
 [[ $(ctl beta status r0 --json | tr ',{}' '\n\n\n' | sed -n 's/^"size":\([0-9]*\)$/\1/p') == "$usable" ]] ||
     fail "beta did not shrink to the smaller usable size $usable"
+# The agreed size is in beta's meta-data, so beta keeps it when it later runs alone.
+[[ $("$tb" dump-md --config "$cfg.beta" --node beta r0) == *"agreed-size: $usable bytes"* ]] ||
+    fail "beta did not record the agreed size in its meta-data"
 log "PASS initial sync ($(data_size) bytes)"
 
 # --- 2. one answer, writes reach both --------------------------------------------------------
@@ -179,6 +188,33 @@ state_is beta role Primary || fail "beta lost its role"
 aoe read e7.3 -q 16 --seed 12 --offset 8M --bytes 8M --verify >/dev/null || fail "acknowledged write lost"
 same_data || fail "disks differ after the returning primary resynced"
 log "PASS kill -9 primary: failover, resync, identical"
+
+# --- 3b. a primary that is still a resync target ---------------------------------------------
+# alpha's disk gets garbage behind the daemon's back, then `invalidate` makes it a full-sync
+# target; with the sync paused, alpha becomes primary. Its stale blocks must be read from beta,
+# and writes made meanwhile must survive the resync that follows.
+dd if=/dev/urandom of="$work/alpha.img" bs=1M count=16 conv=notrunc,fsync status=none
+# beta's slow reads keep the full sync running long enough to pause it.
+ctl beta fault r0 read-delay-ms=300 >/dev/null
+ctl alpha invalidate r0 >/dev/null || fail "invalidate refused"
+ctl alpha pause-sync r0 >/dev/null || fail "pause-sync refused"
+ctl beta fault r0 clear >/dev/null
+ctl beta secondary r0 >/dev/null || fail "beta refused to become secondary"
+wait_for 5 "alpha sees beta secondary" peer_role_is alpha Secondary
+ctl alpha primary r0 >/dev/null || fail "alpha (a resync target with an UpToDate peer) refused primary"
+wait_for 10 "alpha serves" state_is alpha role Primary
+aoe read e7.3 -q 16 --seed 11 --bytes 8M --verify >/dev/null || fail "a resync target served stale blocks"
+aoe read e7.3 -q 16 --seed 12 --offset 8M --bytes 8M --verify >/dev/null || fail "a resync target served stale blocks"
+aoe write e7.3 -q 16 --seed 18 --offset 2M --bytes 3M >/dev/null || fail "write to a primary resync target failed"
+ctl alpha resume-sync r0 >/dev/null || fail "resume-sync refused"
+wait_for 60 "the paused resync finished" in_sync
+aoe read e7.3 -q 16 --seed 18 --offset 2M --bytes 3M --verify >/dev/null || fail "a write made during the resync was lost"
+same_data || fail "disks differ after a primary resync target finished"
+ctl alpha secondary r0 >/dev/null || fail "alpha refused to become secondary"
+wait_for 5 "beta sees alpha secondary" peer_role_is beta Secondary
+ctl beta primary r0 >/dev/null || fail "beta refused primary"
+wait_for 10 "beta serves again" state_is beta role Primary
+log "PASS a primary resync target reads stale blocks from its peer and keeps its own writes"
 
 # --- 4. kill -9 the secondary while writing ---------------------------------------------------
 aoe write e7.3 -q 16 --seed 13 --bytes 32M >/dev/null &

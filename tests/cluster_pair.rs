@@ -464,3 +464,37 @@ fn operator_resync_commands() {
     assert!(pair.in_sync());
     assert_eq!(pair.serving(), [true, false]);
 }
+
+#[test]
+fn switchover_to_a_resync_target_and_an_explicit_secondary_holds() {
+    let mut pair = Pair::healthy();
+    pair.advance(secs(1));
+    pair.command(1, Command::Invalidate);
+    pair.command(1, Command::PauseSync);
+    assert_eq!(pair.nodes[1].status().repl, ReplState::PausedSyncT);
+    // Node 0 is the only UpToDate node, but the operator said secondary: that holds.
+    pair.command(0, Command::Secondary);
+    pair.advance(secs(3));
+    assert_eq!(
+        pair.role(0),
+        Role::Secondary,
+        "auto-promote undid `secondary`"
+    );
+    // A resync target with an UpToDate peer may serve (stale blocks come from the peer).
+    let primary = Command::Primary { force: false };
+    pair.command(1, primary);
+    assert!(!pair.nodes[1].refused(primary));
+    assert_eq!(pair.serving(), [false, true]);
+    pair.command(1, Command::ResumeSync);
+    pair.advance(secs(2));
+    assert!(pair.in_sync());
+    // The held node still fails over when the primary dies.
+    pair.crash(1);
+    pair.advance(secs(10));
+    assert_eq!(
+        pair.role(0),
+        Role::Primary,
+        "no failover to the held secondary"
+    );
+    assert_eq!(pair.serving(), [true, false]);
+}

@@ -363,6 +363,9 @@ pub struct Machine {
     /// Armed when the peer is lost (failover) or the startup wait ends with provably UpToDate
     /// data: the one moment a node may promote itself without a peer.
     promote_alone: bool,
+    /// The operator said `secondary`: no auto-promotion while connected (a failover, when the
+    /// peer is lost, still may), until `primary`.
+    held_secondary: bool,
     started_at: Instant,
     startup_wait_over: bool,
     last_alive: Option<Instant>,
@@ -392,6 +395,7 @@ impl Machine {
             crashed_primary: startup.crashed_primary,
             discard_my_data: false,
             promote_alone: false,
+            held_secondary: false,
             started_at: now,
             startup_wait_over: false,
             last_alive: None,
@@ -520,6 +524,7 @@ impl Machine {
         let connected = self.conn == ConnState::Connected;
         match c {
             Command::Primary { force } => {
+                self.held_secondary = false;
                 if self.role == Role::Primary {
                     out.push(Action::Log("already primary".into()));
                     return;
@@ -561,6 +566,7 @@ impl Machine {
             }
             Command::Secondary => {
                 self.promote_alone = false;
+                self.held_secondary = true;
                 if self.role == Role::Primary {
                     self.role = Role::Secondary;
                     out.push(Action::Log("demoted to secondary".into()));
@@ -641,6 +647,7 @@ impl Machine {
     fn promote(&mut self, out: &mut Vec<Action>) {
         self.role = Role::Primary;
         self.promote_alone = false;
+        self.held_secondary = false;
         if self.conn != ConnState::Connected {
             // A new generation: whatever the peer holds is now older.
             out.push(Action::NewCurrentUuid);
@@ -975,6 +982,7 @@ impl Machine {
         let why = match self.conn {
             ConnState::Connected => {
                 if self.peer_role == Role::Primary
+                    || self.held_secondary
                     || matches!(self.repl, ReplState::SyncTarget | ReplState::PausedSyncT)
                 {
                     return;

@@ -180,6 +180,8 @@ impl Resource {
                 let _ = lock(&dev_tx).send(Input::Device(e));
             }),
         ));
+        // A size agreed with a smaller peer holds across restarts, even without the peer.
+        device.limit_size(meta.usable_size());
         let sb = meta.superblock();
         let just_created = meta.uuids().current == crate::repl::uuid::UUID_JUST_CREATED;
         let startup = Startup {
@@ -273,8 +275,8 @@ impl Resource {
         }
     }
 
-    /// Steers the test-only fault layer: `write-delay-ms=N`, `write-error`, `read-error`,
-    /// `clear`.
+    /// Steers the test-only fault layer: `write-delay-ms=N`, `read-delay-ms=N`, `write-error`,
+    /// `read-error`, `clear`.
     pub fn inject(&self, specs: &[&str]) -> Result<String, String> {
         use crate::block::fault::{FaultSpec, InjectedError};
         let faults = self.spec.faults.as_ref().ok_or_else(|| {
@@ -289,10 +291,14 @@ impl Resource {
                 "clear" => config = Default::default(),
                 "write-error" => config.write_error = Some(FaultSpec::always(InjectedError::Eio)),
                 "read-error" => config.read_error = Some(FaultSpec::always(InjectedError::Eio)),
-                other => match other.strip_prefix("write-delay-ms=").map(str::parse::<u64>) {
-                    Some(Ok(ms)) => config.write_delay = Duration::from_millis(ms),
-                    _ => return Err(format!("unknown fault {other:?} (write-delay-ms=N, write-error, read-error, clear)")),
-                },
+                other => {
+                    let ms = |prefix: &str| other.strip_prefix(prefix).map(str::parse::<u64>);
+                    match (ms("write-delay-ms="), ms("read-delay-ms=")) {
+                        (Some(Ok(n)), _) => config.write_delay = Duration::from_millis(n),
+                        (_, Some(Ok(n))) => config.read_delay = Duration::from_millis(n),
+                        _ => return Err(format!("unknown fault {other:?} (write-delay-ms=N, read-delay-ms=N, write-error, read-error, clear)")),
+                    }
+                }
             }
         }
         faults.set_faults(config.clone());
@@ -452,7 +458,7 @@ impl Resource {
                     if let Some(link) = &st.link {
                         let _ = link.send(Message::SyncDone);
                     }
-                    st.job = None;
+                    self.set_job(&mut st, None);
                     tracing::info!(resource = %self.spec.name, "resync finished (source)");
                     self.step(&mut st, Event::ResyncDone);
                 }
@@ -461,12 +467,21 @@ impl Resource {
         }
     }
 
+    /// The current resync job; the device learns whether this node is a resync target.
+    fn set_job(&self, st: &mut State, job: Option<Job>) {
+        self.device.set_sync_target(
+            job.as_ref()
+                .is_some_and(|j| j.direction == SyncDirection::Target),
+        );
+        st.job = job;
+    }
+
     fn drop_link(&self, st: &mut State) {
         self.device.set_link(None);
         if let Some(link) = st.link.take() {
             link.fail_all();
         }
-        st.job = None;
+        self.set_job(st, None);
         st.last_alive_seen = None;
     }
 
@@ -497,6 +512,9 @@ impl Resource {
                 hs.params.size
             );
             self.device.limit_size(hs.params.size);
+            if let Err(e) = self.meta.set_agreed_size(hs.params.size) {
+                tracing::error!(resource = %self.spec.name, "could not record the agreed size: {e}");
+            }
         }
         if hs.params.protocol != self.spec.protocol || hs.params.durability != self.spec.durability
         {
@@ -561,6 +579,18 @@ impl Resource {
 
     fn peer_message(&self, st: &mut State, message: Message) {
         match message {
+            Message::SyncPause(paused) => {
+                // Either node's pause-sync holds the resync on both; the echo of our own
+                // pause finds the state already changed and does nothing.
+                let repl = st.machine.status().repl;
+                let running = matches!(repl, ReplState::SyncSource | ReplState::SyncTarget);
+                let held = matches!(repl, ReplState::PausedSyncS | ReplState::PausedSyncT);
+                if paused && running {
+                    self.step(st, Event::Command(Command::PauseSync));
+                } else if !paused && held {
+                    self.step(st, Event::Command(Command::ResumeSync));
+                }
+            }
             Message::StateChange(s) => {
                 self.step(
                     st,
@@ -608,7 +638,7 @@ impl Resource {
                     }
                     self.save_uuids(&set);
                     self.set_flags(flags::CONSISTENT, flags::CRASHED_PRIMARY);
-                    st.job = None;
+                    self.set_job(st, None);
                     tracing::info!(resource = %self.spec.name, "resync finished (target)");
                     self.step(st, Event::ResyncDone);
                 }
@@ -887,16 +917,24 @@ impl Resource {
                     self.set_flags(0, flags::CONSISTENT);
                 }
                 tracing::info!(resource = %name, "resync: {direction:?}, {}", if full { "full" } else { "bitmap" });
-                st.job = Some(Job {
-                    direction,
-                    full,
-                    peer_bitmap_done: false,
-                    copier_started: false,
-                });
+                self.set_job(
+                    st,
+                    Some(Job {
+                        direction,
+                        full,
+                        peer_bitmap_done: false,
+                        copier_started: false,
+                    }),
+                );
                 self.maybe_start_copier(st);
             }
-            Action::PauseResync => st.paused.store(true, Ordering::Release),
-            Action::ResumeResync => st.paused.store(false, Ordering::Release),
+            Action::PauseResync | Action::ResumeResync => {
+                let paused = action == Action::PauseResync;
+                st.paused.store(paused, Ordering::Release);
+                if let Some(link) = &st.link {
+                    let _ = link.send(Message::SyncPause(paused));
+                }
+            }
             Action::NewCurrentUuid => {
                 if let Err(e) = self.meta.new_current_uuid() {
                     tracing::error!(resource = %name, error = %e, "cannot write a new current UUID");
@@ -1180,7 +1218,7 @@ impl Resource {
                 link.complete(a.barrier, Reply::Ack(AckKind::Completed));
             }
             Message::ResyncData(d) if d.id & PUSH_BIT != 0 => {
-                let ok = local.write_at(&d.data, d.offset, power).is_ok();
+                let ok = self.device.apply_resync(&d.data, d.offset, power).is_ok();
                 if ok {
                     self.meta.clear_in_sync(d.offset, d.data.len() as u64);
                 } else {

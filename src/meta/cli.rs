@@ -32,6 +32,7 @@
 //! | `uuid-current`, `uuid-bitmap` | 16 hex digits |
 //! | `uuid-history` | two uuids, newest first |
 //! | `data-size` | usable bytes and sectors: `N bytes (S sectors)` |
+//! | `agreed-size` | the smaller size agreed with the peer, `N bytes (S sectors)`, or `none` |
 //! | `meta-data` | `N bytes at byte O` |
 //! | `activity-log` | `T transactions at byte O, E extents of X bytes` |
 //! | `al-ring` | `V valid, I invalid, newest transaction N` (or `newest none`) |
@@ -431,6 +432,13 @@ pub fn dump_fields(
                 l.data_size,
                 l.data_size / 512
             )),
+        ),
+        (
+            "agreed-size",
+            s(match sb.agreed_size {
+                0 => "none".to_string(),
+                n => format!("{n} bytes ({} sectors)", n / 512),
+            }),
         ),
         (
             "meta-data",

@@ -378,6 +378,7 @@ mod tests {
             kind: MetaKind::External,
             bm_pages: 0,
             name: String::new(),
+            agreed_size: 0,
         };
         l.fill_superblock(&mut sb);
         sb.check_geometry().unwrap();

@@ -244,6 +244,7 @@ pub fn create(
         kind,
         bm_pages: 0,
         name: opts.name.clone(),
+        agreed_size: 0,
     };
     layout.fill_superblock(&mut sb);
     superblock::write_both(meta, &mut sb)?;
@@ -627,9 +628,35 @@ impl MetaStore {
         lock(&self.bitmap).clear_range(offset, len)
     }
 
-    /// Marks every block out of sync (a full resync), durably.
+    /// Marks every block of the usable size out of sync (a full resync), durably.
     pub fn set_all_out_of_sync(&self) -> Result<(), MetaError> {
-        lock(&self.bitmap).set_all();
+        let usable = self.usable_size();
+        {
+            let mut bitmap = lock(&self.bitmap);
+            bitmap.set_all();
+            bitmap.clear_range(usable, self.layout.data_size - usable);
+        }
+        self.flush_bitmap()
+    }
+
+    /// The usable size: the size last agreed with a smaller peer, else the whole data area.
+    pub fn usable_size(&self) -> u64 {
+        match lock(&self.sb).agreed_size {
+            0 => self.layout.data_size,
+            agreed => agreed,
+        }
+    }
+
+    /// Records, durably, that the pair agreed on `size` bytes (the peer's disk is smaller),
+    /// and forgets any out-of-sync bits beyond it: those blocks are no longer part of the
+    /// device. Only ever shrinks.
+    pub fn set_agreed_size(&self, size: u64) -> Result<(), MetaError> {
+        let size = size / 4096 * 4096;
+        if size >= self.usable_size() {
+            return Ok(());
+        }
+        self.update_superblock(|sb| sb.agreed_size = size)?;
+        lock(&self.bitmap).clear_range(size, self.layout.data_size - size);
         self.flush_bitmap()
     }
 
@@ -865,6 +892,35 @@ mod tests {
         assert!(report.was_clean);
         assert_eq!(report.out_of_sync_bytes, 0);
         (dev, store)
+    }
+
+    #[test]
+    fn agreed_size_persists_and_bounds_the_bitmap() {
+        let (dev, store) = internal(4 << 20);
+        let whole = store.data_size();
+        assert_eq!(store.usable_size(), whole);
+        store.mark_out_of_sync(whole - 8192, 8192);
+        store.set_agreed_size(whole - 4096 - 100).unwrap();
+        let agreed = whole - 8192;
+        assert_eq!(store.usable_size(), agreed, "rounded down to 4 KiB");
+        assert_eq!(
+            store.out_of_sync_bytes(),
+            0,
+            "bits beyond the agreed size are gone"
+        );
+        store.set_agreed_size(whole).unwrap();
+        assert_eq!(store.usable_size(), agreed, "only ever shrinks");
+        store.set_all_out_of_sync().unwrap();
+        assert_eq!(
+            store.out_of_sync_bytes(),
+            agreed,
+            "a full sync covers the usable size"
+        );
+        store.mark_clean().unwrap();
+        drop(store);
+        let (again, _) = MetaStore::attach(dev.clone(), dev, MetaKind::Internal).unwrap();
+        assert_eq!(again.usable_size(), agreed, "survives a restart");
+        assert_eq!(again.superblock().agreed_size, agreed);
     }
 
     #[test]

@@ -118,6 +118,7 @@ mod tests {
             kind: MetaKind::Internal,
             bm_pages: 0,
             name: "r0".into(),
+            agreed_size: 0,
         };
         layout.fill_superblock(&mut sb);
         sb

@@ -19,6 +19,14 @@
 //! Durability `node` acknowledges what is in the operating system of both nodes; `power` writes
 //! with FUA on both nodes before the acknowledgement.
 //!
+//! # While this node is a resync target
+//!
+//! A primary may be a resync target (promoted while its data was still being brought up to
+//! date). Its out-of-sync blocks are stale, so reads that touch one go to the peer; and resync
+//! data that arrives for sectors a client wrote since the resync started is not written over
+//! them: both nodes already have the client's newer data, and the resync copy may have been
+//! read before it (DRBD's conflict detection between application and resync writes).
+//!
 //! # Faults
 //!
 //! A local I/O error detaches the local disk (`on-io-error detach`): the engine is told
@@ -71,8 +79,64 @@ pub struct ReplicatedDevice {
     /// The usable size agreed with the peer (the smaller of the two; `u64::MAX` before).
     limit: AtomicU64,
     events: Box<dyn Fn(DeviceEvent) + Send + Sync>,
+    /// `Some` while this node is a resync target: the sectors clients wrote since it started.
+    sync_target: Mutex<Option<SectorSet>>,
     /// Counters.
     pub counters: IoCounters,
+}
+
+/// A set of byte ranges, merged where they touch.
+#[derive(Debug, Default)]
+struct SectorSet {
+    /// start -> end, disjoint and not adjacent.
+    ranges: std::collections::BTreeMap<u64, u64>,
+}
+
+impl SectorSet {
+    fn insert(&mut self, mut start: u64, mut end: u64) {
+        // Absorb every range that overlaps or touches [start, end).
+        let touching: Vec<(u64, u64)> = self
+            .ranges
+            .range(..=end)
+            .rev()
+            .take_while(|&(_, &e)| e >= start)
+            .map(|(&s, &e)| (s, e))
+            .collect();
+        for (s, e) in touching {
+            self.ranges.remove(&s);
+            start = start.min(s);
+            end = end.max(e);
+        }
+        self.ranges.insert(start, end);
+    }
+
+    /// The parts of [start, end) not in the set, in order.
+    fn gaps(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut at = start;
+        let first = self
+            .ranges
+            .range(..start)
+            .next_back()
+            .filter(|&(_, &e)| e > start)
+            .map(|(&s, &e)| (s, e));
+        for (s, e) in first
+            .into_iter()
+            .chain(self.ranges.range(start..end).map(|(&s, &e)| (s, e)))
+        {
+            if s > at {
+                out.push((at, s.min(end)));
+            }
+            at = at.max(e);
+            if at >= end {
+                break;
+            }
+        }
+        if at < end {
+            out.push((at, end));
+        }
+        out
+    }
 }
 
 impl std::fmt::Debug for ReplicatedDevice {
@@ -105,8 +169,58 @@ impl ReplicatedDevice {
             detached: AtomicBool::new(false),
             limit: AtomicU64::new(u64::MAX),
             events,
+            sync_target: Mutex::new(None),
             counters: IoCounters::default(),
         }
+    }
+
+    /// This node becomes (`true`) or stops being (`false`) a resync target.
+    pub fn set_sync_target(&self, target: bool) {
+        let mut st = self.sync_target.lock().unwrap_or_else(|e| e.into_inner());
+        match (target, st.is_some()) {
+            (true, false) => *st = Some(SectorSet::default()),
+            (false, true) => *st = None,
+            _ => {}
+        }
+    }
+
+    fn is_sync_target(&self) -> bool {
+        self.sync_target
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// Writes resync data that arrived from the sync source, except over sectors a client
+    /// wrote since the resync started (both nodes have those already, newer).
+    pub fn apply_resync(&self, data: &[u8], offset: u64, fua: bool) -> Result<()> {
+        let end = offset + data.len() as u64;
+        let _order = self.order_lock();
+        let pieces = match &*self.sync_target.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(written) => written.gaps(offset, end),
+            None => vec![(offset, end)],
+        };
+        for (s, e) in pieces {
+            let at = (s - offset) as usize..(e - offset) as usize;
+            self.local.write_at(&data[at], s, fua)?;
+        }
+        Ok(())
+    }
+
+    /// A read while resync target touches an out-of-sync (stale) block.
+    fn reads_stale(&self, offset: u64, len: u64) -> bool {
+        if !self.is_sync_target() {
+            return false;
+        }
+        let block = crate::meta::layout::BM_BLOCK_SIZE;
+        let mut at = offset / block * block;
+        while at < offset + len {
+            if self.meta.is_out_of_sync(at) {
+                return true;
+            }
+            at += block;
+        }
+        false
     }
 
     /// Starts (Some) or stops (None) replicating to a peer. Stopping fails every write still
@@ -200,7 +314,7 @@ impl BlockDevice for ReplicatedDevice {
         self.counters
             .read_bytes
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
-        if !self.is_detached() {
+        if !self.is_detached() && !self.reads_stale(offset, buf.len() as u64) {
             match self.local.read_at(buf, offset) {
                 Ok(()) => return Ok(()),
                 Err(e) => {
@@ -209,7 +323,7 @@ impl BlockDevice for ReplicatedDevice {
                 }
             }
         }
-        // Detached: read through the peer.
+        // Detached, or stale here: read through the peer.
         let link = self.link().ok_or_else(no_disk)?;
         let answer = link
             .request(|id| {
@@ -241,6 +355,10 @@ impl BlockDevice for ReplicatedDevice {
             .fetch_add(len, Ordering::Relaxed);
         let (answer, local_ok) = {
             let _order = self.order_lock();
+            if let Some(written) = &mut *self.sync_target.lock().unwrap_or_else(|e| e.into_inner())
+            {
+                written.insert(offset, offset + len);
+            }
             let answer = self.link().and_then(|link| {
                 let message = |id| {
                     Message::WriteData(WriteDataRepr {
@@ -316,12 +434,14 @@ mod tests {
     use crate::meta::store::{create, CreateOptions};
     use crate::meta::LayoutParams;
     use crate::wire::ondisk::MetaKind;
-    use crate::wire::repl::{FrameDecoder, MessageRepr, Packet, WriteAckRepr};
+    use crate::wire::repl::{FrameDecoder, MessageRepr, Packet, ResyncDataRepr, WriteAckRepr};
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
     use std::time::{Duration, Instant};
 
     const SIZE: u64 = 8 << 20;
+    /// What the fake peer's disk holds everywhere.
+    const PEER_BYTE: u8 = 0xAB;
 
     /// A replicated device over in-memory disks, linked to a fake peer that applies nothing
     /// and acknowledges every write `delay` after it arrived (a slow secondary disk).
@@ -369,8 +489,14 @@ mod tests {
                 }
                 dec.feed(&buf[..n]);
                 while let Ok(Some(m)) = dec.next_message() {
-                    if let Message::WriteAck(a) = m.message {
-                        reader_link.complete(a.id, Reply::Ack(a.kind));
+                    match m.message {
+                        Message::WriteAck(a) => {
+                            reader_link.complete(a.id, Reply::Ack(a.kind));
+                        }
+                        Message::ResyncData(d) => {
+                            reader_link.complete(d.id, Reply::Data(d.data));
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -385,18 +511,27 @@ mod tests {
                 }
                 dec.feed(&buf[..n]);
                 while let Ok(Some(m)) = dec.next_message() {
-                    if let Message::WriteData(w) = m.message {
-                        if w.id == 0 {
-                            continue;
+                    let message = match m.message {
+                        Message::WriteData(w) if w.id != 0 => {
+                            std::thread::sleep(delay);
+                            Message::WriteAck(WriteAckRepr {
+                                id: w.id,
+                                kind: AckKind::Completed,
+                            })
                         }
-                        std::thread::sleep(delay);
+                        // The peer's copy of every block is PEER_BYTE.
+                        Message::ResyncRequest(r) => Message::ResyncData(ResyncDataRepr {
+                            id: r.id,
+                            offset: r.offset,
+                            data: vec![PEER_BYTE; r.len as usize],
+                        }),
+                        _ => continue,
+                    };
+                    {
                         let ack = MessageRepr {
                             version: 1,
                             seq,
-                            message: Message::WriteAck(WriteAckRepr {
-                                id: w.id,
-                                kind: AckKind::Completed,
-                            }),
+                            message,
                         };
                         seq += 1;
                         let mut out = vec![0u8; ack.buffer_len()];
@@ -462,5 +597,74 @@ mod tests {
         // With no peer at all, writes are marked at once.
         dev.write_at(&[1u8; 4096], 1 << 20, false).unwrap();
         assert_eq!(meta.out_of_sync_bytes(), 8192 + 4096);
+    }
+
+    #[test]
+    fn a_resync_target_reads_stale_blocks_from_the_peer() {
+        let (dev, meta) = device_with_slow_peer(ReplProtocol::C, Duration::ZERO);
+        meta.mark_out_of_sync(8192, 4096);
+        let mut back = vec![0u8; 12288];
+        dev.read_at(&mut back, 0).unwrap();
+        assert!(
+            back.iter().all(|&b| b == 0),
+            "not a target: the local disk serves"
+        );
+        dev.set_sync_target(true);
+        dev.read_at(&mut back, 0).unwrap();
+        assert!(
+            back.iter().all(|&b| b == PEER_BYTE),
+            "a read touching a stale block comes from the peer"
+        );
+        let mut clean = vec![1u8; 4096];
+        dev.read_at(&mut clean, 1 << 20).unwrap();
+        assert!(
+            clean.iter().all(|&b| b == 0),
+            "in-sync blocks are read locally"
+        );
+        dev.set_sync_target(false);
+        dev.read_at(&mut back, 8192).unwrap();
+        assert!(back[..4096].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn resync_data_never_overwrites_what_a_client_wrote_during_the_resync() {
+        let (dev, meta) = device_with_slow_peer(ReplProtocol::C, Duration::ZERO);
+        meta.mark_out_of_sync(0, 16384);
+        dev.set_sync_target(true);
+        // A client writes sectors 1 and 5..7 while the resync runs; then resync data read by
+        // the source before those writes arrives for the whole range.
+        dev.write_at(&[7u8; 512], 512, false).unwrap();
+        dev.write_at(&[8u8; 1536], 2560, false).unwrap();
+        dev.apply_resync(&[0xCC; 16384], 0, false).unwrap();
+        let mut back = vec![0u8; 16384];
+        dev.local().read_at(&mut back, 0).unwrap();
+        for (sector, chunk) in back.chunks(512).enumerate() {
+            let want = match sector {
+                1 => 7,
+                5..=7 => 8,
+                _ => 0xCC,
+            };
+            assert!(chunk.iter().all(|&b| b == want), "sector {sector}");
+        }
+        // Once the resync is over, resync data is written as it comes.
+        dev.set_sync_target(false);
+        dev.apply_resync(&[0xDD; 4096], 0, false).unwrap();
+        dev.local().read_at(&mut back[..4096], 0).unwrap();
+        assert!(back[..4096].iter().all(|&b| b == 0xDD));
+    }
+
+    #[test]
+    fn sector_set_merges_and_finds_gaps() {
+        let mut set = SectorSet::default();
+        set.insert(100, 200);
+        set.insert(300, 400);
+        set.insert(200, 250); // touches the first
+        assert_eq!(set.ranges.len(), 2);
+        assert_eq!(set.gaps(0, 500), vec![(0, 100), (250, 300), (400, 500)]);
+        assert_eq!(set.gaps(150, 320), vec![(250, 300)]);
+        assert_eq!(set.gaps(120, 240), vec![]);
+        set.insert(50, 350);
+        assert_eq!(set.ranges.len(), 1);
+        assert_eq!(set.gaps(0, 500), vec![(0, 50), (400, 500)]);
     }
 }

@@ -135,6 +135,7 @@ mod sb_field {
     pub const KIND: usize = 114;
     pub const BM_PAGES: usize = 116;
     pub const NAME: usize = 120;
+    pub const AGREED_SIZE: usize = 152;
     pub const CRC: usize = super::BLOCK_LEN - 4;
 }
 
@@ -282,6 +283,9 @@ pub struct SuperblockRepr {
     pub bm_pages: u32,
     /// Resource name (at most [`SB_NAME_LEN`] bytes, no NUL).
     pub name: String,
+    /// The usable size last agreed with the peer (DRBD's la-size), when it is smaller than
+    /// `data_size`; 0 when no smaller size was ever agreed. A multiple of 4 KiB.
+    pub agreed_size: u64,
 }
 
 /// Bitmap pages needed for `data_size` bytes with 4 KiB bits.
@@ -347,6 +351,7 @@ impl SuperblockRepr {
             kind,
             bm_pages: read_u32(b, sb_field::BM_PAGES),
             name,
+            agreed_size: read_u64(b, sb_field::AGREED_SIZE),
         };
         repr.check_geometry()?;
         Ok(repr)
@@ -378,6 +383,9 @@ impl SuperblockRepr {
         }
         if self.name.len() > SB_NAME_LEN || self.name.contains('\0') {
             return Err(malformed("name"));
+        }
+        if self.agreed_size > self.data_size || !self.agreed_size.is_multiple_of(block) {
+            return Err(malformed("agreed_size"));
         }
         // Three regions, each 4 KiB aligned, none overlapping.
         let regions = [
@@ -437,6 +445,7 @@ impl SuperblockRepr {
         let name = self.name.as_bytes();
         let n = name.len().min(SB_NAME_LEN);
         b[sb_field::NAME..sb_field::NAME + n].copy_from_slice(&name[..n]);
+        write_u64(b, sb_field::AGREED_SIZE, self.agreed_size);
         sb.fill_checksum();
         debug_assert_eq!(sb_field::MAGIC, 0);
     }
@@ -849,6 +858,7 @@ mod tests {
             kind: MetaKind::Internal,
             bm_pages: 9,
             name: "r0".into(),
+            agreed_size: 0,
         }
     }
 
@@ -1057,6 +1067,7 @@ mod tests {
                         },
                         bm_pages,
                         name: name.clone(),
+                        agreed_size: data_size / 2 / b * b,
                     }
                 })
             })

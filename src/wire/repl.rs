@@ -50,6 +50,7 @@
 //! Disconnect     reason u8, message length u16, message (UTF-8)
 //! SyncStart      flags u8 (bit 0 sender is source, bit 1 full)
 //! SyncDone       (empty)
+//! SyncPause      paused u8 (1 pause-sync, 0 resume-sync; nothing else)
 //! ```
 //!
 //! A payload must be exactly as long as its fields: trailing bytes are malformed. Offsets and
@@ -333,6 +334,8 @@ pub enum MessageType {
     SyncStart,
     /// 22: the resync source copied every out-of-sync block.
     SyncDone,
+    /// 30: the operator paused (1) or resumed (0) the resync on the sender's side.
+    SyncPause,
     /// Any other code: refused by [`MessageRepr::parse`].
     Unknown(u8),
 }
@@ -363,6 +366,7 @@ impl From<u8> for MessageType {
             20 => Disconnect,
             21 => SyncStart,
             22 => SyncDone,
+            30 => SyncPause,
             other => Unknown(other),
         }
     }
@@ -394,6 +398,7 @@ impl From<MessageType> for u8 {
             Disconnect => 20,
             SyncStart => 21,
             SyncDone => 22,
+            SyncPause => 30,
             Unknown(v) => v,
         }
     }
@@ -1398,6 +1403,9 @@ pub enum Message {
     SyncStart(SyncStartRepr),
     /// The resync source has copied every block; the target may finish its side.
     SyncDone,
+    /// `pause-sync` (true) or `resume-sync` (false) on the sender's side: a resync is paused
+    /// on both nodes when either says so.
+    SyncPause(bool),
 }
 
 impl Message {
@@ -1426,6 +1434,7 @@ impl Message {
             Message::Disconnect(_) => MessageType::Disconnect,
             Message::SyncStart(_) => MessageType::SyncStart,
             Message::SyncDone => MessageType::SyncDone,
+            Message::SyncPause(_) => MessageType::SyncPause,
         }
     }
 
@@ -1467,6 +1476,18 @@ impl Message {
                 exact(p, 0)?;
                 Message::SyncDone
             }
+            T::SyncPause => {
+                exact(p, 1)?;
+                match p[0] {
+                    0 => Message::SyncPause(false),
+                    1 => Message::SyncPause(true),
+                    _ => {
+                        return Err(Error::Malformed {
+                            field: "sync pause",
+                        })
+                    }
+                }
+            }
             T::Unknown(_) => {
                 return Err(Error::Malformed {
                     field: "message type",
@@ -1498,6 +1519,7 @@ impl Message {
             Message::Disconnect(m) => m.buffer_len(),
             Message::SyncStart(m) => m.buffer_len(),
             Message::SyncDone => 0,
+            Message::SyncPause(_) => 1,
         }
     }
 
@@ -1524,6 +1546,7 @@ impl Message {
             Message::Disconnect(m) => m.emit(p),
             Message::SyncStart(m) => m.emit(p),
             Message::SyncDone => {}
+            Message::SyncPause(paused) => p[0] = u8::from(*paused),
         }
     }
 }
@@ -2116,6 +2139,7 @@ mod tests {
             Just(Message::AuthOk),
             Just(Message::AuthFail),
             Just(Message::SyncDone),
+            any::<bool>().prop_map(Message::SyncPause),
             (any::<bool>(), any::<bool>()).prop_map(|(sender_is_source, full)| {
                 Message::SyncStart(SyncStartRepr {
                     sender_is_source,
