@@ -104,6 +104,8 @@ teardown() {
     done
     ip link del tbqbr0 2>/dev/null || true
     ip link del tbqr-a 2>/dev/null || true
+    # The backing files are written afresh by every run; logs and results.txt stay.
+    if [[ -n ${work:-} ]]; then rm -f "$work/alpha.img" "$work/beta.img" "$work/zero.img"; fi
 }
 trap teardown EXIT
 trap 'exit 130' INT TERM
