@@ -231,6 +231,7 @@ impl OpenOptions {
             logical_block,
             direct_align: logical_block.max(DIRECT_ALIGN),
             discard_supported: AtomicBool::new(discard),
+            dsync_supported: AtomicBool::new(true),
             zero_range_supported: AtomicBool::new(writable),
             rmw_locks: (0..RMW_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
         })
@@ -334,6 +335,8 @@ pub struct FileDevice {
     /// Files: `FALLOC_FL_ZERO_RANGE` has not failed as unsupported yet. Block devices:
     /// `BLKZEROOUT` has not failed as unsupported (the kernel falls back itself, so it won't).
     zero_range_supported: AtomicBool,
+    /// `pwritev2(RWF_DSYNC)` has not failed as unsupported yet.
+    dsync_supported: AtomicBool,
     /// Serialise changes to a partly covered aligned block under `O_DIRECT`.
     rmw_locks: Box<[Mutex<()>]>,
 }
@@ -459,6 +462,52 @@ impl FileDevice {
         let at = (offset - start) as usize;
         bounce.as_mut_slice()[at..at + data.len()].copy_from_slice(data);
         self.file.write_all_at(bounce.as_slice(), start)
+    }
+
+    /// Writes `data` at `at` durably with `pwritev2(RWF_DSYNC)`: only this range is written
+    /// back, where a `write` + `fdatasync` would write back every dirty page of the file (with
+    /// internal meta-data, all the data). `Ok(false)`: the kernel does not support it and
+    /// nothing was written.
+    #[allow(unsafe_code)]
+    fn write_all_dsync(&self, mut data: &[u8], mut at: u64) -> io::Result<bool> {
+        if !self.dsync_supported.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let mut first = true;
+        while !data.is_empty() {
+            let iov = libc::iovec {
+                iov_base: data.as_ptr() as *mut libc::c_void,
+                iov_len: data.len(),
+            };
+            // SAFETY: one iovec over a live slice; the fd is open for the device's lifetime.
+            let n = unsafe {
+                libc::pwritev2(
+                    self.file.as_raw_fd(),
+                    &iov,
+                    1,
+                    at as libc::off_t,
+                    libc::RWF_DSYNC,
+                )
+            };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                match err.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) if first => {
+                        self.dsync_supported.store(false, Ordering::Relaxed);
+                        return Ok(false);
+                    }
+                    _ => return Err(err),
+                }
+            }
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            first = false;
+            data = &data[n as usize..];
+            at += n as u64;
+        }
+        Ok(true)
     }
 
     /// Makes completed writes stable (fdatasync).
@@ -590,7 +639,15 @@ impl BlockDevice for FileDevice {
         self.check_write(offset, data.len() as u64)?;
         if !data.is_empty() {
             let at = self.window_start + offset;
-            let result = if self.is_direct_ready(data.as_ptr(), at, data.len()) {
+            let direct_ready = self.is_direct_ready(data.as_ptr(), at, data.len());
+            if fua && !self.sync && (direct_ready || !self.direct) {
+                match self.write_all_dsync(data, at) {
+                    Ok(true) => return Ok(()),
+                    Ok(false) => {} // unsupported: write, then fdatasync
+                    Err(e) => return Err(BlockError::from_io(e)),
+                }
+            }
+            let result = if direct_ready {
                 self.file.write_all_at(data, at)
             } else {
                 self.write_bounced(data, at)
