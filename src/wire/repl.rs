@@ -1686,8 +1686,10 @@ impl FrameDecoder {
 
     /// Appends received bytes.
     pub fn feed(&mut self, data: &[u8]) {
-        if self.start > 0 && self.start == self.buf.len() {
-            self.buf.clear();
+        if self.start > 0 {
+            // Drop what was decoded, so a stream that never ends on a message boundary does
+            // not grow the buffer without bound (what is left is less than one message).
+            self.buf.drain(..self.start);
             self.start = 0;
         }
         self.buf.extend_from_slice(data);
@@ -1913,6 +1915,32 @@ mod tests {
             d.feed(&bad);
             assert!(!matches!(d.next_message(), Ok(Some(_))), "byte {i}");
         }
+    }
+
+    #[test]
+    fn decoder_buffer_stays_bounded_when_reads_never_end_on_a_boundary() {
+        let one = ping_bytes();
+        let stream: Vec<u8> = one
+            .iter()
+            .copied()
+            .cycle()
+            .take(one.len() * 10_000)
+            .collect();
+        let mut d = FrameDecoder::new();
+        let mut decoded = 0;
+        // Reads of a size that splits messages, as TCP may deliver them.
+        for chunk in stream.chunks(one.len() * 3 / 2 + 1) {
+            d.feed(chunk);
+            while let Ok(Some(_)) = d.next_message() {
+                decoded += 1;
+            }
+            assert!(
+                d.buf.len() <= chunk.len() + one.len(),
+                "buffer grew to {}",
+                d.buf.len()
+            );
+        }
+        assert_eq!(decoded, 10_000);
     }
 
     #[test]
