@@ -207,6 +207,20 @@ impl ReplicatedDevice {
         Ok(())
     }
 
+    /// Makes a range read as zeros for a resync zero marker, except the sectors a client wrote
+    /// since the resync started (as [`apply_resync`](Self::apply_resync)).
+    pub fn apply_resync_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        let _order = self.order_lock();
+        let pieces = match &*self.sync_target.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(written) => written.gaps(offset, offset + len),
+            None => vec![(offset, offset + len)],
+        };
+        for (s, e) in pieces {
+            self.local.write_zeroes(s, e - s, fua)?;
+        }
+        Ok(())
+    }
+
     /// A read while resync target touches an out-of-sync (stale) block.
     fn reads_stale(&self, offset: u64, len: u64) -> bool {
         if !self.is_sync_target() {
@@ -646,6 +660,13 @@ mod tests {
             };
             assert!(chunk.iter().all(|&b| b == want), "sector {sector}");
         }
+        // Zero markers keep the client's sectors too.
+        dev.apply_resync_zeroes(0, 4096, false).unwrap();
+        dev.local().read_at(&mut back[..4096], 0).unwrap();
+        assert!(back[..512].iter().all(|&b| b == 0) && back[512..1024].iter().all(|&b| b == 7));
+        assert!(
+            back[1024..2560].iter().all(|&b| b == 0) && back[2560..4096].iter().all(|&b| b == 8)
+        );
         // Once the resync is over, resync data is written as it comes.
         dev.set_sync_target(false);
         dev.apply_resync(&[0xDD; 4096], 0, false).unwrap();
