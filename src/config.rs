@@ -16,6 +16,10 @@
 //! durability = "node"                  # node (default) or power; see crate::meta
 //! al-extents = 1237                    # optional: activity-log slots (7..65534)
 //! al-extent-kib = 4096                 # optional: activity-log extent size (64 KiB..1 GiB)
+//! resync-rate-max = "200M"             # optional: resync bytes/s (K/M/G, binary; default unlimited)
+//! resync-rate-min = "10M"              # optional: floor while clients do I/O (default 10M)
+//! resync-fill-target = "8M"            # optional: bytes in flight the controller aims at
+//! resync-plan-ahead = 0.2              # optional: seconds a correction is spread over
 //! [resource.r0.on.alpha]
 //! disk = "/var/lib/twinblade/r0.img"
 //! meta-disk = "internal"               # or the path of a separate device or file
