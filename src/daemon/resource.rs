@@ -238,6 +238,47 @@ fn classify_blocks(buf: &[u8], peer: Option<&[u32]>) -> Vec<(usize, usize, Block
     runs
 }
 
+/// The crc32c of `len` zero bytes (at most one block).
+fn zero_crc(len: usize) -> u32 {
+    static FULL: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    const ZEROS: [u8; CHECKSUM_BLOCK as usize] = [0; CHECKSUM_BLOCK as usize];
+    if len == ZEROS.len() {
+        *FULL.get_or_init(|| crc32c::crc32c(&ZEROS))
+    } else {
+        crc32c::crc32c(&ZEROS[..len])
+    }
+}
+
+/// What [`block_checksums`] gives for `len` zero bytes, without reading or hashing them.
+fn zero_checksums(len: u64) -> Vec<u32> {
+    let block = u64::from(CHECKSUM_BLOCK);
+    (0..len.div_ceil(block))
+        .map(|i| zero_crc(block.min(len - i * block) as usize))
+        .collect()
+}
+
+/// [`classify_blocks`] for `len` bytes known to be zero: equal where the peer's checksum is the
+/// zero checksum, zero markers elsewhere.
+fn classify_zero(len: u64, peer: Option<&[u32]>) -> Vec<(usize, usize, BlockKind)> {
+    let zero = zero_checksums(len);
+    let block = CHECKSUM_BLOCK as usize;
+    let mut runs: Vec<(usize, usize, BlockKind)> = Vec::new();
+    for (i, z) in zero.iter().enumerate() {
+        let kind = if peer.and_then(|p| p.get(i)) == Some(z) {
+            BlockKind::Same
+        } else {
+            BlockKind::Zero
+        };
+        let start = i * block;
+        let end = (start + block).min(len as usize);
+        match runs.last_mut() {
+            Some(last) if last.2 == kind && last.1 == start => last.1 = end,
+            _ => runs.push((start, end, kind)),
+        }
+    }
+    runs
+}
+
 /// One resync message waiting for the peer.
 enum InFlight {
     /// A checksum request (checksum-based resync): the data follows once it is answered.
@@ -1076,10 +1117,15 @@ impl Resource {
                         }) else {
                             return false;
                         };
-                        c.pacer.charge(20 + 4 * len.div_ceil(4096));
+                        // Reserve the chunk's worth: what may travel once the checksums are in.
+                        c.pacer.charge(len);
+                        c.in_flight += len;
                         c.queue.push_back(InFlight::Csum { off, len, answer });
-                    } else if !self.push_chunk(&mut c, off, len, None) {
-                        return false;
+                    } else {
+                        let Some(data) = self.push_chunk(&mut c, off, len, None) else {
+                            return false;
+                        };
+                        c.pacer.charge(data);
                     }
                     off += len;
                 }
@@ -1169,7 +1215,15 @@ impl Resource {
             (InFlight::Csum { off, len, .. }, Reply::Checksums(peer))
                 if peer.len() == len.div_ceil(CHECKSUM_BLOCK as u64) as usize =>
             {
-                self.push_chunk(c, off, len, Some(&peer))
+                // The reservation ends; what does not travel as data goes back to the budget
+                // (the data itself was paid for by the reservation).
+                c.in_flight = c.in_flight.saturating_sub(len);
+                let Some(data) = self.push_chunk(c, off, len, Some(&peer)) else {
+                    return false;
+                };
+                c.pacer.charge(data);
+                c.pacer.charge_back(len);
+                true
             }
             (
                 InFlight::Push {
@@ -1199,15 +1253,31 @@ impl Resource {
 
     /// Reads `len` bytes at `off` and sends them as runs of data, zero markers and (given the
     /// peer's checksums) skips, all under the order lock, so a client write to the same blocks
-    /// is either already in the read or sent after it.
-    fn push_chunk(&self, c: &mut Copier<'_>, off: u64, len: u64, peer: Option<&[u32]>) -> bool {
-        let mut buf = vec![0u8; len as usize];
+    /// is either already in the read or sent after it. Returns the wire bytes sent (data plus
+    /// message overhead), or `None` if the link or the disk failed.
+    fn push_chunk(
+        &self,
+        c: &mut Copier<'_>,
+        off: u64,
+        len: u64,
+        peer: Option<&[u32]>,
+    ) -> Option<u64> {
         let _order = self.device.order_lock();
-        if !read_or_zero(self.device.local().as_ref(), &mut buf, off) {
-            self.device.detach();
-            return false;
-        }
-        for (a, b, kind) in classify_blocks(&buf, peer) {
+        let local = self.device.local();
+        let mut buf = Vec::new();
+        let runs = if local.known_zero(off, len) {
+            classify_zero(len, peer)
+        } else {
+            buf = vec![0u8; len as usize];
+            if local.read_at(&mut buf, off).is_err() {
+                self.device.detach();
+                return None;
+            }
+            classify_blocks(&buf, peer)
+        };
+        let mut sent = 0;
+        let whole = runs.len() == 1;
+        for (a, b, kind) in runs {
             let offset = off + a as u64;
             let run = (b - a) as u64;
             let (wire, answer) = match kind {
@@ -1217,7 +1287,12 @@ impl Resource {
                         Message::ResyncData(ResyncDataRepr {
                             id: id | PUSH_BIT,
                             offset,
-                            data: buf[a..b].to_vec(),
+                            // One run of data: the buffer itself, no copy.
+                            data: if whole {
+                                std::mem::take(&mut buf)
+                            } else {
+                                buf[a..b].to_vec()
+                            },
                         })
                     }),
                 ),
@@ -1242,8 +1317,8 @@ impl Resource {
                     }),
                 ),
             };
-            let Some(answer) = answer else { return false };
-            c.pacer.charge(wire);
+            let answer = answer?;
+            sent += wire;
             c.in_flight += wire;
             c.queue.push_back(InFlight::Push {
                 off: offset,
@@ -1253,7 +1328,7 @@ impl Resource {
                 answer,
             });
         }
-        true
+        Some(sent)
     }
 
     /// The verifier: compares the crc32c of every 4 KiB block with the peer's, recording the
@@ -1281,17 +1356,17 @@ impl Resource {
                     };
                     queue.push_back((off, len, answer, None));
                 } else {
-                    let mut buf = vec![0u8; len as usize];
-                    let answer = {
+                    let (ours, answer) = {
                         let _order = self.device.order_lock();
-                        if !read_or_zero(self.device.local().as_ref(), &mut buf, off) {
+                        let Some(ours) = checksums_of(self.device.local().as_ref(), off, len)
+                        else {
                             self.device.detach();
                             return false;
-                        }
-                        link.request(request)
+                        };
+                        (ours, link.request(request))
                     };
                     let Some(answer) = answer else { return false };
-                    queue.push_back((off, len, answer, Some(block_checksums(&buf))));
+                    queue.push_back((off, len, answer, Some(ours)));
                 }
                 off += len;
                 continue;
@@ -1773,17 +1848,22 @@ impl Resource {
             Message::ChecksumRequest(r) => {
                 // Under the order lock: if we are the Primary, the answer lands in our stream
                 // after every write already sent, before every later one.
-                let mut buf = vec![0u8; r.len as usize];
                 let _order = self.device.order_lock();
-                if crate::block::check_range(self.device.size(), r.offset, u64::from(r.len)).is_ok()
-                    && !self.device.is_detached()
-                    && read_or_zero(local.as_ref(), &mut buf, r.offset)
-                {
+                let crcs =
+                    if crate::block::check_range(self.device.size(), r.offset, u64::from(r.len))
+                        .is_ok()
+                        && !self.device.is_detached()
+                    {
+                        checksums_of(local.as_ref(), r.offset, u64::from(r.len))
+                    } else {
+                        None
+                    };
+                if let Some(crcs) = crcs {
                     link.send(Message::Checksums(ChecksumsRepr {
                         id: r.id,
                         offset: r.offset,
                         len: r.len,
-                        crcs: block_checksums(&buf),
+                        crcs,
                     }))
                     .map_err(|e| e.to_string())?;
                 } else {
@@ -1793,19 +1873,17 @@ impl Resource {
             Message::Checksums(c) if c.id & LOCAL_BIT != 0 => {
                 // Our copy at this point of the stream: every write the peer sent before its
                 // answer is applied, none after.
-                let mut buf = vec![0u8; c.len as usize];
-                let reply =
-                    if crate::block::check_range(self.device.size(), c.offset, u64::from(c.len))
-                        .is_ok()
-                        && read_or_zero(local.as_ref(), &mut buf, c.offset)
-                    {
-                        Reply::Compared {
-                            peer: c.crcs,
-                            local: block_checksums(&buf),
-                        }
-                    } else {
-                        Reply::Ack(AckKind::Failed)
-                    };
+                let ours =
+                    crate::block::check_range(self.device.size(), c.offset, u64::from(c.len))
+                        .ok()
+                        .and_then(|()| checksums_of(local.as_ref(), c.offset, u64::from(c.len)));
+                let reply = match ours {
+                    Some(local) => Reply::Compared {
+                        peer: c.crcs,
+                        local,
+                    },
+                    None => Reply::Ack(AckKind::Failed),
+                };
                 link.complete(c.id & ID_MASK, reply);
             }
             Message::Checksums(c) => {
@@ -1880,14 +1958,15 @@ impl Resource {
     }
 }
 
-/// Reads `buf.len()` bytes at `offset`, or fills `buf` with zeros where the device knows the
-/// range reads as zeros (a hole or unwritten extent: no I/O). False on a read error.
-fn read_or_zero(dev: &dyn BlockDevice, buf: &mut [u8], offset: u64) -> bool {
-    if dev.known_zero(offset, buf.len() as u64) {
-        buf.fill(0);
-        return true;
+/// The crc32c of each 4 KiB block of `len` bytes at `offset`; a range the device knows reads as
+/// zeros (a hole, an unwritten extent) is neither read nor hashed. `None` on a read error.
+fn checksums_of(dev: &dyn BlockDevice, offset: u64, len: u64) -> Option<Vec<u32>> {
+    if dev.known_zero(offset, len) {
+        return Some(zero_checksums(len));
     }
-    dev.read_at(buf, offset).is_ok()
+    let mut buf = vec![0u8; len as usize];
+    dev.read_at(&mut buf, offset).ok()?;
+    Some(block_checksums(&buf))
 }
 
 fn send_ack(link: &PeerLink, id: u64, kind: AckKind) -> Result<(), String> {

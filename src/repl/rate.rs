@@ -163,6 +163,11 @@ impl Pacer {
         self.budget -= bytes as i64;
     }
 
+    /// `bytes` reserved earlier were not needed after all (a resync chunk found equal).
+    pub fn charge_back(&mut self, bytes: u64) {
+        self.budget += bytes as i64;
+    }
+
     /// Runs the steps that are due. `in_flight`: resync bytes sent and not acknowledged;
     /// `app_total`: the application's byte counter (reads plus writes, ever). `None` if the
     /// copier may send now, else how long until the next step.
