@@ -362,7 +362,7 @@ fn verify(
             if v.runs > before && !v.running {
                 if v.failed {
                     return Err(format!(
-                        "{name}: verify stopped: connection lost after {} of {} bytes; {} block(s) out of sync so far",
+                        "{name}: verify stopped (connection lost or resync started) after {} of {} bytes; {} block(s) out of sync so far",
                         v.done, v.total, v.blocks
                     ));
                 }
@@ -604,4 +604,92 @@ pub fn request(path: &Path, words: &[String]) -> i32 {
     }
     eprintln!("twinblade: the daemon closed the control connection");
     3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{ConnState, DiskState, Role, Status};
+    use crate::daemon::resource::VerifySnapshot;
+    use crate::wire::repl::{Durability, ReplProtocol};
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            status: Status {
+                role: Role::Primary,
+                disk: DiskState::UpToDate,
+                conn: ConnState::Connected,
+                repl: ReplState::SyncSource,
+                peer_role: Role::Secondary,
+                peer_disk: DiskState::Inconsistent,
+                serving: true,
+                degraded: false,
+                crashed_primary: false,
+            },
+            peer: "beta".into(),
+            out_of_sync: 25 << 20,
+            size: 1 << 30,
+            detached: false,
+            resync_total: 100 << 20,
+            resync_done: 75 << 20,
+            resync_secs: 2.0,
+            resync_sent: 50 << 20,
+            resync_same: 20 << 20,
+            resync_zero: 5 << 20,
+            verify: VerifySnapshot {
+                runs: 1,
+                total: 1 << 30,
+                done: 1 << 30,
+                secs: 0.5,
+                blocks: 1,
+                ranges: vec![(1_052_672, 4096)],
+                ..VerifySnapshot::default()
+            },
+            read_bytes: 0,
+            written_bytes: 0,
+            sent_bytes: 0,
+            writes_marked: 0,
+            uuids: Default::default(),
+            protocol: ReplProtocol::C,
+            durability: Durability::Node,
+        }
+    }
+
+    #[test]
+    fn status_shows_resync_figures_and_verify_results() {
+        let s = snapshot();
+        let text = status_text("r0", &s);
+        assert!(
+            text.contains(
+                "replication:SyncSource peer-disk:Inconsistent done:75.00% rate:39.3MB/s eta:1s"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "resync: total:102400KiB sent:51200KiB same:20480KiB zero:5120KiB in 2.0s"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("verify:finished done:100.00%")
+                && text.contains("out-of-sync-blocks:1 ranges:4096@1052672"),
+            "{text}"
+        );
+        let json = status_json("r0", &s);
+        // The field names a benchmark reads.
+        for field in [
+            "\"resync_sent\":52428800,",
+            "\"resync_same\":20971520,",
+            "\"resync_zero\":5242880,",
+            "\"done-percent\":75.00,",
+            "\"eta-seconds\":1,",
+            "\"out-of-sync-blocks\":1,",
+            "\"ranges\":[{\"offset\":1052672,\"length\":4096}]",
+            "\"state\":\"finished\"",
+        ] {
+            assert!(json.contains(field), "{field} missing in {json}");
+        }
+        assert_eq!(json.matches('{').count(), json.matches('}').count());
+    }
 }

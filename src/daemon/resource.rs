@@ -191,8 +191,10 @@ pub struct VerifyState {
     pub ended_ms: AtomicU64,
     /// 4 KiB blocks found different.
     pub blocks: AtomicU64,
-    /// The last verify stopped early (connection lost).
+    /// The last verify stopped early (connection lost, or a resync started).
     pub failed: AtomicBool,
+    /// Asks the running verifier to stop (the pair left Established).
+    abort: AtomicBool,
     /// Verifies finished since the daemon started.
     pub runs: AtomicU64,
     /// The first [`MAX_VERIFY_RANGES`] mismatched ranges as (offset, length), merged.
@@ -704,6 +706,10 @@ impl Resource {
                 | ReplState::PausedSyncT
         );
         let verifying = self.verify.running.load(Ordering::Relaxed);
+        if verifying && s.repl != ReplState::Established {
+            // A resync (or a lost connection) makes the comparison meaningless.
+            self.verify.abort.store(true, Ordering::Relaxed);
+        }
         if !force && !syncing && !verifying {
             return;
         }
@@ -768,6 +774,7 @@ impl Resource {
         v.done.store(0, Ordering::Relaxed);
         v.blocks.store(0, Ordering::Relaxed);
         v.failed.store(false, Ordering::Relaxed);
+        v.abort.store(false, Ordering::Relaxed);
         v.started_ms.store(self.now_ms(), Ordering::Relaxed);
         v.ended_ms.store(0, Ordering::Relaxed);
         lock(&v.ranges).clear();
@@ -799,7 +806,7 @@ impl Resource {
         let name = &self.spec.name;
         let blocks = v.blocks.load(Ordering::Relaxed);
         if !ok {
-            tracing::warn!(resource = %name, "online verify stopped early (connection lost); {blocks} block(s) found out of sync so far");
+            tracing::warn!(resource = %name, "online verify stopped early (connection lost or resync started); {blocks} block(s) found out of sync so far");
         } else {
             tracing::info!(resource = %name, "online verify finished: {blocks} block(s) out of sync");
         }
@@ -1338,7 +1345,10 @@ impl Resource {
         let mut queue = std::collections::VecDeque::new();
         let mut off = 0u64;
         while off < size || !queue.is_empty() {
-            if link.is_dead() || self.cancel.is_cancelled() {
+            if link.is_dead()
+                || self.cancel.is_cancelled()
+                || self.verify.abort.load(Ordering::Relaxed)
+            {
                 return false;
             }
             if off < size && queue.len() < VERIFY_WINDOW {
