@@ -303,9 +303,20 @@ enum InFlight {
 struct Copier<'a> {
     link: &'a PeerLink,
     pacer: Pacer,
+    /// Data, zero markers and skips, in the order sent.
     queue: std::collections::VecDeque<InFlight>,
+    /// Checksum requests, in the order sent: settled ahead of older pushes, so the data they
+    /// lead to keeps the peer busy while those acknowledgements are on their way.
+    csums: std::collections::VecDeque<InFlight>,
     /// Wire bytes sent and not yet acknowledged.
     in_flight: u64,
+}
+
+impl Copier<'_> {
+    /// Messages waiting for the peer.
+    fn pending(&self) -> usize {
+        self.queue.len() + self.csums.len()
+    }
 }
 
 struct Job {
@@ -1093,6 +1104,7 @@ impl Resource {
             link,
             pacer: Pacer::new(self.spec.rate, Instant::now()),
             queue: std::collections::VecDeque::new(),
+            csums: std::collections::VecDeque::new(),
             in_flight: 0,
         };
         loop {
@@ -1127,7 +1139,7 @@ impl Resource {
                         // Reserve the chunk's worth: what may travel once the checksums are in.
                         c.pacer.charge(len);
                         c.in_flight += len;
-                        c.queue.push_back(InFlight::Csum { off, len, answer });
+                        c.csums.push_back(InFlight::Csum { off, len, answer });
                     } else {
                         let Some(data) = self.push_chunk(&mut c, off, len, None) else {
                             return false;
@@ -1137,7 +1149,7 @@ impl Resource {
                     off += len;
                 }
             }
-            while !c.queue.is_empty() {
+            while c.pending() > 0 {
                 if !self.reap(&mut c, true) {
                     return false;
                 }
@@ -1152,7 +1164,7 @@ impl Resource {
                 return false;
             }
             // Settle whatever the peer has answered (acks feed the rate controller).
-            while !c.queue.is_empty() {
+            while c.pending() > 0 {
                 match self.reap_ready(c) {
                     Some(true) => {}
                     Some(false) => return false,
@@ -1163,7 +1175,7 @@ impl Resource {
                 std::thread::sleep(Duration::from_millis(50));
                 continue;
             }
-            if c.queue.len() >= RESYNC_WINDOW {
+            if c.pending() >= RESYNC_WINDOW {
                 if !self.reap(c, true) {
                     return false;
                 }
@@ -1174,10 +1186,10 @@ impl Resource {
             match c.pacer.poll(Instant::now(), c.in_flight, app) {
                 None => return true,
                 Some(wait) => {
-                    if !c.queue.is_empty() && !self.reap(c, true) {
+                    if c.pending() > 0 && !self.reap(c, true) {
                         return false;
                     }
-                    if c.queue.is_empty() {
+                    if c.pending() == 0 {
                         std::thread::sleep(wait.min(Duration::from_millis(20)));
                     }
                 }
@@ -1185,28 +1197,39 @@ impl Resource {
         }
     }
 
-    /// Settles the oldest message if its answer is there: `None` if it is not yet.
+    /// Settles the oldest checksum request or, failing that, the oldest push, if its answer is
+    /// there: `None` if neither is answered yet.
     fn reap_ready(&self, c: &mut Copier<'_>) -> Option<bool> {
-        let answer = match c.queue.front()? {
-            InFlight::Csum { answer, .. } | InFlight::Push { answer, .. } => answer,
-        };
-        match answer.try_recv() {
-            Ok(reply) => {
-                let entry = c.queue.pop_front().expect("not empty");
-                Some(self.settle(c, entry, reply))
+        for csums in [true, false] {
+            let q = if csums { &mut c.csums } else { &mut c.queue };
+            let Some(InFlight::Csum { answer, .. } | InFlight::Push { answer, .. }) = q.front()
+            else {
+                continue;
+            };
+            match answer.try_recv() {
+                Ok(reply) => {
+                    let entry = q.pop_front().expect("not empty");
+                    return Some(self.settle(c, entry, reply));
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => {}
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return Some(false),
             }
-            Err(std::sync::mpsc::TryRecvError::Empty) => None,
-            Err(std::sync::mpsc::TryRecvError::Disconnected) => Some(false),
         }
+        None
     }
 
-    /// Settles the oldest message, waiting for its answer if `blocking`.
+    /// Settles one message, waiting for its answer if `blocking`: the oldest checksum request
+    /// if there is one (its answer leads to more data), else the oldest push.
     fn reap(&self, c: &mut Copier<'_>, blocking: bool) -> bool {
         if !blocking {
             return self.reap_ready(c).unwrap_or(true);
         }
-        let Some(entry) = c.queue.pop_front() else {
-            return true;
+        let entry = match c.csums.pop_front() {
+            Some(e) => e,
+            None => match c.queue.pop_front() {
+                Some(e) => e,
+                None => return true,
+            },
         };
         let reply = match &entry {
             InFlight::Csum { answer, .. } | InFlight::Push { answer, .. } => answer.recv(),
