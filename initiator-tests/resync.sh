@@ -195,6 +195,28 @@ log "outage: N = $(mib "$n") written, resync sent $(mib "$sent") (same $(mib "$(
 ((sent * 10 <= n * 11)) || fail "the resync sent $sent bytes for $n written (limit 1.1 x N)"
 aoe read e9.3 -q 16 --seed 22 --offset 300M --bytes 8M --verify >/dev/null || fail "written data lost"
 log "PASS bitmap resync after an outage: $(mib "$sent") for N = $(mib "$n"); resume-sync --wait showed progress"
+# resume-sync --wait fails (exit 1) when the connection drops before the resync ends.
+ctl beta disconnect r0 >/dev/null
+wait_for 10 "alpha alone" state_is alpha connection Connecting
+aoe write e9.3 -q 16 --seed 24 --offset 600M --bytes 8M >/dev/null || fail "write during the second outage failed"
+ctl beta fault r0 write-delay-ms=200 >/dev/null
+ctl beta connect r0 >/dev/null
+wait_for 15 "second resync started" state_is alpha replication SyncSource
+set +e
+ctl alpha resume-sync r0 --wait >"$work/resume2.out" 2>&1 &
+rpid=$!
+sleep 0.5
+ctl beta disconnect r0 >/dev/null
+wait "$rpid"
+rc=$?
+set -e
+ctl beta fault r0 clear >/dev/null
+((rc == 1)) || fail "resume-sync --wait exited $rc when the connection dropped: $(cat "$work/resume2.out")"
+grep -q 'connection lost' "$work/resume2.out" || fail "resume-sync --wait did not say why: $(cat "$work/resume2.out")"
+ctl beta connect r0 >/dev/null
+wait_for 60 "resync after the second outage" in_sync
+same_data || fail "disks differ after the second outage"
+log "PASS resume-sync --wait exits 1 when the connection drops: $(tail -1 "$work/resume2.out")"
 
 # --- 4. verify under client writes finds nothing ----------------------------------------------
 aoe write e9.3 -q 8 --seed 31 --offset 500M --bytes 256M >/dev/null &

@@ -13,7 +13,11 @@
 //!   the local disk in arrival order and answers them; completes our own requests; forwards
 //!   everything else to the engine.
 //! * **copier** (while this node is a resync source): copies out-of-sync blocks under the
-//!   device's order lock, so a concurrent client write cannot be overtaken by older data.
+//!   device's order lock, so a concurrent client write cannot be overtaken by older data. A full
+//!   sync first asks the peer for the crc32c of each 4 KiB block and sends only blocks that
+//!   differ; all-zero blocks travel as zero markers; a [`Pacer`] sets the pace.
+//! * **verifier** (during `verify`): compares the crc32c of every block with the peer's at one
+//!   point of the replication stream and records the ranges that differ.
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -197,7 +201,7 @@ pub struct VerifyState {
     abort: AtomicBool,
     /// Verifies finished since the daemon started.
     pub runs: AtomicU64,
-    /// The first [`MAX_VERIFY_RANGES`] mismatched ranges as (offset, length), merged.
+    /// The first 64 mismatched ranges as (offset, length), merged.
     pub ranges: Mutex<Vec<(u64, u64)>>,
     /// Every mismatched range (for marking them out of sync).
     all_ranges: Mutex<Vec<(u64, u64)>>,
