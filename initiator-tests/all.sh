@@ -62,6 +62,7 @@ step "nbd clients" initiator-tests/nbd-clients.sh --target "$target"
 
 # --- Two real nodes (`twinblade run`) in namespaces: sync, failover, kill -9, split brain. --------
 step "replicated pair" initiator-tests/replication.sh
+step "resync and verify" initiator-tests/resync.sh
 
 # --- Real Linux aoe driver in a VM, at both MTUs. ------------------------------------------------
 step "vm build" initiator-tests/vm/build.sh

@@ -73,8 +73,11 @@ pub enum Command {
     InvalidateRemote(ResArgs),
     /// Pause a running resync.
     PauseSync(ResArgs),
-    /// Resume a paused resync.
-    ResumeSync(ResArgs),
+    /// Resume a paused resync; `--wait` shows its progress (done, MB/s, ETA) until it ends.
+    ResumeSync(WaitArgs),
+    /// Online verify: compare the crc32c of every 4 KiB block with the peer's, report the
+    /// ranges that differ and resync them. Needs a connected pair with both disks UpToDate.
+    Verify(WaitArgs),
     /// Test hook: make the data disk slow or failing (`write-delay-ms=N`, `write-error`,
     /// `read-error`, `clear`); needs a daemon started with TWINBLADE_TEST_FAULTS=1.
     #[command(hide = true)]
@@ -122,6 +125,16 @@ pub struct EventsArgs {
     /// One JSON object per line.
     #[arg(long)]
     json: bool,
+}
+
+/// `resume-sync|verify [RES] [--wait]`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WaitArgs {
+    #[command(flatten)]
+    res: ResArgs,
+    /// Show progress on one line until it ends; exit status 1 if the connection drops first.
+    #[arg(long)]
+    wait: bool,
 }
 
 /// `primary [RES] [--force]`.
@@ -315,7 +328,8 @@ pub fn main() -> i32 {
         Command::Invalidate(a) => control_request("invalidate", &a, &[]),
         Command::InvalidateRemote(a) => control_request("invalidate-remote", &a, &[]),
         Command::PauseSync(a) => control_request("pause-sync", &a, &[]),
-        Command::ResumeSync(a) => control_request("resume-sync", &a, &[]),
+        Command::ResumeSync(a) => control_request("resume-sync", &a.res, &[("--wait", a.wait)]),
+        Command::Verify(a) => control_request("verify", &a.res, &[("--wait", a.wait)]),
         Command::Fault(a) => {
             let mut words = vec!["fault".to_string(), a.res];
             words.extend(a.specs);

@@ -16,6 +16,10 @@
 //! durability = "node"                  # node (default) or power; see crate::meta
 //! al-extents = 1237                    # optional: activity-log slots (7..65534)
 //! al-extent-kib = 4096                 # optional: activity-log extent size (64 KiB..1 GiB)
+//! resync-rate-max = "200M"             # optional: resync bytes/s (K/M/G, binary; default unlimited)
+//! resync-rate-min = "10M"              # optional: floor while clients do I/O (default 10M)
+//! resync-fill-target = "8M"            # optional: bytes in flight the controller aims at
+//! resync-plan-ahead = 0.2              # optional: seconds a correction is spread over
 //! [resource.r0.on.alpha]
 //! disk = "/var/lib/twinblade/r0.img"
 //! meta-disk = "internal"               # or the path of a separate device or file
@@ -226,11 +230,82 @@ pub struct Resource {
     pub preferred_primary: Option<String>,
     /// Also export the device over NBD on this `ADDRESS:PORT` while primary.
     pub nbd: Option<std::net::SocketAddr>,
+    /// Resync upper bound in bytes/s, `K`/`M`/`G` suffixes (binary), or `"unlimited"`
+    /// (default).
+    pub resync_rate_max: Option<ByteValue>,
+    /// Resync floor in bytes/s while clients do I/O (default 10M).
+    pub resync_rate_min: Option<ByteValue>,
+    /// Resync bytes the rate controller keeps in flight (default 8M).
+    pub resync_fill_target: Option<ByteValue>,
+    /// Seconds over which the rate controller spreads a correction (default 0.2).
+    pub resync_plan_ahead: Option<f64>,
     /// Per-node disks.
     pub on: BTreeMap<String, OnNode>,
 }
 
+/// A byte count or rate as written in the file: an integer, or a string with an optional
+/// binary suffix (`"512K"`, `"100M"`, `"1G"`); see [`parse_bytes`].
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum ByteValue {
+    /// A plain integer.
+    Int(u64),
+    /// A string with a suffix.
+    Text(String),
+}
+
+/// Parses `123`, `64K`, `100M`, `1G`, `2T` (binary multiples; a trailing `B`, `iB` or `/s` is
+/// allowed: `100MiB/s`). `unlimited` is `None`.
+pub fn parse_bytes(v: &ByteValue) -> Result<Option<u64>, String> {
+    let text = match v {
+        ByteValue::Int(n) => return Ok(Some(*n)),
+        ByteValue::Text(t) => t.trim(),
+    };
+    if text.eq_ignore_ascii_case("unlimited") {
+        return Ok(None);
+    }
+    let bad =
+        || format!("{text:?} is not a byte count like 100M (suffixes K, M, G, T) or \"unlimited\"");
+    let t = text.strip_suffix("/s").unwrap_or(text);
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (digits, shift) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    n.checked_mul(1u64 << shift).map(Some).ok_or_else(bad)
+}
+
 impl Resource {
+    /// The resync rate controller's settings (validated at load).
+    pub fn rate_config(&self) -> crate::repl::rate::RateConfig {
+        use crate::repl::rate::RateConfig;
+        let d = RateConfig::default();
+        let bytes = |v: &Option<ByteValue>| {
+            v.as_ref()
+                .map(|v| parse_bytes(v).expect("validated at load"))
+        };
+        RateConfig {
+            max_rate: bytes(&self.resync_rate_max).unwrap_or(d.max_rate),
+            min_rate: bytes(&self.resync_rate_min).map_or(d.min_rate, |v| v.unwrap_or(u64::MAX)),
+            fill_target: bytes(&self.resync_fill_target)
+                .map_or(d.fill_target, |v| v.unwrap_or(u64::MAX / 4)),
+            plan_ahead: self
+                .resync_plan_ahead
+                .map_or(d.plan_ahead, std::time::Duration::from_secs_f64),
+            step: d.step,
+        }
+    }
+
     /// The parsed AoE address (validated at load).
     pub fn aoe_address(&self) -> AoeAddress {
         self.aoe.parse().expect("validated at load")
@@ -415,6 +490,29 @@ impl Config {
             for (k, v) in [("dead-time", res.dead_time), ("timeout", res.timeout)] {
                 if v == Some(0.0) {
                     return Err((key(k), "must be more than 0 seconds".into()));
+                }
+            }
+            for (k, v) in [
+                ("resync-rate-max", &res.resync_rate_max),
+                ("resync-rate-min", &res.resync_rate_min),
+                ("resync-fill-target", &res.resync_fill_target),
+            ] {
+                if let Some(v) = v {
+                    match parse_bytes(v).map_err(|e| (key(k), e))? {
+                        Some(0) => return Err((key(k), "must be more than 0".into())),
+                        None if k == "resync-fill-target" => {
+                            return Err((key(k), "must be a byte count, not unlimited".into()))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            if let Some(v) = res.resync_plan_ahead {
+                if !v.is_finite() || !(0.1..=60.0).contains(&v) {
+                    return Err((
+                        key("resync-plan-ahead"),
+                        format!("{v} is not a number of seconds in 0.1..60"),
+                    ));
                 }
             }
             if let Some(p) = &res.preferred_primary {
@@ -624,6 +722,63 @@ meta-disk = "/dev/loop0"
         Config::parse(text, "/etc/twinblade.toml")
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn resync_rate_keys() {
+        let c = Config::parse(GOOD, "/etc/twinblade.toml").unwrap();
+        let d = crate::repl::rate::RateConfig::default();
+        assert_eq!(c.resource("r0").unwrap().rate_config(), d);
+        let text = GOOD.replace(
+            "port = 7788",
+            "port = 7788\nresync-rate-max = \"100M\"\nresync-rate-min = 1048576\nresync-fill-target = \"4MiB\"\nresync-plan-ahead = 1.5",
+        );
+        let c = Config::parse(&text, "/etc/twinblade.toml").unwrap();
+        let r = c.resource("r0").unwrap().rate_config();
+        assert_eq!(r.max_rate, Some(100 << 20));
+        assert_eq!(r.min_rate, 1 << 20);
+        assert_eq!(r.fill_target, 4 << 20);
+        assert_eq!(r.plan_ahead, std::time::Duration::from_millis(1500));
+        let unlimited = GOOD.replace(
+            "port = 7788",
+            "port = 7788\nresync-rate-max = \"unlimited\"",
+        );
+        let c = Config::parse(&unlimited, "/etc/twinblade.toml").unwrap();
+        assert_eq!(c.resource("r0").unwrap().rate_config().max_rate, None);
+        for (line, problem) in [
+            (
+                "resync-rate-max = \"fast\"",
+                "resync-rate-max: \"fast\" is not a byte count",
+            ),
+            (
+                "resync-rate-min = 0",
+                "resync-rate-min: must be more than 0",
+            ),
+            ("resync-rate-max = \"12X\"", "resync-rate-max: \"12X\""),
+            (
+                "resync-fill-target = \"unlimited\"",
+                "resync-fill-target: must be a byte count",
+            ),
+            (
+                "resync-plan-ahead = 0",
+                "resync-plan-ahead: 0 is not a number of seconds",
+            ),
+        ] {
+            let e = err(&GOOD.replace("port = 7788", &format!("port = 7788\n{line}")));
+            assert!(
+                e.starts_with("/etc/twinblade.toml: resource.r0.") && e.contains(problem),
+                "{line}: {e}"
+            );
+        }
+        assert_eq!(
+            parse_bytes(&ByteValue::Text("1G".into())),
+            Ok(Some(1 << 30))
+        );
+        assert_eq!(
+            parse_bytes(&ByteValue::Text("250KiB/s".into())),
+            Ok(Some(250 << 10))
+        );
+        assert!(parse_bytes(&ByteValue::Text("99999999999999G".into())).is_err());
     }
 
     #[test]

@@ -337,6 +337,11 @@ impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
         })
     }
 
+    fn known_zero(&self, offset: u64, len: u64) -> bool {
+        // An injected read error must still be seen by whoever reads.
+        self.faults().read_error.is_none() && self.inner.known_zero(offset, len)
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
         self.run(IoKind::WriteZeroes, offset, len, fua, || {
             self.inner.write_zeroes(offset, len, fua)

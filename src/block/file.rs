@@ -635,6 +635,19 @@ impl BlockDevice for FileDevice {
         result.map_err(BlockError::from_io)
     }
 
+    fn known_zero(&self, offset: u64, len: u64) -> bool {
+        if self.is_block_device || len == 0 || check_range(self.size, offset, len).is_err() {
+            return false;
+        }
+        let at = self.window_start + offset;
+        match seek_data(&self.file, at) {
+            // No data at or after `at` within the file, or the next data starts past the range.
+            Ok(None) => true,
+            Ok(Some(next)) => next >= at + len,
+            Err(_) => false,
+        }
+    }
+
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<()> {
         self.check_write(offset, data.len() as u64)?;
         if !data.is_empty() {
@@ -760,6 +773,25 @@ fn probe_block_discard(file: &File) -> bool {
     !matches!(ioctl_range(file, BLKDISCARD, 0, 0), Err(ref err) if is_unsupported(err))
 }
 
+/// `lseek(fd, at, SEEK_DATA)`: the first byte of data at or after `at` (holes and, on ext4 and
+/// xfs, unwritten extents are not data); `None` if there is none before the end of the file.
+#[allow(unsafe_code)]
+fn seek_data(file: &File, at: u64) -> io::Result<Option<u64>> {
+    let at = libc::off_t::try_from(at).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: lseek takes only integers; the descriptor is open for as long as `file`. It moves
+    // the shared file offset, which nothing here uses (all I/O is positional).
+    let rc = unsafe { libc::lseek(file.as_raw_fd(), at, libc::SEEK_DATA) };
+    if rc >= 0 {
+        return Ok(Some(rc as u64));
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::ENXIO) {
+        Ok(None)
+    } else {
+        Err(err)
+    }
+}
+
 /// `fallocate(2)` over `[offset, offset + len)`, retried on EINTR.
 #[allow(unsafe_code)]
 fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
@@ -870,6 +902,26 @@ mod tests {
         let path = dir.join(name);
         std::fs::write(&path, pattern(seed, len)).unwrap();
         path
+    }
+
+    #[test]
+    fn known_zero_sees_holes_and_not_data() {
+        let dir = scratch_dir();
+        let path = sparse_file(dir.path(), "zero.img", 4 * MIB);
+        let dev = FileDevice::open(&path).unwrap();
+        assert!(dev.known_zero(0, 4 * MIB), "a sparse file is all holes");
+        dev.write_at(&[7u8; 4096], MIB, false).unwrap();
+        assert!(!dev.known_zero(0, 4 * MIB));
+        assert!(!dev.known_zero(MIB, 4096));
+        // Never claims a range with data; the range after it may be a hole again.
+        let mut buf = vec![0u8; 4096];
+        for off in (0..4 * MIB).step_by(4096) {
+            if dev.known_zero(off, 4096) {
+                dev.read_at(&mut buf, off).unwrap();
+                assert!(buf.iter().all(|&b| b == 0), "known_zero lied at {off}");
+            }
+        }
+        assert!(!dev.known_zero(0, 8 * MIB), "out of range is not known");
     }
 
     #[test]

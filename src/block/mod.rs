@@ -134,6 +134,14 @@ pub trait BlockDevice: Send + Sync {
         Err(BlockError::Unsupported)
     }
 
+    /// Whether `len` bytes at `offset` are known to read as zeros without reading them (a hole
+    /// or an unwritten extent of a file). `false` means "not known", never "not zero"; the
+    /// default knows nothing. A resync and a verify use it to skip reading unused space.
+    fn known_zero(&self, offset: u64, len: u64) -> bool {
+        let _ = (offset, len);
+        false
+    }
+
     /// Makes `len` bytes at `offset` read as zeros.
     ///
     /// The default writes zero buffers, so every device supports it; devices that can do

@@ -195,6 +195,12 @@ pub enum Event {
     LocalIoError,
     /// The resync engine finished.
     ResyncDone,
+    /// An online verify found blocks that differ and marked them out of sync: resync them,
+    /// from here (`source`) or from the peer.
+    VerifyFoundDifferences {
+        /// This node is the resync source.
+        source: bool,
+    },
     /// Time passed.
     Tick,
 }
@@ -504,6 +510,33 @@ impl Machine {
             }
             Event::LocalIoError => self.io_error(&mut out),
             Event::ResyncDone => self.resync_done(&mut out),
+            Event::VerifyFoundDifferences { source } => {
+                let healthy = self.conn == ConnState::Connected
+                    && self.repl == ReplState::Established
+                    && self.disk == DiskState::UpToDate
+                    && self.peer_disk == DiskState::UpToDate;
+                // The target of a bitmap resync must not be the Primary.
+                let allowed = if source {
+                    self.peer_role != Role::Primary
+                } else {
+                    self.role != Role::Primary
+                };
+                if healthy && allowed {
+                    let direction = if source {
+                        SyncDirection::Source
+                    } else {
+                        SyncDirection::Target
+                    };
+                    out.push(Action::Log(format!(
+                        "verify found differences: resync as {direction:?}"
+                    )));
+                    self.start_resync(direction, false, true, &mut out);
+                } else {
+                    out.push(Action::Log(
+                        "verify found differences, but the pair is not in a state to resync them now; they stay marked out of sync".into(),
+                    ));
+                }
+            }
             Event::Tick => self.tick(now, &mut out),
         }
         self.maybe_promote(&mut out);
@@ -1136,5 +1169,63 @@ mod tests {
         assert_eq!(m.status().disk, DiskState::UpToDate);
         assert!(!all.contains(&Action::StartServing));
         assert!(!m.status().serving);
+    }
+
+    /// A connected, established pair seen from one node (secondary, peer `peer_role`).
+    fn established(peer_role: Role) -> (Machine, Instant) {
+        let now = t0();
+        let (mut m, _) = Machine::new(
+            Config {
+                auto_promote: false,
+                ..Config::default()
+            },
+            Startup::consistent(),
+            now,
+        );
+        m.step(now, Event::PeerConnected);
+        m.step(
+            now,
+            Event::Handshake {
+                decision: Some(SyncDecision::NoSync {
+                    rule: crate::repl::uuid::Rule {
+                        number: 40,
+                        adjustment: None,
+                    },
+                }),
+                peer_role,
+                peer_disk: DiskState::UpToDate,
+            },
+        );
+        assert_eq!(m.status().repl, ReplState::Established);
+        (m, now)
+    }
+
+    #[test]
+    fn verify_differences_start_a_bitmap_resync_from_the_primary() {
+        // Neither is primary: the verify source resyncs.
+        let (mut m, now) = established(Role::Secondary);
+        let out = m.step(now, Event::VerifyFoundDifferences { source: true });
+        assert!(out.contains(&Action::StartResync {
+            direction: SyncDirection::Source,
+            full: false,
+            tell_peer: true
+        }));
+        assert_eq!(m.status().repl, ReplState::SyncSource);
+        // The peer is primary: it is the source, this node the target.
+        let (mut m, now) = established(Role::Primary);
+        let out = m.step(now, Event::VerifyFoundDifferences { source: false });
+        assert!(out.contains(&Action::StartResync {
+            direction: SyncDirection::Target,
+            full: false,
+            tell_peer: true
+        }));
+        assert_eq!(m.status().repl, ReplState::SyncTarget);
+        // Never the primary as a target, never while not established.
+        let (mut m, now) = established(Role::Primary);
+        let out = m.step(now, Event::VerifyFoundDifferences { source: true });
+        assert!(!out.iter().any(|a| matches!(a, Action::StartResync { .. })));
+        m.step(now, Event::PeerLost);
+        let out = m.step(now, Event::VerifyFoundDifferences { source: false });
+        assert!(!out.iter().any(|a| matches!(a, Action::StartResync { .. })));
     }
 }

@@ -16,7 +16,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{Command, ReplState};
 
-use super::resource::{Input, Resource, Snapshot};
+use super::resource::{Input, Resource, ResyncFigures, Snapshot};
+
+/// The control protocol's live-progress line: the client shows it in place (carriage return).
+pub const PROGRESS_PREFIX: &str = ".PROGRESS ";
 
 /// A running control socket.
 pub struct ControlServer {
@@ -203,7 +206,17 @@ fn handle(
         "invalidate" => Command::Invalidate,
         "invalidate-remote" => Command::InvalidateRemote,
         "pause-sync" => Command::PauseSync,
-        "resume-sync" => Command::ResumeSync,
+        "resume-sync" => {
+            known(&["--wait"])?;
+            if flags.contains(&"--wait") {
+                return resume_and_wait(&targets, out, cancel);
+            }
+            Command::ResumeSync
+        }
+        "verify" => {
+            known(&["--wait"])?;
+            return verify(&targets, flags.contains(&"--wait"), out, cancel);
+        }
         other => return Err(format!("unknown verb {other}")),
     };
     if !matches!(command, Command::Primary { .. } | Command::Connect { .. }) {
@@ -228,6 +241,154 @@ fn handle(
     } else {
         Err(failed.join("; "))
     }
+}
+
+fn send_command(r: &Resource, command: Command) -> Result<String, String> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    r.send(Input::Command(command, tx));
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(result) => result,
+        Err(_) => Err(format!("{}: no answer from the engine", r.spec.name)),
+    }
+}
+
+fn syncing(repl: ReplState) -> bool {
+    matches!(
+        repl,
+        ReplState::SyncSource
+            | ReplState::SyncTarget
+            | ReplState::PausedSyncS
+            | ReplState::PausedSyncT
+    )
+}
+
+/// `resume-sync --wait`: resume a paused resync (a running one is only watched), then show
+/// its progress on one line until it ends. An error if the connection drops first.
+fn resume_and_wait(
+    targets: &[&Arc<Resource>],
+    out: &mut UnixStream,
+    cancel: &CancellationToken,
+) -> Result<(), String> {
+    for r in targets {
+        let s = r.snapshot();
+        if matches!(
+            s.status.repl,
+            ReplState::PausedSyncS | ReplState::PausedSyncT
+        ) || !syncing(s.status.repl)
+        {
+            send_command(r, Command::ResumeSync).map_err(|e| format!("{}: {e}", r.spec.name))?;
+        }
+    }
+    for r in targets {
+        let name = &r.spec.name;
+        loop {
+            if cancel.is_cancelled() {
+                return Err("the daemon is stopping".into());
+            }
+            let s = r.snapshot();
+            if !syncing(s.status.repl) {
+                if s.status.conn != crate::cluster::ConnState::Connected {
+                    return Err(format!(
+                        "{name}: connection lost before the resync finished (connection:{})",
+                        s.status.conn
+                    ));
+                }
+                let f = figures(&s);
+                writeln!(
+                    out,
+                    "{name}: resync finished: {} bytes in {:.1}s ({:.1}MB/s); sent:{} same:{} zero:{} out-of-sync:{}KiB",
+                    s.resync_total,
+                    s.resync_secs,
+                    f.rate_mbps,
+                    s.resync_sent,
+                    s.resync_same,
+                    s.resync_zero,
+                    s.out_of_sync / 1024
+                )
+                .map_err(|e| e.to_string())?;
+                break;
+            }
+            let f = figures(&s);
+            writeln!(
+                out,
+                "{PROGRESS_PREFIX}{name}: {} done:{:.1}% rate:{:.1}MB/s eta:{:.0}s out-of-sync:{}KiB sent:{} same:{} zero:{}",
+                s.status.repl,
+                f.percent,
+                f.rate_mbps,
+                f.eta_secs,
+                s.out_of_sync / 1024,
+                s.resync_sent,
+                s.resync_same,
+                s.resync_zero
+            )
+            .map_err(|e| e.to_string())?;
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+    Ok(())
+}
+
+/// `verify [--wait]`: start an online verify; with `--wait`, show its progress until it ends
+/// and report what it found. An error if the connection drops first.
+fn verify(
+    targets: &[&Arc<Resource>],
+    wait: bool,
+    out: &mut UnixStream,
+    cancel: &CancellationToken,
+) -> Result<(), String> {
+    let mut runs = Vec::new();
+    for r in targets {
+        let before = r.snapshot().verify.runs;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        r.send(Input::Verify(tx));
+        let text = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(result) => result.map_err(|e| format!("{}: {e}", r.spec.name))?,
+            Err(_) => return Err(format!("{}: no answer from the engine", r.spec.name)),
+        };
+        writeln!(out, "{}: {text}", r.spec.name).map_err(|e| e.to_string())?;
+        runs.push(before);
+    }
+    if !wait {
+        return Ok(());
+    }
+    for (r, before) in targets.iter().zip(runs) {
+        let name = &r.spec.name;
+        loop {
+            if cancel.is_cancelled() {
+                return Err("the daemon is stopping".into());
+            }
+            let v = r.snapshot().verify;
+            let f = ResyncFigures::of(v.total, v.total.saturating_sub(v.done), v.secs);
+            if v.runs > before && !v.running {
+                if v.failed {
+                    return Err(format!(
+                        "{name}: verify stopped (connection lost or resync started) after {} of {} bytes; {} block(s) out of sync so far",
+                        v.done, v.total, v.blocks
+                    ));
+                }
+                let mut line = format!(
+                    "{name}: verify finished: {} bytes compared in {:.1}s ({:.1}MB/s); out-of-sync blocks:{}",
+                    v.done, v.secs, f.rate_mbps, v.blocks
+                );
+                if v.blocks > 0 {
+                    line += &format!(
+                        " ranges: out-of-sync {} (marked for resync)",
+                        v.ranges_text().replace(' ', ", out-of-sync ")
+                    );
+                }
+                writeln!(out, "{line}").map_err(|e| e.to_string())?;
+                break;
+            }
+            writeln!(
+                out,
+                "{PROGRESS_PREFIX}{name}: verify done:{:.1}% rate:{:.1}MB/s eta:{:.0}s out-of-sync blocks:{}",
+                f.percent, f.rate_mbps, f.eta_secs, v.blocks
+            )
+            .map_err(|e| e.to_string())?;
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+    Ok(())
 }
 
 /// `drbdadm status` style text.
@@ -255,10 +416,44 @@ pub fn status_text(name: &str, s: &Snapshot) -> String {
             | ReplState::PausedSyncS
             | ReplState::PausedSyncT
     ) {
-        let (pct, rate, eta) = progress(s);
-        t += &format!(" done:{pct:.2}% rate:{rate:.1}MB/s eta:{eta:.0}s");
+        let f = figures(s);
+        t += &format!(
+            " done:{:.2}% rate:{:.1}MB/s eta:{:.0}s",
+            f.percent, f.rate_mbps, f.eta_secs
+        );
     }
     t += &format!(" out-of-sync:{}KiB\n", s.out_of_sync / 1024);
+    if s.resync_total > 0 || s.resync_sent + s.resync_same + s.resync_zero > 0 {
+        t += &format!(
+            "  resync: total:{}KiB sent:{}KiB same:{}KiB zero:{}KiB in {:.1}s\n",
+            s.resync_total / 1024,
+            s.resync_sent / 1024,
+            s.resync_same / 1024,
+            s.resync_zero / 1024,
+            s.resync_secs
+        );
+    }
+    let v = &s.verify;
+    if v.running || v.runs > 0 {
+        let f = ResyncFigures::of(v.total, v.total.saturating_sub(v.done), v.secs);
+        t += &format!(
+            "  verify:{} done:{:.2}% rate:{:.1}MB/s out-of-sync-blocks:{}",
+            if v.running {
+                "running"
+            } else if v.failed {
+                "failed"
+            } else {
+                "finished"
+            },
+            f.percent,
+            f.rate_mbps,
+            v.blocks
+        );
+        if !v.ranges.is_empty() {
+            t += &format!(" ranges:{}", v.ranges_text());
+        }
+        t += "\n";
+    }
     t += &format!(
         "  protocol:{} durability:{} size:{} serving:{} uuids:{}\n",
         s.protocol, s.durability, s.size, st.serving, s.uuids
@@ -273,21 +468,9 @@ pub fn status_text(name: &str, s: &Snapshot) -> String {
     t
 }
 
-fn progress(s: &Snapshot) -> (f64, f64, f64) {
-    let remaining = s.out_of_sync as f64;
-    let total = (s.resync_total as f64).max(remaining).max(1.0);
-    let pct = 100.0 * (1.0 - remaining / total);
-    let rate = if s.resync_secs > 0.0 {
-        s.resync_done as f64 / s.resync_secs / 1e6
-    } else {
-        0.0
-    };
-    let eta = if rate > 0.0 {
-        remaining / 1e6 / rate
-    } else {
-        0.0
-    };
-    (pct, rate, eta)
+/// Resync figures: remaining = the out-of-sync bytes now (both nodes see them fall).
+fn figures(s: &Snapshot) -> ResyncFigures {
+    ResyncFigures::of(s.resync_total, s.out_of_sync, s.resync_secs)
 }
 
 fn esc(s: &str) -> String {
@@ -297,13 +480,24 @@ fn esc(s: &str) -> String {
 /// The same as one JSON object.
 pub fn status_json(name: &str, s: &Snapshot) -> String {
     let st = &s.status;
-    let (pct, rate, eta) = progress(s);
+    let f = figures(s);
+    let v = &s.verify;
+    let vf = ResyncFigures::of(v.total, v.total.saturating_sub(v.done), v.secs);
+    let ranges: Vec<String> = v
+        .ranges
+        .iter()
+        .map(|(o, l)| format!("{{\"offset\":{o},\"length\":{l}}}"))
+        .collect();
     format!(
         concat!(
             "{{\"name\":\"{}\",\"role\":\"{}\",\"disk\":\"{}\",\"detached\":{},",
             "\"peer\":{{\"name\":\"{}\",\"connection\":\"{}\",\"role\":\"{}\",",
             "\"replication\":\"{}\",\"peer-disk\":\"{}\"}},",
-            "\"out-of-sync\":{},\"resync\":{{\"done-percent\":{:.2},\"rate-mbps\":{:.1},\"eta-seconds\":{:.0}}},",
+            "\"out-of-sync\":{},\"resync\":{{\"done-percent\":{:.2},\"rate-mbps\":{:.1},\"eta-seconds\":{:.0},",
+            "\"total\":{},\"seconds\":{:.3}}},",
+            "\"resync_sent\":{},\"resync_same\":{},\"resync_zero\":{},",
+            "\"verify\":{{\"state\":\"{}\",\"runs\":{},\"done-percent\":{:.2},\"rate-mbps\":{:.1},",
+            "\"seconds\":{:.3},\"out-of-sync-blocks\":{},\"ranges\":[{}]}},",
             "\"protocol\":\"{}\",\"durability\":\"{}\",\"size\":{},\"serving\":{},\"uuids\":\"{}\",",
             "\"io\":{{\"read\":{},\"written\":{},\"sent\":{},\"writes-marked\":{}}}}}"
         ),
@@ -317,9 +511,29 @@ pub fn status_json(name: &str, s: &Snapshot) -> String {
         st.repl,
         st.peer_disk,
         s.out_of_sync,
-        pct,
-        rate,
-        eta,
+        f.percent,
+        f.rate_mbps,
+        f.eta_secs,
+        s.resync_total,
+        s.resync_secs,
+        s.resync_sent,
+        s.resync_same,
+        s.resync_zero,
+        if v.running {
+            "running"
+        } else if v.failed {
+            "failed"
+        } else if v.runs > 0 {
+            "finished"
+        } else {
+            "none"
+        },
+        v.runs,
+        vf.percent,
+        vf.rate_mbps,
+        v.secs,
+        v.blocks,
+        ranges.join(","),
         s.protocol,
         s.durability,
         s.size,
@@ -354,21 +568,128 @@ pub fn request(path: &Path, words: &[String]) -> i32 {
     }
     let reader = BufReader::new(stream);
     let stdout = std::io::stdout();
+    let mut live = false;
     for line in reader.lines() {
         let Ok(line) = line else { break };
         if line == ".OK" {
             return 0;
         }
         if let Some(e) = line.strip_prefix(".ERR ") {
+            if live {
+                println!();
+            }
             eprintln!("twinblade: {e}");
             return 1;
         }
         let mut lock = stdout.lock();
-        if writeln!(lock, "{line}").is_err() {
+        if let Some(p) = line.strip_prefix(PROGRESS_PREFIX) {
+            // One live line: back to its start, overwrite, clear the rest.
+            live = true;
+            if write!(lock, "\r{p}\x1b[K").is_err() {
+                return 0;
+            }
+            let _ = lock.flush();
+            continue;
+        }
+        let text = if live {
+            live = false;
+            format!("\r{line}\x1b[K")
+        } else {
+            line
+        };
+        if writeln!(lock, "{text}").is_err() {
             return 0;
         }
         let _ = lock.flush();
     }
     eprintln!("twinblade: the daemon closed the control connection");
     3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{ConnState, DiskState, Role, Status};
+    use crate::daemon::resource::VerifySnapshot;
+    use crate::wire::repl::{Durability, ReplProtocol};
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            status: Status {
+                role: Role::Primary,
+                disk: DiskState::UpToDate,
+                conn: ConnState::Connected,
+                repl: ReplState::SyncSource,
+                peer_role: Role::Secondary,
+                peer_disk: DiskState::Inconsistent,
+                serving: true,
+                degraded: false,
+                crashed_primary: false,
+            },
+            peer: "beta".into(),
+            out_of_sync: 25 << 20,
+            size: 1 << 30,
+            detached: false,
+            resync_total: 100 << 20,
+            resync_done: 75 << 20,
+            resync_secs: 2.0,
+            resync_sent: 50 << 20,
+            resync_same: 20 << 20,
+            resync_zero: 5 << 20,
+            verify: VerifySnapshot {
+                runs: 1,
+                total: 1 << 30,
+                done: 1 << 30,
+                secs: 0.5,
+                blocks: 1,
+                ranges: vec![(1_052_672, 4096)],
+                ..VerifySnapshot::default()
+            },
+            read_bytes: 0,
+            written_bytes: 0,
+            sent_bytes: 0,
+            writes_marked: 0,
+            uuids: Default::default(),
+            protocol: ReplProtocol::C,
+            durability: Durability::Node,
+        }
+    }
+
+    #[test]
+    fn status_shows_resync_figures_and_verify_results() {
+        let s = snapshot();
+        let text = status_text("r0", &s);
+        assert!(
+            text.contains(
+                "replication:SyncSource peer-disk:Inconsistent done:75.00% rate:39.3MB/s eta:1s"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "resync: total:102400KiB sent:51200KiB same:20480KiB zero:5120KiB in 2.0s"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("verify:finished done:100.00%")
+                && text.contains("out-of-sync-blocks:1 ranges:4096@1052672"),
+            "{text}"
+        );
+        let json = status_json("r0", &s);
+        // The field names a benchmark reads.
+        for field in [
+            "\"resync_sent\":52428800,",
+            "\"resync_same\":20971520,",
+            "\"resync_zero\":5242880,",
+            "\"done-percent\":75.00,",
+            "\"eta-seconds\":1,",
+            "\"out-of-sync-blocks\":1,",
+            "\"ranges\":[{\"offset\":1052672,\"length\":4096}]",
+            "\"state\":\"finished\"",
+        ] {
+            assert!(json.contains(field), "{field} missing in {json}");
+        }
+        assert_eq!(json.matches('{').count(), json.matches('}').count());
+    }
 }

@@ -120,6 +120,7 @@ pub fn run(args: RunArgs, cancel: CancellationToken) -> Result<(), RunError> {
             },
             nbd: res.nbd,
             faults,
+            rate: res.rate_config(),
         };
         let (r, t) = Resource::start(
             spec,

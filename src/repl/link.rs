@@ -24,6 +24,16 @@ pub enum Reply {
     Ack(AckKind),
     /// `ResyncData` answering a read request.
     Data(Vec<u8>),
+    /// `Checksums` answering a checksum request: the peer's crc32c per 4 KiB block.
+    Checksums(Vec<u32>),
+    /// `Checksums` answering a checksum request that asked the requester to checksum its own
+    /// copy when the answer is applied (in stream order): the peer's and ours.
+    Compared {
+        /// The peer's crc32c per block.
+        peer: Vec<u32>,
+        /// Ours, taken at the same point of the replication stream.
+        local: Vec<u32>,
+    },
 }
 
 /// Where a waiter learns it.

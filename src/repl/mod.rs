@@ -12,4 +12,5 @@
 pub mod auth;
 pub mod device;
 pub mod link;
+pub mod rate;
 pub mod uuid;

@@ -50,8 +50,16 @@
 //! Disconnect     reason u8, message length u16, message (UTF-8)
 //! SyncStart      flags u8 (bit 0 sender is source, bit 1 full)
 //! SyncDone       (empty)
+//! ChecksumRequest id u64, offset u64, length u32
+//! Checksums      id u64, offset u64, length u32, crc32c u32 per 4 KiB block of the range
+//!                (the last one over what is left when the length is not a multiple of 4 KiB)
+//! ResyncZero     id u64, offset u64, length u32 (the range is all zero bytes)
 //! SyncPause      paused u8 (1 pause-sync, 0 resume-sync; nothing else)
 //! ```
+//!
+//! `ChecksumRequest`/`Checksums` serve checksum-based resync and online verify; `ResyncZero` is
+//! the zero marker of a resync. `ResyncSkip` also travels from source to target (with the push
+//! bit in its id, see [`crate::daemon`]) to say "this range is already equal".
 //!
 //! A payload must be exactly as long as its fields: trailing bytes are malformed. Offsets and
 //! lengths of block data are multiples of [`crate::block::SECTOR_SIZE`].
@@ -334,6 +342,12 @@ pub enum MessageType {
     SyncStart,
     /// 22: the resync source copied every out-of-sync block.
     SyncDone,
+    /// 23: [`ChecksumRequestRepr`].
+    ChecksumRequest,
+    /// 24: [`ChecksumsRepr`].
+    Checksums,
+    /// 25: [`ResyncZeroRepr`].
+    ResyncZero,
     /// 30: the operator paused (1) or resumed (0) the resync on the sender's side.
     SyncPause,
     /// Any other code: refused by [`MessageRepr::parse`].
@@ -366,6 +380,9 @@ impl From<u8> for MessageType {
             20 => Disconnect,
             21 => SyncStart,
             22 => SyncDone,
+            23 => ChecksumRequest,
+            24 => Checksums,
+            25 => ResyncZero,
             30 => SyncPause,
             other => Unknown(other),
         }
@@ -398,6 +415,9 @@ impl From<MessageType> for u8 {
             Disconnect => 20,
             SyncStart => 21,
             SyncDone => 22,
+            ChecksumRequest => 23,
+            Checksums => 24,
+            ResyncZero => 25,
             SyncPause => 30,
             Unknown(v) => v,
         }
@@ -1220,6 +1240,130 @@ impl ResyncSkipRepr {
     }
 }
 
+/// Block size of checksum-based resync and verify: one crc32c per this many bytes.
+pub const CHECKSUM_BLOCK: u32 = 4096;
+
+/// ChecksumRequest: "send me the crc32c of each 4 KiB block of this range of your disk".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChecksumRequestRepr {
+    /// Request id, echoed in the [`ChecksumsRepr`].
+    pub id: u64,
+    /// Byte offset (multiple of 512).
+    pub offset: u64,
+    /// Length in bytes (multiple of 512, at most [`MAX_DATA_LEN`]).
+    pub len: u32,
+}
+
+impl ChecksumRequestRepr {
+    /// Parses the payload.
+    pub fn parse(p: &[u8]) -> Result<Self, Error> {
+        exact(p, 20)?;
+        let (id, offset, len) = (rd64(p, 0), rd64(p, 8), rd32(p, 16));
+        ensure(len as usize <= MAX_DATA_LEN, "length")?;
+        check_block_range(offset, u64::from(len))?;
+        Ok(ChecksumRequestRepr { id, offset, len })
+    }
+    /// Payload length.
+    pub const fn buffer_len(&self) -> usize {
+        20
+    }
+    /// Writes the payload.
+    pub fn emit(&self, p: &mut [u8]) {
+        wr64(p, 0, self.id);
+        wr64(p, 8, self.offset);
+        wr32(p, 16, self.len);
+    }
+}
+
+/// Number of [`CHECKSUM_BLOCK`]s (the last one possibly short) in `len` bytes.
+pub const fn checksum_count(len: u32) -> usize {
+    len.div_ceil(CHECKSUM_BLOCK) as usize
+}
+
+/// The crc32c of each [`CHECKSUM_BLOCK`] of `data` (the last one over what is left).
+pub fn block_checksums(data: &[u8]) -> Vec<u32> {
+    data.chunks(CHECKSUM_BLOCK as usize)
+        .map(crc32c::crc32c)
+        .collect()
+}
+
+/// Checksums: the answer to a [`ChecksumRequestRepr`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChecksumsRepr {
+    /// The request's id.
+    pub id: u64,
+    /// Byte offset (multiple of 512).
+    pub offset: u64,
+    /// Length in bytes (multiple of 512, at most [`MAX_DATA_LEN`]).
+    pub len: u32,
+    /// One crc32c per block: exactly [`checksum_count`]`(len)` values.
+    pub crcs: Vec<u32>,
+}
+
+impl ChecksumsRepr {
+    /// Parses the payload.
+    pub fn parse(p: &[u8]) -> Result<Self, Error> {
+        need(20, p.len())?;
+        let (id, offset, len) = (rd64(p, 0), rd64(p, 8), rd32(p, 16));
+        ensure(len as usize <= MAX_DATA_LEN, "length")?;
+        check_block_range(offset, u64::from(len))?;
+        let count = checksum_count(len);
+        exact(p, 20 + 4 * count)?;
+        let crcs = (0..count).map(|i| rd32(p, 20 + 4 * i)).collect();
+        Ok(ChecksumsRepr {
+            id,
+            offset,
+            len,
+            crcs,
+        })
+    }
+    /// Payload length. The `Repr` must hold [`checksum_count`]`(len)` checksums.
+    pub fn buffer_len(&self) -> usize {
+        20 + 4 * self.crcs.len()
+    }
+    /// Writes the payload.
+    pub fn emit(&self, p: &mut [u8]) {
+        wr64(p, 0, self.id);
+        wr64(p, 8, self.offset);
+        wr32(p, 16, self.len);
+        for (i, c) in self.crcs.iter().enumerate() {
+            wr32(p, 20 + 4 * i, *c);
+        }
+    }
+}
+
+/// ResyncZero: the source's data for this range is all zero bytes (the zero marker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResyncZeroRepr {
+    /// Request id (with the push bit), answered by a [`WriteAckRepr`].
+    pub id: u64,
+    /// Byte offset (multiple of 512).
+    pub offset: u64,
+    /// Length in bytes (multiple of 512, at most [`MAX_DATA_LEN`]).
+    pub len: u32,
+}
+
+impl ResyncZeroRepr {
+    /// Parses the payload.
+    pub fn parse(p: &[u8]) -> Result<Self, Error> {
+        exact(p, 20)?;
+        let (id, offset, len) = (rd64(p, 0), rd64(p, 8), rd32(p, 16));
+        ensure(len as usize <= MAX_DATA_LEN, "length")?;
+        check_block_range(offset, u64::from(len))?;
+        Ok(ResyncZeroRepr { id, offset, len })
+    }
+    /// Payload length.
+    pub const fn buffer_len(&self) -> usize {
+        20
+    }
+    /// Writes the payload.
+    pub fn emit(&self, p: &mut [u8]) {
+        wr64(p, 0, self.id);
+        wr64(p, 8, self.offset);
+        wr32(p, 16, self.len);
+    }
+}
+
 /// StateChange: the sender's role, disk or connection state changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StateChangeRepr {
@@ -1403,6 +1547,12 @@ pub enum Message {
     SyncStart(SyncStartRepr),
     /// The resync source has copied every block; the target may finish its side.
     SyncDone,
+    /// See [`ChecksumRequestRepr`].
+    ChecksumRequest(ChecksumRequestRepr),
+    /// See [`ChecksumsRepr`].
+    Checksums(ChecksumsRepr),
+    /// See [`ResyncZeroRepr`].
+    ResyncZero(ResyncZeroRepr),
     /// `pause-sync` (true) or `resume-sync` (false) on the sender's side: a resync is paused
     /// on both nodes when either says so.
     SyncPause(bool),
@@ -1434,6 +1584,9 @@ impl Message {
             Message::Disconnect(_) => MessageType::Disconnect,
             Message::SyncStart(_) => MessageType::SyncStart,
             Message::SyncDone => MessageType::SyncDone,
+            Message::ChecksumRequest(_) => MessageType::ChecksumRequest,
+            Message::Checksums(_) => MessageType::Checksums,
+            Message::ResyncZero(_) => MessageType::ResyncZero,
             Message::SyncPause(_) => MessageType::SyncPause,
         }
     }
@@ -1476,6 +1629,9 @@ impl Message {
                 exact(p, 0)?;
                 Message::SyncDone
             }
+            T::ChecksumRequest => Message::ChecksumRequest(ChecksumRequestRepr::parse(p)?),
+            T::Checksums => Message::Checksums(ChecksumsRepr::parse(p)?),
+            T::ResyncZero => Message::ResyncZero(ResyncZeroRepr::parse(p)?),
             T::SyncPause => {
                 exact(p, 1)?;
                 match p[0] {
@@ -1519,6 +1675,9 @@ impl Message {
             Message::Disconnect(m) => m.buffer_len(),
             Message::SyncStart(m) => m.buffer_len(),
             Message::SyncDone => 0,
+            Message::ChecksumRequest(m) => m.buffer_len(),
+            Message::Checksums(m) => m.buffer_len(),
+            Message::ResyncZero(m) => m.buffer_len(),
             Message::SyncPause(_) => 1,
         }
     }
@@ -1546,6 +1705,9 @@ impl Message {
             Message::Disconnect(m) => m.emit(p),
             Message::SyncStart(m) => m.emit(p),
             Message::SyncDone => {}
+            Message::ChecksumRequest(m) => m.emit(p),
+            Message::Checksums(m) => m.emit(p),
+            Message::ResyncZero(m) => m.emit(p),
             Message::SyncPause(paused) => p[0] = u8::from(*paused),
         }
     }
@@ -1804,6 +1966,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    const PUSH: u64 = 1 << 63;
+
     /// A Ping with cookie 0x0102030405060708, sequence 5, version 1, as on the wire.
     const PING: [u8; 32] = [
         b'T', b'B', b'R', b'P', // magic
@@ -1873,6 +2037,63 @@ mod tests {
         assert_eq!(&bytes[40..44], &[0, 0, 0, 1]); // FUA
         assert_eq!(&bytes[44..48], &[0, 0, 2, 0]); // 512 bytes
         assert!(bytes[48..].iter().all(|&b| b == 0xab));
+    }
+
+    #[test]
+    fn literal_checksum_messages() {
+        // Checksums for 4 KiB + 512 bytes at 8 KiB: two crcs, the second over 512 bytes.
+        let mut p = Vec::new();
+        p.extend_from_slice(&9u64.to_be_bytes());
+        p.extend_from_slice(&8192u64.to_be_bytes());
+        p.extend_from_slice(&4608u32.to_be_bytes());
+        p.extend_from_slice(&0x1122_3344u32.to_be_bytes());
+        p.extend_from_slice(&0x5566_7788u32.to_be_bytes());
+        let c = ChecksumsRepr::parse(&p).unwrap();
+        assert_eq!((c.id, c.offset, c.len), (9, 8192, 4608));
+        assert_eq!(c.crcs, vec![0x1122_3344, 0x5566_7788]);
+        let mut out = vec![0u8; c.buffer_len()];
+        c.emit(&mut out);
+        assert_eq!(out, p);
+        // One crc too many or too few, a length that is not whole sectors: refused.
+        assert!(ChecksumsRepr::parse(&p[..p.len() - 4]).is_err());
+        let mut longer = p.clone();
+        longer.extend_from_slice(&[0; 4]);
+        assert!(ChecksumsRepr::parse(&longer).is_err());
+        p[19] = 1; // length 4097
+        assert!(ChecksumsRepr::parse(&p).is_err());
+
+        let zero = Message::ResyncZero(ResyncZeroRepr {
+            id: PUSH,
+            offset: 4096,
+            len: 1 << 20,
+        });
+        let mut out = vec![0u8; zero.buffer_len()];
+        zero.emit(&mut out);
+        assert_eq!(&out[16..20], &[0, 0x10, 0, 0]);
+        assert_eq!(Message::parse(MessageType::ResyncZero, &out).unwrap(), zero);
+        out[17] = 0x11; // more than MAX_DATA_LEN
+        assert!(Message::parse(MessageType::ResyncZero, &out).is_err());
+
+        let req = ChecksumRequestRepr {
+            id: 3,
+            offset: 512,
+            len: 1024,
+        };
+        let mut out = vec![0u8; req.buffer_len()];
+        req.emit(&mut out);
+        assert_eq!(ChecksumRequestRepr::parse(&out).unwrap(), req);
+        out[15] = 1; // offset 513
+        assert!(ChecksumRequestRepr::parse(&out).is_err());
+    }
+
+    #[test]
+    fn block_checksums_cover_a_short_tail() {
+        let mut data = vec![0u8; 4096 + 512];
+        data[4096] = 1;
+        let crcs = block_checksums(&data);
+        assert_eq!(crcs.len(), checksum_count(data.len() as u32));
+        assert_eq!(crcs[0], crc32c::crc32c(&[0u8; 4096]));
+        assert_eq!(crcs[1], crc32c::crc32c(&data[4096..]));
     }
 
     #[test]
@@ -2248,6 +2469,34 @@ mod tests {
             (any::<u64>(), offset.clone(), sectors(8)).prop_map(|(id, offset, data)| {
                 Message::ResyncData(ResyncDataRepr { id, offset, data })
             }),
+            (any::<u64>(), offset.clone(), 0u32..=2048).prop_map(|(id, offset, sectors)| {
+                Message::ChecksumRequest(ChecksumRequestRepr {
+                    id,
+                    offset,
+                    len: sectors * 512,
+                })
+            }),
+            (any::<u64>(), offset.clone(), 0u32..=2048, any::<u32>()).prop_map(
+                |(id, offset, sectors, seed)| {
+                    let len = sectors * 512;
+                    let crcs = (0..checksum_count(len) as u32)
+                        .map(|i| seed.wrapping_mul(i + 1))
+                        .collect();
+                    Message::Checksums(ChecksumsRepr {
+                        id,
+                        offset,
+                        len,
+                        crcs,
+                    })
+                }
+            ),
+            (any::<u64>(), offset.clone(), 0u32..=2048).prop_map(|(id, offset, sectors)| {
+                Message::ResyncZero(ResyncZeroRepr {
+                    id,
+                    offset,
+                    len: sectors * 512,
+                })
+            }),
             (any::<u64>(), offset, 0u32..=2048).prop_map(|(id, offset, sectors)| {
                 Message::ResyncSkip(ResyncSkipRepr {
                     id,
@@ -2306,7 +2555,7 @@ mod tests {
         }
 
         #[test]
-        fn framed_garbage_payloads_never_panic(t in 0u8..24, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
+        fn framed_garbage_payloads_never_panic(t in 0u8..28, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
             let mut bytes = vec![0u8; HEADER_LEN + payload.len()];
             bytes[HEADER_LEN..].copy_from_slice(&payload);
             let mut p = Packet::new_unchecked(&mut bytes[..]);
