@@ -278,6 +278,9 @@ def walk(o, path):
                         if full.endswith(suffix):
                             found.setdefault(x, int(v))
             walk(v, full)
+    elif isinstance(o, list):
+        for v in o:
+            walk(v, path)
 walk(d, "")
 print(" ".join(str(found.get(x, "n/a")) for x in ("sent", "same", "zero")))'
 }
@@ -601,7 +604,7 @@ for kind in ("zero", "random"):
         copy_s = float(copy) if copy != "n/a" else secs
         notes.append(f"full sync, random: {secs:.2f} s wall of which the daemon logs {copy} s of copying "
                      f"({b / 1e6 / max(copy_s, 1e-9):.0f} MB/s while copying); raw TCP carries {tcp:.0f} MB/s in 256 KiB writes, "
-                     f"so the copier (256 KiB chunks, 16 in flight) and the peer's applier are the limit, not the wire")
+                     f"so the copier (checksums per 1 MiB, then data; the rate controller's window) and the peer's single applier thread are the limit, not the wire")
 p99 = rows.get(("standalone", "lat-q1", "p99_us"))
 if p99 and max(p99) > 20 * (med("standalone", "lat-q1", "p50_us") or 1):
     notes.append(f"p99 at 1 outstanding: standalone p99 {max(p99):.0f} us at worst is scheduler noise (the load average above), "
