@@ -101,6 +101,9 @@ pub struct IoPlan {
     pub give_up_after: Duration,
     /// Random (frame-aligned) order instead of sequential.
     pub random: bool,
+    /// Reads only: also write what was read into this file, at the device offset (a copy of
+    /// the device range to compare with a model).
+    pub out: Option<std::sync::Arc<std::fs::File>>,
 }
 
 /// What a pipelined run measured.
@@ -153,6 +156,30 @@ pub fn fill_pattern(seed: u64, sector: u64, out: &mut [u8]) {
         state ^= state << 17;
         chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
     }
+}
+
+/// Writes pattern `seed` for `sectors` sectors from `start_sector` into `file` at the same
+/// byte offsets: what a write of that pattern leaves on the device (a test's model).
+pub fn write_pattern_into(
+    file: &std::fs::File,
+    seed: u64,
+    start_sector: u64,
+    sectors: u64,
+) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: u64 = 2048;
+    let mut buf = vec![0u8; (CHUNK * 512) as usize];
+    let mut done = 0;
+    while done < sectors {
+        let n = CHUNK.min(sectors - done);
+        let chunk = &mut buf[..(n * 512) as usize];
+        for (i, sector) in chunk.chunks_mut(512).enumerate() {
+            fill_pattern(seed, start_sector + done + i as u64, sector);
+        }
+        file.write_all_at(chunk, (start_sector + done) * 512)?;
+        done += n;
+    }
+    Ok(())
 }
 
 /// An initiator bound to one interface.
@@ -502,6 +529,10 @@ impl Initiator {
                         return Err(InitiatorError::Target(
                             "read reply carries too little data".into(),
                         ));
+                    }
+                    if let Some(out) = &plan.out {
+                        use std::os::unix::fs::FileExt;
+                        out.write_all_at(&data[..bytes as usize], request.first_sector * 512)?;
                     }
                     if plan.verify {
                         for (j, sector) in data[..bytes as usize].chunks(512).enumerate() {

@@ -277,6 +277,9 @@ impl Resource {
     /// `clear`.
     pub fn inject(&self, specs: &[&str]) -> Result<String, String> {
         use crate::block::fault::{FaultSpec, InjectedError};
+        if let Some((&"power-cut", args)) = specs.split_first() {
+            return super::power_cut(args);
+        }
         let faults = self.spec.faults.as_ref().ok_or_else(|| {
             format!(
                 "fault injection is off (start the daemon with {}=1)",
@@ -291,7 +294,7 @@ impl Resource {
                 "read-error" => config.read_error = Some(FaultSpec::always(InjectedError::Eio)),
                 other => match other.strip_prefix("write-delay-ms=").map(str::parse::<u64>) {
                     Some(Ok(ms)) => config.write_delay = Duration::from_millis(ms),
-                    _ => return Err(format!("unknown fault {other:?} (write-delay-ms=N, write-error, read-error, clear)")),
+                    _ => return Err(format!("unknown fault {other:?} (write-delay-ms=N, write-error, read-error, clear, power-cut [keep-subset SEED])")),
                 },
             }
         }
