@@ -442,7 +442,13 @@ impl Initiator {
 
     /// Runs a pipelined read or write. Errors from the target (AoE error, ATA failure) end
     /// the run; lost frames are resent.
+    ///
+    /// A blade that moves to another MAC and announces itself there (an unsolicited config
+    /// response for the same `shelf.slot`, as a node taking over does) gets everything that is
+    /// still unanswered, at once, and the rest of the run.
     pub fn run(&mut self, target: &Target, plan: &IoPlan) -> Result<IoReport> {
+        let mut target = target.clone();
+        let target = &mut target;
         let per_frame = u64::from(plan.sectors_per_frame.max(1));
         let frames_total = plan.sectors.div_ceil(per_frame);
         let mut order: Vec<u64> = (0..frames_total).collect();
@@ -498,6 +504,22 @@ impl Initiator {
                 let Ok(view) = Frame::new_checked(&bufs[i][..lens[i]]) else {
                     continue;
                 };
+                if view.is_response()
+                    && view.command() == Command::Config
+                    && view.tag() == 0
+                    && view.shelf() == target.shelf
+                    && view.slot() == target.slot
+                    && view.src() != target.mac
+                {
+                    // The blade moved: resend what the old MAC did not answer to the new one.
+                    target.mac = view.src();
+                    for request in in_flight.values_mut() {
+                        request.sent_at = now
+                            .checked_sub(plan.retransmit_after + Duration::from_millis(1))
+                            .unwrap_or(now);
+                    }
+                    continue;
+                }
                 if !view.is_response() || view.command() != Command::Ata {
                     continue;
                 }
@@ -569,6 +591,7 @@ impl Initiator {
                     let tag = self.tag();
                     let mut frame = Frame::new_unchecked(&mut request.frame[..]);
                     frame.set_tag(tag);
+                    frame.set_dst(target.mac);
                     request.sent_at = now;
                     resend.push(request.frame.clone());
                     in_flight.insert(tag, request);

@@ -98,25 +98,18 @@ impl<D: BlockDevice> VolatileCache<D> {
     /// device or not (a seeded choice); with `None` every cached sector is lost. Every later
     /// call fails with an I/O error.
     pub fn cut_power(&self, keep: Option<u64>) -> CutReport {
-        let mut c = lock(&self.cache);
-        let mut report = CutReport::default();
-        let mut rng = keep.map(SplitMix64::new);
-        for (&sector, data) in &c.sectors {
-            let survives = rng.as_mut().is_some_and(|r| r.next_u64() & 1 == 1);
-            if survives
-                && self
-                    .inner
-                    .write_at(data, sector * SECTOR_SIZE, false)
-                    .is_ok()
-            {
-                report.kept += 1;
-            } else {
-                report.lost += 1;
-            }
+        self.hold_for_cut().cut(keep)
+        // The lock is released here; the cache stays dead.
+    }
+
+    /// Takes the cache's lock and keeps it: no call gets through until the returned guard is
+    /// dropped. A process that cuts every cache it has while holding all of them, then aborts,
+    /// loses power at one instant.
+    pub fn hold_for_cut(&self) -> Held<'_, D> {
+        Held {
+            dev: self,
+            cache: lock(&self.cache),
         }
-        c.sectors.clear();
-        c.dead = true;
-        report
     }
 
     /// Writes every cached sector to the device, coalescing runs. On error the cache is kept
@@ -151,6 +144,37 @@ impl<D: BlockDevice> VolatileCache<D> {
         let mut buf = vec![0u8; SECTOR].into_boxed_slice();
         self.inner.read_at(&mut buf, sector * SECTOR_SIZE)?;
         Ok(buf)
+    }
+}
+
+/// A [`VolatileCache`] whose lock is held (see [`VolatileCache::hold_for_cut`]).
+pub struct Held<'a, D: BlockDevice> {
+    dev: &'a VolatileCache<D>,
+    cache: MutexGuard<'a, Cache>,
+}
+
+impl<D: BlockDevice> Held<'_, D> {
+    /// The power cut of [`VolatileCache::cut_power`], keeping the lock.
+    pub fn cut(&mut self, keep: Option<u64>) -> CutReport {
+        let mut report = CutReport::default();
+        let mut rng = keep.map(SplitMix64::new);
+        for (&sector, data) in &self.cache.sectors {
+            let survives = rng.as_mut().is_some_and(|r| r.next_u64() & 1 == 1);
+            if survives
+                && self
+                    .dev
+                    .inner
+                    .write_at(data, sector * SECTOR_SIZE, false)
+                    .is_ok()
+            {
+                report.kept += 1;
+            } else {
+                report.lost += 1;
+            }
+        }
+        self.cache.sectors.clear();
+        self.cache.dead = true;
+        report
     }
 }
 

@@ -81,8 +81,10 @@ pub fn power_cut(args: &[&str]) -> Result<String, String> {
     let cached: u64 = caches.iter().map(|(_, c)| c.cached_bytes()).sum();
     std::thread::spawn(move || {
         std::thread::sleep(POWER_CUT_DELAY);
-        for (path, cache) in &caches {
-            let r = cache.cut_power(keep);
+        // Every cache held at once: no I/O gets through from the first cut to the abort.
+        let mut held: Vec<_> = caches.iter().map(|(_, c)| c.hold_for_cut()).collect();
+        for ((path, _), h) in caches.iter().zip(held.iter_mut()) {
+            let r = h.cut(keep);
             tracing::warn!(
                 "power cut: {}: {} cached sectors reached the disk, {} lost",
                 path.display(),
