@@ -76,7 +76,8 @@ pub enum Command {
     /// Resume a paused resync.
     ResumeSync(ResArgs),
     /// Test hook: make the data disk slow or failing (`write-delay-ms=N`, `write-error`,
-    /// `read-error`, `clear`); needs a daemon started with TWINBLADE_TEST_FAULTS=1.
+    /// `read-error`, `clear`); needs a daemon started with TWINBLADE_TEST_FAULTS=1. Or cut the
+    /// node's power (`power-cut [keep-subset SEED]`); needs TWINBLADE_TEST_POWER_CUT=1.
     #[command(hide = true)]
     Fault(FaultArgs),
 }

@@ -595,7 +595,7 @@ impl Resource {
                 self.set_flags(0, flags::CONSISTENT);
             }
             Message::BitmapChunk(c) => {
-                self.apply_bitmap_chunk(&c);
+                // The bits were applied by the applier thread, in order with the resync data.
                 if c.last {
                     if let Some(job) = &mut st.job {
                         job.peer_bitmap_done = true;
@@ -1223,6 +1223,14 @@ impl Resource {
                 link.send(Message::PingAck(p)).map_err(|e| e.to_string())?;
             }
             Message::PingAck(_) => {}
+            Message::BitmapChunk(c) => {
+                // Here, not on the engine thread: the peer's resync data that follows must
+                // clear these bits, not be overtaken by them (stale out-of-sync bits).
+                self.apply_bitmap_chunk(&c);
+                if c.last {
+                    self.send(Input::PeerMessage(link.conn_id, Message::BitmapChunk(c)));
+                }
+            }
             other => self.send(Input::PeerMessage(link.conn_id, other)),
         }
         Ok(())
