@@ -9,8 +9,11 @@
 #      meta-data, resyncs, and both backing files equal the model
 #   3. the same with a seeded subset of the unflushed sectors reaching the disk (the other node
 #      is primary now)
-#   4. power cut of both nodes at once: restart both, promote one, every acknowledged write is
-#      there and the disks end equal to the model
+#   3b. power cut of the secondary while the primary writes: writes go on, the secondary resyncs
+#   4. power cut of both nodes at once (kill -9 of both, every unflushed sector lost), then
+#      staggered (the power-cut verb on both, a subset kept on one): restart both, promote one
+#      if the state machine does not, every acknowledged write is there and the disks end equal
+#      to the model
 #   5. the harness bites: at `durability = "node"` a power cut of both nodes does lose
 #      acknowledged writes, and this test detects it
 #
@@ -72,7 +75,7 @@ cut_primary() {
     # survivor, so once it finishes every frame of it is acknowledged.
     aoe write "$BLADE" -q 16 --seed "$wseed" --offset "$woff" --bytes 24M >/dev/null &
     wpid=$!
-    sleep 0.4
+    sleep "0.$((1 + RANDOM % 9))"
     power_cut "$prim" "$keep_seed"
     wait "$wpid" || fail "the client's write did not complete on the survivor"
     "$init" model "$model" --seed "$wseed" --offset "$woff" --bytes 24M >/dev/null
@@ -98,6 +101,22 @@ log "PASS power cut of the primary (all unflushed lost): takeover, every write t
 cut_primary beta alpha "$seed"
 log "PASS power cut of the primary (keep-subset $seed): takeover, every write there, resynced"
 
+# --- 3b. power cut of the secondary while the primary writes ---------------------------------------
+wseed=$((seed + 100 + RANDOM % 1000))
+aoe write "$BLADE" -q 16 --seed "$wseed" --offset $((20 << 20)) --bytes 16M >/dev/null &
+wpid=$!
+sleep "0.$((1 + RANDOM % 9))"
+power_cut beta $((seed + 7))
+wait "$wpid" || fail "the client's write failed while the secondary lost power"
+"$init" model "$model" --seed "$wseed" --offset $((20 << 20)) --bytes 16M >/dev/null
+state_is alpha role Primary || fail "alpha is no longer primary"
+log "out-of-sync on alpha after beta's power cut: $(field alpha out-of-sync) bytes"
+start beta
+wait_for 60 "resync after the secondary's return" in_sync
+device_matches_model || fail "an acknowledged write is missing after the secondary's power cut"
+disks_match_model || fail "the backing files differ from the model after the secondary's power cut"
+log "PASS power cut of the secondary while writing: writes went on, resynced, equal to the model"
+
 # --- 4. both nodes at once ----------------------------------------------------------------------------
 # restart_both_and_promote: after both lost power; prints what the state machine says.
 restart_both_and_promote() {
@@ -109,21 +128,38 @@ restart_both_and_promote() {
     log "after restart: $(states beta)"
     if ! state_is alpha role Primary && ! state_is beta role Primary; then
         local out
-        out=$(ctl alpha primary r0 2>&1) || log "primary on alpha: $out"
+        out=$(ctl alpha primary r0 2>&1) || log "primary on alpha refused: $out"
+        log "nobody promoted itself: primary on alpha: $out"
     fi
     wait_for 60 "in sync after both restarted" in_sync
     log "in sync: $(states alpha)"
 }
+# cut_both: both nodes lose power at the same instant: one kill -9 of both processes, which
+# with the volatile cache loses every unflushed sector on both.
+cut_both() {
+    kill -9 "${pid[alpha]}" "${pid[beta]}"
+    wait "${pid[alpha]}" || true
+    wait "${pid[beta]}" || true
+}
 write_acked $((8 << 20)) 16M $((seed + 3))
 write_acked $((2 << 20)) 1M $((seed + 4)) --random
-ctl alpha fault r0 power-cut keep-subset $((seed + 5)) >/dev/null || fail "power-cut alpha refused"
-ctl beta fault r0 power-cut >/dev/null || fail "power-cut beta refused"
-wait "${pid[alpha]}" || true
-wait "${pid[beta]}" || true
+cut_both
 restart_both_and_promote
 device_matches_model || fail "an acknowledged write is missing after a power cut of both nodes"
 disks_match_model || fail "the backing files differ from the model after a power cut of both"
-log "PASS power cut of both nodes at durability=power: every acknowledged write there"
+log "PASS power cut of both nodes at once at durability=power: every acknowledged write there"
+
+# Staggered: the power-cut verbs on both at once (a seeded subset kept on one); the nodes die
+# a few milliseconds apart, and the later one may notice the first one's death.
+write_acked $((24 << 20)) 8M $((seed + 8))
+ctl alpha fault r0 power-cut keep-subset $((seed + 5)) >/dev/null &
+ctl beta fault r0 power-cut >/dev/null &
+wait "${pid[alpha]}" || true
+wait "${pid[beta]}" || true
+restart_both_and_promote
+device_matches_model || fail "an acknowledged write is missing after a staggered power cut of both"
+disks_match_model || fail "the backing files differ from the model after a staggered power cut of both"
+log "PASS staggered power cut of both nodes at durability=power: every acknowledged write there"
 
 # --- 5. the harness bites: durability = node ---------------------------------------------------------
 ctl alpha secondary r0 >/dev/null 2>&1 || true
@@ -134,10 +170,7 @@ write_config node
 restart_both_and_promote
 state_is alpha durability node || fail "the pair did not switch to durability=node"
 write_acked $((16 << 20)) 16M $((seed + 6))
-ctl alpha fault r0 power-cut >/dev/null || fail "power-cut alpha refused"
-ctl beta fault r0 power-cut >/dev/null || fail "power-cut beta refused"
-wait "${pid[alpha]}" || true
-wait "${pid[beta]}" || true
+cut_both
 restart_both_and_promote
 if device_matches_model 2>/dev/null; then
     fail "at durability=node a power cut of both nodes lost nothing: the harness does not bite"
