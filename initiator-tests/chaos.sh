@@ -26,7 +26,7 @@ set -euo pipefail
 
 keep=0
 seed=$(( $(date +%s) % 100000 ))
-steps=40
+steps=60
 while (($#)); do
     case $1 in
     --keep) keep=1 ;;

@@ -14,8 +14,9 @@
 #      staggered (the power-cut verb on both, a subset kept on one): restart both, promote one
 #      if the state machine does not, every acknowledged write is there and the disks end equal
 #      to the model
-#   5. the harness bites: at `durability = "node"` a power cut of both nodes does lose
-#      acknowledged writes, and this test detects it
+#   5. at `durability = "node"`: a power cut of the primary alone still loses nothing (the
+#      survivor has it; the cut node's activity log names what it lost); and the harness bites:
+#      a power cut of both nodes does lose acknowledged writes, and this test detects it
 #
 # Usage: initiator-tests/power-cut.sh [--keep] [--seed N]
 # Needs root; uses namespaces tbp-a, tbp-b, tbp-c, bridge tbpbr0 (nothing else touches them).
@@ -169,6 +170,12 @@ wait "${pid[beta]}" || true
 write_config node
 restart_both_and_promote
 state_is alpha durability node || fail "the pair did not switch to durability=node"
+# At durability=node a power cut of the primary alone loses nothing acknowledged: the survivor
+# has it, and the cut node's activity log must name every block it may have lost.
+prim=$(state_is alpha role Primary && echo alpha || echo beta)
+surv=$([[ $prim == alpha ]] && echo beta || echo alpha)
+cut_primary "$prim" "$surv" $((seed + 9))
+log "PASS durability=node, power cut of the primary ($prim, keep-subset $((seed + 9))): the activity log covered every lost write"
 write_acked $((16 << 20)) 16M $((seed + 6))
 cut_both
 restart_both_and_promote
