@@ -629,6 +629,32 @@ mod tests {
     }
 
     #[test]
+    fn the_model_holds_what_a_write_writes_and_nothing_else() {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(3000 * 512).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &[0xAA; 512], 5 * 512).unwrap();
+        // Across the helper's chunk boundary (2048 sectors).
+        write_pattern_into(&file, 7, 10, 2100).unwrap();
+        let mut data = vec![0u8; 3000 * 512];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut data, 0).unwrap();
+        let mut expected = vec![0u8; 512];
+        for sector in 0..3000u64 {
+            let got = &data[sector as usize * 512..(sector as usize + 1) * 512];
+            if (10..2110).contains(&sector) {
+                fill_pattern(7, sector, &mut expected);
+                assert_eq!(got, &expected[..], "sector {sector}");
+            } else if sector == 5 {
+                assert_eq!(got, &[0xAA; 512][..], "sector 5 was not written");
+            } else {
+                assert!(
+                    got.iter().all(|&b| b == 0),
+                    "sector {sector} was not written"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn percentiles() {
         let report = IoReport {
             latencies: (1..=100).map(Duration::from_micros).collect(),

@@ -352,3 +352,23 @@ impl NbdHandle {
         let _ = self.thread.join();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn power_cut_refuses_bad_words_and_a_daemon_without_the_cache() {
+        let err = power_cut(&["keep-some"]).unwrap_err();
+        assert!(err.contains("power-cut [keep-subset SEED]"), "{err}");
+        let err = power_cut(&["keep-subset", "x"]).unwrap_err();
+        assert!(err.contains("bad seed \"x\""), "{err}");
+        let err = power_cut(&["keep-subset"]).unwrap_err();
+        assert!(err.contains("unexpected"), "{err}");
+        // No cache was set up in this process (the environment variable is not set), so this
+        // refuses instead of aborting the test binary.
+        assert!(std::env::var_os(TEST_POWER_CUT_ENV).is_none());
+        let err = power_cut(&["keep-subset", "7"]).unwrap_err();
+        assert!(err.contains(TEST_POWER_CUT_ENV), "{err}");
+    }
+}
