@@ -43,10 +43,12 @@ net_down() {
 cleanup() {
     local rc=$?
     for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-    ((keep)) || {
-        net_down
+    net_down
+    if ((keep || rc != 0)); then
+        log "logs and images kept in $work"
+    else
         rm -rf "$work"
-    }
+    fi
     exit "$rc"
 }
 trap cleanup EXIT
@@ -184,6 +186,20 @@ disks_match_model() {
     cmp -n "$usable" "$model" "$work/alpha.img" || return 1
     cmp -n "$usable" "$model" "$work/beta.img" || return 1
 }
+# writing_to NODE BYTES: NODE has served more than BYTES of writes (status io.written).
+writing_to() { (($(field "$1" written) > $2)); }
+# start_writer OFFSET BYTES SEED: a write through AoE in the background ($wpid), returning once
+# it reaches the primary's disk (so a cut lands mid-write, not while the client looks for the
+# blade); its output goes to $work/writer.log.
+start_writer() {
+    local prim w0
+    prim=$(state_is alpha role Primary && echo alpha || echo beta)
+    w0=$(field "$prim" written)
+    aoe write "$BLADE" -q 16 --seed "$3" --offset "$1" --bytes "$2" >"$work/writer.log" 2>&1 &
+    wpid=$!
+    wait_for 10 "the client's writes reach $prim" writing_to "$prim" "$w0"
+}
+
 # power_cut NODE [SEED]: the node loses power (every cached sector lost, or a seeded subset
 # kept); waits until the process is gone.
 power_cut() {

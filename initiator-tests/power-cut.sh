@@ -69,16 +69,15 @@ log "PASS initial sync and replicated writes ($usable bytes)"
 
 # cut_primary PRIMARY SURVIVOR [KEEP-SEED]: power-cut the primary while a client writes.
 cut_primary() {
-    local prim=$1 surv=$2 keep_seed=${3:-} wseed woff wpid
+    local prim=$1 surv=$2 keep_seed=${3:-} wseed woff
     wseed=$((seed + 10 + RANDOM % 1000))
     woff=$(((RANDOM % 32) << 20))
     # In flight at the cut: the initiator resends whatever the dead node did not answer, to the
     # survivor, so once it finishes every frame of it is acknowledged.
-    aoe write "$BLADE" -q 16 --seed "$wseed" --offset "$woff" --bytes 24M >/dev/null &
-    wpid=$!
-    sleep "0.$((1 + RANDOM % 9))"
+    start_writer "$woff" 24M "$wseed"
+    sleep "0.$((RANDOM % 5))"
     power_cut "$prim" "$keep_seed"
-    wait "$wpid" || fail "the client's write did not complete on the survivor"
+    wait "$wpid" || fail "the client's write did not complete on the survivor: $(cat "$work/writer.log")"
     "$init" model "$model" --seed "$wseed" --offset "$woff" --bytes 24M >/dev/null
     wait_for 20 "$surv takes over" state_is "$surv" role Primary
     [[ $(answering) == 1 ]] || fail "not exactly one node answers $BLADE after the cut"
@@ -104,11 +103,10 @@ log "PASS power cut of the primary (keep-subset $seed): takeover, every write th
 
 # --- 3b. power cut of the secondary while the primary writes ---------------------------------------
 wseed=$((seed + 100 + RANDOM % 1000))
-aoe write "$BLADE" -q 16 --seed "$wseed" --offset $((20 << 20)) --bytes 16M >/dev/null &
-wpid=$!
-sleep "0.$((1 + RANDOM % 9))"
+start_writer $((20 << 20)) 16M "$wseed"
+sleep "0.$((RANDOM % 5))"
 power_cut beta $((seed + 7))
-wait "$wpid" || fail "the client's write failed while the secondary lost power"
+wait "$wpid" || fail "the client's write failed while the secondary lost power: $(cat "$work/writer.log")"
 "$init" model "$model" --seed "$wseed" --offset $((20 << 20)) --bytes 16M >/dev/null
 state_is alpha role Primary || fail "alpha is no longer primary"
 log "out-of-sync on alpha after beta's power cut: $(field alpha out-of-sync) bytes"
