@@ -10,6 +10,9 @@
 #             kernel), so the primary waits for every replicated write; cleared a few steps later
 #   disk      one node's disk fails (`fault` write-error read-error): it detaches, I/O goes on
 #             through the peer; the node is restarted (a failed primary hands over first)
+#   power     the primary loses power mid-write (`fault RES power-cut keep-subset SEED`: a seeded
+#             subset of its unflushed sectors survives); the test promotes the other node, the
+#             client's write completes there; the cut node restarts and resyncs
 #   check     a checkpoint: link restored, delay cleared, wait for the pair to be in sync; the
 #             device read through AoE equals the model, and both backing files equal the model
 #             in their data area (alpha internal meta-data: the first `size` bytes; beta
@@ -17,7 +20,7 @@
 #
 # and a final checkpoint. auto-promote is off so that a cut link does not split the brain: the
 # test moves the primary role itself. Durability is "node"; the backing files sit behind the
-# volatile write cache (only clean stops here: what it tests is that they flush).
+# volatile write cache, so a stop must flush and a power cut loses what was not flushed.
 #
 # Usage: initiator-tests/chaos.sh [--seed N] [--steps N] [--keep]
 # The seed is printed; the same seed gives the same sequence of steps (timings differ).
@@ -121,7 +124,7 @@ random_write() {
 }
 
 for ((i = 1; i <= steps; i++)); do
-    r=$((RANDOM % 12))
+    r=$((RANDOM % 13))
     if ((r < 6)); then
         op=write
     elif ((r <= 7)); then
@@ -130,6 +133,8 @@ for ((i = 1; i <= steps; i++)); do
         op=delay
     elif ((r == 9)); then
         op=disk
+    elif ((r == 10)); then
+        op=power
     else
         op=check
     fi
@@ -176,6 +181,26 @@ for ((i = 1; i <= steps; i++)); do
         wait_for 20 "$primary serving" one_serves
         random_write 256
         ;;
+    power)
+        # The primary loses power in the middle of a write (a seeded subset of its unflushed
+        # sectors survives); the test promotes the other node, the client's write completes
+        # there, and the cut node comes back and resyncs while the test goes on. From a synced
+        # pair: at durability=node the survivor must hold every acknowledged write.
+        checkpoint
+        victim=$primary
+        sectors=$((1 + (RANDOM * 32768 + RANDOM) % 16384))
+        off=$((((RANDOM * 32768 + RANDOM) % (usable / 512 - sectors + 1)) * 512))
+        wseed=$((RANDOM * 32768 + RANDOM))
+        start_writer "$off" $((sectors * 512)) "$wseed"
+        power_cut "$victim" $((RANDOM * 32768 + RANDOM))
+        primary=$(other "$victim")
+        wait_for 20 "$primary promoted" ctl "$primary" primary r0
+        wait "$wpid" || fail "the client's write did not complete after the failover: $(cat "$work/writer.log")"
+        "$init" model "$model" --seed "$wseed" --offset "$off" --bytes $((sectors * 512)) >/dev/null
+        count[bytes]=$((${count[bytes]:-0} + sectors * 512))
+        start "$victim"
+        random_write 256
+        ;;
     check)
         checkpoint
         log "  checkpoint: device and both disks equal the model"
@@ -188,6 +213,6 @@ for ((i = 1; i <= steps; i++)); do
 done
 checkpoint
 summary=""
-for k in write cut restore delay disk check; do summary+="$k=${count[$k]:-0} "; done
+for k in write cut restore delay disk power check; do summary+="$k=${count[$k]:-0} "; done
 log "PASS $steps steps (${summary}written=${count[bytes]:-0} bytes): device and both disks equal the model"
 log "all passed in $(($(date +%s) - t0))s (seed $seed)"
