@@ -63,6 +63,12 @@ step "nbd clients" initiator-tests/nbd-clients.sh --target "$target"
 # --- Two real nodes (`twinblade run`) in namespaces: sync, failover, kill -9, split brain. --------
 step "replicated pair" initiator-tests/replication.sh
 step "resync and verify" initiator-tests/resync.sh
+# Power cuts (volatile write cache under both nodes): durability=power keeps every acknowledged
+# write; durability=node provably loses some, so the check bites.
+step "power cut" initiator-tests/power-cut.sh
+# The model test: seeded random writes, link cuts, slow and failing disks; the device and both
+# disks must equal a model image. The seed is printed (rerun with --seed N).
+step "chaos model" initiator-tests/chaos.sh ${TWINBLADE_CHAOS_SEED:+--seed "$TWINBLADE_CHAOS_SEED"}
 
 # --- Real Linux aoe driver in a VM, at both MTUs. ------------------------------------------------
 step "vm build" initiator-tests/vm/build.sh

@@ -79,7 +79,8 @@ pub enum Command {
     /// ranges that differ and resync them. Needs a connected pair with both disks UpToDate.
     Verify(WaitArgs),
     /// Test hook: make the data disk slow or failing (`write-delay-ms=N`, `write-error`,
-    /// `read-error`, `clear`); needs a daemon started with TWINBLADE_TEST_FAULTS=1.
+    /// `read-error`, `clear`); needs a daemon started with TWINBLADE_TEST_FAULTS=1. Or cut the
+    /// node's power (`power-cut [keep-subset SEED]`); needs TWINBLADE_TEST_POWER_CUT=1.
     #[command(hide = true)]
     Fault(FaultArgs),
 }

@@ -101,6 +101,9 @@ pub struct IoPlan {
     pub give_up_after: Duration,
     /// Random (frame-aligned) order instead of sequential.
     pub random: bool,
+    /// Reads only: also write what was read into this file, at the device offset (a copy of
+    /// the device range to compare with a model).
+    pub out: Option<std::sync::Arc<std::fs::File>>,
 }
 
 /// What a pipelined run measured.
@@ -153,6 +156,30 @@ pub fn fill_pattern(seed: u64, sector: u64, out: &mut [u8]) {
         state ^= state << 17;
         chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
     }
+}
+
+/// Writes pattern `seed` for `sectors` sectors from `start_sector` into `file` at the same
+/// byte offsets: what a write of that pattern leaves on the device (a test's model).
+pub fn write_pattern_into(
+    file: &std::fs::File,
+    seed: u64,
+    start_sector: u64,
+    sectors: u64,
+) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: u64 = 2048;
+    let mut buf = vec![0u8; (CHUNK * 512) as usize];
+    let mut done = 0;
+    while done < sectors {
+        let n = CHUNK.min(sectors - done);
+        let chunk = &mut buf[..(n * 512) as usize];
+        for (i, sector) in chunk.chunks_mut(512).enumerate() {
+            fill_pattern(seed, start_sector + done + i as u64, sector);
+        }
+        file.write_all_at(chunk, (start_sector + done) * 512)?;
+        done += n;
+    }
+    Ok(())
 }
 
 /// An initiator bound to one interface.
@@ -415,7 +442,13 @@ impl Initiator {
 
     /// Runs a pipelined read or write. Errors from the target (AoE error, ATA failure) end
     /// the run; lost frames are resent.
+    ///
+    /// A blade that moves to another MAC and announces itself there (an unsolicited config
+    /// response for the same `shelf.slot`, as a node taking over does) gets everything that is
+    /// still unanswered, at once, and the rest of the run.
     pub fn run(&mut self, target: &Target, plan: &IoPlan) -> Result<IoReport> {
+        let mut target = target.clone();
+        let target = &mut target;
         let per_frame = u64::from(plan.sectors_per_frame.max(1));
         let frames_total = plan.sectors.div_ceil(per_frame);
         let mut order: Vec<u64> = (0..frames_total).collect();
@@ -471,6 +504,22 @@ impl Initiator {
                 let Ok(view) = Frame::new_checked(&bufs[i][..lens[i]]) else {
                     continue;
                 };
+                if view.is_response()
+                    && view.command() == Command::Config
+                    && view.tag() == 0
+                    && view.shelf() == target.shelf
+                    && view.slot() == target.slot
+                    && view.src() != target.mac
+                {
+                    // The blade moved: resend what the old MAC did not answer to the new one.
+                    target.mac = view.src();
+                    for request in in_flight.values_mut() {
+                        request.sent_at = now
+                            .checked_sub(plan.retransmit_after + Duration::from_millis(1))
+                            .unwrap_or(now);
+                    }
+                    continue;
+                }
                 if !view.is_response() || view.command() != Command::Ata {
                     continue;
                 }
@@ -502,6 +551,10 @@ impl Initiator {
                         return Err(InitiatorError::Target(
                             "read reply carries too little data".into(),
                         ));
+                    }
+                    if let Some(out) = &plan.out {
+                        use std::os::unix::fs::FileExt;
+                        out.write_all_at(&data[..bytes as usize], request.first_sector * 512)?;
                     }
                     if plan.verify {
                         for (j, sector) in data[..bytes as usize].chunks(512).enumerate() {
@@ -538,6 +591,7 @@ impl Initiator {
                     let tag = self.tag();
                     let mut frame = Frame::new_unchecked(&mut request.frame[..]);
                     frame.set_tag(tag);
+                    frame.set_dst(target.mac);
                     request.sent_at = now;
                     resend.push(request.frame.clone());
                     in_flight.insert(tag, request);
@@ -572,6 +626,32 @@ mod tests {
         assert_ne!(a, b);
         fill_pattern(1, 10, &mut b);
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn the_model_holds_what_a_write_writes_and_nothing_else() {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(3000 * 512).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &[0xAA; 512], 5 * 512).unwrap();
+        // Across the helper's chunk boundary (2048 sectors).
+        write_pattern_into(&file, 7, 10, 2100).unwrap();
+        let mut data = vec![0u8; 3000 * 512];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut data, 0).unwrap();
+        let mut expected = vec![0u8; 512];
+        for sector in 0..3000u64 {
+            let got = &data[sector as usize * 512..(sector as usize + 1) * 512];
+            if (10..2110).contains(&sector) {
+                fill_pattern(7, sector, &mut expected);
+                assert_eq!(got, &expected[..], "sector {sector}");
+            } else if sector == 5 {
+                assert_eq!(got, &[0xAA; 512][..], "sector 5 was not written");
+            } else {
+                assert!(
+                    got.iter().all(|&b| b == 0),
+                    "sector {sector} was not written"
+                );
+            }
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 use std::time::Duration;
-use twinblade_initiator::{parse_target, Initiator, IoPlan};
+use twinblade_initiator::{parse_target, write_pattern_into, Initiator, IoPlan};
 
 #[derive(Parser)]
 #[command(
@@ -41,6 +41,21 @@ enum Cmd {
     Flush {
         /// Blade, e.g. e0.3.
         target: String,
+    },
+    /// No network: apply what `write --seed S --offset O --bytes B` writes to a model file
+    /// (created if missing), so a test can compare the device with it.
+    Model {
+        /// The model file.
+        file: std::path::PathBuf,
+        /// Bytes the write covered (suffix K, M, G allowed).
+        #[arg(long, value_parser = parse_size)]
+        bytes: u64,
+        /// Start offset in bytes (multiple of 512).
+        #[arg(long, default_value = "0", value_parser = parse_size)]
+        offset: u64,
+        /// Pattern seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
 }
 
@@ -78,6 +93,10 @@ struct IoArgs {
     /// Print p50/p99 latency.
     #[arg(long)]
     latency: bool,
+    /// Reads only: write what was read into this file at the device offsets (created if
+    /// missing), to compare with a model.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -105,6 +124,29 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    if let Cmd::Model {
+        file,
+        bytes,
+        offset,
+        seed,
+    } = &cli.command
+    {
+        if !offset.is_multiple_of(512) || !bytes.is_multiple_of(512) {
+            return Err("--offset and --bytes must be multiples of 512".into());
+        }
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(file)
+            .map_err(|e| format!("{}: {e}", file.display()))?;
+        write_pattern_into(&f, *seed, offset / 512, bytes / 512)?;
+        println!(
+            "model={} offset={offset} bytes={bytes} seed={seed}",
+            file.display()
+        );
+        return Ok(());
+    }
     let mut init = Initiator::open(&cli.interface)?;
     match cli.command {
         Cmd::Discover { wait_ms } => {
@@ -139,6 +181,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
         Cmd::Write(args) => io(&mut init, args, true)?,
         Cmd::Read(args) => io(&mut init, args, false)?,
+        Cmd::Model { .. } => unreachable!("handled above"),
     }
     Ok(())
 }
@@ -158,6 +201,20 @@ fn io(init: &mut Initiator, args: IoArgs, write: bool) -> Result<(), Box<dyn std
         )
         .into());
     }
+    if write && args.out.is_some() {
+        return Err("--out is for reads".into());
+    }
+    let out = match &args.out {
+        Some(path) => Some(std::sync::Arc::new(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?,
+        )),
+        None => None,
+    };
     let plan = IoPlan {
         write,
         start_sector: args.offset / 512,
@@ -169,6 +226,7 @@ fn io(init: &mut Initiator, args: IoArgs, write: bool) -> Result<(), Box<dyn std
         retransmit_after: Duration::from_millis(args.retransmit_ms),
         give_up_after: Duration::from_secs(args.give_up_s),
         random: args.random,
+        out,
     };
     let report = init.run(&target, &plan)?;
     let frames = report.latencies.len().max(1) as f64;

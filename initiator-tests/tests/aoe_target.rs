@@ -24,6 +24,7 @@ fn plan(write: bool, bytes: u64, outstanding: usize, target: &Target, seed: u64)
         retransmit_after: Duration::from_millis(500),
         give_up_after: Duration::from_secs(20),
         random: false,
+        out: None,
     }
 }
 

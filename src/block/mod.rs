@@ -36,6 +36,7 @@ pub mod fault;
 pub mod file;
 pub mod null;
 pub mod order;
+pub mod volatile;
 
 use std::io;
 
@@ -157,6 +158,37 @@ pub trait BlockDevice: Send + Sync {
             done += n;
         }
         Ok(())
+    }
+}
+
+/// A shared device is a device: wrappers such as [`FaultyDevice`] can sit on an `Arc`.
+impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        (**self).capabilities()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        (**self).read_at(buf, offset)
+    }
+
+    fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<()> {
+        (**self).write_at(data, offset, fua)
+    }
+
+    fn flush(&self) -> Result<()> {
+        (**self).flush()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        (**self).discard(offset, len)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        (**self).write_zeroes(offset, len, fua)
     }
 }
 

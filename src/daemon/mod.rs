@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::block::fault::FaultyDevice;
 use crate::block::file::OpenOptions;
+use crate::block::volatile::{Prefix, VolatileCache};
 use crate::block::BlockDevice;
 use crate::config::{Config, MetaDisk};
 use crate::meta::store::MetaStore;
@@ -36,7 +37,73 @@ use resource::{Resource, ResourceSpec};
 pub const TEST_FAULTS_ENV: &str = "TWINBLADE_TEST_FAULTS";
 
 /// The fault-injecting layer a test can steer.
-pub type TestFaults = Arc<FaultyDevice<crate::block::file::FileDevice>>;
+pub type TestFaults = Arc<FaultyDevice<Arc<dyn BlockDevice>>>;
+
+/// Set (to anything) to put a volatile write cache ([`VolatileCache`]) in front of every
+/// backing file of `twinblade run` (data and meta-data; one cache per file), so that `kill -9`
+/// of the daemon is a power cut that loses every unflushed write, and to enable the control
+/// verb `fault RES power-cut [keep-subset SEED]` — for crash tests, never for production.
+pub const TEST_POWER_CUT_ENV: &str = "TWINBLADE_TEST_POWER_CUT";
+
+/// How long `fault RES power-cut` waits before cutting, so its answer reaches the caller.
+const POWER_CUT_DELAY: std::time::Duration = std::time::Duration::from_millis(200);
+
+type TestCache = Arc<VolatileCache<crate::block::file::FileDevice>>;
+
+/// Every volatile cache of this process: a power cut hits them all.
+static TEST_CACHES: std::sync::Mutex<Vec<(PathBuf, TestCache)>> = std::sync::Mutex::new(Vec::new());
+
+/// The test verb `fault RES power-cut [keep-subset SEED]`: shortly after answering, writes a
+/// seeded random subset of every cached sector of every backing file of this process (none
+/// without `keep-subset`), forgets the rest and aborts the process — a power cut.
+pub fn power_cut(args: &[&str]) -> Result<String, String> {
+    let keep = match args {
+        [] => None,
+        ["keep-subset", seed] => Some(
+            seed.parse::<u64>()
+                .map_err(|e| format!("power-cut: bad seed {seed:?}: {e}"))?,
+        ),
+        _ => {
+            return Err(format!(
+                "power-cut: unexpected {args:?} (power-cut [keep-subset SEED])"
+            ))
+        }
+    };
+    let caches = TEST_CACHES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if caches.is_empty() {
+        return Err(format!(
+            "power-cut needs a daemon started with {TEST_POWER_CUT_ENV}=1"
+        ));
+    }
+    let cached: u64 = caches.iter().map(|(_, c)| c.cached_bytes()).sum();
+    std::thread::spawn(move || {
+        std::thread::sleep(POWER_CUT_DELAY);
+        // Every cache held at once: no I/O gets through from the first cut to the abort.
+        let mut held: Vec<_> = caches.iter().map(|(_, c)| c.hold_for_cut()).collect();
+        for ((path, _), h) in caches.iter().zip(held.iter_mut()) {
+            let r = h.cut(keep);
+            tracing::warn!(
+                "power cut: {}: {} cached sectors reached the disk, {} lost",
+                path.display(),
+                r.kept,
+                r.lost
+            );
+        }
+        std::process::abort();
+    });
+    Ok(format!(
+        "power cut in {} ms ({} bytes cached, {})",
+        POWER_CUT_DELAY.as_millis(),
+        cached,
+        match keep {
+            Some(seed) => format!("keeping a subset, seed {seed}"),
+            None => "losing all of them".to_string(),
+        }
+    ))
+}
 
 /// The default control socket.
 pub const DEFAULT_CONTROL: &str = "/run/twinblade/control.sock";
@@ -177,23 +244,45 @@ fn attach(config: &Config, name: &str, node: &str) -> Result<Attached, RunError>
             .open(path)
             .map_err(|e| err(format!("{}: {e}", path.display())))
     };
-    let (meta_dev, kind, data_size_hint): (Arc<dyn BlockDevice>, MetaKind, u64) =
-        match &on.meta_disk {
-            MetaDisk::Internal => {
-                let whole = open(&on.disk, None)?;
-                let size = whole.size();
-                (Arc::new(whole), MetaKind::Internal, size)
-            }
-            MetaDisk::External(path) => {
-                let data = open(&on.disk, None)?;
-                let size = data.size();
-                (Arc::new(open(path, None)?), MetaKind::External, size)
-            }
-        };
+    let power_cut = std::env::var_os(TEST_POWER_CUT_ENV).is_some();
+    // A whole backing file, behind the volatile cache when power cuts are tested.
+    let whole = |path: &PathBuf| -> Result<Arc<dyn BlockDevice>, RunError> {
+        let file = open(path, None)?;
+        if !power_cut {
+            return Ok(Arc::new(file));
+        }
+        tracing::warn!(
+            resource = name,
+            "{TEST_POWER_CUT_ENV} is set: {} is behind a volatile write cache (tests only)",
+            path.display()
+        );
+        let cache = Arc::new(VolatileCache::new(
+            file,
+            crate::block::volatile::DEFAULT_CAP,
+        ));
+        TEST_CACHES
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((path.clone(), cache.clone()));
+        Ok(cache)
+    };
+    let disk = whole(&on.disk)?;
+    let data_size_hint = disk.size();
+    let (meta_dev, kind) = match &on.meta_disk {
+        MetaDisk::Internal => (disk.clone(), MetaKind::Internal),
+        MetaDisk::External(path) => (whole(path)?, MetaKind::External),
+    };
     let insp = crate::meta::store::inspect(meta_dev.as_ref(), data_size_hint, kind)
         .map_err(|e| err(format!("{e} (run `twinblade create-md {name}` first?)")))?;
     let data_size = insp.layout.data_size;
-    let file = open(&on.disk, Some(data_size / 512))?;
+    // With the cache, the data area is a window onto the same cache as the meta-data, so one
+    // flush covers both, as on a real disk.
+    let file: Arc<dyn BlockDevice> = if power_cut {
+        Arc::new(Prefix::new(disk, data_size))
+    } else {
+        drop(disk);
+        Arc::new(open(&on.disk, Some(data_size / 512))?)
+    };
     let (data, faults): (Arc<dyn BlockDevice>, Option<TestFaults>) =
         if std::env::var_os(TEST_FAULTS_ENV).is_some() {
             tracing::warn!(
@@ -203,7 +292,7 @@ fn attach(config: &Config, name: &str, node: &str) -> Result<Attached, RunError>
             let f = Arc::new(FaultyDevice::new(file));
             (f.clone(), Some(f))
         } else {
-            (Arc::new(file), None)
+            (file, None)
         };
     let (store, report) =
         MetaStore::attach(meta_dev, data.clone(), kind).map_err(|e| err(e.to_string()))?;
@@ -262,5 +351,25 @@ impl NbdHandle {
     pub fn stop(self) {
         self.cancel.cancel();
         let _ = self.thread.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn power_cut_refuses_bad_words_and_a_daemon_without_the_cache() {
+        let err = power_cut(&["keep-some"]).unwrap_err();
+        assert!(err.contains("power-cut [keep-subset SEED]"), "{err}");
+        let err = power_cut(&["keep-subset", "x"]).unwrap_err();
+        assert!(err.contains("bad seed \"x\""), "{err}");
+        let err = power_cut(&["keep-subset"]).unwrap_err();
+        assert!(err.contains("unexpected"), "{err}");
+        // No cache was set up in this process (the environment variable is not set), so this
+        // refuses instead of aborting the test binary.
+        assert!(std::env::var_os(TEST_POWER_CUT_ENV).is_none());
+        let err = power_cut(&["keep-subset", "7"]).unwrap_err();
+        assert!(err.contains(TEST_POWER_CUT_ENV), "{err}");
     }
 }

@@ -517,6 +517,9 @@ impl Resource {
     /// `read-error`, `clear`.
     pub fn inject(&self, specs: &[&str]) -> Result<String, String> {
         use crate::block::fault::{FaultSpec, InjectedError};
+        if let Some((&"power-cut", args)) = specs.split_first() {
+            return super::power_cut(args);
+        }
         let faults = self.spec.faults.as_ref().ok_or_else(|| {
             format!(
                 "fault injection is off (start the daemon with {}=1)",
@@ -534,7 +537,7 @@ impl Resource {
                     match (ms("write-delay-ms="), ms("read-delay-ms=")) {
                         (Some(Ok(n)), _) => config.write_delay = Duration::from_millis(n),
                         (_, Some(Ok(n))) => config.read_delay = Duration::from_millis(n),
-                        _ => return Err(format!("unknown fault {other:?} (write-delay-ms=N, read-delay-ms=N, write-error, read-error, clear)")),
+                        _ => return Err(format!("unknown fault {other:?} (write-delay-ms=N, read-delay-ms=N, write-error, read-error, clear, power-cut [keep-subset SEED])")),
                     }
                 }
             }
@@ -1001,7 +1004,7 @@ impl Resource {
                 self.set_flags(0, flags::CONSISTENT);
             }
             Message::BitmapChunk(c) => {
-                self.apply_bitmap_chunk(&c);
+                // The bits were applied by the applier thread, in order with the resync data.
                 if c.last {
                     if let Some(job) = &mut st.job {
                         job.peer_bitmap_done = true;
@@ -1991,6 +1994,14 @@ impl Resource {
                 link.send(Message::PingAck(p)).map_err(|e| e.to_string())?;
             }
             Message::PingAck(_) => {}
+            Message::BitmapChunk(c) => {
+                // Here, not on the engine thread: the peer's resync data that follows must
+                // clear these bits, not be overtaken by them (stale out-of-sync bits).
+                self.apply_bitmap_chunk(&c);
+                if c.last {
+                    self.send(Input::PeerMessage(link.conn_id, Message::BitmapChunk(c)));
+                }
+            }
             other => self.send(Input::PeerMessage(link.conn_id, other)),
         }
         Ok(())
