@@ -194,13 +194,8 @@ impl ReplicatedDevice {
     /// Writes resync data that arrived from the sync source, except over sectors a client
     /// wrote since the resync started (both nodes have those already, newer).
     pub fn apply_resync(&self, data: &[u8], offset: u64, fua: bool) -> Result<()> {
-        let end = offset + data.len() as u64;
         let _order = self.order_lock();
-        let pieces = match &*self.sync_target.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some(written) => written.gaps(offset, end),
-            None => vec![(offset, end)],
-        };
-        for (s, e) in pieces {
+        for (s, e) in self.not_written_by_clients(offset, data.len() as u64) {
             let at = (s - offset) as usize..(e - offset) as usize;
             self.local.write_at(&data[at], s, fua)?;
         }
@@ -211,14 +206,19 @@ impl ReplicatedDevice {
     /// since the resync started (as [`apply_resync`](Self::apply_resync)).
     pub fn apply_resync_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
         let _order = self.order_lock();
-        let pieces = match &*self.sync_target.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some(written) => written.gaps(offset, offset + len),
-            None => vec![(offset, offset + len)],
-        };
-        for (s, e) in pieces {
+        for (s, e) in self.not_written_by_clients(offset, len) {
             self.local.write_zeroes(s, e - s, fua)?;
         }
         Ok(())
+    }
+
+    /// The parts of a range that no client wrote since the resync started (all of it when
+    /// this node is not a resync target). Call under the order lock.
+    fn not_written_by_clients(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
+        match &*self.sync_target.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(written) => written.gaps(offset, offset + len),
+            None => vec![(offset, offset + len)],
+        }
     }
 
     /// A read while resync target touches an out-of-sync (stale) block.
