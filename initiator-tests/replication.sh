@@ -16,54 +16,11 @@
 # Needs root; uses namespaces tbr-a, tbr-b, tbr-c and bridge tbrbr0 (nothing else touches them).
 set -euo pipefail
 
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-keep=0
-[[ ${1:-} == --keep ]] && keep=1
-bin=$repo/target/release
-tb=$bin/twinblade
-init=$bin/aoe-init
-[[ -x $tb && -x $init ]] || (cd "$repo" && cargo build --release --workspace --quiet)
+P=tbr NET=77 TAG=replication
+# shellcheck source=initiator-tests/lab-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lab-lib.sh"
+lab_up
 
-work=$(mktemp -d /tmp/tb-repl.XXXXXX)
-pids=()
-log() { printf 'replication: %s\n' "$*" >&2; }
-fail() { log "FAIL: $*"; dump; exit 1; }
-dump() {
-    for n in alpha beta; do
-        echo "----- $n log (tail)" >&2; tail -30 "$work/$n.log" >&2 || true
-    done
-}
-
-net_down() {
-    for ns in tbr-a tbr-b tbr-c; do ip netns del "$ns" 2>/dev/null || true; done
-    ip link del tbrbr0 2>/dev/null || true
-    # A deleted namespace's veths go away asynchronously; do not race a quick rerun.
-    for i in 1 2 3; do ip link del "tbrv$i" 2>/dev/null || true; done
-}
-cleanup() {
-    local rc=$?
-    for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-    ((keep)) || { net_down; rm -rf "$work"; }
-    exit "$rc"
-}
-trap cleanup EXIT
-
-net_down
-ip link add tbrbr0 type bridge
-ip link set tbrbr0 up
-i=1
-for ns in tbr-a tbr-b tbr-c; do
-    ip netns add "$ns"
-    ip link add "tbrv$i" type veth peer name eth0 netns "$ns"
-    ip link set "tbrv$i" master tbrbr0 up
-    ip -n "$ns" link set lo up
-    ip -n "$ns" link set eth0 up
-    addr=$([[ $ns == tbr-c ]] && echo 10 || echo "$i")
-    ip -n "$ns" addr add "192.168.77.$addr/24" dev eth0
-    i=$((i + 1))
-done
-
-cfg=$work/pair.toml
 write_config() { # SECRET-FOR-BETA (identical config otherwise)
     cat >"$cfg.$1" <<EOF
 [cluster]
@@ -104,51 +61,13 @@ truncate -s $((usable + (1 << 20))) "$work/beta.img"
 truncate -s $((1 << 20)) "$work/beta.md"
 "$tb" create-md --config "$cfg.beta" --node beta r0 >/dev/null
 
-declare -A pid
-start() { # NODE
-    local n=$1 ns
-    ns=$([[ $n == alpha ]] && echo tbr-a || echo tbr-b)
-    TWINBLADE_TEST_FAULTS=1 ip netns exec "$ns" "$tb" run --config "$cfg.$n" --node "$n" --control "$work/$n.sock" \
-        >>"$work/$n.log" 2>&1 &
-    pid[$n]=$!
-    pids+=("$!")
-    for _ in $(seq 50); do [[ -S $work/$n.sock ]] && return 0; sleep 0.1; done
-    fail "$n did not open its control socket"
-}
-ctl() { # NODE VERB...
-    local n=$1
-    shift
-    "$tb" "$1" --control "$work/$n.sock" "${@:2}"
-}
-field() { # NODE KEY: a value from status --json
-    ctl "$1" status r0 --json | tr ',{}' '\n\n\n' | sed -n "s/^\"$2\":\"\{0,1\}\([^\"]*\)\"\{0,1\}$/\1/p" | head -1
-}
-wait_for() { # SECONDS DESCRIPTION COMMAND...: poll until COMMAND succeeds
-    local secs=$1 what=$2 t
-    shift 2
-    for t in $(seq $((secs * 10))); do
-        if "$@" >/dev/null 2>&1; then return 0; fi
-        sleep 0.1
-    done
-    fail "timed out after ${secs}s waiting for: $what"
-}
-state_is() { # NODE KEY VALUE
-    [[ $(field "$1" "$2") == "$3" ]]
-}
-peer_role_is() { # NODE ROLE: the peer's role as NODE sees it
-    [[ $(ctl "$1" status r0 --json | sed -n 's/.*"peer":{[^}]*"role":"\([A-Za-z]*\)".*/\1/p') == "$2" ]]
-}
-in_sync() { # both UpToDate and connected
-    state_is alpha disk UpToDate && state_is beta disk UpToDate &&
-        state_is alpha replication Established && state_is beta replication Established
-}
+node_config() { echo "$cfg.$1"; } # each node has its own copy (test 6 changes beta's secret)
 data_size() { ctl alpha status r0 --json | tr ',{}' '\n\n\n' | sed -n 's/^"size":\([0-9]*\)$/\1/p'; }
 same_data() {
     local n
     n=$(data_size)
     cmp -n "$n" "$work/alpha.img" "$work/beta.img"
 }
-aoe() { ip netns exec tbr-c "$init" -i eth0 "$@"; }
 answering() { aoe discover --wait-ms 700 2>/dev/null | grep -c 'e7\.3' || true; }
 nobody_answers() { [[ $(answering) == 0 ]]; }
 

@@ -14,53 +14,11 @@
 # Needs root; uses namespaces tbs-a, tbs-b, tbs-c and bridge tbsbr0 (nothing else touches them).
 set -euo pipefail
 
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-keep=0
-[[ ${1:-} == --keep ]] && keep=1
-bin=$repo/target/release
-tb=$bin/twinblade
-init=$bin/aoe-init
-[[ -x $tb && -x $init ]] || (cd "$repo" && cargo build --release --workspace --quiet)
+P=tbs NET=79 TAG=resync
+# shellcheck source=initiator-tests/lab-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lab-lib.sh"
+lab_up
 
-work=$(mktemp -d /tmp/tb-resync.XXXXXX)
-pids=()
-log() { printf 'resync: %s\n' "$*" >&2; }
-fail() { log "FAIL: $*"; dump; exit 1; }
-dump() {
-    for n in alpha beta; do
-        echo "----- $n log (tail)" >&2; tail -30 "$work/$n.log" >&2 || true
-    done
-}
-
-net_down() {
-    for ns in tbs-a tbs-b tbs-c; do ip netns del "$ns" 2>/dev/null || true; done
-    for v in tbsv1 tbsv2 tbsv3; do ip link del "$v" 2>/dev/null || true; done
-    ip link del tbsbr0 2>/dev/null || true
-}
-cleanup() {
-    local rc=$?
-    for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-    ((keep)) || { net_down; rm -rf "$work"; }
-    exit "$rc"
-}
-trap cleanup EXIT
-
-net_down
-ip link add tbsbr0 type bridge
-ip link set tbsbr0 up
-i=1
-for ns in tbs-a tbs-b tbs-c; do
-    ip netns add "$ns"
-    ip link add "tbsv$i" type veth peer name eth0 netns "$ns"
-    ip link set "tbsv$i" master tbsbr0 up
-    ip -n "$ns" link set lo up
-    ip -n "$ns" link set eth0 up
-    addr=$([[ $ns == tbs-c ]] && echo 10 || echo "$i")
-    ip -n "$ns" addr add "192.168.79.$addr/24" dev eth0
-    i=$((i + 1))
-done
-
-cfg=$work/pair.toml
 cat >"$cfg" <<EOF
 [cluster]
 shared-secret = "resync-secret"
@@ -92,46 +50,7 @@ truncate -s "$usable" "$work/beta.img"
 truncate -s $((1 << 20)) "$work/beta.md"
 "$tb" create-md --config "$cfg" --node beta r0 >/dev/null
 
-declare -A pid
-start() { # NODE
-    local n=$1 ns
-    ns=$([[ $n == alpha ]] && echo tbs-a || echo tbs-b)
-    TWINBLADE_TEST_FAULTS=1 ip netns exec "$ns" "$tb" run --config "$cfg" --node "$n" --control "$work/$n.sock" \
-        >>"$work/$n.log" 2>&1 &
-    pid[$n]=$!
-    pids+=("$!")
-    for _ in $(seq 50); do [[ -S $work/$n.sock ]] && return 0; sleep 0.1; done
-    fail "$n did not open its control socket"
-}
-stop() { # NODE
-    kill -TERM "${pid[$1]}"
-    wait "${pid[$1]}" || true
-    rm -f "$work/$1.sock"
-}
-ctl() { # NODE VERB...
-    local n=$1
-    shift
-    "$tb" "$1" --control "$work/$n.sock" "${@:2}"
-}
-field() { # NODE KEY: the first value of KEY in status --json
-    ctl "$1" status r0 --json | tr ',{}' '\n\n\n' | sed -n "s/^\"$2\":\"\{0,1\}\([^\"]*\)\"\{0,1\}$/\1/p" | head -1
-}
-wait_for() { # SECONDS DESCRIPTION COMMAND...
-    local secs=$1 what=$2
-    shift 2
-    for _ in $(seq $((secs * 20))); do
-        if "$@" >/dev/null 2>&1; then return 0; fi
-        sleep 0.05
-    done
-    fail "timed out after ${secs}s waiting for: $what"
-}
-state_is() { [[ $(field "$1" "$2") == "$3" ]]; }
-in_sync() {
-    state_is alpha disk UpToDate && state_is beta disk UpToDate &&
-        state_is alpha replication Established && state_is beta replication Established
-}
 same_data() { cmp -n "$usable" "$work/alpha.img" "$work/beta.img"; }
-aoe() { ip netns exec tbs-c "$init" -i eth0 "$@"; }
 mib() { awk -v b="$1" 'BEGIN { printf "%.2f MiB", b / 1048576 }'; }
 
 # --- 1. full sync of a mostly-zero 1 GiB device -----------------------------------------------
