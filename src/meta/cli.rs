@@ -277,14 +277,23 @@ pub fn run_dump_md(args: DumpMdArgs) -> i32 {
         }
     };
     let fields = dump_fields(&insp, &t.node, kind, &meta_path);
-    if args.json {
-        println!("{}", to_json(&fields));
+    let text = if args.json {
+        format!("{}\n", to_json(&fields))
     } else {
-        for (k, v) in &fields {
-            println!("{k}: {}", v.text());
+        fields
+            .iter()
+            .map(|(k, v)| format!("{k}: {}\n", v.text()))
+            .collect()
+    };
+    // A reader that stops early (`| grep -q`, `| head`) is not an error worth a panic.
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            eprintln!("{prefix}: writing the dump: {e}");
+            ExitCode::Failure as i32
         }
+        _ => ExitCode::Ok as i32,
     }
-    ExitCode::Ok as i32
 }
 
 /// One dump-md value.
