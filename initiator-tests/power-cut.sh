@@ -174,6 +174,19 @@ prim=$(state_is alpha role Primary && echo alpha || echo beta)
 surv=$([[ $prim == alpha ]] && echo beta || echo alpha)
 cut_primary "$prim" "$surv" $((seed + 9))
 log "PASS durability=node, power cut of the primary ($prim, keep-subset $((seed + 9))): the activity log covered every lost write"
+# The same for the secondary (now $prim): what it acknowledged from its cache and then lost must
+# be resynced from the primary, which its own activity log makes happen.
+wseed=$((seed + 300 + RANDOM % 1000))
+start_writer $((40 << 20)) 16M "$wseed"
+sleep "0.$((RANDOM % 5))"
+power_cut "$prim" $((seed + 11))
+wait "$wpid" || fail "the client's write failed while the secondary lost power: $(cat "$work/writer.log")"
+"$init" model "$model" --seed "$wseed" --offset $((40 << 20)) --bytes 16M >/dev/null
+start "$prim"
+wait_for 60 "resync after the secondary's return" in_sync
+device_matches_model || fail "an acknowledged write is missing after the secondary's power cut (node)"
+disks_match_model || fail "the secondary lost acknowledged writes to a power cut and they were not resynced (node)"
+log "PASS durability=node, power cut of the secondary ($prim) while writing: its activity log made the resync cover what it lost"
 write_acked $((16 << 20)) 16M $((seed + 6))
 cut_both
 restart_both_and_promote

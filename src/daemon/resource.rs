@@ -1866,8 +1866,16 @@ impl Resource {
         match message {
             Message::WriteData(w) => {
                 let fua = power || w.flags & crate::repl::device::WRITE_FUA != 0;
-                let ok =
-                    !self.device.is_detached() && local.write_at(&w.data, w.offset, fua).is_ok();
+                let len = w.data.len() as u64;
+                // The activity log covers what this node acknowledges, as on the primary: if
+                // it loses power with the write only in its cache, the extent is resynced.
+                let logged = self.meta.write_begin(w.offset, len).is_ok();
+                let ok = logged
+                    && !self.device.is_detached()
+                    && local.write_at(&w.data, w.offset, fua).is_ok();
+                if logged {
+                    self.meta.write_end(w.offset, len);
+                }
                 if !ok {
                     self.device.detach();
                 } else if self.peer_diskless.load(Ordering::Acquire) {
