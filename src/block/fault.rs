@@ -257,16 +257,22 @@ impl<D: BlockDevice> FaultyDevice<D> {
         call: impl FnOnce() -> Result<T>,
     ) -> Result<T> {
         let at = Instant::now();
-        let delay = {
-            let config = lock(&self.config);
-            match kind {
-                IoKind::Read => config.read_delay,
-                IoKind::Flush => config.flush_delay,
-                IoKind::Write | IoKind::Discard | IoKind::WriteZeroes => config.write_delay,
+        // A stalled disk stays stalled until the delay is lowered or cleared: re-read it, so
+        // that `clear` also releases an I/O already waiting.
+        loop {
+            let delay = {
+                let config = lock(&self.config);
+                match kind {
+                    IoKind::Read => config.read_delay,
+                    IoKind::Flush => config.flush_delay,
+                    IoKind::Write | IoKind::Discard | IoKind::WriteZeroes => config.write_delay,
+                }
+            };
+            let waited = at.elapsed();
+            if waited >= delay {
+                break;
             }
-        };
-        if !delay.is_zero() {
-            std::thread::sleep(delay);
+            std::thread::sleep((delay - waited).min(Duration::from_millis(20)));
         }
         let injected = {
             let mut config = lock(&self.config);
@@ -585,6 +591,25 @@ mod tests {
 
         dev.clear_faults();
         assert_eq!(dev.faults(), FaultConfig::default());
+    }
+
+    #[test]
+    fn clearing_a_delay_releases_an_io_already_waiting() {
+        let dev = std::sync::Arc::new(FaultyDevice::new(NullDevice::new(8192)));
+        dev.set_write_delay(Duration::from_secs(60));
+        let writer = {
+            let dev = dev.clone();
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                dev.write_at(&[0; 512], 0, false).unwrap();
+                started.elapsed()
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        dev.clear_faults();
+        let took = writer.join().unwrap();
+        assert!(took >= Duration::from_millis(100), "{took:?}");
+        assert!(took < Duration::from_secs(10), "{took:?}");
     }
 
     #[test]

@@ -1710,6 +1710,12 @@ impl Resource {
             // An orderly stop is a demotion: the next start is not a crashed primary.
             self.set_flags(0, flags::PRIMARY_IND);
         }
+        // The applier may still be finishing a write from the peer; it cannot start another
+        // (the link is down), so wait for it rather than leave the meta-data unclean.
+        let still = self.meta.wait_for_writes(Duration::from_secs(10));
+        if still > 0 {
+            tracing::error!(resource = %self.spec.name, "{still} writes still in flight at shutdown");
+        }
         if let Err(e) = self.device.local().flush() {
             tracing::error!(resource = %self.spec.name, error = %e, "flush at shutdown failed");
         }

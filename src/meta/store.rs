@@ -686,6 +686,25 @@ impl MetaStore {
         Ok(())
     }
 
+    /// Waits up to `timeout` for every write between `write_begin` and `write_end` to end.
+    /// Returns how many are still in flight.
+    pub fn wait_for_writes(&self, timeout: std::time::Duration) -> u64 {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut g = lock(&self.al);
+        loop {
+            let in_flight = g.al.in_flight();
+            let now = std::time::Instant::now();
+            if in_flight == 0 || now >= deadline {
+                return in_flight;
+            }
+            g = self
+                .al_cond
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
     /// Clean shutdown: waits for the current transaction, refuses if writes are in flight,
     /// flushes the data, writes the bitmap, then sets AL_CLEAN (and clears PRIMARY_IND: an
     /// orderly shutdown is a demotion). The store stays usable; the next write into any
