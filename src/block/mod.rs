@@ -28,6 +28,10 @@
 //!   the device as failed for durability purposes (exports report it to the client; the
 //!   replicated device detaches the disk). [`BlockError::OutOfRange`] and
 //!   [`BlockError::Unsupported`] are the caller's mistakes and change nothing.
+//! * **Started writes.** [`BlockDevice::start_write`] splits a write in two: the call orders it
+//!   (and does what can be done at once), [`WriteCompletion::wait`] returns its outcome. An
+//!   export may go on with other requests meanwhile and acknowledge the write when it completes;
+//!   the replicated device uses this to keep many writes in flight to the peer.
 //! * **Discard and write-zeroes** are optional ([`Capabilities`]). After `write_zeroes` the
 //!   range reads as zeros; after `discard` its contents are unspecified but stable.
 
@@ -95,6 +99,19 @@ impl BlockError {
         }
     }
 
+    /// The same error again, for answering several requests that failed as one.
+    pub fn duplicate(&self) -> BlockError {
+        match self {
+            BlockError::Io(e) => BlockError::Io(io::Error::new(e.kind(), e.to_string())),
+            BlockError::NoSpace => BlockError::NoSpace,
+            &BlockError::OutOfRange { offset, len, size } => {
+                BlockError::OutOfRange { offset, len, size }
+            }
+            BlockError::ReadOnly => BlockError::ReadOnly,
+            BlockError::Unsupported => BlockError::Unsupported,
+        }
+    }
+
     /// The errno an export reports for this error (NBD sends it on the wire).
     pub fn errno(&self) -> i32 {
         match self {
@@ -125,6 +142,15 @@ pub trait BlockDevice: Send + Sync {
 
     /// Writes `data` at `offset`. With `fua`, the data is on stable storage when this returns.
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<()>;
+
+    /// Starts a write whose completion may come later, from another thread: what
+    /// [`WriteCompletion::wait`] returns is what [`write_at`](Self::write_at) would have. The
+    /// write is ordered when this returns: a later call that overlaps it sees it and lands
+    /// after it. A device that has nothing to wait for (the default) completes it here.
+    fn start_write(&self, data: &[u8], offset: u64, fua: bool) -> Result<WriteCompletion> {
+        self.write_at(data, offset, fua)?;
+        Ok(WriteCompletion::done())
+    }
 
     /// Makes every write that completed before this call stable.
     fn flush(&self) -> Result<()>;
@@ -179,6 +205,10 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
         (**self).write_at(data, offset, fua)
     }
 
+    fn start_write(&self, data: &[u8], offset: u64, fua: bool) -> Result<WriteCompletion> {
+        (**self).start_write(data, offset, fua)
+    }
+
     fn flush(&self) -> Result<()> {
         (**self).flush()
     }
@@ -189,6 +219,53 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
 
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
         (**self).write_zeroes(offset, len, fua)
+    }
+}
+
+/// The rest of a write started by [`BlockDevice::start_write`].
+pub trait PendingWrite: Send {
+    /// Whether [`finish`](Self::finish) would return without waiting.
+    fn poll(&mut self) -> bool;
+    /// Waits for the write to complete and returns its outcome.
+    fn finish(self: Box<Self>) -> Result<()>;
+}
+
+/// A started write: complete already, or waiting for something (a peer's acknowledgement).
+#[must_use = "a started write must be waited for before it is acknowledged"]
+pub struct WriteCompletion(Option<Box<dyn PendingWrite>>);
+
+impl WriteCompletion {
+    /// A write that has completed successfully.
+    pub fn done() -> Self {
+        WriteCompletion(None)
+    }
+
+    /// A write that completes when `pending` says so.
+    pub fn pending(pending: Box<dyn PendingWrite>) -> Self {
+        WriteCompletion(Some(pending))
+    }
+
+    /// Whether [`wait`](Self::wait) would return without waiting.
+    pub fn poll(&mut self) -> bool {
+        self.0.as_mut().is_none_or(|p| p.poll())
+    }
+
+    /// Waits for the write; `Ok` once it has completed as `write_at` defines.
+    pub fn wait(self) -> Result<()> {
+        match self.0 {
+            None => Ok(()),
+            Some(pending) => pending.finish(),
+        }
+    }
+}
+
+impl std::fmt::Debug for WriteCompletion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "WriteCompletion(pending)"
+        } else {
+            "WriteCompletion(done)"
+        })
     }
 }
 

@@ -641,7 +641,10 @@ impl Resource {
             );
             if st.last_ping.elapsed() >= PING_INTERVAL {
                 st.last_ping = Instant::now();
-                let _ = link.send(Message::Ping(PingRepr { cookie: 0 }));
+                // Never wait for the sender: if it is busy, data is flowing, which the peer
+                // hears as well as a ping; and a sender stuck on a dead link must not stop
+                // this thread from noticing that the peer has gone silent.
+                let _ = link.try_send(Message::Ping(PingRepr { cookie: 0 }));
             }
         }
         self.step(&mut st, Event::Tick);
@@ -904,6 +907,12 @@ impl Resource {
             return;
         }
         let Handshaken { conn, params, .. } = hs;
+        // A send blocked longer than the peer may stay silent means the peer is gone: fail
+        // the link then, rather than hold the sender (and everyone queued behind it) until
+        // TCP gives up many minutes later.
+        let _ = conn.stream.set_write_timeout(Some(
+            st.machine.config().dead_time.max(Duration::from_secs(1)),
+        ));
         let reader_stream = match conn.stream.try_clone() {
             Ok(s) => s,
             Err(e) => {
@@ -1813,13 +1822,28 @@ impl Resource {
             let _ = std::thread::Builder::new()
                 .name(format!("apply-{}", self.spec.name))
                 .spawn(move || {
-                    for message in work_rx {
-                        if let Err(e) = me.apply(&link, message) {
+                    // Acknowledgements of a burst of writes leave together, after the last of
+                    // them is written: one send (and one wake-up of the peer) per burst.
+                    let mut acks = Vec::new();
+                    let mut next = work_rx.recv().ok();
+                    while let Some(message) = next {
+                        let mut answered = Ok(());
+                        if !matches!(message, Message::WriteData(_)) || acks.len() >= 64 {
+                            answered = send_acks(&link, &mut acks);
+                        }
+                        answered = answered.and_then(|()| me.apply(&link, message, &mut acks));
+                        next = work_rx.try_recv().ok();
+                        if next.is_none() {
+                            answered = answered.and_then(|()| send_acks(&link, &mut acks));
+                            next = work_rx.recv().ok();
+                        }
+                        if let Err(e) = answered {
                             tracing::warn!(resource = %me.spec.name, "peer link failed while answering: {e}");
                             link.fail_all();
                             return;
                         }
                     }
+                    let _ = send_acks(&link, &mut acks);
                 });
         }
         let why = loop {
@@ -1829,7 +1853,11 @@ impl Resource {
             };
             link.heard();
             let answered = match &message {
-                Message::Ping(p) => link.send(Message::PingAck(*p)).map_err(|e| e.to_string()),
+                // Not behind a busy sender: this thread must keep reading (see tick).
+                Message::Ping(p) => link
+                    .try_send(Message::PingAck(*p))
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
                 Message::PingAck(_) => Ok(()),
                 Message::WriteAck(a) => {
                     link.complete(a.id & ID_MASK, Reply::Ack(a.kind));
@@ -1866,7 +1894,15 @@ impl Resource {
     }
 
     /// Applies one message from the peer, in arrival order (the applier thread).
-    fn apply(&self, link: &PeerLink, message: Message) -> Result<(), String> {
+    ///
+    /// A `WriteData` answered under protocol C leaves its acknowledgement in `acks`, for the
+    /// caller to send (with the others of its burst) before anything else.
+    fn apply(
+        &self,
+        link: &PeerLink,
+        message: Message,
+        acks: &mut Vec<Message>,
+    ) -> Result<(), String> {
         let local = self.device.local();
         let power = self.spec.durability == Durability::Power;
         match message {
@@ -1888,15 +1924,12 @@ impl Resource {
                     self.meta.mark_out_of_sync(w.offset, w.data.len() as u64);
                 }
                 if w.id != 0 && self.spec.protocol == ReplProtocol::C {
-                    send_ack(
-                        link,
-                        w.id,
-                        if ok {
-                            AckKind::Completed
-                        } else {
-                            AckKind::Failed
-                        },
-                    )?;
+                    let kind = if ok {
+                        AckKind::Completed
+                    } else {
+                        AckKind::Failed
+                    };
+                    acks.push(Message::WriteAck(WriteAckRepr { id: w.id, kind }));
                 }
             }
             Message::Barrier(b) => {
@@ -2071,6 +2104,14 @@ fn checksums_of(dev: &dyn BlockDevice, offset: u64, len: u64) -> Option<Vec<u32>
     let mut buf = vec![0u8; len as usize];
     dev.read_at(&mut buf, offset).ok()?;
     Some(block_checksums(&buf))
+}
+
+/// Sends the acknowledgements collected so far, in one write.
+fn send_acks(link: &PeerLink, acks: &mut Vec<Message>) -> Result<(), String> {
+    if acks.is_empty() {
+        return Ok(());
+    }
+    link.send_all(acks.drain(..)).map_err(|e| e.to_string())
 }
 
 fn send_ack(link: &PeerLink, id: u64, kind: AckKind) -> Result<(), String> {

@@ -36,10 +36,12 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use crate::block::{check_range, BlockDevice, BlockError, Capabilities, Result};
+use crate::block::{
+    check_range, BlockDevice, BlockError, Capabilities, PendingWrite, Result, WriteCompletion,
+};
 use crate::meta::store::MetaStore;
 use crate::wire::repl::{
-    AckKind, BarrierRepr, Durability, Message, ReplProtocol, ResyncRequestRepr, WriteDataRepr,
+    AckKind, BarrierRepr, Durability, Message, ReplProtocol, ResyncRequestRepr,
 };
 
 use super::link::{PeerLink, Reply};
@@ -82,7 +84,7 @@ pub struct ReplicatedDevice {
     /// `Some` while this node is a resync target: the sectors clients wrote since it started.
     sync_target: Mutex<Option<SectorSet>>,
     /// Counters.
-    pub counters: IoCounters,
+    pub counters: Arc<IoCounters>,
 }
 
 /// A set of byte ranges, merged where they touch.
@@ -170,7 +172,7 @@ impl ReplicatedDevice {
             limit: AtomicU64::new(u64::MAX),
             events,
             sync_target: Mutex::new(None),
-            counters: IoCounters::default(),
+            counters: Arc::default(),
         }
     }
 
@@ -298,16 +300,65 @@ impl ReplicatedDevice {
             }
         }
     }
+}
 
-    fn wait_peer(answer: Option<super::link::Answer>) -> bool {
-        match answer {
-            Some(rx) => matches!(
-                rx.recv(),
-                Ok(Reply::Ack(AckKind::Completed | AckKind::Received))
-            ),
-            None => false,
+/// What the peer said (or will say) about a replicated write.
+enum PeerOutcome {
+    Known(bool),
+    Waiting(super::link::Answer),
+}
+
+/// A replicated write sent to the peer and written locally, waiting for the peer's answer.
+struct ReplicatedWrite {
+    meta: Arc<MetaStore>,
+    counters: Arc<IoCounters>,
+    offset: u64,
+    len: u64,
+    local_ok: bool,
+    peer: PeerOutcome,
+}
+
+impl PendingWrite for ReplicatedWrite {
+    fn poll(&mut self) -> bool {
+        let PeerOutcome::Waiting(rx) = &self.peer else {
+            return true;
+        };
+        match rx.try_recv() {
+            Ok(reply) => {
+                self.peer = PeerOutcome::Known(peer_has_it(&reply));
+                true
+            }
+            Err(std::sync::mpsc::TryRecvError::Empty) => false,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                self.peer = PeerOutcome::Known(false);
+                true
+            }
         }
     }
+
+    fn finish(self: Box<Self>) -> Result<()> {
+        let peer_ok = match &self.peer {
+            PeerOutcome::Known(ok) => *ok,
+            PeerOutcome::Waiting(rx) => rx.recv().is_ok_and(|reply| peer_has_it(&reply)),
+        };
+        let (offset, len) = (self.offset, self.len);
+        if !peer_ok && !self.local_ok {
+            self.meta.write_end(offset, len);
+            return Err(no_disk());
+        }
+        if !peer_ok || !self.local_ok {
+            // Only one replica has it: the block differs until a resync (a detached local
+            // disk records what it missed, as far as its meta-data can still be written).
+            self.meta.mark_out_of_sync(offset, len);
+            self.counters.writes_marked.fetch_add(1, Ordering::Relaxed);
+        }
+        self.meta.write_end(offset, len);
+        Ok(())
+    }
+}
+
+fn peer_has_it(reply: &Reply) -> bool {
+    matches!(reply, Reply::Ack(AckKind::Completed | AckKind::Received))
 }
 
 impl BlockDevice for ReplicatedDevice {
@@ -359,6 +410,10 @@ impl BlockDevice for ReplicatedDevice {
     }
 
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<()> {
+        self.start_write(data, offset, fua)?.wait()
+    }
+
+    fn start_write(&self, data: &[u8], offset: u64, fua: bool) -> Result<WriteCompletion> {
         let len = data.len() as u64;
         check_range(self.size(), offset, len)?;
         self.meta
@@ -374,41 +429,30 @@ impl BlockDevice for ReplicatedDevice {
                 written.insert(offset, offset + len);
             }
             let answer = self.link().and_then(|link| {
-                let message = |id| {
-                    Message::WriteData(WriteDataRepr {
-                        id,
-                        offset,
-                        flags: if fua { WRITE_FUA } else { 0 },
-                        data: data.to_vec(),
-                    })
-                };
+                let flags = if fua { WRITE_FUA } else { 0 };
                 self.counters.sent_bytes.fetch_add(len, Ordering::Relaxed);
                 if self.protocol == ReplProtocol::A {
                     // Fire and forget: id 0 asks for no acknowledgement.
-                    link.send(message(0)).ok().map(|()| None)
+                    link.send_write(offset, flags, data).ok().map(|()| None)
                 } else {
-                    link.request(message).map(Some)
+                    link.request_write(offset, flags, data).map(Some)
                 }
             });
             (answer, self.local_write(data, offset, fua))
         };
-        let peer_ok = match answer {
-            Some(None) => true,
-            Some(Some(rx)) => Self::wait_peer(Some(rx)),
-            None => false,
+        let peer = match answer {
+            Some(None) => PeerOutcome::Known(true),
+            Some(Some(rx)) => PeerOutcome::Waiting(rx),
+            None => PeerOutcome::Known(false),
         };
-        if !peer_ok && !local_ok {
-            self.meta.write_end(offset, len);
-            return Err(no_disk());
-        }
-        if !peer_ok || !local_ok {
-            // Only one replica has it: the block differs until a resync (a detached local
-            // disk records what it missed, as far as its meta-data can still be written).
-            self.meta.mark_out_of_sync(offset, len);
-            self.counters.writes_marked.fetch_add(1, Ordering::Relaxed);
-        }
-        self.meta.write_end(offset, len);
-        Ok(())
+        Ok(WriteCompletion::pending(Box::new(ReplicatedWrite {
+            meta: self.meta.clone(),
+            counters: self.counters.clone(),
+            offset,
+            len,
+            local_ok,
+            peer,
+        })))
     }
 
     fn flush(&self) -> Result<()> {
@@ -423,7 +467,8 @@ impl BlockDevice for ReplicatedDevice {
             };
         let peer_ok = match self.link() {
             Some(link) if self.protocol != ReplProtocol::A => {
-                Self::wait_peer(link.request(|id| Message::Barrier(BarrierRepr { barrier: id })))
+                let answer = link.request(|id| Message::Barrier(BarrierRepr { barrier: id }));
+                answer.is_some_and(|rx| rx.recv().is_ok_and(|reply| peer_has_it(&reply)))
             }
             _ => false,
         };

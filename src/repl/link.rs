@@ -15,7 +15,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
-use crate::wire::repl::{AckKind, Message, MessageRepr};
+use crate::wire::repl::{AckKind, Message, MessageRepr, WriteDataRepr};
 
 /// What a waiter learns: an acknowledgement, or the data it asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,26 +114,57 @@ impl PeerLink {
         self.send_locked(&mut s, message)
     }
 
+    /// Sends one message if no other send is under way; `Ok(false)` if one is (nothing sent).
+    /// For keepalives, which must never wait behind a sender blocked on a full socket.
+    pub fn try_send(&self, message: Message) -> std::io::Result<bool> {
+        let mut s = match self.sender.try_lock() {
+            Ok(s) => s,
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+        };
+        self.send_locked(&mut s, message).map(|()| true)
+    }
+
     fn send_locked(&self, s: &mut Sender, message: Message) -> std::io::Result<()> {
+        self.send_all_locked(s, std::iter::once(message))
+    }
+
+    /// Sends several messages with one write (acknowledgements of a burst of writes).
+    pub fn send_all(&self, messages: impl IntoIterator<Item = Message>) -> std::io::Result<()> {
+        let mut s = lock(&self.sender);
+        self.send_all_locked(&mut s, messages)
+    }
+
+    fn send_all_locked(
+        &self,
+        s: &mut Sender,
+        messages: impl IntoIterator<Item = Message>,
+    ) -> std::io::Result<()> {
         if self.is_dead() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::NotConnected,
                 "peer link is down",
             ));
         }
-        let repr = MessageRepr {
-            version: self.version,
-            seq: s.seq,
-            message,
-        };
-        s.buf.resize(repr.buffer_len(), 0);
-        repr.emit(&mut crate::wire::repl::Packet::new_unchecked(
-            &mut s.buf[..],
-        ));
-        let Sender { stream, buf, .. } = s;
+        let Sender { stream, buf, seq } = s;
+        buf.clear();
+        let mut next_seq = *seq;
+        for message in messages {
+            let repr = MessageRepr {
+                version: self.version,
+                seq: next_seq,
+                message,
+            };
+            let at = buf.len();
+            buf.resize(at + repr.buffer_len(), 0);
+            repr.emit(&mut crate::wire::repl::Packet::new_unchecked(
+                &mut buf[at..],
+            ));
+            next_seq += 1;
+        }
         match stream.write_all(buf) {
             Ok(()) => {
-                s.seq += 1;
+                *seq = next_seq;
                 Ok(())
             }
             Err(e) => {
@@ -147,6 +178,30 @@ impl PeerLink {
     /// respect to other sends. `None` if the link is down (nothing was sent).
     pub fn request(&self, build: impl FnOnce(u64) -> Message) -> Option<Answer> {
         let mut s = lock(&self.sender);
+        let (id, answer) = self.register()?;
+        // On an error fail_all has already answered the waiter.
+        let _ = self.send_locked(&mut s, build(id));
+        Some(answer)
+    }
+
+    /// [`request`](Self::request) for a `WriteData` of `data` at `offset`, sent from where the
+    /// data lies rather than copied into a message first.
+    pub fn request_write(&self, offset: u64, flags: u32, data: &[u8]) -> Option<Answer> {
+        let mut s = lock(&self.sender);
+        let (id, answer) = self.register()?;
+        let _ = self.send_write_locked(&mut s, id, offset, flags, data);
+        Some(answer)
+    }
+
+    /// A `WriteData` that asks for no acknowledgement (id 0: protocol A).
+    pub fn send_write(&self, offset: u64, flags: u32, data: &[u8]) -> std::io::Result<()> {
+        let mut s = lock(&self.sender);
+        self.send_write_locked(&mut s, 0, offset, flags, data)
+    }
+
+    /// A new request id with its waiter; `None` if the link is down. Call with the sender
+    /// locked, so ids leave in the order they were registered.
+    fn register(&self) -> Option<(u64, Answer)> {
         if self.is_dead() {
             return None;
         }
@@ -159,11 +214,34 @@ impl PeerLink {
                 sent_at: Instant::now(),
             },
         );
-        if self.send_locked(&mut s, build(id)).is_err() {
-            // fail_all already answered the waiter.
-            return Some(rx);
+        Some((id, rx))
+    }
+
+    fn send_write_locked(
+        &self,
+        s: &mut Sender,
+        id: u64,
+        offset: u64,
+        flags: u32,
+        data: &[u8],
+    ) -> std::io::Result<()> {
+        if self.is_dead() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "peer link is down",
+            ));
         }
-        Some(rx)
+        let head = WriteDataRepr::emit_head(self.version, s.seq, id, offset, flags, data);
+        match write_all_vectored(&mut s.stream, &head, data) {
+            Ok(()) => {
+                s.seq += 1;
+                Ok(())
+            }
+            Err(e) => {
+                self.fail_all();
+                Err(e)
+            }
+        }
     }
 
     /// The peer answered request `id`.
@@ -216,6 +294,21 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Writes `head` then `data` with as few syscalls as the socket allows.
+fn write_all_vectored(stream: &mut TcpStream, head: &[u8], data: &[u8]) -> std::io::Result<()> {
+    let mut slices = [std::io::IoSlice::new(head), std::io::IoSlice::new(data)];
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match stream.write_vectored(rest) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => std::io::IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,5 +359,65 @@ mod tests {
             link.request(|_| Message::AuthOk).is_none(),
             "dead links send nothing"
         );
+    }
+
+    #[test]
+    fn a_keepalive_never_waits_behind_a_sender_stuck_on_a_full_socket() {
+        let (link, other) = pair();
+        let link = std::sync::Arc::new(link);
+        // Nobody reads `other`: a large write fills both socket buffers and blocks, holding
+        // the sender.
+        let writer = {
+            let link = link.clone();
+            std::thread::spawn(move || {
+                let data = vec![7u8; 512 * 1024];
+                for i in 0..64u64 {
+                    if link.request_write(i * 512 * 1024, 0, &data).is_none() {
+                        break;
+                    }
+                    if link.is_dead() {
+                        break;
+                    }
+                }
+            })
+        };
+        let started = Instant::now();
+        while link.sender.try_lock().is_ok()
+            && started.elapsed() < std::time::Duration::from_secs(5)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let at = Instant::now();
+        assert!(!link
+            .try_send(Message::Ping(PingRepr { cookie: 0 }))
+            .unwrap());
+        assert!(at.elapsed() < std::time::Duration::from_millis(50));
+        // Failing the link frees the stuck sender.
+        link.fail_all();
+        writer.join().unwrap();
+        drop(other);
+    }
+
+    #[test]
+    fn a_write_sent_from_its_buffer_arrives_as_one_write_data_message() {
+        let (link, mut other) = pair();
+        let data: Vec<u8> = (0..8192u32).map(|i| i as u8).collect();
+        let answer = link.request_write(4096, 0, &data).unwrap();
+        let mut dec = FrameDecoder::new().check_sequence(0);
+        let mut buf = [0u8; 4096];
+        let got = loop {
+            let n = other.read(&mut buf).unwrap();
+            dec.feed(&buf[..n]);
+            if let Some(m) = dec.next_message().unwrap() {
+                break m.message;
+            }
+        };
+        let Message::WriteData(w) = got else {
+            panic!("not a WriteData: {got:?}")
+        };
+        assert_eq!((w.offset, w.data), (4096, data));
+        assert!(link.complete(w.id, Reply::Ack(AckKind::Completed)));
+        assert_eq!(answer.recv().unwrap(), Reply::Ack(AckKind::Completed));
     }
 }

@@ -71,6 +71,8 @@ use std::fmt;
 pub const MAGIC: [u8; 4] = *b"TBRP";
 /// Length of the common header.
 pub const HEADER_LEN: usize = 24;
+/// Bytes of a WriteData message before its data (see [`WriteDataRepr::emit_head`]).
+pub const WRITE_DATA_HEAD_LEN: usize = HEADER_LEN + 24;
 /// Oldest protocol version this build speaks.
 pub const VERSION_MIN: u16 = 1;
 /// Newest protocol version this build speaks.
@@ -800,6 +802,36 @@ impl WriteDataRepr {
         wr32(p, 16, self.flags);
         wr32(p, 20, self.data.len() as u32);
         p[24..24 + self.data.len()].copy_from_slice(&self.data);
+    }
+    /// A whole WriteData message as two pieces, head and `data`, so the data can be sent from
+    /// where it lies: the head is the message header and the fixed fields, with the checksum
+    /// over both pieces. `head ++ data` is what [`MessageRepr::emit`] makes of the owned form.
+    pub fn emit_head(
+        version: u16,
+        seq: u64,
+        id: u64,
+        offset: u64,
+        flags: u32,
+        data: &[u8],
+    ) -> [u8; WRITE_DATA_HEAD_LEN] {
+        let mut head = [0u8; WRITE_DATA_HEAD_LEN];
+        Packet::new_unchecked(&mut head[..]).set_header(
+            version,
+            MessageType::WriteData,
+            (24 + data.len()) as u32,
+            seq,
+        );
+        let p = &mut head[HEADER_LEN..];
+        wr64(p, 0, id);
+        wr64(p, 8, offset);
+        wr32(p, 16, flags);
+        wr32(p, 20, data.len() as u32);
+        let crc = crc32c::crc32c(&head[..field::CRC.start]);
+        let crc = crc32c::crc32c_append(crc, &[0u8; 4]);
+        let crc = crc32c::crc32c_append(crc, &head[field::PAYLOAD..]);
+        let crc = crc32c::crc32c_append(crc, data);
+        wr32(&mut head, field::CRC.start, crc);
+        head
     }
     /// Whether the FUA flag is set.
     pub fn fua(&self) -> bool {
@@ -1730,9 +1762,15 @@ impl MessageRepr {
     /// corrupt message never reaches the payload parsers.
     pub fn parse<T: AsRef<[u8]>>(packet: &Packet<T>) -> Result<MessageRepr, Error> {
         packet.check_len()?;
+        ensure(packet.verify_checksum(), "checksum")?;
+        Self::parse_verified(packet)
+    }
+
+    /// [`parse`](Self::parse) for a packet whose length and checksum were already verified
+    /// (the stream decoder does that to name a corrupt message precisely).
+    fn parse_verified<T: AsRef<[u8]>>(packet: &Packet<T>) -> Result<MessageRepr, Error> {
         ensure(packet.magic() == MAGIC, "magic")?;
         ensure(packet.flags() == 0, "header flags")?;
-        ensure(packet.verify_checksum(), "checksum")?;
         Ok(MessageRepr {
             version: packet.version(),
             seq: packet.seq(),
@@ -1809,8 +1847,10 @@ pub enum DecodeError {
 /// After any error the decoder stays failed.
 #[derive(Debug)]
 pub struct FrameDecoder {
+    /// `buf[start..end]` is received and not yet decoded; `buf[end..]` is room to receive into.
     buf: Vec<u8>,
     start: usize,
+    end: usize,
     max_payload: usize,
     next_seq: Option<u64>,
     failed: bool,
@@ -1833,6 +1873,7 @@ impl FrameDecoder {
         FrameDecoder {
             buf: Vec::new(),
             start: 0,
+            end: 0,
             max_payload,
             next_seq: None,
             failed: false,
@@ -1848,18 +1889,34 @@ impl FrameDecoder {
 
     /// Appends received bytes.
     pub fn feed(&mut self, data: &[u8]) {
-        if self.start > 0 {
-            // Drop what was decoded, so a stream that never ends on a message boundary does
-            // not grow the buffer without bound (what is left is less than one message).
-            self.buf.drain(..self.start);
+        self.spare(data.len())[..data.len()].copy_from_slice(data);
+        self.end += data.len();
+    }
+
+    /// Room for at least `min` more bytes, to receive into directly (which saves the copy
+    /// [`feed`](Self::feed) makes); then [`commit`](Self::commit) says how many arrived.
+    pub fn spare(&mut self, min: usize) -> &mut [u8] {
+        if self.buf.len() - self.end < min {
+            // Drop what was decoded first, so a stream that never ends on a message boundary
+            // does not grow the buffer without bound (what is left is less than one message).
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
             self.start = 0;
+            if self.buf.len() - self.end < min {
+                self.buf.resize(self.end + min, 0);
+            }
         }
-        self.buf.extend_from_slice(data);
+        &mut self.buf[self.end..]
+    }
+
+    /// `n` bytes were received into [`spare`](Self::spare).
+    pub fn commit(&mut self, n: usize) {
+        self.end = (self.end + n).min(self.buf.len());
     }
 
     /// Bytes received but not yet decoded.
     pub fn buffered(&self) -> usize {
-        self.buf.len() - self.start
+        self.end - self.start
     }
 
     /// Whether an error has made the stream unusable.
@@ -1881,7 +1938,7 @@ impl FrameDecoder {
     }
 
     fn decode_one(&mut self) -> Result<Option<MessageRepr>, DecodeError> {
-        let avail = &self.buf[self.start..];
+        let avail = &self.buf[self.start..self.end];
         // Check the magic on as many bytes as we have: garbage is refused at once.
         let m = avail.len().min(4);
         if avail[..m] != MAGIC[..m] {
@@ -1915,17 +1972,15 @@ impl FrameDecoder {
                 });
             }
         }
-        let repr = MessageRepr::parse(&packet)?;
+        packet.check_len()?;
+        let repr = MessageRepr::parse_verified(&packet)?;
         self.start += packet.total_len();
         if let Some(seq) = self.next_seq.as_mut() {
             *seq = seq.wrapping_add(1);
         }
-        if self.start == self.buf.len() {
-            self.buf.clear();
+        if self.start == self.end {
             self.start = 0;
-        } else if self.start > self.max_payload {
-            self.buf.drain(..self.start);
-            self.start = 0;
+            self.end = 0;
         }
         Ok(Some(repr))
     }
@@ -2139,6 +2194,24 @@ mod tests {
     }
 
     #[test]
+    fn a_write_data_head_and_its_data_are_the_whole_message() {
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+        let owned = MessageRepr {
+            version: 1,
+            seq: 77,
+            message: Message::WriteData(WriteDataRepr {
+                id: 5,
+                offset: 8192,
+                flags: WRITE_FUA,
+                data: data.clone(),
+            }),
+        }
+        .to_bytes();
+        let head = WriteDataRepr::emit_head(1, 77, 5, 8192, WRITE_FUA, &data);
+        assert_eq!([&head[..], &data[..]].concat(), owned);
+    }
+
+    #[test]
     fn decoder_buffer_stays_bounded_when_reads_never_end_on_a_boundary() {
         let one = ping_bytes();
         let stream: Vec<u8> = one
@@ -2150,13 +2223,15 @@ mod tests {
         let mut d = FrameDecoder::new();
         let mut decoded = 0;
         // Reads of a size that splits messages, as TCP may deliver them.
-        for chunk in stream.chunks(one.len() * 3 / 2 + 1) {
+        let read_size = one.len() * 3 / 2 + 1;
+        for chunk in stream.chunks(read_size) {
             d.feed(chunk);
             while let Ok(Some(_)) = d.next_message() {
                 decoded += 1;
             }
+            // Room for one read beside the undecoded part of one message, never more.
             assert!(
-                d.buf.len() <= chunk.len() + one.len(),
+                d.buf.len() <= read_size + one.len(),
                 "buffer grew to {}",
                 d.buf.len()
             );

@@ -10,7 +10,11 @@
 //!
 //! On the ring path, reads and writes of adjacent sectors that arrive in one batch are executed
 //! as one device call (see [`serve_port_ring`]); `TWINBLADE_AOE_RUN_BYTES` caps such a run
-//! (default 1 MiB; 0 executes every transfer on its own, as vblade does).
+//! (default 1 MiB; 0 executes every transfer on its own, as vblade does). Writes are started
+//! with [`BlockDevice::start_write`]: one that is still completing when started (a replicated
+//! write waiting for the peer) is answered by the interface's replier thread when it completes,
+//! while the frame path goes on with the next frames. Every request still reaches the device in
+//! arrival order; only the replies of such writes leave later.
 //!
 //! The socket buffers are sized so the kernel never drops what we advertised (the buffer count
 //! of every blade on the interface, at the largest frame size).
@@ -239,6 +243,7 @@ impl AoeServer {
 }
 
 /// A blade reachable on a port.
+#[derive(Clone)]
 struct Route {
     blade: Arc<Mutex<Blade>>,
 }
@@ -347,6 +352,7 @@ fn serve_port_ring(port: &mut PortHandle, routes: &[Route], cancel: &Cancellatio
         max_bytes: run_limit(),
         ..Run::default()
     };
+    let replier = Replier::start(&port.iface, routes);
     while !cancel.is_cancelled() {
         if last_mtu_check.elapsed() >= POLL_INTERVAL {
             port.refresh_mtu();
@@ -375,9 +381,16 @@ fn serve_port_ring(port: &mut PortHandle, routes: &[Route], cancel: &Cancellatio
             match prepare(frame, routes, &current) {
                 Some((route, transfer)) => {
                     if !run.continues(route, &transfer) {
-                        run.complete(routes, rx, tx);
+                        run.complete(routes, rx, tx, replier.as_ref());
                     }
-                    match tx.stage() {
+                    // A read is read straight into its reply slot; a write's reply slot is
+                    // taken when it completes.
+                    let slot = if transfer.is_write() {
+                        Ok(usize::MAX)
+                    } else {
+                        tx.stage()
+                    };
+                    match slot {
                         Ok(slot) => run.push(route, transfer, held, slot),
                         Err(err) => {
                             warn_limited!(error_log, %err, "no transmit slot");
@@ -385,7 +398,7 @@ fn serve_port_ring(port: &mut PortHandle, routes: &[Route], cancel: &Cancellatio
                     }
                 }
                 None => {
-                    run.complete(routes, rx, tx);
+                    run.complete(routes, rx, tx, replier.as_ref());
                     answer(frame, routes, |blade| match tx.buffer() {
                         Ok(out) => {
                             if let Outcome::Reply(len) = blade.handle(frame, &current, out) {
@@ -402,7 +415,7 @@ fn serve_port_ring(port: &mut PortHandle, routes: &[Route], cancel: &Cancellatio
             }
             held += 1;
         }
-        run.complete(routes, rx, tx);
+        run.complete(routes, rx, tx, replier.as_ref());
         rx.release_many(held);
         if tx.pending() > 0 {
             if let Err(err) = tx.kick() {
@@ -469,8 +482,16 @@ impl Run {
     }
 
     /// Executes the run with one device call (each transfer alone if that call fails, so
-    /// every reply carries its own outcome), writes the replies and queues them.
-    fn complete(&mut self, routes: &[Route], rx: &RxRing, tx: &mut TxRing) {
+    /// every reply carries its own outcome), writes the replies and queues them. A write that
+    /// is still completing (a replicated write waiting for the peer) goes to the `replier`,
+    /// which answers it when it completes, so the frame path goes on meanwhile.
+    fn complete(
+        &mut self,
+        routes: &[Route],
+        rx: &RxRing,
+        tx: &mut TxRing,
+        replier: Option<&Replier>,
+    ) {
         if self.entries.is_empty() {
             return;
         }
@@ -486,48 +507,67 @@ impl Run {
                 .get(data_at..data_at + entry.transfer.data_len())
                 .unwrap_or(&[])
         };
-        let together = if self.entries.len() == 1 {
-            // Nothing to gather: straight from the receive slot, or into the reply slot.
-            let entry = &self.entries[0];
-            let len = entry.transfer.data_len();
-            if write {
-                device.write_at(request_data(entry), offset, false)
+        let together = if write {
+            let started = if self.entries.len() == 1 {
+                // Nothing to gather: straight from the receive slot.
+                device.start_write(request_data(&self.entries[0]), offset, false)
             } else {
-                device.read_at(
-                    &mut tx.staged_buffer(entry.tx)[data_at..data_at + len],
-                    offset,
-                )
-            }
-        } else {
-            let total: usize = self.entries.iter().map(|e| e.transfer.data_len()).sum();
-            if self.staging.len() < total {
-                self.staging.resize(total, 0);
-            }
-            let mut at = 0;
-            if write {
+                let total: usize = self.entries.iter().map(|e| e.transfer.data_len()).sum();
+                if self.staging.len() < total {
+                    self.staging.resize(total, 0);
+                }
+                let mut at = 0;
                 for entry in &self.entries {
                     let data = request_data(entry);
                     self.staging[at..at + data.len()].copy_from_slice(data);
                     at += data.len();
                 }
-                device.write_at(&self.staging[..total], offset, false)
-            } else {
-                let result = device.read_at(&mut self.staging[..total], offset);
-                if result.is_ok() {
-                    for entry in &self.entries {
-                        let len = entry.transfer.data_len();
-                        tx.staged_buffer(entry.tx)[data_at..data_at + len]
-                            .copy_from_slice(&self.staging[at..at + len]);
-                        at += len;
+                device.start_write(&self.staging[..total], offset, false)
+            };
+            match (started, replier) {
+                (Ok(mut completion), Some(replier)) => {
+                    if completion.poll() {
+                        completion.wait()
+                    } else {
+                        let transfers = self.entries.iter().map(|e| e.transfer).collect();
+                        drop(blade);
+                        replier.defer(self.route, transfers, completion);
+                        self.entries.clear();
+                        return;
                     }
                 }
-                result
+                (Ok(completion), None) => completion.wait(),
+                (Err(e), _) => Err(e),
             }
+        } else if self.entries.len() == 1 {
+            // Nothing to gather: straight into the reply slot.
+            let entry = &self.entries[0];
+            let len = entry.transfer.data_len();
+            device.read_at(
+                &mut tx.staged_buffer(entry.tx)[data_at..data_at + len],
+                offset,
+            )
+        } else {
+            let total: usize = self.entries.iter().map(|e| e.transfer.data_len()).sum();
+            if self.staging.len() < total {
+                self.staging.resize(total, 0);
+            }
+            let result = device.read_at(&mut self.staging[..total], offset);
+            if result.is_ok() {
+                let mut at = 0;
+                for entry in &self.entries {
+                    let len = entry.transfer.data_len();
+                    tx.staged_buffer(entry.tx)[data_at..data_at + len]
+                        .copy_from_slice(&self.staging[at..at + len]);
+                    at += len;
+                }
+            }
+            result
         };
         let single = self.entries.len() == 1;
         let alone = together.is_err() && !single;
         let mut together = Some(together);
-        for entry in &self.entries {
+        for entry in &mut self.entries {
             let transfer = &entry.transfer;
             let result = if alone {
                 let offset = transfer.lba() * SECTOR_SIZE;
@@ -545,12 +585,137 @@ impl Run {
             } else {
                 Ok(())
             };
+            if write {
+                match tx.stage() {
+                    Ok(slot) => entry.tx = slot,
+                    Err(_) => continue,
+                }
+            }
             let len = blade.finish_transfer(transfer, result, tx.staged_buffer(entry.tx));
             tx.set_staged_len(entry.tx, len);
         }
         drop(blade);
         tx.commit_staged();
         self.entries.clear();
+    }
+}
+
+/// Answers writes that complete after the frame path has moved on (replicated writes waiting
+/// for the peer), in the order they were started, from a thread of its own and through a
+/// send-only socket, so that the frame path never waits for the peer.
+struct Replier {
+    jobs: Option<std::sync::mpsc::SyncSender<Deferred>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A run of writes started and not yet complete.
+struct Deferred {
+    route: usize,
+    transfers: Vec<PreparedTransfer>,
+    completion: crate::block::WriteCompletion,
+}
+
+impl Replier {
+    /// `None` if no send socket can be opened: writes then complete inline.
+    fn start(iface: &Interface, routes: &[Route]) -> Option<Replier> {
+        // Protocol 0: this socket receives nothing.
+        let socket = match PacketSocket::open(iface, 0) {
+            Ok(socket) => socket,
+            Err(err) => {
+                tracing::warn!(iface = %iface.name, %err, "no reply socket: writes complete inline");
+                return None;
+            }
+        };
+        let routes: Vec<Route> = routes.to_vec();
+        let (jobs, queue) = std::sync::mpsc::sync_channel(4 * BATCH);
+        let thread = std::thread::Builder::new()
+            .name(format!("aoe-ack-{}", iface.name))
+            .spawn(move || reply_when_complete(queue, &routes, &socket))
+            .ok()?;
+        Some(Replier {
+            jobs: Some(jobs),
+            thread: Some(thread),
+        })
+    }
+
+    fn defer(
+        &self,
+        route: usize,
+        transfers: Vec<PreparedTransfer>,
+        completion: crate::block::WriteCompletion,
+    ) {
+        if let Some(jobs) = &self.jobs {
+            let job = Deferred {
+                route,
+                transfers,
+                completion,
+            };
+            if let Err(std::sync::mpsc::SendError(job)) = jobs.send(job) {
+                // The thread is gone; the write must still complete before anything else.
+                let _ = job.completion.wait();
+            }
+        }
+    }
+}
+
+impl Drop for Replier {
+    /// Waits until every deferred write has completed and been answered.
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The replier thread: waits for deferred writes in order and sends their replies, in batches
+/// of whatever has completed.
+fn reply_when_complete(
+    queue: std::sync::mpsc::Receiver<Deferred>,
+    routes: &[Route],
+    socket: &PacketSocket,
+) {
+    let log = LogLimiter::network();
+    let mut waiting = std::collections::VecDeque::new();
+    let mut outbox: Vec<Vec<u8>> = Vec::new();
+    let mut lens: Vec<usize> = Vec::new();
+    loop {
+        if waiting.is_empty() {
+            match queue.recv() {
+                Ok(job) => waiting.push_back(job),
+                Err(_) => return,
+            }
+        }
+        while let Ok(job) = queue.try_recv() {
+            waiting.push_back(job);
+        }
+        lens.clear();
+        // Answer what has completed; wait only when there is nothing to send.
+        while let Some(front) = waiting.front_mut() {
+            if !lens.is_empty() && (!front.completion.poll() || lens.len() >= BATCH) {
+                break;
+            }
+            let Some(job) = waiting.pop_front() else {
+                break;
+            };
+            let result = job.completion.wait();
+            let blade = routes[job.route].lock();
+            for transfer in &job.transfers {
+                if outbox.len() <= lens.len() {
+                    outbox.push(vec![0u8; FRAME_BUFFER]);
+                }
+                let out = &mut outbox[lens.len()];
+                let result = match &result {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(e.duplicate()),
+                };
+                lens.push(blade.finish_transfer(transfer, result, out));
+            }
+        }
+        let frames: Vec<&[u8]> = outbox.iter().zip(&lens).map(|(b, &l)| &b[..l]).collect();
+        if let Err(err) = socket.send_batch(&frames) {
+            warn_limited!(log, %err, replies = frames.len(), "replies not sent");
+        }
     }
 }
 
