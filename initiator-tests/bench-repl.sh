@@ -36,7 +36,9 @@
 # The figures drift on a shared machine: only the ratios within one run mean much.
 set -euo pipefail
 
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+P=tbq NET=78 TAG=bench-repl
+# shellcheck source=initiator-tests/lab-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lab-lib.sh"
 rounds=3 mtu=9000 size_mib=256 power_mib=8 dev_mib=1024 outage_mib=64 build=1
 for a in "$@"; do
     [[ $a == --quick ]] && rounds=1 size_mib=64 power_mib=4 dev_mib=256 outage_mib=32
@@ -74,19 +76,13 @@ for b in twinblade aoe-init tcp-bench; do
     cp "$repo/target/release/$b" "$bin/"
 done
 tb=$bin/twinblade
+init=$bin/aoe-init
 results=$work/results.txt
 : >"$results"
 rm -f "$work"/*.log "$work"/*.sock
 load() { cut -d' ' -f1-3 /proc/loadavg; }
-log() { printf 'bench-repl: %s\n' "$*" >&2; }
-die() {
-    log "error: $*"
-    for n in alpha beta; do [[ -f $work/$n.log ]] && { echo "----- $n log (tail)" >&2; tail -20 "$work/$n.log" >&2; }; done
-    exit 1
-}
 record() { echo "$*" >>"$results"; } # round=R target=T row=ROW value=V ...
 
-declare -A pid=()
 teardown() {
     local p
     for p in "${pid[@]}"; do
@@ -100,9 +96,8 @@ teardown() {
     for ns in tbq-a tbq-b tbq-c; do
         # Whatever an earlier run killed with SIGKILL left in our namespaces.
         for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
-        ip netns del "$ns" 2>/dev/null || true
     done
-    ip link del tbqbr0 2>/dev/null || true
+    net_down
     ip link del tbqr-a 2>/dev/null || true
     # The backing files are written afresh by every run; logs and results.txt stay.
     if [[ -n ${work:-} ]]; then rm -f "$work/alpha.img" "$work/beta.img" "$work/zero.img"; fi
@@ -112,18 +107,7 @@ trap 'exit 130' INT TERM
 
 # --- the lab ---------------------------------------------------------------------------------
 teardown
-ip link add tbqbr0 type bridge
-ip link set tbqbr0 mtu "$mtu" up
-i=1
-for ns in tbq-a tbq-b tbq-c; do
-    ip netns add "$ns"
-    ip link add "tbqv$i" type veth peer name eth0 netns "$ns"
-    ip link set "tbqv$i" mtu "$mtu" master tbqbr0 up
-    ip -n "$ns" link set lo up
-    ip -n "$ns" link set eth0 mtu "$mtu" up
-    ip -n "$ns" addr add "192.168.78.$([[ $ns == tbq-c ]] && echo 10 || echo "$i")/24" dev eth0
-    i=$((i + 1))
-done
+MTU=$mtu net_up
 ip link add tbqr-a type veth peer name tbqr-b
 ip link set tbqr-a netns tbq-a
 ip link set tbqr-b netns tbq-b
@@ -139,7 +123,7 @@ dev_bytes=$((dev_mib << 20))
 log "$(nproc) CPUs, load average at start: $(load); commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src initiator-tests || echo ' (with local changes)'); MTU $mtu (AoE frame $frame bytes), $rounds round(s)"
 
 # --- processes -------------------------------------------------------------------------------
-stop() { # NAME: SIGTERM, then SIGKILL after 10 s
+halt() { # NAME: SIGTERM, then SIGKILL after 10 s
     local p=${pid[$1]:-}
     [[ -n $p ]] || return 0
     kill -TERM "$p" 2>/dev/null || true
@@ -154,12 +138,11 @@ crash() { # NAME: SIGKILL
     wait "$p" 2>/dev/null || true
     unset "pid[$1]"
 }
-aoe() { ip netns exec tbq-c "$bin/aoe-init" -i eth0 "$@"; }
 wait_blade() { # NAME
     for _ in $(seq 50); do
         aoe discover --wait-ms 100 2>/dev/null | grep -q 'target=e0\.3 ' && return 0
     done
-    die "$1 did not answer e0.3"
+    fail "$1 did not answer e0.3"
 }
 start_single() { # vblade | standalone
     case $1 in
@@ -171,7 +154,7 @@ start_single() { # vblade | standalone
 }
 
 cfg=$work/pair.toml
-write_config() { # DURABILITY [ALPHA-DISK]
+bench_config() { # DURABILITY [ALPHA-DISK]
     cat >"$cfg" <<EOF
 [cluster]
 shared-secret = "bench-only"
@@ -207,14 +190,13 @@ start_node() { # NODE
     ip netns exec "$ns" "$tb" run --config "$cfg" --node "$n" --control "$work/$n.sock" >>"$work/$n.log" 2>&1 &
     pid[$n]=$!
     for _ in $(seq 100); do [[ -S $work/$n.sock ]] && return 0; sleep 0.1; done
-    die "$n did not open its control socket"
+    fail "$n did not open its control socket"
 }
-ctl() { local n=$1; shift; "$tb" "$1" --control "$work/$n.sock" "${@:2}"; }
 json() { ctl "$1" status r0 --json 2>/dev/null || true; }
 jfield() { # JSON KEY: a top-level or peer value from status --json
     tr ',{}' '\n\n\n' <<<"$1" | sed -n "s/^\"$2\":\"\{0,1\}\([^\"]*\)\"\{0,1\}$/\1/p" | head -1
 }
-in_sync() { # both UpToDate, replication established, alpha Primary and serving (one status call)
+pair_ready() { # both UpToDate, replication established, alpha Primary and serving (one status call)
     local a
     a=$(json alpha)
     [[ $(jfield "$a" disk) == UpToDate && $(jfield "$a" peer-disk) == UpToDate &&
@@ -238,27 +220,18 @@ for line in open(sys.argv[1], errors="replace"):
 print(f"{(end - start).total_seconds():.2f}" if start and end else "n/a")
 PY
 }
-wait_for() { # SECONDS WHAT COMMAND...
-    local secs=$1 what=$2
-    shift 2
-    for _ in $(seq $((secs * 20))); do
-        "$@" && return 0
-        sleep 0.05
-    done
-    die "timed out after ${secs}s waiting for: $what"
-}
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
 start_pair() { # DURABILITY
-    write_config "$1"
+    bench_config "$1"
     start_node alpha
     start_node beta
-    wait_for 60 "the pair connected, UpToDate, alpha Primary" in_sync
+    wait_for 60 "the pair connected, UpToDate, alpha Primary" pair_ready
     wait_blade "pair"
 }
 stop_pair() { # the secondary first, as the lab does
-    stop beta
-    stop alpha
+    halt beta
+    halt alpha
 }
 resync_counters() { # NODE: sent same zero (bytes, or n/a when status --json lacks the field)
     json "$1" | python3 -c '
@@ -294,7 +267,7 @@ cpu_of() { # TARGET: summed ticks of its processes
     echo "$t"
 }
 pids_of() { case $1 in pair-*) echo "${pid[alpha]} ${pid[beta]}" ;; *) echo "${pid[$1]}" ;; esac; }
-field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<" $2"; }
+kv() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<" $2"; } # KEY LINE: a value of a key=value line
 hz=$(getconf CLK_TCK)
 cpu_per_gb() { awk -v t="$1" -v hz="$hz" -v b="$2" 'BEGIN { printf "%.3f", t / hz / (b / 1e9) }'; }
 
@@ -309,24 +282,24 @@ log "writing $work/zero.img: $dev_mib MiB of zeros, the first 1/128 random"
 head -c "$dev_bytes" /dev/zero >"$work/zero.img"
 head -c $((dev_bytes / 128)) /dev/urandom | dd of="$work/zero.img" conv=notrunc status=none
 sync "$work/alpha.img" "$work/beta.img" "$work/zero.img" # no writeback competing with what is measured
-write_config node
+bench_config node
 usable=$("$tb" create-md --force --config "$cfg" --node alpha r0 2>/dev/null | sed -n 's/^usable size: \([0-9]*\) bytes.*/\1/p')
-"$tb" create-md --force --config "$cfg" --node beta r0 >/dev/null 2>&1 || die "create-md on beta failed"
-[[ -n $usable ]] || die "create-md did not report the usable size"
+"$tb" create-md --force --config "$cfg" --node beta r0 >/dev/null 2>&1 || fail "create-md on beta failed"
+[[ -n $usable ]] || fail "create-md did not report the usable size"
 same_data() { cmp -s -n "$usable" "${1:-$work/alpha.img}" "$work/beta.img"; } # [ALPHA-DISK]
 
 full_sync() { # KIND ROUND: fresh meta-data on both, primary --force on alpha, time to both UpToDate
     local kind=$1 round=$2 disk=$work/alpha.img t0 secs c
     [[ $kind == zero ]] && disk=$work/zero.img
-    write_config node "$disk"
-    "$tb" create-md --force --config "$cfg" --node alpha r0 >/dev/null 2>&1 || die "create-md on alpha failed"
-    "$tb" create-md --force --config "$cfg" --node beta r0 >/dev/null 2>&1 || die "create-md on beta failed"
+    bench_config node "$disk"
+    "$tb" create-md --force --config "$cfg" --node alpha r0 >/dev/null 2>&1 || fail "create-md on alpha failed"
+    "$tb" create-md --force --config "$cfg" --node beta r0 >/dev/null 2>&1 || fail "create-md on beta failed"
     start_node alpha
     start_node beta
     wait_for 30 "alpha connected" eval '[[ $(jfield "$(json alpha)" connection) == Connected ]]'
     t0=$(now)
-    ctl alpha primary r0 --force >/dev/null || die "primary --force refused"
-    wait_for 600 "the full sync ($kind)" in_sync
+    ctl alpha primary r0 --force >/dev/null || fail "primary --force refused"
+    wait_for 600 "the full sync ($kind)" pair_ready
     secs=$(since "$t0")
     c=$(resync_counters alpha)
     read -r sent same zero <<<"$c"
@@ -349,15 +322,15 @@ for round in $(seq "$rounds"); do
     full_sync zero "$round"
     full_sync random "$round"
     line=$(tcp stream --msg 256K --bytes $((size_bytes * 4)))
-    record "round=$round target=tcp row=stream-256k value=$(field mb_s "$line")"
+    record "round=$round target=tcp row=stream-256k value=$(kv mb_s "$line")"
     line=$(tcp stream --msg "$frame" --bytes "$size_bytes")
-    record "round=$round target=tcp row=stream-frame value=$(field mb_s "$line")"
+    record "round=$round target=tcp row=stream-frame value=$(kv mb_s "$line")"
     for q in 16 64; do
         line=$(tcp rr --msg "$frame" --window "$q" --count $((size_bytes / frame)))
-        record "round=$round target=tcp row=rr-frame-q$q value=$(field mb_s "$line")"
+        record "round=$round target=tcp row=rr-frame-q$q value=$(kv mb_s "$line")"
     done
     line=$(tcp rr --msg "$frame" --window 1 --count 3000)
-    record "round=$round target=tcp row=rr-frame-q1 p50_us=$(field p50_us "$line") p99_us=$(field p99_us "$line")"
+    record "round=$round target=tcp row=rr-frame-q1 p50_us=$(kv p50_us "$line") p99_us=$(kv p99_us "$line")"
     for target in vblade standalone pair-node pair-power; do
         bytes=$size_bytes lat_bytes=$((16 << 20))
         case $target in
@@ -370,19 +343,19 @@ for round in $(seq "$rounds"); do
             t0=$(cpu_of "$target")
             for q in 16 64; do
                 line=$(aoe "$op" e0.3 -q "$q" --bytes "$bytes" --seed "$round")
-                record "round=$round target=$target row=$op-q$q value=$(field mb_s "$line") retransmits=$(field retransmits "$line")"
+                record "round=$round target=$target row=$op-q$q value=$(kv mb_s "$line") retransmits=$(kv retransmits "$line")"
             done
             record "round=$round target=$target row=cpu-$op value=$(cpu_per_gb $(($(cpu_of "$target") - t0)) $((2 * bytes)))"
         done
         line=$(aoe write e0.3 -q 1 --bytes "$lat_bytes" --latency --seed "$round")
-        record "round=$round target=$target row=lat-q1 p50_us=$(field p50_us "$line") p99_us=$(field p99_us "$line")"
+        record "round=$round target=$target row=lat-q1 p50_us=$(kv p50_us "$line") p99_us=$(kv p99_us "$line")"
         case $target in
         pair-*) stop_pair ;;
-        *) stop "$target" ;;
+        *) halt "$target" ;;
         esac
     done
 done
-stop tcp
+halt tcp
 
 # --- 2. resync after an outage --------------------------------------------------------------------
 # The pair at durability node; the secondary is stopped, N MiB are written through AoE at
@@ -392,9 +365,9 @@ outage() { # KIND: stop (secondary stopped) | crash (and then the primary killed
     off=$(((dev_mib / 2) << 20))
     seed=$([[ $kind == stop ]] && echo 71 || echo 72)
     start_pair node
-    stop beta
+    halt beta
     wait_for 20 "alpha noticed beta left" eval '[[ $(jfield "$(json alpha)" connection) != Connected ]]'
-    aoe write e0.3 -q 16 --offset "$off" --bytes "${outage_mib}M" --seed "$seed" >/dev/null || die "writes during the outage failed"
+    aoe write e0.3 -q 16 --offset "$off" --bytes "${outage_mib}M" --seed "$seed" >/dev/null || fail "writes during the outage failed"
     oos=$(jfield "$(json alpha)" out-of-sync)
     al=0
     if [[ $kind == crash ]]; then
@@ -410,7 +383,7 @@ outage() { # KIND: stop (secondary stopped) | crash (and then the primary killed
     c0=$(resync_counters alpha)
     t0=$(now)
     start_node beta
-    wait_for 300 "resync after the outage ($kind)" in_sync
+    wait_for 300 "resync after the outage ($kind)" pair_ready
     secs=$(since "$t0")
     c=$(resync_counters alpha)
     read -r s0 m0 z0 <<<"$c0"
@@ -419,7 +392,7 @@ outage() { # KIND: stop (secondary stopped) | crash (and then the primary killed
     [[ $s0 =~ ^[0-9]+$ && $sent =~ ^[0-9]+$ ]] && ((sent >= s0)) && sent=$((sent - s0))
     [[ $m0 =~ ^[0-9]+$ && $same =~ ^[0-9]+$ ]] && ((same >= m0)) && same=$((same - m0))
     [[ $z0 =~ ^[0-9]+$ && $zero =~ ^[0-9]+$ ]] && ((zero >= z0)) && zero=$((zero - z0))
-    aoe read e0.3 -q 16 --offset "$off" --bytes "${outage_mib}M" --seed "$seed" --verify >/dev/null || die "the outage's writes do not read back"
+    aoe read e0.3 -q 16 --offset "$off" --bytes "${outage_mib}M" --seed "$seed" --verify >/dev/null || fail "the outage's writes do not read back"
     record "round=0 target=resync row=outage_$kind written=$((outage_mib << 20)) oos=$oos al_extents=$al seconds=$secs copy_seconds=$(resync_log_secs) sent=$sent same=$same zero=$zero identical=$(same_data && echo yes || echo no)"
     log "outage ($kind): $outage_mib MiB written, out-of-sync at reconnect $oos bytes, resync ${secs}s (sent/same/zero: $sent $same $zero)"
     stop_pair

@@ -27,53 +27,20 @@
 # Needs root; uses namespaces tbx-a, tbx-b, tbx-c, bridge tbxbr0 (nothing else touches them).
 set -euo pipefail
 
-keep=0
-seed=$(( $(date +%s) % 100000 ))
 steps=60
-while (($#)); do
-    case $1 in
-    --keep) keep=1 ;;
-    --seed)
-        seed=${2:?--seed needs a value}
-        shift
-        ;;
-    --steps)
-        steps=${2:?--steps needs a value}
-        shift
-        ;;
-    -h | --help)
-        sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
-        exit 0
-        ;;
-    *)
-        echo "chaos.sh: unknown argument: $1" >&2
-        exit 2
-        ;;
-    esac
-    shift
-done
-[[ $seed =~ ^[0-9]+$ ]] || {
-    echo "chaos.sh: --seed wants a non-negative integer, got '$seed'" >&2
-    exit 2
-}
+P=tbx NET=79 TAG=chaos BLADE=e9.3 DURABILITY=node MTU=9000 EXTRA_RESOURCE="auto-promote = false" POWER_CUT=1
+# shellcheck source=initiator-tests/lab-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lab-lib.sh"
+model_args --steps -- "$@"
 [[ $steps =~ ^[0-9]+$ ]] && ((steps > 0 && steps <= 1000)) || {
     echo "chaos.sh: --steps wants an integer from 1 to 1000, got '$steps'" >&2
     exit 2
 }
-
-P=tbx NET=79 TAG=chaos BLADE=e9.3 DURABILITY=node MTU=9000 EXTRA_RESOURCE="auto-promote = false"
-# shellcheck source=pair-lib.sh
-source "$(dirname "${BASH_SOURCE[0]}")/pair-lib.sh"
 RANDOM=$seed
 log "seed $seed, $steps steps (rerun with --seed $seed --steps $steps)"
 t0=$(date +%s)
 
-pair_setup
-start alpha
-start beta
-wait_for 15 "connection" state_is alpha connection Connected
-ctl alpha primary r0 --force >/dev/null || fail "primary --force refused"
-wait_for 30 "initial sync" in_sync
+model_lab_up
 
 primary=alpha
 other() { [[ $1 == alpha ]] && echo beta || echo alpha; }
@@ -108,7 +75,7 @@ delay_clear() {
 checkpoint() {
     link_restore
     delay_clear
-    wait_for 60 "in sync at a checkpoint" in_sync
+    wait_for 60 "in sync at a checkpoint" settled
     device_matches_model || fail "the device read through AoE differs from the model"
     disks_match_model || fail "a backing file differs from the model"
 }

@@ -22,48 +22,18 @@
 # Needs root; uses namespaces tbp-a, tbp-b, tbp-c, bridge tbpbr0 (nothing else touches them).
 set -euo pipefail
 
-keep=0
-seed=$(( $(date +%s) % 100000 ))
-while (($#)); do
-    case $1 in
-    --keep) keep=1 ;;
-    --seed)
-        seed=${2:?--seed needs a value}
-        shift
-        ;;
-    -h | --help)
-        sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
-        exit 0
-        ;;
-    *)
-        echo "power-cut.sh: unknown argument: $1" >&2
-        exit 2
-        ;;
-    esac
-    shift
-done
-[[ $seed =~ ^[0-9]+$ ]] || {
-    echo "power-cut.sh: --seed wants a non-negative integer, got '$seed'" >&2
-    exit 2
-}
-
-P=tbp NET=78 TAG=power-cut BLADE=e8.3 DURABILITY=power
-# shellcheck source=pair-lib.sh
-source "$(dirname "${BASH_SOURCE[0]}")/pair-lib.sh"
+P=tbp NET=78 TAG=power-cut BLADE=e8.3 DURABILITY=power POWER_CUT=1
+# shellcheck source=initiator-tests/lab-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lab-lib.sh"
+model_args -- "$@"
 RANDOM=$seed
 log "seed $seed (rerun with --seed $seed)"
 t0=$(date +%s)
 
-pair_setup
-
 # --- 1. initial sync ----------------------------------------------------------------------------
-start alpha
-start beta
-wait_for 15 "connection" state_is alpha connection Connected
-ctl alpha primary r0 --force >/dev/null || fail "primary --force refused"
-wait_for 30 "initial sync" in_sync
+model_lab_up
 write_acked 0 8M $((seed + 1))
-wait_for 10 "in sync after writes" in_sync
+wait_for 10 "in sync after writes" settled
 disks_match_model || fail "disks differ from the model after the initial writes"
 log "PASS initial sync and replicated writes ($usable bytes)"
 
@@ -87,7 +57,7 @@ cut_primary() {
     grep -q "meta-data was not cleanly closed" "$work/$prim.log" ||
         fail "$prim did not notice its unclean meta-data"
     log "$prim: $(grep "not cleanly closed" "$work/$prim.log" | tail -1 | sed 's/.*meta-data/meta-data/')"
-    wait_for 60 "resync after $prim's return" in_sync
+    wait_for 60 "resync after $prim's return" settled
     state_is "$surv" role Primary || fail "$surv lost its role"
     device_matches_model || fail "an acknowledged write is missing after the resync"
     disks_match_model || fail "the backing files differ from the model after the resync"
@@ -111,7 +81,7 @@ wait "$wpid" || fail "the client's write failed while the secondary lost power: 
 state_is alpha role Primary || fail "alpha is no longer primary"
 log "out-of-sync on alpha after beta's power cut: $(field alpha out-of-sync) bytes"
 start beta
-wait_for 60 "resync after the secondary's return" in_sync
+wait_for 60 "resync after the secondary's return" settled
 device_matches_model || fail "an acknowledged write is missing after the secondary's power cut"
 disks_match_model || fail "the backing files differ from the model after the secondary's power cut"
 log "PASS power cut of the secondary while writing: writes went on, resynced, equal to the model"
@@ -130,7 +100,7 @@ restart_both_and_promote() {
         out=$(ctl alpha primary r0 2>&1) || log "primary on alpha refused: $out"
         log "nobody promoted itself: primary on alpha: $out"
     fi
-    wait_for 60 "in sync after both restarted" in_sync
+    wait_for 60 "in sync after both restarted" settled
     log "in sync: $(states alpha)"
 }
 # cut_both: both nodes lose power at the same instant: one kill -9 of both processes, which
@@ -165,7 +135,7 @@ ctl alpha secondary r0 >/dev/null 2>&1 || true
 kill -TERM "${pid[alpha]}" "${pid[beta]}"
 wait "${pid[alpha]}" || true
 wait "${pid[beta]}" || true
-write_config node
+DURABILITY=node write_config
 restart_both_and_promote
 state_is alpha durability node || fail "the pair did not switch to durability=node"
 # At durability=node a power cut of the primary alone loses nothing acknowledged: the survivor
@@ -183,7 +153,7 @@ power_cut "$prim" $((seed + 11))
 wait "$wpid" || fail "the client's write failed while the secondary lost power: $(cat "$work/writer.log")"
 "$init" model "$model" --seed "$wseed" --offset $((40 << 20)) --bytes 16M >/dev/null
 start "$prim"
-wait_for 60 "resync after the secondary's return" in_sync
+wait_for 60 "resync after the secondary's return" settled
 device_matches_model || fail "an acknowledged write is missing after the secondary's power cut (node)"
 disks_match_model || fail "the secondary lost acknowledged writes to a power cut and they were not resynced (node)"
 log "PASS durability=node, power cut of the secondary ($prim) while writing: its activity log made the resync cover what it lost"

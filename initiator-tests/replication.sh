@@ -16,66 +16,28 @@
 # Needs root; uses namespaces tbr-a, tbr-b, tbr-c and bridge tbrbr0 (nothing else touches them).
 set -euo pipefail
 
-P=tbr NET=77 TAG=replication
+P=tbr NET=77 TAG=replication BLADE=e7.3
 # shellcheck source=initiator-tests/lab-lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lab-lib.sh"
 lab_up
 
-write_config() { # SECRET-FOR-BETA (identical config otherwise)
-    cat >"$cfg.$1" <<EOF
-[cluster]
-shared-secret = "$2"
-[node.alpha]
-address = "192.168.77.1"
-interface = "eth0"
-[node.beta]
-address = "192.168.77.2"
-interface = "eth0"
-[resource.r0]
-aoe = "e7.3"
-port = 7788
-protocol = "C"
-durability = "node"
-dead-time = 2
-timeout = 1
-ko-count = 3
-wfc-timeout = 0
-degr-wfc-timeout = 3
-[resource.r0.on.alpha]
-disk = "$work/alpha.img"
-meta-disk = "internal"
-[resource.r0.on.beta]
-disk = "$work/beta.img"
-meta-disk = "$work/beta.md"
-EOF
-}
-write_config alpha "pair-secret"
-write_config beta "pair-secret"
-
-truncate -s $((64 << 20)) "$work/alpha.img" # internal meta-data takes the tail
-usable=$("$tb" create-md --config "$cfg.alpha" --node alpha r0 | sed -n 's/^usable size: \([0-9]*\) bytes.*/\1/p')
-[[ -n $usable ]] || fail "create-md did not report the usable size"
+node_config() { echo "$cfg.$1"; } # each node has its own copy (test 6 changes alpha's secret)
+write_config "$cfg.alpha"
+write_config "$cfg.beta"
 # External meta-data: the whole disk is usable. 1 MiB more than alpha's, so the pair must
 # agree on the smaller size.
-truncate -s $((usable + (1 << 20))) "$work/beta.img"
-truncate -s $((1 << 20)) "$work/beta.md"
-"$tb" create-md --config "$cfg.beta" --node beta r0 >/dev/null
+create_md $((64 << 20)) $((1 << 20))
 
-node_config() { echo "$cfg.$1"; } # each node has its own copy (test 6 changes beta's secret)
 data_size() { ctl alpha status r0 --json | tr ',{}' '\n\n\n' | sed -n 's/^"size":\([0-9]*\)$/\1/p'; }
 same_data() {
     local n
     n=$(data_size)
     cmp -n "$n" "$work/alpha.img" "$work/beta.img"
 }
-answering() { aoe discover --wait-ms 700 2>/dev/null | grep -c 'e7\.3' || true; }
 nobody_answers() { [[ $(answering) == 0 ]]; }
 
 # --- 1. initial sync -------------------------------------------------------------------------
-start alpha
-start beta
-wait_for 15 "connection" state_is alpha connection Connected
-ctl alpha primary r0 --force >/dev/null || fail "primary --force refused"
+pair_up
 wait_for 30 "initial sync" in_sync
 state_is alpha role Primary || fail "alpha is not primary"
 same_data || fail "disks differ after the initial sync"
@@ -218,7 +180,7 @@ ctl alpha disconnect r0 >/dev/null
 kill -TERM "${pid[alpha]}"
 wait "${pid[alpha]}" || fail "alpha did not stop cleanly on SIGTERM"
 grep -q "meta-data marked clean" "$work/alpha.log" || fail "no clean meta-data at stop"
-write_config alpha "wrong-secret"
+write_config "$cfg.alpha" wrong-secret
 start alpha
 sleep 3
 state_is alpha connection Connected && fail "a wrong secret was accepted"

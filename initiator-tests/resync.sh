@@ -14,41 +14,18 @@
 # Needs root; uses namespaces tbs-a, tbs-b, tbs-c and bridge tbsbr0 (nothing else touches them).
 set -euo pipefail
 
-P=tbs NET=79 TAG=resync
+P=tbs NET=79 TAG=resync BLADE=e9.3 SECRET=resync-secret
 # shellcheck source=initiator-tests/lab-lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lab-lib.sh"
 lab_up
 
-cat >"$cfg" <<EOF
-[cluster]
-shared-secret = "resync-secret"
-[node.alpha]
-address = "192.168.79.1"
-interface = "eth0"
-[node.beta]
-address = "192.168.79.2"
-interface = "eth0"
-[resource.r0]
-aoe = "e9.3"
-port = 7789
-wfc-timeout = 0
-[resource.r0.on.alpha]
-disk = "$work/alpha.img"
-meta-disk = "internal"
-[resource.r0.on.beta]
-disk = "$work/beta.img"
-meta-disk = "$work/beta.md"
-EOF
+resource_options() { printf 'port = 7789\nwfc-timeout = 0\n'; }
+write_config
 
 # A 1 GiB device, mostly zero: 4 MiB of random data on alpha only (written before create-md,
 # inside the data area), zeros everywhere else on both.
-truncate -s $((1024 << 20)) "$work/alpha.img"
 dd if=/dev/urandom of="$work/alpha.img" bs=1M seek=100 count=4 conv=notrunc status=none
-usable=$("$tb" create-md --config "$cfg" --node alpha r0 | sed -n 's/^usable size: \([0-9]*\) bytes.*/\1/p')
-[[ -n $usable ]] || fail "create-md did not report the usable size"
-truncate -s "$usable" "$work/beta.img"
-truncate -s $((1 << 20)) "$work/beta.md"
-"$tb" create-md --config "$cfg" --node beta r0 >/dev/null
+create_md $((1024 << 20))
 
 same_data() { cmp -n "$usable" "$work/alpha.img" "$work/beta.img"; }
 mib() { awk -v b="$1" 'BEGIN { printf "%.2f MiB", b / 1048576 }'; }
@@ -187,12 +164,8 @@ stop beta
 stop alpha
 rnd=$((512 << 20))
 rm -f "$work/alpha.img" "$work/beta.img" "$work/beta.md"
-truncate -s $((rnd + (8 << 20))) "$work/alpha.img"
 dd if=/dev/urandom of="$work/alpha.img" bs=1M count=$((rnd >> 20)) conv=notrunc status=none
-usable=$("$tb" create-md --config "$cfg" --node alpha r0 | sed -n 's/^usable size: \([0-9]*\) bytes.*/\1/p')
-truncate -s "$usable" "$work/beta.img"
-truncate -s $((1 << 20)) "$work/beta.md"
-"$tb" create-md --config "$cfg" --node beta r0 >/dev/null
+create_md $((rnd + (8 << 20)))
 # Raw TCP between the two namespaces, same link, 1 GiB: the yardstick.
 tcp_secs=$(
     ip netns exec tbs-b python3 -c '
@@ -220,10 +193,7 @@ c.close()
 )
 read -r tsecs tbytes <<<"$tcp_secs"
 tcp_mbps=$(awk -v b="$tbytes" -v t="$tsecs" 'BEGIN { printf "%.0f", b / t / 1e6 }')
-start alpha
-start beta
-wait_for 15 "connection" state_is alpha connection Connected
-ctl alpha primary r0 --force >/dev/null || fail "primary --force refused"
+pair_up
 wait_for 120 "random-data full sync" in_sync
 same_data || fail "disks differ after the random-data full sync"
 sent=$(field alpha resync_sent)

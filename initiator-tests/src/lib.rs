@@ -611,6 +611,21 @@ pub fn parse_target(name: &str) -> std::result::Result<(u16, u8), String> {
     twinblade::cli::parse_blade_name(name)
 }
 
+/// A byte count as the command lines take it: digits with an optional K, M or G suffix
+/// (binary multiples), e.g. `64K`, `8M`, `1G`.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let (digits, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    digits
+        .parse::<u64>()
+        .map(|n| n * mult)
+        .map_err(|e| format!("{s:?}: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

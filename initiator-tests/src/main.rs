@@ -5,7 +5,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 use std::time::Duration;
-use twinblade_initiator::{parse_target, write_pattern_into, Initiator, IoPlan};
+use twinblade_initiator::{parse_size, parse_target, write_pattern_into, Initiator, IoPlan};
 
 #[derive(Parser)]
 #[command(
@@ -97,19 +97,6 @@ struct IoArgs {
     /// missing), to compare with a model.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let (digits, mult) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    digits
-        .parse::<u64>()
-        .map(|n| n * mult)
-        .map_err(|e| format!("{s:?}: {e}"))
 }
 
 fn main() -> ExitCode {

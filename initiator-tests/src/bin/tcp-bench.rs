@@ -1,8 +1,8 @@
 //! `tcp-bench`: raw TCP throughput and round trips between two hosts, for benchmarks.
 //!
 //! The lab has no iperf3, socat or nc; this is the yardstick for the replication link. It
-//! shares no code with twinblade: plain `std::net` sockets with `TCP_NODELAY` (as the
-//! replication link sets), one connection, one stream.
+//! shares no code with twinblade (only `aoe-init`'s size parser): plain `std::net` sockets with
+//! `TCP_NODELAY` (as the replication link sets), one connection, one stream.
 //!
 //! ```text
 //! tcp-bench serve BIND_ADDR:PORT                        # answers clients until killed
@@ -23,22 +23,10 @@ use std::process::ExitCode;
 use std::sync::mpsc::channel;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+use twinblade_initiator::parse_size;
 
 const MODE_STREAM: u64 = 1;
 const MODE_RR: u64 = 2;
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let (digits, mult) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    digits
-        .parse::<u64>()
-        .map(|n| n * mult)
-        .map_err(|e| format!("{s:?}: {e}"))
-}
 
 fn usage() -> ExitCode {
     eprintln!(
