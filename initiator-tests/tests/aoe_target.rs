@@ -601,6 +601,15 @@ struct LateCompletingDevice {
     delay: Duration,
     pending_at_poll: std::sync::Arc<std::sync::atomic::AtomicU64>,
     completed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The thread that completes writes in order, as a peer link's reader does.
+    completer: std::sync::Mutex<std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>>,
+}
+
+/// A thread that runs what it is sent, in order.
+fn completer_thread() -> std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>> {
+    let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+    std::thread::spawn(move || rx.into_iter().for_each(|job| job()));
+    tx
 }
 
 struct LateWrite {
@@ -608,6 +617,7 @@ struct LateWrite {
     polled_pending: bool,
     pending_at_poll: std::sync::Arc<std::sync::atomic::AtomicU64>,
     completed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    completer: std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>,
 }
 
 impl twinblade::block::PendingWrite for LateWrite {
@@ -629,6 +639,13 @@ impl twinblade::block::PendingWrite for LateWrite {
         self.completed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Completes on the device's completer thread, as the replicated device does on the
+    /// link's reader.
+    fn then(self: Box<Self>, done: Box<dyn FnOnce(twinblade::block::Result<()>) + Send>) {
+        let completer = self.completer.clone();
+        let _ = completer.send(Box::new(move || done(self.finish())));
     }
 }
 
@@ -661,6 +678,7 @@ impl twinblade::block::BlockDevice for LateCompletingDevice {
                 polled_pending: false,
                 pending_at_poll: self.pending_at_poll.clone(),
                 completed: self.completed.clone(),
+                completer: self.completer.lock().unwrap().clone(),
             },
         )))
     }
@@ -682,6 +700,7 @@ fn writes_that_complete_later_are_answered_when_they_complete_and_read_back() {
         delay: Duration::from_millis(5),
         pending_at_poll: pending_at_poll.clone(),
         completed: completed.clone(),
+        completer: std::sync::Mutex::new(completer_thread()),
     });
     let served: Arc<dyn twinblade::block::BlockDevice> = device.clone();
     let server = lab.in_target(move || {

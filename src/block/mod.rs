@@ -228,6 +228,12 @@ pub trait PendingWrite: Send {
     fn poll(&mut self) -> bool;
     /// Waits for the write to complete and returns its outcome.
     fn finish(self: Box<Self>) -> Result<()>;
+    /// Calls `done` with the outcome once the write completes, on whichever thread completes
+    /// it (at once if it has). The default waits here; a device that completes writes on a
+    /// thread of its own hands `done` to that thread instead.
+    fn then(self: Box<Self>, done: Box<dyn FnOnce(Result<()>) + Send>) {
+        done(self.finish())
+    }
 }
 
 /// A started write: complete already, or waiting for something (a peer's acknowledgement).
@@ -248,6 +254,14 @@ impl WriteCompletion {
     /// Whether [`wait`](Self::wait) would return without waiting.
     pub fn poll(&mut self) -> bool {
         self.0.as_mut().is_none_or(|p| p.poll())
+    }
+
+    /// Calls `done` with the outcome when the write completes (see [`PendingWrite::then`]).
+    pub fn then(self, done: Box<dyn FnOnce(Result<()>) + Send>) {
+        match self.0 {
+            None => done(Ok(())),
+            Some(pending) => pending.then(done),
+        }
     }
 
     /// Waits for the write; `Ok` once it has completed as `write_at` defines.

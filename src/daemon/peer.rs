@@ -356,4 +356,32 @@ mod tests {
         let (a, _) = both(id("alpha", "beta", "s"), id("gamma", "alpha", "s"));
         assert!(matches!(a, Err(PeerError::WrongPeer(ref n, _)) if n == "gamma"));
     }
+
+    #[test]
+    fn a_peer_speaking_only_version_1_is_refused_by_name() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let old_peer = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut conn = Conn::new(s).unwrap();
+            conn.version = 1;
+            conn.send(Message::Hello(HelloRepr {
+                min_version: 1,
+                max_version: 1,
+                nonce: [7; 32],
+                name: "beta".into(),
+            }))
+            .unwrap();
+            // Keep the socket open until the other side has decided.
+            let _ = conn.recv();
+        });
+        let result = handshake(dial(addr).unwrap(), &id("alpha", "beta", "s"), || ours(1));
+        assert!(
+            matches!(result, Err(PeerError::Version(1, 1))),
+            "got {:?}",
+            result.err()
+        );
+        drop(result);
+        old_peer.join().unwrap();
+    }
 }

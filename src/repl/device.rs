@@ -305,22 +305,49 @@ impl ReplicatedDevice {
 /// What the peer said (or will say) about a replicated write.
 enum PeerOutcome {
     Known(bool),
-    Waiting(super::link::Answer),
+    Waiting {
+        link: Arc<PeerLink>,
+        id: u64,
+        rx: super::link::Answer,
+    },
 }
 
 /// A replicated write sent to the peer and written locally, waiting for the peer's answer.
 struct ReplicatedWrite {
+    done: WrittenLocally,
+    peer: PeerOutcome,
+}
+
+/// What is left to do once the peer has answered.
+struct WrittenLocally {
     meta: Arc<MetaStore>,
     counters: Arc<IoCounters>,
     offset: u64,
     len: u64,
     local_ok: bool,
-    peer: PeerOutcome,
+}
+
+impl WrittenLocally {
+    fn settle(self, peer_ok: bool) -> Result<()> {
+        let (offset, len) = (self.offset, self.len);
+        if !peer_ok && !self.local_ok {
+            self.meta.write_end(offset, len);
+            return Err(no_disk());
+        }
+        if !peer_ok || !self.local_ok {
+            // Only one replica has it: the block differs until a resync (a detached local
+            // disk records what it missed, as far as its meta-data can still be written).
+            self.meta.mark_out_of_sync(offset, len);
+            self.counters.writes_marked.fetch_add(1, Ordering::Relaxed);
+        }
+        self.meta.write_end(offset, len);
+        Ok(())
+    }
 }
 
 impl PendingWrite for ReplicatedWrite {
     fn poll(&mut self) -> bool {
-        let PeerOutcome::Waiting(rx) = &self.peer else {
+        let PeerOutcome::Waiting { rx, .. } = &self.peer else {
             return true;
         };
         match rx.try_recv() {
@@ -339,21 +366,22 @@ impl PendingWrite for ReplicatedWrite {
     fn finish(self: Box<Self>) -> Result<()> {
         let peer_ok = match &self.peer {
             PeerOutcome::Known(ok) => *ok,
-            PeerOutcome::Waiting(rx) => rx.recv().is_ok_and(|reply| peer_has_it(&reply)),
+            PeerOutcome::Waiting { rx, .. } => rx.recv().is_ok_and(|reply| peer_has_it(&reply)),
         };
-        let (offset, len) = (self.offset, self.len);
-        if !peer_ok && !self.local_ok {
-            self.meta.write_end(offset, len);
-            return Err(no_disk());
+        self.done.settle(peer_ok)
+    }
+
+    fn then(self: Box<Self>, on_done: Box<dyn FnOnce(Result<()>) + Send>) {
+        let ReplicatedWrite { done, peer } = *self;
+        match peer {
+            PeerOutcome::Known(ok) => on_done(done.settle(ok)),
+            // Completed by the link's reader when the acknowledgement arrives.
+            PeerOutcome::Waiting { link, id, rx } => link.when_answered(
+                id,
+                rx,
+                Box::new(move |reply| on_done(done.settle(peer_has_it(&reply)))),
+            ),
         }
-        if !peer_ok || !self.local_ok {
-            // Only one replica has it: the block differs until a resync (a detached local
-            // disk records what it missed, as far as its meta-data can still be written).
-            self.meta.mark_out_of_sync(offset, len);
-            self.counters.writes_marked.fetch_add(1, Ordering::Relaxed);
-        }
-        self.meta.write_end(offset, len);
-        Ok(())
     }
 }
 
@@ -435,22 +463,25 @@ impl BlockDevice for ReplicatedDevice {
                     // Fire and forget: id 0 asks for no acknowledgement.
                     link.send_write(offset, flags, data).ok().map(|()| None)
                 } else {
-                    link.request_write(offset, flags, data).map(Some)
+                    link.request_write(offset, flags, data)
+                        .map(|(id, rx)| Some((link.clone(), id, rx)))
                 }
             });
             (answer, self.local_write(data, offset, fua))
         };
         let peer = match answer {
             Some(None) => PeerOutcome::Known(true),
-            Some(Some(rx)) => PeerOutcome::Waiting(rx),
+            Some(Some((link, id, rx))) => PeerOutcome::Waiting { link, id, rx },
             None => PeerOutcome::Known(false),
         };
         Ok(WriteCompletion::pending(Box::new(ReplicatedWrite {
-            meta: self.meta.clone(),
-            counters: self.counters.clone(),
-            offset,
-            len,
-            local_ok,
+            done: WrittenLocally {
+                meta: self.meta.clone(),
+                counters: self.counters.clone(),
+                offset,
+                len,
+                local_ok,
+            },
             peer,
         })))
     }

@@ -73,10 +73,13 @@ pub const MAGIC: [u8; 4] = *b"TBRP";
 pub const HEADER_LEN: usize = 24;
 /// Bytes of a WriteData message before its data (see [`WriteDataRepr::emit_head`]).
 pub const WRITE_DATA_HEAD_LEN: usize = HEADER_LEN + 24;
-/// Oldest protocol version this build speaks.
-pub const VERSION_MIN: u16 = 1;
+/// Oldest protocol version this build speaks. Version 2 added checksum-based resync and
+/// verify (`ChecksumRequest`, `Checksums`, `ResyncZero`) and `SyncPause`, and changed how a
+/// resync source uses `ResyncSkip`: a version-1 peer would misread the stream, so it is refused
+/// at the handshake ("no common protocol version") instead.
+pub const VERSION_MIN: u16 = 2;
 /// Newest protocol version this build speaks.
-pub const VERSION_MAX: u16 = 1;
+pub const VERSION_MAX: u16 = 2;
 /// Largest block-data payload of one [`WriteDataRepr`] or [`ResyncDataRepr`] (1 MiB).
 pub const MAX_DATA_LEN: usize = 1 << 20;
 /// Largest payload of any message: block data plus its fixed fields, with room to spare.

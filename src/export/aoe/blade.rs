@@ -154,6 +154,54 @@ impl PreparedTransfer {
     pub const DATA_OFFSET: usize = aoe::HEADER_LEN + aoe::ATA_ARG_LEN;
 }
 
+/// Answers a blade's prepared transfers (see [`Blade::answerer`]).
+#[derive(Debug, Clone)]
+pub struct TransferAnswerer {
+    stats: Arc<BladeStats>,
+    name: String,
+    io_error_log: Arc<LogLimiter>,
+}
+
+impl TransferAnswerer {
+    /// [`Blade::finish_transfer`], from any thread.
+    pub fn finish(
+        &self,
+        transfer: &PreparedTransfer,
+        result: Result<(), crate::block::BlockError>,
+        out: &mut [u8],
+    ) -> usize {
+        self.stats.count_request();
+        let reply = ata::transfer_reply(&transfer.request, result);
+        self.stats.count_ata(&transfer.request, &reply);
+        if !reply.is_ok() && reply.error == ata::error::ABRT {
+            warn_limited!(self.io_error_log, blade = %self.name, request = ?transfer.request, "I/O error answered with ATA ABRT");
+        }
+        let len = emit_ata_reply(transfer.reply, &transfer.ata, &reply, out);
+        self.stats.count_reply();
+        len
+    }
+}
+
+fn emit_ata_reply(
+    header: HeaderRepr,
+    request: &AtaRepr,
+    result: &AtaReply,
+    out: &mut [u8],
+) -> usize {
+    let reply = AtaRepr {
+        aflags: request.aflags,
+        err_feature: result.error,
+        sector_count: result.sector_count,
+        cmd_status: result.status,
+        lba: result.lba,
+    };
+    let mut frame = Frame::new_unchecked(&mut *out);
+    header.emit(&mut frame);
+    reply.emit(frame.payload_mut());
+    let len = aoe::HEADER_LEN + aoe::ATA_ARG_LEN + result.data_len;
+    pad_to_minimum(out, len)
+}
+
 /// One virtual blade.
 pub struct Blade {
     config: BladeConfig,
@@ -164,7 +212,7 @@ pub struct Blade {
     reservations: Vec<MacAddr>,
     stats: Arc<BladeStats>,
     bad_frame_log: LogLimiter,
-    io_error_log: LogLimiter,
+    io_error_log: Arc<LogLimiter>,
 }
 
 impl Blade {
@@ -185,7 +233,7 @@ impl Blade {
             reservations: Vec::new(),
             stats: Arc::new(BladeStats::default()),
             bad_frame_log: LogLimiter::network(),
-            io_error_log: LogLimiter::network(),
+            io_error_log: Arc::new(LogLimiter::network()),
         }
     }
 
@@ -284,15 +332,17 @@ impl Blade {
         result: Result<(), crate::block::BlockError>,
         out: &mut [u8],
     ) -> usize {
-        self.stats.count_request();
-        let reply = ata::transfer_reply(&transfer.request, result);
-        self.stats.count_ata(&transfer.request, &reply);
-        if !reply.is_ok() && reply.error == ata::error::ABRT {
-            warn_limited!(self.io_error_log, blade = %self.config.name(), request = ?transfer.request, "I/O error answered with ATA ABRT");
+        self.answerer().finish(transfer, result, out)
+    }
+
+    /// What answers this blade's prepared transfers without the blade itself: a write that
+    /// completes on another thread is answered there, without taking the blade's lock.
+    pub fn answerer(&self) -> TransferAnswerer {
+        TransferAnswerer {
+            stats: self.stats.clone(),
+            name: self.config.name(),
+            io_error_log: self.io_error_log.clone(),
         }
-        let len = self.emit_ata_reply(transfer.reply, &transfer.ata, &reply, out);
-        self.stats.count_reply();
-        len
     }
 
     /// Answers one received frame. `out` must hold at least `port.max_frame_len()` bytes and
@@ -393,28 +443,7 @@ impl Blade {
         if !result.is_ok() && result.error == ata::error::ABRT && request.byte_range().is_some() {
             warn_limited!(self.io_error_log, blade = %self.config.name(), ?request, "I/O error answered with ATA ABRT");
         }
-        Outcome::Reply(self.emit_ata_reply(header, &ata, &result, out))
-    }
-
-    fn emit_ata_reply(
-        &self,
-        header: HeaderRepr,
-        request: &AtaRepr,
-        result: &AtaReply,
-        out: &mut [u8],
-    ) -> usize {
-        let reply = AtaRepr {
-            aflags: request.aflags,
-            err_feature: result.error,
-            sector_count: result.sector_count,
-            cmd_status: result.status,
-            lba: result.lba,
-        };
-        let mut frame = Frame::new_unchecked(&mut *out);
-        header.emit(&mut frame);
-        reply.emit(frame.payload_mut());
-        let len = aoe::HEADER_LEN + aoe::ATA_ARG_LEN + result.data_len;
-        pad_to_minimum(out, len)
+        Outcome::Reply(emit_ata_reply(header, &ata, &result, out))
     }
 
     fn answer_config(

@@ -12,9 +12,10 @@
 //! as one device call (see [`serve_port_ring`]); `TWINBLADE_AOE_RUN_BYTES` caps such a run
 //! (default 1 MiB; 0 executes every transfer on its own, as vblade does). Writes are started
 //! with [`BlockDevice::start_write`]: one that is still completing when started (a replicated
-//! write waiting for the peer) is answered by the interface's replier thread when it completes,
-//! while the frame path goes on with the next frames. Every request still reaches the device in
-//! arrival order; only the replies of such writes leave later.
+//! write waiting for the peer) is answered by whichever thread completes it (the peer link's
+//! reader), through a send-only socket, while the frame path goes on with the next frames.
+//! Every request still reaches the device in arrival order; only the replies of such writes
+//! leave later.
 //!
 //! The socket buffers are sized so the kernel never drops what we advertised (the buffer count
 //! of every blade on the interface, at the largest frame size).
@@ -243,7 +244,6 @@ impl AoeServer {
 }
 
 /// A blade reachable on a port.
-#[derive(Clone)]
 struct Route {
     blade: Arc<Mutex<Blade>>,
 }
@@ -352,7 +352,7 @@ fn serve_port_ring(port: &mut PortHandle, routes: &[Route], cancel: &Cancellatio
         max_bytes: run_limit(),
         ..Run::default()
     };
-    let replier = Replier::start(&port.iface, routes);
+    let replier = Replier::start(&port.iface);
     while !cancel.is_cancelled() {
         if last_mtu_check.elapsed() >= POLL_INTERVAL {
             port.refresh_mtu();
@@ -530,8 +530,9 @@ impl Run {
                         completion.wait()
                     } else {
                         let transfers = self.entries.iter().map(|e| e.transfer).collect();
+                        let answerer = blade.answerer();
                         drop(blade);
-                        replier.defer(self.route, transfers, completion);
+                        replier.defer(answerer, transfers, completion);
                         self.entries.clear();
                         return;
                     }
@@ -601,120 +602,93 @@ impl Run {
 }
 
 /// Answers writes that complete after the frame path has moved on (replicated writes waiting
-/// for the peer), in the order they were started, from a thread of its own and through a
-/// send-only socket, so that the frame path never waits for the peer.
+/// for the peer): each is answered by whichever thread completes it (the peer link's reader,
+/// as the acknowledgement arrives), through a send-only socket, so that the frame path never
+/// waits for the peer and no thread sits between the acknowledgement and the reply.
 struct Replier {
-    jobs: Option<std::sync::mpsc::SyncSender<Deferred>>,
-    thread: Option<JoinHandle<()>>,
+    socket: Arc<PacketSocket>,
+    /// Writes started and not yet answered.
+    in_flight: Arc<(Mutex<usize>, std::sync::Condvar)>,
 }
 
-/// A run of writes started and not yet complete.
-struct Deferred {
-    route: usize,
-    transfers: Vec<PreparedTransfer>,
-    completion: crate::block::WriteCompletion,
-}
+/// Longest a stopping port waits for its writes still in flight (the peer link answers or
+/// fails every request well within it).
+const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
 impl Replier {
     /// `None` if no send socket can be opened: writes then complete inline.
-    fn start(iface: &Interface, routes: &[Route]) -> Option<Replier> {
+    fn start(iface: &Interface) -> Option<Replier> {
         // Protocol 0: this socket receives nothing.
-        let socket = match PacketSocket::open(iface, 0) {
-            Ok(socket) => socket,
+        match PacketSocket::open(iface, 0) {
+            Ok(socket) => Some(Replier {
+                socket: Arc::new(socket),
+                in_flight: Arc::default(),
+            }),
             Err(err) => {
                 tracing::warn!(iface = %iface.name, %err, "no reply socket: writes complete inline");
-                return None;
+                None
             }
-        };
-        let routes: Vec<Route> = routes.to_vec();
-        let (jobs, queue) = std::sync::mpsc::sync_channel(4 * BATCH);
-        let thread = std::thread::Builder::new()
-            .name(format!("aoe-ack-{}", iface.name))
-            .spawn(move || reply_when_complete(queue, &routes, &socket))
-            .ok()?;
-        Some(Replier {
-            jobs: Some(jobs),
-            thread: Some(thread),
-        })
+        }
     }
 
+    /// Answers `transfers` (one run) when `completion` completes.
     fn defer(
         &self,
-        route: usize,
+        answerer: super::blade::TransferAnswerer,
         transfers: Vec<PreparedTransfer>,
         completion: crate::block::WriteCompletion,
     ) {
-        if let Some(jobs) = &self.jobs {
-            let job = Deferred {
-                route,
-                transfers,
-                completion,
-            };
-            if let Err(std::sync::mpsc::SendError(job)) = jobs.send(job) {
-                // The thread is gone; the write must still complete before anything else.
-                let _ = job.completion.wait();
-            }
-        }
-    }
-}
-
-impl Drop for Replier {
-    /// Waits until every deferred write has completed and been answered.
-    fn drop(&mut self) {
-        self.jobs = None;
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// The replier thread: waits for deferred writes in order and sends their replies, in batches
-/// of whatever has completed.
-fn reply_when_complete(
-    queue: std::sync::mpsc::Receiver<Deferred>,
-    routes: &[Route],
-    socket: &PacketSocket,
-) {
-    let log = LogLimiter::network();
-    let mut waiting = std::collections::VecDeque::new();
-    let mut outbox: Vec<Vec<u8>> = Vec::new();
-    let mut lens: Vec<usize> = Vec::new();
-    loop {
-        if waiting.is_empty() {
-            match queue.recv() {
-                Ok(job) => waiting.push_back(job),
-                Err(_) => return,
-            }
-        }
-        while let Ok(job) = queue.try_recv() {
-            waiting.push_back(job);
-        }
-        lens.clear();
-        // Answer what has completed; wait only when there is nothing to send.
-        while let Some(front) = waiting.front_mut() {
-            if !lens.is_empty() && (!front.completion.poll() || lens.len() >= BATCH) {
-                break;
-            }
-            let Some(job) = waiting.pop_front() else {
-                break;
-            };
-            let result = job.completion.wait();
-            let blade = routes[job.route].lock();
-            for transfer in &job.transfers {
-                if outbox.len() <= lens.len() {
-                    outbox.push(vec![0u8; FRAME_BUFFER]);
-                }
-                let out = &mut outbox[lens.len()];
+        static SEND_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(10), 3);
+        *lock_count(&self.in_flight.0) += 1;
+        let socket = self.socket.clone();
+        let in_flight = self.in_flight.clone();
+        completion.then(Box::new(move |result| {
+            let mut replies = vec![[0u8; WRITE_REPLY_BUFFER]; transfers.len()];
+            let mut lens = Vec::with_capacity(transfers.len());
+            for (transfer, out) in transfers.iter().zip(&mut replies) {
                 let result = match &result {
                     Ok(()) => Ok(()),
                     Err(e) => Err(e.duplicate()),
                 };
-                lens.push(blade.finish_transfer(transfer, result, out));
+                lens.push(answerer.finish(transfer, result, out));
             }
-        }
-        let frames: Vec<&[u8]> = outbox.iter().zip(&lens).map(|(b, &l)| &b[..l]).collect();
-        if let Err(err) = socket.send_batch(&frames) {
-            warn_limited!(log, %err, replies = frames.len(), "replies not sent");
+            let frames: Vec<&[u8]> = replies.iter().zip(&lens).map(|(b, &l)| &b[..l]).collect();
+            if let Err(err) = socket.send_batch(&frames) {
+                warn_limited!(SEND_LOG, %err, replies = frames.len(), "replies not sent");
+            }
+            *lock_count(&in_flight.0) -= 1;
+            in_flight.1.notify_all();
+        }));
+    }
+}
+
+/// Room for a write's reply: header, ATA argument, padding to the Ethernet minimum.
+const WRITE_REPLY_BUFFER: usize = 128;
+
+fn lock_count(count: &Mutex<usize>) -> std::sync::MutexGuard<'_, usize> {
+    count.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Drop for Replier {
+    /// Waits until every deferred write has been answered.
+    fn drop(&mut self) {
+        let deadline = Instant::now() + DRAIN_LIMIT;
+        let mut count = lock_count(&self.in_flight.0);
+        while *count > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::error!(
+                    writes = *count,
+                    "stopping with replicated writes still unanswered"
+                );
+                return;
+            }
+            count = self
+                .in_flight
+                .1
+                .wait_timeout(count, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 }
