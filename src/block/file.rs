@@ -48,7 +48,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use super::{check_range, BlockDevice, BlockError, Capabilities, Result, SECTOR_SIZE};
+use super::{
+    check_range, BlockDevice, BlockError, Capabilities, Result, WriteCompletion, SECTOR_SIZE,
+};
 
 /// Alignment of every `O_DIRECT` transfer (offset, length and memory): the largest logical
 /// block size in common use. A block device with larger logical blocks uses its own size.
@@ -673,6 +675,74 @@ impl BlockDevice for FileDevice {
         Ok(())
     }
 
+    fn read_vectored(
+        &self,
+        bufs: &mut [&mut [u8]],
+        offset: u64,
+        scratch: &mut Vec<u8>,
+    ) -> Result<()> {
+        if self.direct {
+            // Alignment rules apply to each buffer: one aligned read, then copies.
+            return super::read_vectored_via_scratch(self, bufs, offset, scratch);
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        check_range(self.size, offset, total as u64)?;
+        let mut iovecs: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
+            .collect();
+        vectored_all(
+            self.file.as_raw_fd(),
+            &mut iovecs,
+            self.window_start + offset,
+            false,
+        )
+        .map_err(BlockError::from_io)
+    }
+
+    fn start_write_vectored(
+        &self,
+        bufs: &[&[u8]],
+        offset: u64,
+        fua: bool,
+        scratch: &mut Vec<u8>,
+    ) -> Result<WriteCompletion> {
+        if self.direct || fua {
+            // Direct I/O wants aligned buffers and FUA its own path: gather, then write.
+            let total: usize = bufs.iter().map(|b| b.len()).sum();
+            if scratch.len() < total {
+                scratch.resize(total, 0);
+            }
+            let mut at = 0;
+            for b in bufs {
+                scratch[at..at + b.len()].copy_from_slice(b);
+                at += b.len();
+            }
+            self.write_at(&scratch[..total], offset, fua)?;
+            return Ok(WriteCompletion::done());
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        self.check_write(offset, total as u64)?;
+        let mut iovecs: Vec<libc::iovec> = bufs
+            .iter()
+            .map(|b| libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
+            .collect();
+        vectored_all(
+            self.file.as_raw_fd(),
+            &mut iovecs,
+            self.window_start + offset,
+            true,
+        )
+        .map_err(BlockError::from_io)?;
+        Ok(WriteCompletion::done())
+    }
+
     fn flush(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
@@ -877,6 +947,67 @@ fn ioctl_range(file: &File, request: libc::Ioctl, start: u64, len: u64) -> io::R
     let rc = unsafe { libc::ioctl(file.as_raw_fd(), request, range.as_ptr()) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `preadv`/`pwritev` of every byte the iovecs describe, from `at`, resuming after short
+/// transfers (the iovecs are consumed).
+fn vectored_all(
+    fd: std::os::fd::RawFd,
+    iovecs: &mut [libc::iovec],
+    mut at: u64,
+    write: bool,
+) -> io::Result<()> {
+    let mut first = 0;
+    while first < iovecs.len() {
+        let rest = &iovecs[first..];
+        let count = rest.len().min(1024) as libc::c_int;
+        // SAFETY: every iovec describes a live buffer the caller lends us for this call
+        // (mutable for reads); the fd is open.
+        #[allow(unsafe_code)]
+        let n = unsafe {
+            if write {
+                libc::pwritev(fd, rest.as_ptr(), count, at as libc::off_t)
+            } else {
+                libc::preadv(fd, rest.as_ptr(), count, at as libc::off_t)
+            }
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                if write {
+                    io::ErrorKind::WriteZero
+                } else {
+                    io::ErrorKind::UnexpectedEof
+                },
+                "short vectored transfer",
+            ));
+        }
+        at += n as u64;
+        let mut done = n as usize;
+        while done > 0 && first < iovecs.len() {
+            let iov = &mut iovecs[first];
+            if done >= iov.iov_len {
+                done -= iov.iov_len;
+                first += 1;
+            } else {
+                // SAFETY: advancing within the same buffer.
+                #[allow(unsafe_code)]
+                {
+                    iov.iov_base =
+                        unsafe { (iov.iov_base as *mut u8).add(done) } as *mut libc::c_void;
+                }
+                iov.iov_len -= done;
+                done = 0;
+            }
+        }
     }
     Ok(())
 }

@@ -380,6 +380,29 @@ impl TxRing {
         self.data_mut((self.next + position) % self.slots)
     }
 
+    /// The frame buffers of several staged slots at once (distinct positions, each as
+    /// returned by [`TxRing::stage`]), in the order given.
+    pub fn staged_buffers(&mut self, positions: &[usize]) -> Vec<&mut [u8]> {
+        let mut seen = positions.to_vec();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), positions.len(), "staged slots asked for twice");
+        positions
+            .iter()
+            .map(|&position| {
+                assert!(position < self.staged, "slot {position} is not staged");
+                let slot = self.slot((self.next + position) % self.slots);
+                // SAFETY: each slot is ours (staged) and the positions are distinct, so the
+                // slices do not overlap; `&mut self` keeps any other buffer of this ring from
+                // being handed out while they live.
+                #[allow(unsafe_code)]
+                unsafe {
+                    std::slice::from_raw_parts_mut(slot.add(TX_DATA_OFFSET), TX_CAPACITY)
+                }
+            })
+            .collect()
+    }
+
     /// Sets the length of the frame in staged slot `position`.
     pub fn set_staged_len(&mut self, position: usize, len: usize) {
         assert!(position < self.staged, "slot {position} is not staged");

@@ -440,7 +440,8 @@ struct Run {
     max_bytes: usize,
     route: usize,
     entries: Vec<RunEntry>,
-    /// Where a contiguous run's data is gathered (writes) or read into (reads).
+    /// Scratch for devices that cannot gather or scatter by themselves (see
+    /// `BlockDevice::read_vectored`).
     staging: Vec<u8>,
 }
 
@@ -512,17 +513,9 @@ impl Run {
                 // Nothing to gather: straight from the receive slot.
                 device.start_write(request_data(&self.entries[0]), offset, false)
             } else {
-                let total: usize = self.entries.iter().map(|e| e.transfer.data_len()).sum();
-                if self.staging.len() < total {
-                    self.staging.resize(total, 0);
-                }
-                let mut at = 0;
-                for entry in &self.entries {
-                    let data = request_data(entry);
-                    self.staging[at..at + data.len()].copy_from_slice(data);
-                    at += data.len();
-                }
-                device.start_write(&self.staging[..total], offset, false)
+                // Straight from the receive slots where the device can (pwritev).
+                let slices: Vec<&[u8]> = self.entries.iter().map(request_data).collect();
+                device.start_write_vectored(&slices, offset, false, &mut self.staging)
             };
             match (started, replier) {
                 (Ok(mut completion), Some(replier)) => {
@@ -549,21 +542,15 @@ impl Run {
                 offset,
             )
         } else {
-            let total: usize = self.entries.iter().map(|e| e.transfer.data_len()).sum();
-            if self.staging.len() < total {
-                self.staging.resize(total, 0);
-            }
-            let result = device.read_at(&mut self.staging[..total], offset);
-            if result.is_ok() {
-                let mut at = 0;
-                for entry in &self.entries {
-                    let len = entry.transfer.data_len();
-                    tx.staged_buffer(entry.tx)[data_at..data_at + len]
-                        .copy_from_slice(&self.staging[at..at + len]);
-                    at += len;
-                }
-            }
-            result
+            // Straight into the reply slots where the device can (preadv).
+            let positions: Vec<usize> = self.entries.iter().map(|e| e.tx).collect();
+            let mut bufs: Vec<&mut [u8]> = tx
+                .staged_buffers(&positions)
+                .into_iter()
+                .zip(&self.entries)
+                .map(|(buf, entry)| &mut buf[data_at..data_at + entry.transfer.data_len()])
+                .collect();
+            device.read_vectored(&mut bufs, offset, &mut self.staging)
         };
         let single = self.entries.len() == 1;
         let alone = together.is_err() && !single;
