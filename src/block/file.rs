@@ -687,20 +687,9 @@ impl BlockDevice for FileDevice {
         }
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         check_range(self.size, offset, total as u64)?;
-        let mut iovecs: Vec<libc::iovec> = bufs
-            .iter_mut()
-            .map(|b| libc::iovec {
-                iov_base: b.as_mut_ptr() as *mut libc::c_void,
-                iov_len: b.len(),
-            })
-            .collect();
-        vectored_all(
-            self.file.as_raw_fd(),
-            &mut iovecs,
-            self.window_start + offset,
-            false,
-        )
-        .map_err(BlockError::from_io)
+        let mut iovecs = iovecs(bufs.iter_mut().map(|b| (b.as_mut_ptr(), b.len())));
+        let at = self.window_start + offset;
+        vectored_all(self.file.as_raw_fd(), &mut iovecs, at, false).map_err(BlockError::from_io)
     }
 
     fn start_write_vectored(
@@ -712,34 +701,14 @@ impl BlockDevice for FileDevice {
     ) -> Result<WriteCompletion> {
         if self.direct || fua {
             // Direct I/O wants aligned buffers and FUA its own path: gather, then write.
-            let total: usize = bufs.iter().map(|b| b.len()).sum();
-            if scratch.len() < total {
-                scratch.resize(total, 0);
-            }
-            let mut at = 0;
-            for b in bufs {
-                scratch[at..at + b.len()].copy_from_slice(b);
-                at += b.len();
-            }
-            self.write_at(&scratch[..total], offset, fua)?;
+            self.write_at(super::gather(bufs, scratch), offset, fua)?;
             return Ok(WriteCompletion::done());
         }
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         self.check_write(offset, total as u64)?;
-        let mut iovecs: Vec<libc::iovec> = bufs
-            .iter()
-            .map(|b| libc::iovec {
-                iov_base: b.as_ptr() as *mut libc::c_void,
-                iov_len: b.len(),
-            })
-            .collect();
-        vectored_all(
-            self.file.as_raw_fd(),
-            &mut iovecs,
-            self.window_start + offset,
-            true,
-        )
-        .map_err(BlockError::from_io)?;
+        let mut iovecs = iovecs(bufs.iter().map(|b| (b.as_ptr().cast_mut(), b.len())));
+        let at = self.window_start + offset;
+        vectored_all(self.file.as_raw_fd(), &mut iovecs, at, true).map_err(BlockError::from_io)?;
         Ok(WriteCompletion::done())
     }
 
@@ -949,6 +918,15 @@ fn ioctl_range(file: &File, request: libc::Ioctl, start: u64, len: u64) -> io::R
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// One iovec per `(base, len)`.
+fn iovecs(bufs: impl Iterator<Item = (*mut u8, usize)>) -> Vec<libc::iovec> {
+    bufs.map(|(base, len)| libc::iovec {
+        iov_base: base.cast(),
+        iov_len: len,
+    })
+    .collect()
 }
 
 /// `preadv`/`pwritev` of every byte the iovecs describe, from `at`, resuming after short

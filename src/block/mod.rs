@@ -173,16 +173,7 @@ pub trait BlockDevice: Send + Sync {
         fua: bool,
         scratch: &mut Vec<u8>,
     ) -> Result<WriteCompletion> {
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        if scratch.len() < total {
-            scratch.resize(total, 0);
-        }
-        let mut at = 0;
-        for b in bufs {
-            scratch[at..at + b.len()].copy_from_slice(b);
-            at += b.len();
-        }
-        self.start_write(&scratch[..total], offset, fua)
+        self.start_write(gather(bufs, scratch), offset, fua)
     }
 
     /// Makes every write that completed before this call stable.
@@ -333,6 +324,20 @@ impl std::fmt::Debug for WriteCompletion {
             "WriteCompletion(done)"
         })
     }
+}
+
+/// `bufs` laid back to back in `scratch` (grown if need be): the data of one write.
+pub(crate) fn gather<'a>(bufs: &[&[u8]], scratch: &'a mut Vec<u8>) -> &'a [u8] {
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
+    if scratch.len() < total {
+        scratch.resize(total, 0);
+    }
+    let mut at = 0;
+    for b in bufs {
+        scratch[at..at + b.len()].copy_from_slice(b);
+        at += b.len();
+    }
+    &scratch[..total]
 }
 
 /// [`BlockDevice::read_vectored`]'s default: one read into `scratch`, then a copy into each
