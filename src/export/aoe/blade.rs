@@ -158,7 +158,7 @@ impl PreparedTransfer {
 #[derive(Debug, Clone)]
 pub struct TransferAnswerer {
     stats: Arc<BladeStats>,
-    name: String,
+    name: Arc<str>,
     io_error_log: Arc<LogLimiter>,
 }
 
@@ -213,6 +213,8 @@ pub struct Blade {
     stats: Arc<BladeStats>,
     bad_frame_log: LogLimiter,
     io_error_log: Arc<LogLimiter>,
+    /// `eS.L`, kept so that answering a deferred write allocates nothing.
+    name: Arc<str>,
 }
 
 impl Blade {
@@ -224,6 +226,7 @@ impl Blade {
             "twinblade",
         );
         let masks = config.mask.iter().take(MAX_MASKS).copied().collect();
+        let name = config.name().into();
         Blade {
             config,
             device,
@@ -234,6 +237,7 @@ impl Blade {
             stats: Arc::new(BladeStats::default()),
             bad_frame_log: LogLimiter::network(),
             io_error_log: Arc::new(LogLimiter::network()),
+            name,
         }
     }
 
@@ -340,7 +344,7 @@ impl Blade {
     pub fn answerer(&self) -> TransferAnswerer {
         TransferAnswerer {
             stats: self.stats.clone(),
-            name: self.config.name(),
+            name: self.name.clone(),
             io_error_log: self.io_error_log.clone(),
         }
     }
