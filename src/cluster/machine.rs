@@ -25,6 +25,8 @@
 
 use super::{ConnState, DisconnectReason, DiskState, ReplState, Role, SyncDecision, SyncDirection};
 use crate::repl::uuid::UuidFlags;
+use crate::wire::ondisk::flags;
+use crate::wire::repl::{Durability, ReplProtocol};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -148,6 +150,16 @@ impl fmt::Display for Command {
 pub enum Event {
     /// The operator asked for something.
     Command(Command),
+    /// A peer connected and authenticated, and offered its terms (its Parameters). Comes
+    /// before [`Event::PeerConnected`]: the machine accepts (possibly shrinking to the peer's
+    /// size, [`Action::Shrink`]) or refuses ([`Action::RefusePeer`]) — checked together, before
+    /// anything is persisted. A refused peer changes nothing.
+    PeerOffered {
+        /// What this node runs with (its usable size now).
+        ours: Terms,
+        /// What the peer offered.
+        theirs: Terms,
+    },
     /// The transport to the peer is up and authenticated; the handshake starts.
     PeerConnected,
     /// The handshake finished: the UUID decision (`None` if either side is Diskless, so there
@@ -203,6 +215,53 @@ pub enum Event {
     },
     /// Time passed.
     Tick,
+}
+
+/// What both nodes of a pair must agree on before they replicate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Terms {
+    /// Usable size in bytes.
+    pub size: u64,
+    /// Replication protocol.
+    pub protocol: ReplProtocol,
+    /// Durability level.
+    pub durability: Durability,
+}
+
+/// Why a peer was refused at the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerRefusal {
+    /// The configurations differ (they must be identical on both nodes).
+    Terms {
+        /// Ours.
+        ours: (ReplProtocol, Durability),
+        /// The peer's.
+        theirs: (ReplProtocol, Durability),
+    },
+    /// The peer's disk is smaller than the device this node serves: shrinking it would cut
+    /// into data in use.
+    SmallerThanServed {
+        /// The peer's usable size.
+        peer: u64,
+        /// The size served here.
+        served: u64,
+    },
+}
+
+impl fmt::Display for PeerRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerRefusal::Terms { ours, theirs } => write!(
+                f,
+                "protocol/durability differ ({:?}/{:?} here, {:?}/{:?} there); the configuration must be identical",
+                ours.0, ours.1, theirs.0, theirs.1
+            ),
+            PeerRefusal::SmallerThanServed { peer, served } => write!(
+                f,
+                "its usable size ({peer} bytes) is smaller than the device in use ({served} bytes)"
+            ),
+        }
+    }
 }
 
 /// Why a command was refused.
@@ -311,6 +370,25 @@ pub enum Action {
     /// Start a new data generation (`UuidSet::new_current` with a random UUID) and persist it
     /// before the next write completes.
     NewCurrentUuid,
+    /// Persist superblock flags ([`crate::wire::ondisk::flags`]): what a restart must know
+    /// (primary indicator, consistent data, peer outdated, crashed primary resolved).
+    PersistFlags {
+        /// Flags to set.
+        set: u32,
+        /// Flags to clear.
+        clear: u32,
+    },
+    /// The peer's disk is smaller: the device shrinks to `size` and the agreed size is
+    /// persisted (it only ever shrinks).
+    Shrink {
+        /// The new usable size.
+        size: u64,
+    },
+    /// Drop the connection just offered, without a handshake; nothing changes.
+    RefusePeer {
+        /// Why.
+        reason: PeerRefusal,
+    },
     /// The peer no longer receives writes: mark every write it has not acknowledged, and every
     /// write from now on, in the bitmap; complete pending writes locally.
     MarkOutOfSync,
@@ -377,6 +455,19 @@ pub struct Machine {
     last_alive: Option<Instant>,
     oldest_pending: Option<Instant>,
     last_sent: Option<(Role, DiskState, ConnState)>,
+    /// What the superblock's flags say, as far as this machine wrote them.
+    persisted: Persisted,
+    /// The connected peer is diskless and a new generation was started for it.
+    peer_diskless_generation: bool,
+}
+
+/// The superblock flags this machine keeps up to date (see [`Action::PersistFlags`]).
+#[derive(Debug, Clone, Copy)]
+struct Persisted {
+    role: Role,
+    disk: DiskState,
+    peer_outdated: bool,
+    crashed_primary: bool,
 }
 
 impl Machine {
@@ -407,6 +498,13 @@ impl Machine {
             last_alive: None,
             oldest_pending: None,
             last_sent: None,
+            persisted: Persisted {
+                role: Role::Secondary,
+                disk,
+                peer_outdated: startup.degraded,
+                crashed_primary: startup.crashed_primary,
+            },
+            peer_diskless_generation: false,
         };
         let actions = vec![
             Action::Log(format!(
@@ -467,6 +565,7 @@ impl Machine {
         let mut out = Vec::new();
         match event {
             Event::Command(c) => self.command(c, &mut out),
+            Event::PeerOffered { ours, theirs } => self.peer_offered(ours, theirs, &mut out),
             Event::PeerConnected => self.peer_connected(now, &mut out),
             Event::Handshake {
                 decision,
@@ -712,6 +811,41 @@ impl Machine {
             full,
             tell_peer,
         });
+    }
+
+    fn peer_offered(&mut self, ours: Terms, theirs: Terms, out: &mut Vec<Action>) {
+        let refuse = |reason, out: &mut Vec<Action>| out.push(Action::RefusePeer { reason });
+        if (ours.protocol, ours.durability) != (theirs.protocol, theirs.durability) {
+            return refuse(
+                PeerRefusal::Terms {
+                    ours: (ours.protocol, ours.durability),
+                    theirs: (theirs.protocol, theirs.durability),
+                },
+                out,
+            );
+        }
+        if theirs.size < ours.size {
+            // Usable size: the smaller of the two, unless that would cut into data in use.
+            if self.serving {
+                return refuse(
+                    PeerRefusal::SmallerThanServed {
+                        peer: theirs.size,
+                        served: ours.size,
+                    },
+                    out,
+                );
+            }
+            out.push(Action::Log(format!(
+                "the peer's disk is smaller: the device shrinks from {} to {} bytes",
+                ours.size, theirs.size
+            )));
+            out.push(Action::Notify(Notification::Change {
+                object: "device",
+                key: "size",
+                value: theirs.size.to_string(),
+            }));
+            out.push(Action::Shrink { size: theirs.size });
+        }
     }
 
     fn peer_connected(&mut self, now: Instant, out: &mut Vec<Action>) {
@@ -1068,6 +1202,18 @@ impl Machine {
             ));
         }
         let connected = self.conn == ConnState::Connected;
+        self.persist_flags(out);
+        // The peer lost its disk: this node now holds the only copy, a new generation.
+        let peer_diskless = connected && self.peer_disk == DiskState::Diskless;
+        if peer_diskless && self.disk == DiskState::UpToDate && !self.peer_diskless_generation {
+            self.peer_diskless_generation = true;
+            out.push(Action::Log(
+                "the peer lost its disk: this node now holds the only copy".into(),
+            ));
+            out.push(Action::NewCurrentUuid);
+        } else if !peer_diskless {
+            self.peer_diskless_generation = false;
+        }
         let should_serve = self.role == Role::Primary
             && (self.disk == DiskState::UpToDate
                 || (connected && self.peer_disk == DiskState::UpToDate));
@@ -1091,6 +1237,48 @@ impl Machine {
             }
         } else {
             self.last_sent = None;
+        }
+    }
+
+    /// What a restart must know, persisted before anything is served under it: the primary
+    /// indicator, whether the data is consistent, and whether the peer is outdated (a degraded
+    /// primary) or the crash of a primary is resolved.
+    fn persist_flags(&mut self, out: &mut Vec<Action>) {
+        let (mut set, mut clear) = (0, 0);
+        let p = &mut self.persisted;
+        if p.role != self.role {
+            p.role = self.role;
+            if self.role == Role::Primary {
+                set |= flags::PRIMARY_IND;
+            } else {
+                clear |= flags::PRIMARY_IND;
+            }
+        }
+        if p.disk != self.disk {
+            p.disk = self.disk;
+            match self.disk {
+                DiskState::UpToDate | DiskState::Consistent => set |= flags::CONSISTENT,
+                DiskState::Inconsistent => clear |= flags::CONSISTENT,
+                _ => {}
+            }
+        }
+        let connected = self.conn == ConnState::Connected;
+        if self.role == Role::Primary && !connected && self.degraded {
+            if !p.peer_outdated {
+                p.peer_outdated = true;
+                set |= flags::PEER_OUTDATED;
+            }
+        } else if connected
+            && self.repl == ReplState::Established
+            && self.peer_disk == DiskState::UpToDate
+            && (p.peer_outdated || p.crashed_primary)
+        {
+            p.peer_outdated = false;
+            p.crashed_primary = false;
+            clear |= flags::PEER_OUTDATED | flags::CRASHED_PRIMARY;
+        }
+        if set | clear != 0 {
+            out.push(Action::PersistFlags { set, clear });
         }
     }
 }

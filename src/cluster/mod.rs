@@ -7,6 +7,9 @@
 //! timer ticks) with the current time, and performs the [`Action`]s it returns, in order.
 //!
 //! * [`machine`]: [`Machine`], its [`Config`], [`Startup`], [`Event`], [`Command`], [`Action`].
+//! * [`persist`]: the one executor of every action that changes what a node keeps across a
+//!   restart (generation UUIDs, superblock flags, agreed size); the daemon and the simulator
+//!   both run it.
 //! * [`sim`]: a deterministic two-node simulation (two machines, a simulated link that can drop,
 //!   cut and restore, explicit time, toy disks with bitmaps) used by the tests in
 //!   `tests/cluster_*.rs`; it is also the reference for how a daemon executes the actions.
@@ -28,10 +31,12 @@
 //!   operator (`connect --discard-my-data` on the loser) resolves it.
 
 pub mod machine;
+pub mod persist;
 pub mod sim;
 
 pub use crate::repl::uuid::{SyncDecision, SyncDirection};
 pub use crate::wire::repl::{ConnState, DisconnectReason, DiskState, ReplState, Role};
 pub use machine::{
-    Action, Command, Config, Event, Machine, Notification, Refusal, Startup, Status,
+    Action, Command, Config, Event, Machine, Notification, PeerRefusal, Refusal, Startup, Status,
+    Terms,
 };

@@ -11,9 +11,11 @@
 //! [`Pair::stall_writes`] (heartbeats answer but a node's disk never completes a write), and
 //! [`Pair::restore`].
 
-use super::machine::{Action, Command, Config, Event, Machine, Startup, Status};
+use super::machine::{Action, Command, Config, Event, Machine, Startup, Status, Terms};
+use super::persist::{self, Keeper, SourceStarted};
 use super::{ConnState, DiskState, ReplState, Role, SyncDirection};
 use crate::repl::uuid::{decide, HandshakeContext, UuidSet};
+use crate::wire::repl::{Durability, ReplProtocol};
 use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -49,6 +51,42 @@ pub struct Node {
     pub resync: Option<(SyncDirection, bool)>,
     /// Writes to this node's disk hang (never complete).
     pub stalled: bool,
+    /// Superblock flags, as the persistent executor wrote them.
+    pub flags: u32,
+    /// The size agreed with a smaller peer, once one was met.
+    pub agreed_size: Option<u64>,
+    /// What this node offers a peer (its usable size shrinks with [`Action::Shrink`]).
+    pub terms: Terms,
+    /// A resync this node started as the source: what it sends the target.
+    source_started: Option<SourceStarted>,
+}
+
+impl Keeper for Node {
+    fn uuids(&self) -> UuidSet {
+        self.uuids
+    }
+
+    fn store_uuids(&mut self, uuids: UuidSet) -> Result<(), String> {
+        self.uuids.current = uuids.current;
+        self.uuids.bitmap = uuids.bitmap;
+        self.uuids.history = uuids.history;
+        Ok(())
+    }
+
+    fn change_flags(&mut self, set: u32, clear: u32) -> Result<(), String> {
+        self.flags = (self.flags | set) & !clear;
+        Ok(())
+    }
+
+    fn store_agreed_size(&mut self, size: u64) -> Result<(), String> {
+        self.agreed_size = Some(size);
+        Ok(())
+    }
+
+    fn mark_all_out_of_sync(&mut self) -> Result<(), String> {
+        self.bitmap.extend(0..BLOCKS);
+        Ok(())
+    }
 }
 
 impl Node {
@@ -68,6 +106,14 @@ impl Node {
                 detached: startup.disk == DiskState::Diskless,
                 resync: None,
                 stalled: false,
+                flags: 0,
+                agreed_size: None,
+                terms: Terms {
+                    size: BLOCKS as u64 * 4096,
+                    protocol: ReplProtocol::C,
+                    durability: Durability::Node,
+                },
+                source_started: None,
             },
             actions,
         )
@@ -158,11 +204,9 @@ impl Pair {
         )
     }
 
-    fn fresh_uuid(&mut self) -> u64 {
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        (self.rng & !0xff) | 0x100
+    /// Sets what node `n` offers its peer at the next connection (size, protocol, durability).
+    pub fn set_terms(&mut self, n: usize, terms: Terms) {
+        self.nodes[n].terms = terms;
     }
 
     /// Whether the two machines are connected through the simulated link.
@@ -252,6 +296,9 @@ impl Pair {
         let old = std::mem::replace(&mut self.nodes[n], node);
         self.nodes[n].blocks = old.blocks;
         self.nodes[n].bitmap = old.bitmap;
+        self.nodes[n].flags = old.flags;
+        self.nodes[n].agreed_size = old.agreed_size;
+        self.nodes[n].terms = old.terms;
         self.execute(n, actions);
         self.pump();
     }
@@ -317,6 +364,23 @@ impl Pair {
         {
             return;
         }
+        // Each side judges the other's terms before anything else happens.
+        let offers = [self.nodes[0].terms, self.nodes[1].terms];
+        let mut refused = false;
+        for n in 0..2 {
+            let event = Event::PeerOffered {
+                ours: offers[n],
+                theirs: offers[1 - n],
+            };
+            let actions = self.nodes[n].machine.step(self.now, event);
+            refused |= actions
+                .iter()
+                .any(|a| matches!(a, Action::RefusePeer { .. }));
+            self.execute(n, actions);
+        }
+        if refused {
+            return;
+        }
         self.connected = true;
         let s = [self.nodes[0].status(), self.nodes[1].status()];
         let sets = [0, 1].map(|n| {
@@ -365,6 +429,13 @@ impl Pair {
         let peer = 1 - n;
         for action in actions {
             self.nodes[n].actions.push(action.clone());
+            // What a restart keeps: the daemon's executor, the same code.
+            let rng = &mut self.rng;
+            let started = persist::execute(&mut self.nodes[n], &action, &mut || fresh_uuid(rng))
+                .expect("the simulated disk never fails a write");
+            if started.is_some() {
+                self.nodes[n].source_started = started;
+            }
             match action {
                 Action::StartServing => {
                     assert!(!self.nodes[n].serving, "node {n} started serving twice");
@@ -412,10 +483,10 @@ impl Pair {
                     self.maybe_start_job();
                 }
                 Action::PauseResync | Action::ResumeResync => {}
-                Action::NewCurrentUuid => {
-                    let fresh = self.fresh_uuid();
-                    self.nodes[n].uuids.new_current(fresh);
-                }
+                Action::NewCurrentUuid
+                | Action::PersistFlags { .. }
+                | Action::RefusePeer { .. } => {}
+                Action::Shrink { size } => self.nodes[n].terms.size = size,
                 Action::MarkOutOfSync => {
                     let node = &mut self.nodes[n];
                     for (block, _, _) in node.pending.drain(..) {
@@ -447,10 +518,13 @@ impl Pair {
             .collect();
         self.nodes[0].bitmap = union.clone();
         self.nodes[1].bitmap = union;
-        let source_at_start = self.nodes[source].uuids;
-        let fresh = self.fresh_uuid();
-        let sync_uuid = self.nodes[source].uuids.start_resync_source(fresh);
-        self.nodes[target].uuids.start_resync_target(sync_uuid);
+        let started = self.nodes[source]
+            .source_started
+            .take()
+            .expect("the source rotated its UUIDs when it started");
+        persist::adopt_sync_uuid(&mut self.nodes[target], started.sync_uuid)
+            .expect("the simulated disk never fails a write");
+        let source_at_start = started.at_start;
         self.job = Some(Job {
             source,
             full: f0,
@@ -485,10 +559,10 @@ impl Pair {
         for b in blocks {
             self.nodes[t].blocks[b] = self.nodes[s].blocks[b];
         }
-        self.nodes[s].uuids.finish_resync_source();
-        self.nodes[t]
-            .uuids
-            .finish_resync_target(&job.source_at_start);
+        persist::finish_resync_source(&mut self.nodes[s])
+            .expect("the simulated disk never fails a write");
+        persist::finish_resync_target(&mut self.nodes[t], Some(&job.source_at_start))
+            .expect("the simulated disk never fails a write");
         for n in 0..2 {
             self.nodes[n].bitmap.clear();
             self.nodes[n].resync = None;
@@ -506,4 +580,12 @@ impl Pair {
     pub fn role(&self, n: usize) -> Role {
         self.nodes[n].status().role
     }
+}
+
+/// The next UUID of the simulation's seeded generator (xorshift; never 0, never JC).
+fn fresh_uuid(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    (*state & !0xff) | 0x100
 }

@@ -29,13 +29,13 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::block::BlockDevice;
+use crate::cluster::persist::{self, Keeper, SourceStarted};
 use crate::cluster::{
     Action, Command, ConnState, DiskState, Event, Machine, Notification, ReplState, Role, Startup,
-    SyncDirection,
+    SyncDirection, Terms,
 };
 use crate::export::aoe::blade::BladeConfig;
 use crate::export::aoe::server::{AoeServer, Export};
-use crate::meta::generation::Uuids;
 use crate::meta::store::MetaStore;
 use crate::ratelimit::LogLimiter;
 use crate::repl::device::{DeviceEvent, ReplicatedDevice};
@@ -341,8 +341,6 @@ struct State {
     source_at_start: Option<UuidSet>,
     last_ping: Instant,
     last_alive_seen: Option<Instant>,
-    last_role: Role,
-    last_disk: DiskState,
     last_progress_event: Instant,
 }
 
@@ -395,7 +393,7 @@ impl Resource {
         // A size agreed with a smaller peer holds across restarts, even without the peer.
         device.limit_size(meta.usable_size());
         let sb = meta.superblock();
-        let just_created = meta.uuids().current == crate::repl::uuid::UUID_JUST_CREATED;
+        let just_created = meta.uuids().is_just_created();
         let startup = Startup {
             disk: if sb.flags & flags::CONSISTENT != 0 && !just_created {
                 DiskState::Consistent
@@ -409,7 +407,6 @@ impl Resource {
         let (machine, actions) = Machine::new(machine_config, startup, now);
         let listener = TcpListener::bind(spec.listen)?;
         listener.set_nonblocking(true)?;
-        let status = machine.status();
         let res = Arc::new_cyclic(|me| Resource {
             me: me.clone(),
             peer_diskless: AtomicBool::new(false),
@@ -427,8 +424,6 @@ impl Resource {
                 source_at_start: None,
                 last_ping: now,
                 last_alive_seen: None,
-                last_role: status.role,
-                last_disk: status.disk,
                 last_progress_event: now,
             }),
             tx: Mutex::new(tx),
@@ -574,31 +569,21 @@ impl Resource {
     }
 
     fn uuid_set(&self, machine: &Machine) -> UuidSet {
-        let u = self.meta.uuids();
         UuidSet {
-            current: u.current,
-            bitmap: u.bitmap,
-            history: u.history,
             dirty_bits: self.meta.out_of_sync_bytes() / 4096,
             flags: machine.uuid_flags(),
+            ..self.meta.uuids()
         }
     }
 
-    fn save_uuids(&self, set: &UuidSet) {
-        let u = Uuids {
-            current: set.current,
-            bitmap: set.bitmap,
-            history: set.history,
-        };
-        if let Err(e) = self.meta.set_uuids(u) {
-            tracing::error!(resource = %self.spec.name, error = %e, "cannot write the generation UUIDs");
-        }
+    /// The meta-data store as the persistent executor sees it.
+    fn keeper(&self) -> MetaKeeper<'_> {
+        MetaKeeper(&self.meta)
     }
 
-    fn set_flags(&self, set: u32, clear: u32) {
-        if let Err(e) = self.meta.set_flags(set, clear) {
-            tracing::error!(resource = %self.spec.name, error = %e, "cannot write the superblock flags");
-        }
+    /// Logs a failed meta-data write of the persistent executor.
+    fn persist_failed(&self, what: &str, error: &str) {
+        tracing::error!(resource = %self.spec.name, error = %error, "cannot persist {what}");
     }
 
     // ---------------------------------------------------------------- engine
@@ -698,10 +683,9 @@ impl Resource {
                 if ok && st.job.as_ref().map(|j| j.direction) == Some(SyncDirection::Source) {
                     self.progress.end(self.now_ms());
                     self.publish_progress(&mut st, true);
-                    let mut set = self.uuid_set(&st.machine);
-                    set.finish_resync_source();
-                    self.save_uuids(&set);
-                    self.set_flags(0, flags::CRASHED_PRIMARY | flags::PEER_OUTDATED);
+                    if let Err(e) = persist::finish_resync_source(&mut self.keeper()) {
+                        self.persist_failed("the end of the resync", &e);
+                    }
                     if let Some(link) = &st.link {
                         let _ = link.send(Message::SyncDone);
                     }
@@ -878,32 +862,26 @@ impl Resource {
         let ours = self.uuid_set(&st.machine);
         let theirs: UuidSet = hs.uuids.into();
         static REFUSALS: LogLimiter = LogLimiter::new(Duration::from_secs(30), 2);
-        // Usable size: the smaller of the two, unless that would cut into data in use.
-        if hs.params.size < self.device.size() {
-            if st.machine.status().serving {
-                crate::warn_limited!(
-                    REFUSALS,
-                    resource = %self.spec.name,
-                    "refusing the peer: its usable size ({} bytes) is smaller than the device in use ({} bytes)",
-                    hs.params.size,
-                    self.device.size()
-                );
-                return;
-            }
-            tracing::warn!(
-                resource = %self.spec.name,
-                "the peer's disk is smaller: the device shrinks from {} to {} bytes",
-                self.device.size(),
-                hs.params.size
-            );
-            self.device.limit_size(hs.params.size);
-            if let Err(e) = self.meta.set_agreed_size(hs.params.size) {
-                tracing::error!(resource = %self.spec.name, "could not record the agreed size: {e}");
-            }
-        }
-        if hs.params.protocol != self.spec.protocol || hs.params.durability != self.spec.durability
-        {
-            crate::warn_limited!(REFUSALS, resource = %self.spec.name, "refusing the peer: protocol/durability differ ({:?}/{:?} there); the configuration must be identical", hs.params.protocol, hs.params.durability);
+        // The machine judges the peer's terms (and may shrink the device) before anything of
+        // this connection is set up; a refused peer changes nothing.
+        let offer = Event::PeerOffered {
+            ours: Terms {
+                size: self.device.size(),
+                protocol: self.spec.protocol,
+                durability: self.spec.durability,
+            },
+            theirs: Terms {
+                size: hs.params.size,
+                protocol: hs.params.protocol,
+                durability: hs.params.durability,
+            },
+        };
+        let actions = self.step(st, offer);
+        if let Some(reason) = actions.iter().find_map(|a| match a {
+            Action::RefusePeer { reason } => Some(reason),
+            _ => None,
+        }) {
+            crate::warn_limited!(REFUSALS, resource = %self.spec.name, "refusing the peer: {reason}");
             return;
         }
         let Handshaken { conn, params, .. } = hs;
@@ -1007,10 +985,9 @@ impl Resource {
             }
             Message::Uuids(u) => st.source_at_start = Some(u.into()),
             Message::SyncUuid(sync_uuid) => {
-                let mut set = self.uuid_set(&st.machine);
-                set.start_resync_target(sync_uuid);
-                self.save_uuids(&set);
-                self.set_flags(0, flags::CONSISTENT);
+                if let Err(e) = persist::adopt_sync_uuid(&mut self.keeper(), sync_uuid) {
+                    self.persist_failed("the sync UUID", &e);
+                }
             }
             Message::BitmapChunk(c) => {
                 // The bits were applied by the applier thread, in order with the resync data.
@@ -1025,12 +1002,12 @@ impl Resource {
             }
             Message::SyncDone => {
                 if st.job.as_ref().map(|j| j.direction) == Some(SyncDirection::Target) {
-                    let mut set = self.uuid_set(&st.machine);
-                    if let Some(src) = st.source_at_start {
-                        set.finish_resync_target(&src);
+                    let source = st.source_at_start;
+                    if let Err(e) =
+                        persist::finish_resync_target(&mut self.keeper(), source.as_ref())
+                    {
+                        self.persist_failed("the end of the resync", &e);
                     }
-                    self.save_uuids(&set);
-                    self.set_flags(flags::CONSISTENT, flags::CRASHED_PRIMARY);
                     self.set_job(st, None);
                     self.progress.end(self.now_ms());
                     self.publish_progress(st, true);
@@ -1490,50 +1467,20 @@ impl Resource {
 
     fn execute(&self, st: &mut State, actions: Vec<Action>) {
         for action in actions {
-            self.execute_one(st, action);
+            // What a restart must know first, by the executor the simulator runs too.
+            let started = persist::execute(&mut self.keeper(), &action, &mut || {
+                random_uuid(&mut rand::rng())
+            })
+            .unwrap_or_else(|e| {
+                self.persist_failed(&format!("{action:?}"), &e);
+                None
+            });
+            self.execute_one(st, action, started);
         }
         let s = st.machine.status();
-        // Persist what a restart must know.
-        if s.role != st.last_role {
-            if s.role == Role::Primary {
-                self.set_flags(flags::PRIMARY_IND, 0);
-            } else {
-                self.set_flags(0, flags::PRIMARY_IND);
-            }
-            st.last_role = s.role;
-        }
-        if s.disk != st.last_disk {
-            match s.disk {
-                DiskState::UpToDate | DiskState::Consistent => self.set_flags(flags::CONSISTENT, 0),
-                DiskState::Inconsistent => self.set_flags(0, flags::CONSISTENT),
-                _ => {}
-            }
-            st.last_disk = s.disk;
-        }
-        let on_disk = self.meta.superblock().flags;
-        if s.role == Role::Primary && s.conn != ConnState::Connected && s.degraded {
-            if on_disk & flags::PEER_OUTDATED == 0 {
-                self.set_flags(flags::PEER_OUTDATED, 0);
-            }
-        } else if s.conn == ConnState::Connected
-            && s.repl == ReplState::Established
-            && s.peer_disk == DiskState::UpToDate
-            && on_disk & (flags::PEER_OUTDATED | flags::CRASHED_PRIMARY) != 0
-        {
-            self.set_flags(0, flags::PEER_OUTDATED | flags::CRASHED_PRIMARY);
-        }
+        // The connected peer has no disk: the writes it forwards exist only here.
         let peer_diskless = s.conn == ConnState::Connected && s.peer_disk == DiskState::Diskless;
-        if peer_diskless
-            && s.disk == DiskState::UpToDate
-            && !self.peer_diskless.swap(true, Ordering::AcqRel)
-        {
-            tracing::warn!(resource = %self.spec.name, "the peer lost its disk: this node now holds the only copy");
-            if let Err(e) = self.meta.new_current_uuid() {
-                tracing::error!(resource = %self.spec.name, error = %e, "cannot write a new current UUID");
-            }
-        } else if !peer_diskless {
-            self.peer_diskless.store(false, Ordering::Release);
-        }
+        self.peer_diskless.store(peer_diskless, Ordering::Release);
         // Replicate writes whenever the connection is established.
         let replicate = s.conn == ConnState::Connected && s.peer_disk != DiskState::Diskless;
         match (&st.link, replicate, self.device.link().is_some()) {
@@ -1543,7 +1490,7 @@ impl Resource {
         }
     }
 
-    fn execute_one(&self, st: &mut State, action: Action) {
+    fn execute_one(&self, st: &mut State, action: Action, started: Option<SourceStarted>) {
         let name = &self.spec.name;
         match action {
             Action::StartServing => self.start_serving(st),
@@ -1581,11 +1528,6 @@ impl Resource {
                     }));
                 }
                 st.paused.store(false, Ordering::Release);
-                if full {
-                    if let Err(e) = self.meta.set_all_out_of_sync() {
-                        tracing::error!(resource = %name, error = %e, "cannot mark the device out of sync");
-                    }
-                }
                 // Bits beyond a size shrunk to the peer's are never resynced: drop them.
                 let size = self.device.size();
                 let data_size = self.meta.data_size();
@@ -1598,14 +1540,17 @@ impl Resource {
                 self.progress
                     .begin(self.meta.out_of_sync_bytes(), self.now_ms());
                 if direction == SyncDirection::Source {
-                    let mut set = self.uuid_set(&st.machine);
-                    let at_start = set;
-                    let sync_uuid = set.start_resync_source(random_uuid(&mut rand::rng()));
-                    self.save_uuids(&set);
-                    let _ = link.send(Message::Uuids(UuidsRepr::from(at_start)));
-                    let _ = link.send(Message::SyncUuid(sync_uuid));
-                } else {
-                    self.set_flags(0, flags::CONSISTENT);
+                    // The executor rotated our UUIDs; the target learns the result.
+                    let Some(started) = started else {
+                        tracing::error!(resource = %name, "resync not started: the generation UUIDs could not be written");
+                        return;
+                    };
+                    let _ = link.send(Message::Uuids(UuidsRepr::from(UuidSet {
+                        dirty_bits: self.meta.out_of_sync_bytes() / 4096,
+                        flags: st.machine.uuid_flags(),
+                        ..started.at_start
+                    })));
+                    let _ = link.send(Message::SyncUuid(started.sync_uuid));
                 }
                 tracing::info!(resource = %name, "resync: {direction:?}, {}", if full { "full" } else { "bitmap" });
                 self.set_job(
@@ -1626,10 +1571,11 @@ impl Resource {
                     let _ = link.send(Message::SyncPause(paused));
                 }
             }
-            Action::NewCurrentUuid => {
-                if let Err(e) = self.meta.new_current_uuid() {
-                    tracing::error!(resource = %name, error = %e, "cannot write a new current UUID");
-                }
+            // Persisted by the executor before this.
+            Action::NewCurrentUuid | Action::PersistFlags { .. } => {}
+            Action::Shrink { size } => self.device.limit_size(size),
+            Action::RefusePeer { reason } => {
+                tracing::debug!(resource = %name, "peer refused: {reason}")
             }
             Action::MarkOutOfSync => {
                 // Waiting writes fail over to dirty bits; new writes are marked from now on.
@@ -1717,7 +1663,9 @@ impl Resource {
         self.drop_link(&mut st);
         if st.machine.status().role == Role::Primary {
             // An orderly stop is a demotion: the next start is not a crashed primary.
-            self.set_flags(0, flags::PRIMARY_IND);
+            if let Err(e) = self.keeper().change_flags(0, flags::PRIMARY_IND) {
+                self.persist_failed("the demotion", &e);
+            }
         }
         // The applier may still be finishing a write from the peer; it cannot start another
         // (the link is down), so wait for it rather than leave the meta-data unclean.
@@ -2104,6 +2052,34 @@ fn checksums_of(dev: &dyn BlockDevice, offset: u64, len: u64) -> Option<Vec<u32>
     let mut buf = vec![0u8; len as usize];
     dev.read_at(&mut buf, offset).ok()?;
     Some(block_checksums(&buf))
+}
+
+/// The meta-data store under the persistent executor: every write durable when it returns.
+struct MetaKeeper<'a>(&'a MetaStore);
+
+impl Keeper for MetaKeeper<'_> {
+    fn uuids(&self) -> UuidSet {
+        self.0.uuids()
+    }
+
+    fn store_uuids(&mut self, uuids: UuidSet) -> Result<(), String> {
+        self.0.set_uuids(uuids).map_err(|e| e.to_string())
+    }
+
+    fn change_flags(&mut self, set: u32, clear: u32) -> Result<(), String> {
+        self.0.set_flags(set, clear).map_err(|e| e.to_string())
+    }
+
+    fn store_agreed_size(&mut self, size: u64) -> Result<(), String> {
+        self.0.set_agreed_size(size).map_err(|e| e.to_string())
+    }
+
+    fn mark_all_out_of_sync(&mut self) -> Result<(), String> {
+        self.0
+            .set_all_out_of_sync()
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// Sends the acknowledgements collected so far, in one write.

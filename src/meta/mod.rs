@@ -95,7 +95,7 @@ pub mod probe;
 pub mod store;
 pub mod superblock;
 
-pub use generation::Uuids;
+pub use generation::UuidSet;
 pub use layout::{Layout, LayoutParams};
 pub use probe::Finding;
 pub use store::{

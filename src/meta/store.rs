@@ -30,7 +30,7 @@ use crate::wire::Error as WireError;
 
 use super::activity_log::{self, ActivityLog, Plan, PlanError, Recovery};
 use super::bitmap::{self, Bitmap};
-use super::generation::{random_uuid, Uuids};
+use super::generation::{random_uuid, UuidSet};
 use super::layout::{internal_sb_offset, Layout, LayoutParams, EXTERNAL_SB_OFFSET};
 use super::probe::{self, Finding};
 use super::superblock::{self, SuperblockPair};
@@ -212,7 +212,7 @@ pub fn create(
         return Err(MetaError::Occupied(found));
     }
 
-    let md_uuid = random_uuid();
+    let md_uuid = random_uuid(&mut rand::rng());
     // Old superblocks go first, so a crash part-way leaves no superblock pointing at a mix.
     let zero = vec![0u8; BLOCK_LEN];
     for copy in 0..2 {
@@ -231,7 +231,7 @@ pub fn create(
         flags: flags::AL_CLEAN,
         seq: 0,
         md_uuid,
-        uuids: Uuids::just_created().to_array(),
+        uuids: UuidSet::just_created().to_array(),
         data_size: 0,
         md_size: 0,
         sb_offset: 0,
@@ -414,22 +414,13 @@ impl MetaStore {
     }
 
     /// The generation uuids.
-    pub fn uuids(&self) -> Uuids {
-        Uuids::from_array(lock(&self.sb).uuids)
+    pub fn uuids(&self) -> UuidSet {
+        UuidSet::from_array(lock(&self.sb).uuids)
     }
 
     /// Writes new generation uuids (durably, before returning).
-    pub fn set_uuids(&self, uuids: Uuids) -> Result<(), MetaError> {
+    pub fn set_uuids(&self, uuids: UuidSet) -> Result<(), MetaError> {
         self.update_superblock(|sb| sb.uuids = uuids.to_array())
-    }
-
-    /// Starts a new data generation with a random current uuid (see
-    /// [`Uuids::new_current`]) and writes it durably.
-    pub fn new_current_uuid(&self) -> Result<Uuids, MetaError> {
-        let mut uuids = self.uuids();
-        uuids.new_current(random_uuid());
-        self.set_uuids(uuids)?;
-        Ok(uuids)
     }
 
     /// Sets and clears superblock flags (see [`flags`]) durably. AL_CLEAN is managed by the
@@ -1091,8 +1082,10 @@ mod tests {
             MetaStore::attach(crashed.clone(), crashed, MetaKind::Internal).unwrap();
         assert!(report.crashed_primary);
         assert!(after.superblock().flags & flags::CRASHED_PRIMARY != 0);
-        let uuids = after.new_current_uuid().unwrap();
-        assert_eq!(uuids.bitmap, super::super::generation::JUST_CREATED);
+        let mut uuids = after.uuids();
+        uuids.new_current(0x100);
+        after.set_uuids(uuids).unwrap();
+        assert_eq!(uuids.bitmap, super::super::generation::UUID_JUST_CREATED);
         assert_eq!(after.uuids(), uuids);
     }
 

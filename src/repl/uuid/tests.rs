@@ -2,6 +2,7 @@
 //! antisymmetry, the rotations, and a simulated two-node history.
 
 use super::*;
+use crate::wire::repl::UuidsRepr;
 use proptest::prelude::*;
 use std::collections::BTreeSet;
 
