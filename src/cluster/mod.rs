@@ -10,6 +10,8 @@
 //! * [`persist`]: the one executor of every action that changes what a node keeps across a
 //!   restart (generation UUIDs, superblock flags, agreed size); the daemon and the simulator
 //!   both run it.
+//! * [`state`]: the state words [`Role`], [`DiskState`], [`ConnState`], [`ReplState`] and
+//!   [`DisconnectReason`], with their wire codes.
 //! * [`sim`]: a deterministic two-node simulation (two machines, a simulated link that can drop,
 //!   cut and restore, explicit time, toy disks with bitmaps) used by the tests in
 //!   `tests/cluster_*.rs`; it is also the reference for how a daemon executes the actions.
@@ -17,8 +19,9 @@
 //! The state words are DRBD's (`drbdadm status`): role Primary/Secondary, connection
 //! StandAlone/Connecting/WFReportParams/Connected, disk Diskless/Inconsistent/Outdated/
 //! Consistent/UpToDate/DUnknown, replication Off/Established/SyncSource/SyncTarget/
-//! PausedSyncS/PausedSyncT. They are defined in [`crate::wire::repl`] (they travel in
-//! `StateChange`) and re-exported here.
+//! PausedSyncS/PausedSyncT. They are defined in [`state`], with their one-byte wire codes
+//! (they travel in the replication protocol's `StateChange` and `Parameters`, see
+//! [`crate::wire::repl`], which re-exports them), and re-exported here.
 //!
 //! # Invariants
 //!
@@ -33,10 +36,11 @@
 pub mod machine;
 pub mod persist;
 pub mod sim;
+pub mod state;
 
 pub use crate::repl::uuid::{SyncDecision, SyncDirection};
-pub use crate::wire::repl::{ConnState, DisconnectReason, DiskState, ReplState, Role};
 pub use machine::{
     Action, Command, Config, Event, Machine, Notification, PeerRefusal, Refusal, Startup, Status,
     Terms,
 };
+pub use state::{ConnState, DisconnectReason, DiskState, ReplState, Role};
