@@ -32,6 +32,13 @@
 //! A local I/O error detaches the local disk (`on-io-error detach`): the engine is told
 //! ([`DeviceEvent::LocalIoError`]); reads and writes then go to the peer only, and fail only if
 //! there is no peer either.
+//!
+//! A client FLUSH becomes a barrier to the peer under every protocol: the peer answers it once
+//! every write sent before it is applied and its own flush returned. Until then the extents of
+//! those writes are *unflushed*: the peer may hold them only in its cache. If the peer fails a
+//! flush or a write (its disk is failing; it detaches, as DRBD's peer does on an I/O error), or
+//! does not confirm at all, every unflushed extent is marked out of sync before the FLUSH is
+//! answered: what the peer did not make stable is resynced, never assumed.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -83,8 +90,49 @@ pub struct ReplicatedDevice {
     events: Box<dyn Fn(DeviceEvent) + Send + Sync>,
     /// `Some` while this node is a resync target: the sectors clients wrote since it started.
     sync_target: Mutex<Option<SectorSet>>,
+    /// Extents sent to the peer since it last confirmed a flush.
+    unflushed: Arc<Unflushed>,
     /// Counters.
     pub counters: Arc<IoCounters>,
+}
+
+/// Extents written to the peer since it last confirmed a flush (a barrier). Extent-sized, so
+/// the set stays small whatever the write pattern.
+#[derive(Debug, Default)]
+struct Unflushed {
+    extents: Mutex<std::collections::BTreeSet<u64>>,
+}
+
+/// Bytes per unflushed extent (4 MiB): coarse on purpose, a failed peer flush is rare.
+const UNFLUSHED_EXTENT_SHIFT: u32 = 22;
+
+impl Unflushed {
+    fn extents(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<u64>> {
+        self.extents.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a write of `len` bytes at `offset` sent to the peer.
+    fn record(&self, offset: u64, len: u64) {
+        let first = offset >> UNFLUSHED_EXTENT_SHIFT;
+        let last = (offset + len.max(1) - 1) >> UNFLUSHED_EXTENT_SHIFT;
+        self.extents().extend(first..=last);
+    }
+
+    /// What a barrier sent now covers; recording starts afresh.
+    fn take(&self) -> std::collections::BTreeSet<u64> {
+        std::mem::take(&mut *self.extents())
+    }
+
+    /// The peer may have lost what it was sent: `taken` (a barrier's share) and everything
+    /// recorded since are marked out of sync.
+    fn mark_lost(&self, meta: &MetaStore, taken: std::collections::BTreeSet<u64>) {
+        let mut all = taken;
+        all.extend(self.take());
+        let size = 1u64 << UNFLUSHED_EXTENT_SHIFT;
+        for e in all {
+            meta.mark_out_of_sync(e << UNFLUSHED_EXTENT_SHIFT, size);
+        }
+    }
 }
 
 /// A set of byte ranges, merged where they touch.
@@ -172,6 +220,7 @@ impl ReplicatedDevice {
             limit: AtomicU64::new(u64::MAX),
             events,
             sync_target: Mutex::new(None),
+            unflushed: Arc::new(Unflushed::default()),
             counters: Arc::default(),
         }
     }
@@ -322,6 +371,7 @@ struct ReplicatedWrite {
 struct WrittenLocally {
     meta: Arc<MetaStore>,
     counters: Arc<IoCounters>,
+    unflushed: Arc<Unflushed>,
     offset: u64,
     len: u64,
     local_ok: bool,
@@ -339,6 +389,11 @@ impl WrittenLocally {
             // disk records what it missed, as far as its meta-data can still be written).
             self.meta.mark_out_of_sync(offset, len);
             self.counters.writes_marked.fetch_add(1, Ordering::Relaxed);
+        }
+        if !peer_ok {
+            // The peer failed or lost this write: what it acknowledged from its cache before
+            // may be gone with it.
+            self.unflushed.mark_lost(&self.meta, Default::default());
         }
         self.meta.write_end(offset, len);
         Ok(())
@@ -459,6 +514,7 @@ impl BlockDevice for ReplicatedDevice {
             let answer = self.link().and_then(|link| {
                 let flags = if fua { WRITE_FUA } else { 0 };
                 self.counters.sent_bytes.fetch_add(len, Ordering::Relaxed);
+                self.unflushed.record(offset, len);
                 if self.protocol == ReplProtocol::A {
                     // Fire and forget: id 0 asks for no acknowledgement.
                     link.send_write(offset, flags, data).ok().map(|()| None)
@@ -478,6 +534,7 @@ impl BlockDevice for ReplicatedDevice {
             done: WrittenLocally {
                 meta: self.meta.clone(),
                 counters: self.counters.clone(),
+                unflushed: self.unflushed.clone(),
                 offset,
                 len,
                 local_ok,
@@ -496,12 +553,29 @@ impl BlockDevice for ReplicatedDevice {
                     false
                 }
             };
+        // Every protocol carries the FLUSH to the peer: the barrier is answered once every
+        // write sent before it is applied there and the peer's flush returned.
         let peer_ok = match self.link() {
-            Some(link) if self.protocol != ReplProtocol::A => {
-                let answer = link.request(|id| Message::Barrier(BarrierRepr { barrier: id }));
-                answer.is_some_and(|rx| rx.recv().is_ok_and(|reply| peer_has_it(&reply)))
+            Some(link) => {
+                let (covered, answer) = {
+                    let _order = self.order_lock();
+                    let covered = self.unflushed.take();
+                    let answer = link.request(|id| Message::Barrier(BarrierRepr { barrier: id }));
+                    (covered, answer)
+                };
+                let ok = answer.is_some_and(|rx| {
+                    rx.recv()
+                        .is_ok_and(|reply| matches!(reply, Reply::Ack(AckKind::Completed)))
+                });
+                if !ok {
+                    tracing::warn!(
+                        "the peer did not confirm a flush: what it was sent since its last one is marked out of sync"
+                    );
+                    self.unflushed.mark_lost(&self.meta, covered);
+                }
+                ok
             }
-            _ => false,
+            None => false,
         };
         if local_ok || peer_ok {
             Ok(())
