@@ -8,7 +8,6 @@
 //! * `handshake`: fixed-newstyle negotiation (`NBD_OPT_EXPORT_NAME`, `GO`, `INFO`, `LIST`,
 //!   `ABORT`; everything else is refused with `NBD_REP_ERR_UNSUP`).
 //! * [`acl`]: the optional allowlist of client addresses.
-//! * [`cli`]: `twinblade nbd`, a standalone front end like `qemu-nbd`.
 //! * [`fuzz_session`]: the server driven by arbitrary client bytes, for the `nbd` fuzz target.
 //!
 //! Bytes are parsed and emitted only by [`crate::wire::nbd`]; this module does the I/O.
@@ -35,7 +34,6 @@
 //!   an NBD error or closes only that connection, and logs it can trigger are rate-limited.
 
 pub mod acl;
-pub mod cli;
 mod fuzz;
 mod handshake;
 pub mod server;
