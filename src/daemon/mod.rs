@@ -317,7 +317,7 @@ impl NbdHandle {
         device: Arc<dyn BlockDevice>,
         cancel: CancellationToken,
     ) -> std::io::Result<NbdHandle> {
-        use crate::export::nbd::server::{Export, Server, ServerConfig};
+        use crate::export::nbd::{Export, Server, ServerConfig};
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
