@@ -47,6 +47,7 @@ use serde::Deserialize;
 use crate::meta::layout::{
     LayoutParams, DEFAULT_AL_EXTENTS, DEFAULT_AL_EXTENT_SHIFT, MIN_AL_EXTENTS,
 };
+use crate::wire::repl::{Durability, ReplProtocol};
 
 /// The default configuration file.
 pub const DEFAULT_PATH: &str = "/etc/twinblade.toml";
@@ -75,38 +76,6 @@ pub enum ConfigError {
         /// What is wrong.
         problem: String,
     },
-}
-
-/// Replication protocol (DRBD's A/B/C).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-pub enum Protocol {
-    /// Complete when written locally and sent.
-    A,
-    /// Complete when written locally and received by the peer.
-    B,
-    /// Complete when written on both nodes.
-    #[default]
-    C,
-}
-
-/// How durable an acknowledged write is (see [`crate::meta`], "Durability levels").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Durability {
-    /// In the operating system of every replica that must have it: survives any one node dying.
-    #[default]
-    Node,
-    /// Flushed to stable storage on every such replica: survives a simultaneous power cut.
-    Power,
-}
-
-impl fmt::Display for Durability {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Durability::Node => "node",
-            Durability::Power => "power",
-        })
-    }
 }
 
 /// `[cluster]`.
@@ -201,11 +170,12 @@ pub struct Resource {
     pub aoe: String,
     /// Replication TCP port.
     pub port: u16,
-    /// Replication protocol.
-    #[serde(default)]
-    pub protocol: Protocol,
-    /// Durability level.
-    #[serde(default)]
+    /// Replication protocol: `"A"`, `"B"` or `"C"` (default).
+    #[serde(default = "default_protocol", deserialize_with = "protocol_word")]
+    pub protocol: ReplProtocol,
+    /// Durability level: `"node"` (default) or `"power"`; see [`crate::meta`], "Durability
+    /// levels".
+    #[serde(default = "default_durability", deserialize_with = "durability_word")]
     pub durability: Durability,
     /// Activity-log slots (default 1237).
     pub al_extents: Option<u32>,
@@ -241,6 +211,42 @@ pub struct Resource {
     pub resync_plan_ahead: Option<f64>,
     /// Per-node disks.
     pub on: BTreeMap<String, OnNode>,
+}
+
+fn default_protocol() -> ReplProtocol {
+    ReplProtocol::C
+}
+
+fn default_durability() -> Durability {
+    Durability::Node
+}
+
+fn protocol_word<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ReplProtocol, D::Error> {
+    one_of_words(d, ReplProtocol::ALL, ReplProtocol::as_str)
+}
+
+fn durability_word<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Durability, D::Error> {
+    one_of_words(d, Durability::ALL, Durability::as_str)
+}
+
+/// The value in `all` whose word is the string read. The protocol types live in `wire` and do
+/// not derive `Deserialize`, so the file's words are matched here, and an unknown one gets
+/// the message serde gives an unknown enum variant.
+fn one_of_words<'de, D, T>(d: D, all: &[T], word: fn(T) -> &'static str) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Copy,
+{
+    let s = String::deserialize(d)?;
+    all.iter().copied().find(|v| word(*v) == s).ok_or_else(|| {
+        let words: Vec<String> = all.iter().map(|v| format!("`{}`", word(*v))).collect();
+        let expected = match words.as_slice() {
+            [one] => one.clone(),
+            [first, second] => format!("{first} or {second}"),
+            _ => format!("one of {}", words.join(", ")),
+        };
+        serde::de::Error::custom(format!("unknown variant `{s}`, expected {expected}"))
+    })
 }
 
 /// A byte count or rate as written in the file: an integer, or a string with an optional
@@ -785,7 +791,7 @@ meta-disk = "/dev/loop0"
     fn parses_with_defaults() {
         let c = Config::parse(GOOD, "/etc/twinblade.toml").unwrap();
         let r = c.resource("r0").unwrap();
-        assert_eq!(r.protocol, Protocol::C);
+        assert_eq!(r.protocol, ReplProtocol::C);
         assert_eq!(r.durability, Durability::Node);
         assert_eq!(r.aoe_address(), AoeAddress { shelf: 0, slot: 3 });
         assert_eq!(r.layout_params(), LayoutParams::default());

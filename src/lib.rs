@@ -11,7 +11,7 @@
 //!   meta-data.
 //! * [`daemon`]: `twinblade run` — engines, peer connections, the control socket.
 //! * [`config`]: the cluster configuration file.
-//! * [`cli`]: the command line.
+//! * [`cli`]: the command line: every subcommand's front end. Nothing else imports it.
 
 #![warn(missing_docs)]
 #![deny(unsafe_code)]

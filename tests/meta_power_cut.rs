@@ -6,7 +6,7 @@
 //! all three devices at once, at **every durability point** of a random workload, in each
 //! crash mode (unflushed writes dropped, an arbitrary subset kept, a subset kept with one
 //! sector torn). The workload is replicated the way the engine does it at the resource's
-//! durability level (`crate::config::Durability`):
+//! durability level (`crate::wire::repl::Durability`):
 //!
 //! * `node`: the write goes to both nodes' operating systems (no flush) before it is
 //!   acknowledged; only a client FLUSH makes it durable;
@@ -31,9 +31,9 @@ use std::time::Instant;
 use proptest::prelude::*;
 use twinblade::block::crash::{CrashDevice, CrashMode};
 use twinblade::block::BlockDevice;
-use twinblade::config::Durability;
 use twinblade::meta::{create, CreateOptions, Layout, LayoutParams, MetaStore};
 use twinblade::wire::ondisk::MetaKind;
+use twinblade::wire::repl::Durability;
 
 const BLOCK: u64 = 4096;
 const SECTOR: u64 = 512;

@@ -608,7 +608,7 @@ impl Initiator {
 
 /// Parses `eS.L`.
 pub fn parse_target(name: &str) -> std::result::Result<(u16, u8), String> {
-    twinblade::cli::parse_blade_name(name)
+    twinblade::cli::aoe::parse_blade_name(name)
 }
 
 /// A byte count as the command lines take it: digits with an optional K, M or G suffix

@@ -28,7 +28,6 @@ use crate::block::BlockDevice;
 use crate::config::{Config, MetaDisk};
 use crate::meta::store::MetaStore;
 use crate::wire::ondisk::MetaKind;
-use crate::wire::repl::{Durability, ReplProtocol};
 
 use resource::{Resource, ResourceSpec};
 
@@ -176,15 +175,8 @@ pub fn run(args: RunArgs, cancel: CancellationToken) -> Result<(), RunError> {
                 peer: peer.clone(),
                 secret: config.cluster.shared_secret.as_bytes().to_vec(),
             },
-            protocol: match res.protocol {
-                crate::config::Protocol::A => ReplProtocol::A,
-                crate::config::Protocol::B => ReplProtocol::B,
-                crate::config::Protocol::C => ReplProtocol::C,
-            },
-            durability: match res.durability {
-                crate::config::Durability::Node => Durability::Node,
-                crate::config::Durability::Power => Durability::Power,
-            },
+            protocol: res.protocol,
+            durability: res.durability,
             nbd: res.nbd,
             faults,
             rate: res.rate_config(),
@@ -325,7 +317,7 @@ impl NbdHandle {
         device: Arc<dyn BlockDevice>,
         cancel: CancellationToken,
     ) -> std::io::Result<NbdHandle> {
-        use crate::export::nbd::server::{Export, Server, ServerConfig};
+        use crate::export::nbd::{Export, Server, ServerConfig};
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

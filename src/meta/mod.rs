@@ -84,23 +84,22 @@
 //!
 //! [`create`] writes fresh meta-data (`twinblade create-md`), [`inspect`] reads it without
 //! changing anything (`twinblade dump-md`), [`MetaStore::attach`] opens it for the replication
-//! engine. [`cli`] has the two subcommands.
+//! engine. [`dump`] describes an inspection the way `dump-md` prints it.
 
 pub mod activity_log;
 pub mod bitmap;
-pub mod cli;
+pub mod dump;
 pub mod generation;
 pub mod layout;
 pub mod probe;
 pub mod store;
 pub mod superblock;
 
+pub use dump::Inspection;
 pub use generation::UuidSet;
 pub use layout::{Layout, LayoutParams};
 pub use probe::Finding;
-pub use store::{
-    create, inspect, AttachReport, CreateOptions, CreateReport, Inspection, MetaStats, MetaStore,
-};
+pub use store::{create, inspect, AttachReport, CreateOptions, CreateReport, MetaStats, MetaStore};
 
 use crate::block::BlockError;
 

@@ -23,13 +23,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::block::BlockDevice;
-use crate::wire::ondisk::{
-    flags, AlTransactionRepr, MetaKind, SuperblockRepr, BLOCK_LEN, SB_NAME_LEN,
-};
-use crate::wire::Error as WireError;
+use crate::wire::ondisk::{flags, MetaKind, SuperblockRepr, BLOCK_LEN, SB_NAME_LEN};
 
-use super::activity_log::{self, ActivityLog, Plan, PlanError, Recovery};
+use super::activity_log::{self, ActivityLog, Plan, PlanError};
 use super::bitmap::{self, Bitmap};
+use super::dump::{dump_fields, Inspection};
 use super::generation::{random_uuid, UuidSet};
 use super::layout::{internal_sb_offset, Layout, LayoutParams, EXTERNAL_SB_OFFSET};
 use super::probe::{self, Finding};
@@ -70,27 +68,6 @@ pub struct CreateReport {
     pub md_uuid: u64,
     /// What was there before and got overwritten (only with `force`).
     pub overwritten: Vec<Finding>,
-}
-
-/// Everything on the meta-data device, read without changing anything (dump-md).
-#[derive(Debug, Clone)]
-pub struct Inspection {
-    /// Both superblock copies.
-    pub superblocks: SuperblockPair,
-    /// Which copy is in force.
-    pub copy_in_force: usize,
-    /// The superblock in force.
-    pub superblock: SuperblockRepr,
-    /// Its geometry.
-    pub layout: Layout,
-    /// Each ring slot, parsed and checked.
-    pub ring: Vec<Result<AlTransactionRepr, WireError>>,
-    /// The activity log rebuilt from the ring (ignored if the AL is clean).
-    pub al: Recovery,
-    /// The bitmap as loaded (corrupt pages already set).
-    pub bitmap: Bitmap,
-    /// Pages that failed their checks.
-    pub corrupt_pages: Vec<u32>,
 }
 
 /// What attach found and did.
@@ -856,7 +833,7 @@ pub fn fuzz_attach(data: &[u8]) {
         MetaKind::External => Arc::new(CrashDevice::new(*data_size)),
     };
     if let Ok(insp) = inspect(meta.as_ref(), data.size(), *kind) {
-        let _ = super::cli::dump_fields(&insp, "n", *kind, std::path::Path::new("/x"));
+        let _ = dump_fields(&insp, "n", *kind, std::path::Path::new("/x"));
     }
     let Ok((store, report)) = MetaStore::attach(meta.clone(), data.clone(), *kind) else {
         return;

@@ -53,8 +53,8 @@ use crate::wire::repl::{
 
 use super::link::{PeerLink, Reply};
 
-/// `WriteData` flag: force unit access.
-pub const WRITE_FUA: u32 = 1;
+// Re-exported for the one caller that still names it here (daemon/resource.rs).
+pub use crate::wire::repl::WRITE_FUA;
 
 /// What the device tells its owner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

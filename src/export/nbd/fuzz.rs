@@ -11,8 +11,9 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
+use super::export::Export;
 use super::handshake::negotiate;
-use super::server::{transmit, Export, Server, ServerConfig};
+use super::server::{transmit, Server, ServerConfig};
 use crate::block::NullDevice;
 use crate::wire::nbd::{client_flags, opt, InfoRequestRepr, OptionRequestRepr};
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::server::ExportState;
+use super::export::ExportState;
 use crate::wire::nbd::{
     client_flags, handshake_flags, info, opt, rep, ExportNameReplyRepr, GreetingRepr, InfoRepr,
     InfoRequestRepr, OptionReplyRepr, OptionRequest, OptionRequestRepr, ServerRepr,

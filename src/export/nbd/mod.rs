@@ -3,12 +3,12 @@
 //!
 //! # What this module owns
 //!
+//! * [`export`]: an export and what the server derives from it, shared by both phases.
 //! * [`server`]: the listener (one task per connection, capped by a semaphore, stopped by a
 //!   `CancellationToken`) and the transmission phase of each connection.
 //! * `handshake`: fixed-newstyle negotiation (`NBD_OPT_EXPORT_NAME`, `GO`, `INFO`, `LIST`,
 //!   `ABORT`; everything else is refused with `NBD_REP_ERR_UNSUP`).
 //! * [`acl`]: the optional allowlist of client addresses.
-//! * [`cli`]: `twinblade nbd`, a standalone front end like `qemu-nbd`.
 //! * [`fuzz_session`]: the server driven by arbitrary client bytes, for the `nbd` fuzz target.
 //!
 //! Bytes are parsed and emitted only by [`crate::wire::nbd`]; this module does the I/O.
@@ -35,11 +35,12 @@
 //!   an NBD error or closes only that connection, and logs it can trigger are rate-limited.
 
 pub mod acl;
-pub mod cli;
+pub mod export;
 mod fuzz;
 mod handshake;
 pub mod server;
 
 pub use acl::Acl;
+pub use export::{Export, ExportError};
 pub use fuzz::fuzz_session;
-pub use server::{Export, Server, ServerConfig, ServerStats};
+pub use server::{Server, ServerConfig, ServerStats};

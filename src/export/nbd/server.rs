@@ -13,7 +13,7 @@
 //!
 //! 1. read whatever the socket has (one `read` syscall can carry hundreds of requests) into
 //!    an input buffer, and parse every complete request in it;
-//! 2. admit each request through the export's [`Sequencer`] in arrival order, then either
+//! 2. admit each request through the export's [`Sequencer`](crate::block::Sequencer) in arrival order, then either
 //!    run it **inline** on the connection's task, or hand it to tokio's **blocking pool**;
 //! 3. collect finished pool requests from a channel;
 //! 4. write every reply that is ready with one `writev`.
@@ -57,14 +57,13 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::acl::Acl;
+use super::export::{Export, ExportError, ExportState};
 use super::handshake::{negotiate, HandshakeError};
 use crate::block::order::{Access, Ticket};
-use crate::block::{check_range, BlockDevice, BlockError, Capabilities, Sequencer};
+use crate::block::{check_range, BlockDevice, BlockError};
 use crate::ratelimit::LogLimiter;
 use crate::warn_limited;
-use crate::wire::nbd::{
-    cmd_flags, errno, transmission_flags as tf, Command, RequestRepr, SimpleReplyRepr,
-};
+use crate::wire::nbd::{cmd_flags, errno, Command, RequestRepr, SimpleReplyRepr};
 
 /// Largest payload accepted by default (32 MiB), advertised as the maximum block size.
 pub const DEFAULT_MAX_PAYLOAD: u32 = 32 << 20;
@@ -88,34 +87,6 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 static ACCEPT_LOG: LogLimiter = LogLimiter::network();
 static CLIENT_LOG: LogLimiter = LogLimiter::network();
 static DEVICE_LOG: LogLimiter = LogLimiter::network();
-
-/// One export: a named device.
-pub struct Export {
-    /// Name clients select it by (`NBD_OPT_GO`, `NBD_OPT_EXPORT_NAME`). The empty name also
-    /// selects the first export.
-    pub name: String,
-    /// Free-text description (`NBD_INFO_DESCRIPTION`); empty for none.
-    pub description: String,
-    /// The device served.
-    pub device: Arc<dyn BlockDevice>,
-    /// Refuse writes even if the device allows them.
-    pub read_only: bool,
-    /// Minimum block size advertised (1 for byte granularity, 512 or 4096 for `O_DIRECT`).
-    pub min_block_size: u32,
-}
-
-impl Export {
-    /// A writable export of `device` named `name`, byte-granular.
-    pub fn new(name: impl Into<String>, device: Arc<dyn BlockDevice>) -> Self {
-        Export {
-            name: name.into(),
-            description: String::new(),
-            device,
-            read_only: false,
-            min_block_size: 1,
-        }
-    }
-}
 
 /// Tunables of a [`Server`].
 #[derive(Debug, Clone)]
@@ -173,37 +144,6 @@ pub struct ServerStats {
     pub protocol_errors: AtomicU64,
 }
 
-/// Why [`Server::add_export`] refused an export.
-#[derive(Debug, thiserror::Error)]
-pub enum ExportError {
-    /// Another export has this name.
-    #[error("duplicate export name {0:?}")]
-    Duplicate(String),
-    /// The name is longer than the protocol allows.
-    #[error("export name longer than 4096 bytes")]
-    NameTooLong,
-    /// The minimum block size is not a power of two up to 64 KiB.
-    #[error("invalid minimum block size {0}")]
-    BlockSize(u32),
-}
-
-/// An export with what the server derives from it.
-pub(crate) struct ExportState {
-    pub(crate) export: Export,
-    pub(crate) size: u64,
-    pub(crate) flags: u16,
-    pub(crate) max_payload: u32,
-    caps: Capabilities,
-    read_only: bool,
-    seq: Sequencer,
-}
-
-impl ExportState {
-    pub(crate) fn preferred_block_size(&self) -> u32 {
-        self.export.min_block_size.max(4096)
-    }
-}
-
 /// An NBD server: a set of exports and the configuration to serve them with.
 pub struct Server {
     pub(super) exports: Vec<Arc<ExportState>>,
@@ -226,35 +166,8 @@ impl Server {
         if self.exports.iter().any(|e| e.export.name == export.name) {
             return Err(ExportError::Duplicate(export.name));
         }
-        if export.name.len() > crate::wire::nbd::MAX_STRING {
-            return Err(ExportError::NameTooLong);
-        }
-        let b = export.min_block_size;
-        if !b.is_power_of_two() || b > 65536 {
-            return Err(ExportError::BlockSize(b));
-        }
-        let caps = export.device.capabilities();
-        let read_only = export.read_only || caps.read_only;
-        let mut flags = tf::HAS_FLAGS | tf::SEND_FLUSH | tf::SEND_FUA | tf::CAN_MULTI_CONN;
-        if read_only {
-            flags |= tf::READ_ONLY;
-        } else {
-            // Every device can write zeroes (the trait's default writes zero buffers).
-            flags |= tf::SEND_WRITE_ZEROES;
-            if caps.discard {
-                flags |= tf::SEND_TRIM;
-            }
-        }
-        let size = export.device.size();
-        self.exports.push(Arc::new(ExportState {
-            export,
-            size,
-            flags,
-            max_payload: self.config.max_payload,
-            caps,
-            read_only,
-            seq: Sequencer::new(),
-        }));
+        let state = ExportState::new(export, self.config.max_payload)?;
+        self.exports.push(Arc::new(state));
         Ok(())
     }
 

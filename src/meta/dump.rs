@@ -1,21 +1,7 @@
-//! `twinblade create-md RES` and `twinblade dump-md RES`.
+//! What `twinblade dump-md` shows: an [`Inspection`] of the meta-data, as `key: value` lines
+//! or one JSON object.
 //!
-//! Both read the configuration (`--config`, default `/etc/twinblade.toml`), pick the local node
-//! (`--node`, else `$TWINBLADE_NODE`, else the host name) and act on that node's
-//! `resource.RES.on.NODE` disks: `meta-disk = "internal"` puts the meta-data at the end of
-//! `disk`; any other value is the path of a separate device or file for it.
-//!
-//! # create-md
-//!
-//! Writes fresh meta-data: superblock (uuids "just created", AL clean, not consistent), an
-//! empty activity log and a clear bitmap. It refuses — exit status 1, naming what it found and
-//! where — when the meta-data area holds existing twinblade meta-data, a filesystem, swap,
-//! LUKS, LVM, MD RAID or partition-table signature, or (internal) when a filesystem at the
-//! start of the disk is larger than the usable size that remains; `--force` overwrites. It
-//! prints the layout and, for internal meta-data, the usable size, which is smaller than the
-//! disk.
-//!
-//! # dump-md output
+//! # Output
 //!
 //! Read-only. One `key: value` line per item, in this order (`--json` prints one JSON object
 //! with the same keys, numbers as numbers, lists as arrays, uuids as 16-digit hex strings):
@@ -44,10 +30,8 @@
 //! | `out-of-sync-after-attach` | bitmap plus the AL extents if dirty: `N bytes` |
 //! | `out-of-sync-ranges` | up to 32 `START-END` byte ranges (END exclusive), `...` if more, or `none` |
 //!
-//! Exit status: 0 printed, 1 no or damaged meta-data or an I/O error, 2 configuration error.
-//!
 //! After a power cut with one write in flight in extent 1 (64 KiB extents, as in this
-//! module's test), the lines that differ from a clean dump are:
+//! file's test), the lines that differ from a clean dump are:
 //!
 //! ```text
 //! superblock: copy 0, seq 2; other copy: valid seq 1
@@ -62,238 +46,35 @@
 //! The on-disk bitmap is still clear; the next attach adds the 64 KiB of extent 1 (rule 4 in
 //! [`crate::meta`]). The README shows a complete dump of fresh meta-data.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use crate::block::{BlockDevice, FileDevice, OpenOptions};
-use crate::cli::ExitCode;
-use crate::config::{Config, MetaDisk};
-use crate::wire::ondisk::{flags, MetaKind, BLOCK_LEN};
+use crate::wire::ondisk::{flags, AlTransactionRepr, MetaKind, SuperblockRepr, BLOCK_LEN};
+use crate::wire::Error as WireError;
 
-use super::layout::BM_BLOCK_SIZE;
-use super::store::{create, inspect, CreateOptions, Inspection};
-use super::superblock::CopyState;
+use super::activity_log::Recovery;
+use super::bitmap::Bitmap;
+use super::layout::{Layout, BM_BLOCK_SIZE};
+use super::superblock::{CopyState, SuperblockPair};
 
-/// Arguments of `twinblade create-md`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct CreateMdArgs {
-    /// Resource name (a `[resource.NAME]` of the configuration).
-    pub res: String,
-    /// Overwrite existing meta-data or a filesystem/partition signature in the meta-data area.
-    #[arg(long)]
-    pub force: bool,
-    /// Configuration file.
-    #[arg(long, short = 'c', default_value = crate::config::DEFAULT_PATH)]
-    pub config: PathBuf,
-    /// This node's name (default: $TWINBLADE_NODE, else the host name).
-    #[arg(long)]
-    pub node: Option<String>,
-}
-
-/// Arguments of `twinblade dump-md`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct DumpMdArgs {
-    /// Resource name (a `[resource.NAME]` of the configuration).
-    pub res: String,
-    /// Configuration file.
-    #[arg(long, short = 'c', default_value = crate::config::DEFAULT_PATH)]
-    pub config: PathBuf,
-    /// This node's name (default: $TWINBLADE_NODE, else the host name).
-    #[arg(long)]
-    pub node: Option<String>,
-    /// Print one JSON object instead of `key: value` lines.
-    #[arg(long)]
-    pub json: bool,
-}
-
-/// The disks of one resource on this node.
-struct Target {
-    node: String,
-    disk: PathBuf,
-    meta_disk: MetaDisk,
-    params: super::LayoutParams,
-}
-
-fn target(config: &Path, res: &str, node: Option<&str>) -> Result<Target, String> {
-    let cfg = Config::load(config).map_err(|e| e.to_string())?;
-    let resource = cfg.resource(res).map_err(|e| e.to_string())?;
-    let node = cfg.this_node(node).map_err(|e| e.to_string())?;
-    let on = &resource.on[node];
-    Ok(Target {
-        node: node.to_string(),
-        disk: on.disk.clone(),
-        meta_disk: on.meta_disk.clone(),
-        params: resource.layout_params(),
-    })
-}
-
-fn open(path: &Path, read_only: bool) -> Result<FileDevice, String> {
-    OpenOptions::new()
-        .read_only(read_only)
-        .preallocate(false)
-        .open(path)
-        .map_err(|e| e.to_string())
-}
-
-/// Runs `twinblade create-md`; returns the exit status.
-pub fn run_create_md(args: CreateMdArgs) -> i32 {
-    let t = match target(&args.config, &args.res, args.node.as_deref()) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("twinblade create-md: {e}");
-            return ExitCode::Usage as i32;
-        }
-    };
-    let prefix = format!("twinblade create-md: {} on {}", args.res, t.node);
-    let opts = CreateOptions {
-        name: args.res.clone(),
-        params: t.params,
-        force: args.force,
-    };
-    let (result, meta_path, disk_size) = match &t.meta_disk {
-        MetaDisk::Internal => {
-            let dev = match open(&t.disk, false) {
-                Ok(d) => d,
-                Err(e) => {
-                    eprintln!("{prefix}: {e}");
-                    return ExitCode::Failure as i32;
-                }
-            };
-            (
-                create(&dev, 0, MetaKind::Internal, &opts),
-                t.disk.clone(),
-                dev.size(),
-            )
-        }
-        MetaDisk::External(meta_path) => {
-            let data = match open(&t.disk, true) {
-                Ok(d) => d,
-                Err(e) => {
-                    eprintln!("{prefix}: {e}");
-                    return ExitCode::Failure as i32;
-                }
-            };
-            let meta = match open(meta_path, false) {
-                Ok(d) => d,
-                Err(e) => {
-                    eprintln!("{prefix}: {e}");
-                    return ExitCode::Failure as i32;
-                }
-            };
-            (
-                create(&meta, data.size(), MetaKind::External, &opts),
-                meta_path.clone(),
-                data.size(),
-            )
-        }
-    };
-    let report = match result {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("{prefix}: {}: {e}", meta_path.display());
-            return ExitCode::Failure as i32;
-        }
-    };
-    for f in &report.overwritten {
-        eprintln!("{prefix}: overwrote {f}");
-    }
-    let l = &report.layout;
-    let kind = match l.kind {
-        MetaKind::Internal => "internal",
-        MetaKind::External => "external",
-    };
-    println!(
-        "{prefix}: {kind} meta-data written to {}",
-        meta_path.display()
-    );
-    println!("md-uuid: {:016X}", report.md_uuid);
-    println!("meta-data: {} bytes at byte {}", l.md_size, l.md_offset);
-    println!(
-        "activity-log: {} transactions at byte {}, {} extents of {} bytes",
-        l.al_transactions,
-        l.al_offset,
-        l.al_extents,
-        l.extent_size()
-    );
-    println!(
-        "bitmap: {} pages at byte {}, {BM_BLOCK_SIZE} bytes per bit",
-        l.bm_pages, l.bm_offset
-    );
-    println!(
-        "usable size: {} bytes ({} sectors) of a {} byte disk{}",
-        l.data_size,
-        l.data_size / 512,
-        disk_size,
-        if l.kind == MetaKind::Internal {
-            " (the internal meta-data takes the rest)"
-        } else {
-            ""
-        }
-    );
-    ExitCode::Ok as i32
-}
-
-/// Runs `twinblade dump-md`; returns the exit status.
-pub fn run_dump_md(args: DumpMdArgs) -> i32 {
-    let t = match target(&args.config, &args.res, args.node.as_deref()) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("twinblade dump-md: {e}");
-            return ExitCode::Usage as i32;
-        }
-    };
-    let prefix = format!("twinblade dump-md: {} on {}", args.res, t.node);
-    let (kind, meta_path, result) = match &t.meta_disk {
-        MetaDisk::Internal => match open(&t.disk, true) {
-            Ok(dev) => (
-                MetaKind::Internal,
-                t.disk.clone(),
-                inspect(&dev, 0, MetaKind::Internal),
-            ),
-            Err(e) => {
-                eprintln!("{prefix}: {e}");
-                return ExitCode::Failure as i32;
-            }
-        },
-        MetaDisk::External(meta_path) => {
-            let opened = open(&t.disk, true).and_then(|d| Ok((d, open(meta_path, true)?)));
-            match opened {
-                Ok((data, meta)) => (
-                    MetaKind::External,
-                    meta_path.clone(),
-                    inspect(&meta, data.size(), MetaKind::External),
-                ),
-                Err(e) => {
-                    eprintln!("{prefix}: {e}");
-                    return ExitCode::Failure as i32;
-                }
-            }
-        }
-    };
-    let insp = match result {
-        Ok(i) => i,
-        Err(e) => {
-            eprintln!("{prefix}: {}: {e}", meta_path.display());
-            return ExitCode::Failure as i32;
-        }
-    };
-    let fields = dump_fields(&insp, &t.node, kind, &meta_path);
-    let text = if args.json {
-        format!("{}\n", to_json(&fields))
-    } else {
-        fields
-            .iter()
-            .map(|(k, v)| format!("{k}: {}\n", v.text()))
-            .collect()
-    };
-    // A reader that stops early (`| grep -q`, `| head`) is not an error worth a panic.
-    use std::io::Write;
-    match std::io::stdout().lock().write_all(text.as_bytes()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-            eprintln!("{prefix}: writing the dump: {e}");
-            ExitCode::Failure as i32
-        }
-        _ => ExitCode::Ok as i32,
-    }
+/// Everything on the meta-data device, read without changing anything (dump-md).
+#[derive(Debug, Clone)]
+pub struct Inspection {
+    /// Both superblock copies.
+    pub superblocks: SuperblockPair,
+    /// Which copy is in force.
+    pub copy_in_force: usize,
+    /// The superblock in force.
+    pub superblock: SuperblockRepr,
+    /// Its geometry.
+    pub layout: Layout,
+    /// Each ring slot, parsed and checked.
+    pub ring: Vec<Result<AlTransactionRepr, WireError>>,
+    /// The activity log rebuilt from the ring (ignored if the AL is clean).
+    pub al: Recovery,
+    /// The bitmap as loaded (corrupt pages already set).
+    pub bitmap: Bitmap,
+    /// Pages that failed their checks.
+    pub corrupt_pages: Vec<u32>,
 }
 
 /// One dump-md value.
@@ -308,7 +89,8 @@ pub enum Value {
 }
 
 impl Value {
-    fn text(&self) -> String {
+    /// As printed in a `key: value` line.
+    pub fn text(&self) -> String {
         match self {
             Value::Str(s) => s.clone(),
             Value::Num(n) => n.to_string(),
@@ -317,7 +99,8 @@ impl Value {
         }
     }
 
-    fn json(&self) -> String {
+    /// As a JSON value.
+    pub fn json(&self) -> String {
         match self {
             Value::Str(s) => {
                 let mut out = String::from("\"");
@@ -341,7 +124,8 @@ impl Value {
     }
 }
 
-fn to_json(fields: &[(&'static str, Value)]) -> String {
+/// The fields as one JSON object, in their order.
+pub fn to_json(fields: &[(&'static str, Value)]) -> String {
     let body: Vec<String> = fields
         .iter()
         .map(|(k, v)| format!("{}:{}", Value::Str(k.to_string()).json(), v.json()))
@@ -525,7 +309,7 @@ pub fn dump_fields(
 mod tests {
     use super::*;
     use crate::block::crash::{CrashDevice, CrashMode};
-    use crate::meta::store::MetaStore;
+    use crate::meta::store::{create, inspect, CreateOptions, MetaStore};
     use crate::meta::LayoutParams;
     use std::sync::Arc;
 

@@ -7,6 +7,7 @@
 //!
 //! Prints one line to stderr once it accepts connections
 //! (`twinblade nbd: serving NAME (N bytes) on ADDR:PORT`) and serves until SIGINT or SIGTERM.
+//! The server itself is [`crate::export::nbd`].
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,9 +15,10 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use super::acl::{Acl, Cidr};
-use super::server::{Export, Server, ServerConfig};
+use super::exit::ExitCode;
 use crate::block::{BlockDevice, OpenOptions};
+use crate::export::nbd::acl::{Acl, Cidr};
+use crate::export::nbd::{Export, Server, ServerConfig};
 
 /// Arguments of `twinblade nbd`.
 #[derive(Debug, clap::Args)]
@@ -57,7 +59,7 @@ pub struct NbdArgs {
     pub file: PathBuf,
 }
 
-/// Runs `twinblade nbd` and returns the process exit code (0 clean, 1 failure, 2 usage).
+/// Runs `twinblade nbd`; returns the exit status.
 pub fn run(args: NbdArgs) -> i32 {
     let device = match OpenOptions::new()
         .read_only(args.read_only)
@@ -67,7 +69,7 @@ pub fn run(args: NbdArgs) -> i32 {
         Ok(d) => d,
         Err(err) => {
             eprintln!("twinblade nbd: {}: {err}", args.file.display());
-            return 1;
+            return ExitCode::Failure as i32;
         }
     };
     let device: Arc<dyn BlockDevice> = Arc::new(device);
@@ -85,7 +87,7 @@ pub fn run(args: NbdArgs) -> i32 {
     export.description = args.file.display().to_string();
     if let Err(err) = server.add_export(export) {
         eprintln!("twinblade nbd: {err}");
-        return 2;
+        return ExitCode::Usage as i32;
     }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = args.threads {
@@ -95,7 +97,7 @@ pub fn run(args: NbdArgs) -> i32 {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("twinblade nbd: cannot start runtime: {err}");
-            return 1;
+            return ExitCode::Failure as i32;
         }
     };
     runtime.block_on(async move {
@@ -106,7 +108,7 @@ pub fn run(args: NbdArgs) -> i32 {
                     "twinblade nbd: cannot listen on {}:{}: {err}",
                     args.bind, args.port
                 );
-                return 1;
+                return ExitCode::Failure as i32;
             }
         };
         let local = listener
@@ -134,14 +136,14 @@ pub fn run(args: NbdArgs) -> i32 {
             n(&stats.error_replies)
         );
         match result {
-            Ok(Ok(())) => 0,
+            Ok(Ok(())) => ExitCode::Ok as i32,
             Ok(Err(err)) => {
                 eprintln!("twinblade nbd: {err}");
-                1
+                ExitCode::Failure as i32
             }
             Err(err) => {
                 eprintln!("twinblade nbd: server task failed: {err}");
-                1
+                ExitCode::Failure as i32
             }
         }
     })
