@@ -38,7 +38,7 @@ use crate::export::aoe::blade::BladeConfig;
 use crate::export::aoe::server::{AoeServer, Export};
 use crate::meta::store::MetaStore;
 use crate::ratelimit::LogLimiter;
-use crate::repl::device::{DeviceEvent, ReplicatedDevice};
+use crate::repl::device::{barrier_reply, DeviceEvent, ReplicatedDevice};
 use crate::repl::link::{PeerLink, Reply};
 use crate::repl::rate::Pacer;
 use crate::repl::uuid::{decide, random_uuid, HandshakeContext, UuidSet};
@@ -1808,11 +1808,17 @@ impl Resource {
                     .map_err(|e| e.to_string()),
                 Message::PingAck(_) => Ok(()),
                 Message::WriteAck(a) => {
+                    if a.kind == AckKind::Failed {
+                        self.device.peer_failed_io();
+                    }
                     link.complete(a.id & ID_MASK, Reply::Ack(a.kind));
                     Ok(())
                 }
                 Message::BarrierAck(a) => {
-                    link.complete(a.barrier, Reply::Ack(AckKind::Completed));
+                    if !a.stable {
+                        self.device.peer_failed_io();
+                    }
+                    link.complete(a.barrier, barrier_reply(&a));
                     Ok(())
                 }
                 Message::ResyncData(d) if d.id & PUSH_BIT == 0 => {
@@ -1881,10 +1887,20 @@ impl Resource {
                 }
             }
             Message::Barrier(b) => {
-                let _ = local.flush();
+                // A failed flush is a failing disk: detach (the peer learns we are Diskless)
+                // and say so, so the Primary does not count on what sat in our cache.
+                let stable = !self.device.is_detached()
+                    && match local.flush() {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::error!(resource = %self.spec.name, error = %e, "flush failed; detaching the disk");
+                            self.device.detach();
+                            false
+                        }
+                    };
                 link.send(Message::BarrierAck(BarrierAckRepr {
                     barrier: b.barrier,
-                    writes: 0,
+                    stable,
                 }))
                 .map_err(|e| e.to_string())?;
             }
@@ -1892,7 +1908,7 @@ impl Resource {
                 link.complete(a.id & ID_MASK, Reply::Ack(a.kind));
             }
             Message::BarrierAck(a) => {
-                link.complete(a.barrier, Reply::Ack(AckKind::Completed));
+                link.complete(a.barrier, barrier_reply(&a));
             }
             Message::ResyncData(d) if d.id & PUSH_BIT != 0 => {
                 let len = d.data.len() as u64;
