@@ -1818,7 +1818,7 @@ impl Resource {
                     if !a.stable {
                         self.device.peer_failed_io();
                     }
-                    link.complete(a.barrier, barrier_reply(&a));
+                    link.complete(a.barrier, barrier_reply(a));
                     Ok(())
                 }
                 Message::ResyncData(d) if d.id & PUSH_BIT == 0 => {
