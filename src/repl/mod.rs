@@ -12,5 +12,6 @@
 pub mod auth;
 pub mod device;
 pub mod link;
+pub mod plan;
 pub mod rate;
 pub mod uuid;
