@@ -10,6 +10,7 @@
 //! * [`cluster`], [`repl`], [`meta`]: the replication decisions, the replicated device, the
 //!   meta-data.
 //! * [`daemon`]: `twinblade run` — engines, peer connections, the control socket.
+//! * [`supervisor`]: the one place threads and tasks are started, named, cancelled and joined.
 //! * [`config`]: the cluster configuration file.
 //! * [`cli`]: the command line: every subcommand's front end. Nothing else imports it.
 
@@ -26,4 +27,5 @@ pub mod meta;
 pub mod net;
 pub mod ratelimit;
 pub mod repl;
+pub mod supervisor;
 pub mod wire;

@@ -703,16 +703,21 @@ fn writes_that_complete_later_are_answered_when_they_complete_and_read_back() {
         completer: std::sync::Mutex::new(completer_thread()),
     });
     let served: Arc<dyn twinblade::block::BlockDevice> = device.clone();
-    let server = lab.in_target(move || {
-        twinblade::export::aoe::AoeServer::start(
+    let (_root, server) = lab.in_target(move || {
+        let root = twinblade::supervisor::Root::threads_only(
+            "test",
+            tokio_util::sync::CancellationToken::new(),
+        );
+        let server = twinblade::export::aoe::AoeServer::start(
             vec![twinblade::export::aoe::Export {
                 config: twinblade::export::aoe::BladeConfig::new(0, 5),
                 device: served,
                 interfaces: vec!["eth0".into()],
             }],
-            tokio_util::sync::CancellationToken::new(),
+            root.group("aoe"),
         )
-        .unwrap()
+        .unwrap();
+        (root, server)
     });
     let (write, read) = lab.in_client(|| {
         let mut init = Initiator::open("eth0").unwrap();

@@ -10,6 +10,7 @@ use super::exit::{cancel_on_signal, ExitCode};
 use crate::block::{BlockDevice, OpenOptions, SECTOR_SIZE};
 use crate::export::aoe::blade::DEFAULT_BUFFER_COUNT;
 use crate::export::aoe::{AoeServer, BladeConfig, Export};
+use crate::supervisor::Root;
 use crate::wire::MacAddr;
 
 /// vblade's arguments.
@@ -210,14 +211,22 @@ fn serve(exports: Vec<Export>) -> i32 {
         Ok(cancel) => cancel,
         Err(code) => return code as i32,
     };
-    let server = match AoeServer::start(exports, cancel) {
+    let root = match Root::new("aoe", cancel, 1) {
+        Ok(root) => root,
+        Err(err) => {
+            eprintln!("twinblade: {err}");
+            return ExitCode::Failure as i32;
+        }
+    };
+    let server = match AoeServer::start(exports, root.group("aoe-server")) {
         Ok(server) => server,
         Err(err) => {
             eprintln!("twinblade: {err}");
             return ExitCode::Failure as i32;
         }
     };
-    server.wait();
+    root.wait();
+    server.stop();
     ExitCode::Ok as i32
 }
 

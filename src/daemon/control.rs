@@ -9,12 +9,13 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{Command, ReplState};
+use crate::ratelimit::LogLimiter;
+use crate::supervisor::Supervisor;
 
 use super::resource::{Input, Resource, ResyncFigures, Snapshot};
 
@@ -24,16 +25,34 @@ pub const PROGRESS_PREFIX: &str = ".PROGRESS ";
 /// A running control socket.
 pub struct ControlServer {
     path: PathBuf,
-    cancel: CancellationToken,
-    thread: JoinHandle<()>,
+    /// The accept task and one thread per client.
+    group: Supervisor,
+}
+
+/// What a client's thread waits on: its own token, through the supervisor's runtime.
+struct Client {
+    group: Supervisor,
+    token: CancellationToken,
+}
+
+impl Client {
+    fn stopping(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// Waits `d` or until the daemon stops.
+    fn pause(&self, d: Duration) {
+        self.group.sleep_on(&self.token, d);
+    }
 }
 
 impl ControlServer {
-    /// Binds `path` (replacing a stale socket) and serves requests for `resources`.
+    /// Binds `path` (replacing a stale socket) and serves requests for `resources`: an accept
+    /// task and a thread per client, all in `group`.
     pub fn start(
         path: &Path,
         resources: Vec<Arc<Resource>>,
-        parent: CancellationToken,
+        group: Supervisor,
     ) -> std::io::Result<ControlServer> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
@@ -47,40 +66,49 @@ impl ControlServer {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
         listener.set_nonblocking(true)?;
-        let cancel = parent.child_token();
-        let token = cancel.clone();
-        let thread = std::thread::Builder::new()
-            .name("control".into())
-            .spawn(move || {
-                while !token.is_cancelled() {
-                    match listener.accept() {
-                        Ok((stream, _)) => {
-                            let resources = resources.clone();
-                            let token = token.clone();
-                            let _ = std::thread::Builder::new()
-                                .name("control-client".into())
-                                .spawn(move || serve(stream, &resources, &token));
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        let listener = {
+            let _runtime = group.runtime().enter();
+            tokio::net::UnixListener::from_std(listener)?
+        };
+        let clients = group.clone();
+        group.spawn_task("control", move |token| async move {
+            static LIMIT: LogLimiter = LogLimiter::new(Duration::from_secs(10), 3);
+            loop {
+                let accepted = tokio::select! {
+                    _ = token.cancelled() => return,
+                    accepted = listener.accept() => accepted,
+                };
+                let stream = match accepted.and_then(|(s, _)| s.into_std()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        crate::warn_limited!(LIMIT, "control socket: {e}");
+                        continue;
                     }
+                };
+                let resources = resources.clone();
+                let group = clients.clone();
+                let started = clients.spawn("control-client", move |token| {
+                    serve(stream, &resources, &Client { group, token })
+                });
+                if let Err(e) = started {
+                    crate::warn_limited!(LIMIT, "control socket: cannot serve a client: {e}");
                 }
-            })?;
+            }
+        });
         Ok(ControlServer {
             path: path.to_path_buf(),
-            cancel,
-            thread,
+            group,
         })
     }
 
-    /// Stops accepting and removes the socket.
+    /// Stops accepting, ends every client's request, and removes the socket.
     pub fn stop(self) {
-        self.cancel.cancel();
-        let _ = self.thread.join();
+        self.group.stop();
         let _ = std::fs::remove_file(&self.path);
     }
 }
 
-fn serve(stream: UnixStream, resources: &[Arc<Resource>], cancel: &CancellationToken) {
+fn serve(stream: UnixStream, resources: &[Arc<Resource>], client: &Client) {
     let _ = stream.set_nonblocking(false);
     let mut reader = BufReader::new(match stream.try_clone() {
         Ok(s) => s,
@@ -92,7 +120,7 @@ fn serve(stream: UnixStream, resources: &[Arc<Resource>], cancel: &CancellationT
     }
     let mut out = stream;
     let words: Vec<&str> = line.split_whitespace().collect();
-    let result = handle(&words, resources, &mut out, cancel);
+    let result = handle(&words, resources, &mut out, client);
     let _ = match result {
         Ok(()) => writeln!(out, ".OK"),
         Err(e) => writeln!(out, ".ERR {e}"),
@@ -117,7 +145,7 @@ fn handle(
     words: &[&str],
     resources: &[Arc<Resource>],
     out: &mut UnixStream,
-    cancel: &CancellationToken,
+    client: &Client,
 ) -> Result<(), String> {
     let (verb, rest) = words.split_first().ok_or("empty request")?;
     if *verb == "fault" {
@@ -175,7 +203,7 @@ fn handle(
                 r.subscribe(tx.clone());
             }
             drop(tx);
-            while !cancel.is_cancelled() {
+            while !client.stopping() {
                 match rx.recv_timeout(Duration::from_millis(200)) {
                     Ok(line) => {
                         let line = if json { event_json(&line) } else { line };
@@ -209,13 +237,13 @@ fn handle(
         "resume-sync" => {
             known(&["--wait"])?;
             if flags.contains(&"--wait") {
-                return resume_and_wait(&targets, out, cancel);
+                return resume_and_wait(&targets, out, client);
             }
             Command::ResumeSync
         }
         "verify" => {
             known(&["--wait"])?;
-            return verify(&targets, flags.contains(&"--wait"), out, cancel);
+            return verify(&targets, flags.contains(&"--wait"), out, client);
         }
         other => return Err(format!("unknown verb {other}")),
     };
@@ -267,7 +295,7 @@ fn syncing(repl: ReplState) -> bool {
 fn resume_and_wait(
     targets: &[&Arc<Resource>],
     out: &mut UnixStream,
-    cancel: &CancellationToken,
+    client: &Client,
 ) -> Result<(), String> {
     for r in targets {
         let s = r.snapshot();
@@ -282,7 +310,7 @@ fn resume_and_wait(
     for r in targets {
         let name = &r.spec.name;
         loop {
-            if cancel.is_cancelled() {
+            if client.stopping() {
                 return Err("the daemon is stopping".into());
             }
             let s = r.snapshot();
@@ -322,7 +350,7 @@ fn resume_and_wait(
                 s.resync_zero
             )
             .map_err(|e| e.to_string())?;
-            std::thread::sleep(Duration::from_millis(250));
+            client.pause(Duration::from_millis(250));
         }
     }
     Ok(())
@@ -334,7 +362,7 @@ fn verify(
     targets: &[&Arc<Resource>],
     wait: bool,
     out: &mut UnixStream,
-    cancel: &CancellationToken,
+    client: &Client,
 ) -> Result<(), String> {
     let mut runs = Vec::new();
     for r in targets {
@@ -354,7 +382,7 @@ fn verify(
     for (r, before) in targets.iter().zip(runs) {
         let name = &r.spec.name;
         loop {
-            if cancel.is_cancelled() {
+            if client.stopping() {
                 return Err("the daemon is stopping".into());
             }
             let v = r.snapshot().verify;
@@ -385,7 +413,7 @@ fn verify(
                 f.percent, f.rate_mbps, f.eta_secs, v.blocks
             )
             .map_err(|e| e.to_string())?;
-            std::thread::sleep(Duration::from_millis(250));
+            client.pause(Duration::from_millis(250));
         }
     }
     Ok(())

@@ -1,10 +1,15 @@
 //! `twinblade run`: the daemon. The one place that starts the long-running parts of a node and
 //! stops them again, in reverse order.
 //!
+//! Every thread and task is started through one [`Supervisor`] tree, rooted here, which also
+//! owns the process's one tokio runtime.
+//!
 //! Start: attach every resource's meta-data → engine + connector per resource (the engine
 //! promotes, serves AoE and NBD, replicates, resyncs; see [`resource`]) → control socket.
-//! Stop (SIGINT/SIGTERM): control socket → per resource: NBD → AoE → peer connection →
-//! flush the data → meta-data marked clean (bitmap and activity log flushed).
+//! Stop (SIGINT/SIGTERM), in reverse: control socket → per resource, last started first: its
+//! connector, then its engine's orderly stop: NBD → AoE → peer connection → drain in-flight
+//! writes → flush the data → meta-data marked clean (bitmap and activity log flushed) → join
+//! the threads it started.
 //!
 //! * [`resource`]: one resource's engine, connector, reader and resync copier.
 //! * [`peer`]: the connection handshake (Hello, HMAC challenge-response, parameters).
@@ -17,7 +22,6 @@ pub mod resource;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +31,7 @@ use crate::block::volatile::{Prefix, VolatileCache};
 use crate::block::BlockDevice;
 use crate::config::{Config, MetaDisk};
 use crate::meta::store::MetaStore;
+use crate::supervisor::{Root, Supervisor};
 use crate::wire::ondisk::MetaKind;
 
 use resource::{Resource, ResourceSpec};
@@ -55,7 +60,7 @@ static TEST_CACHES: std::sync::Mutex<Vec<(PathBuf, TestCache)>> = std::sync::Mut
 /// The test verb `fault RES power-cut [keep-subset SEED]`: shortly after answering, writes a
 /// seeded random subset of every cached sector of every backing file of this process (none
 /// without `keep-subset`), forgets the rest and aborts the process — a power cut.
-pub fn power_cut(args: &[&str]) -> Result<String, String> {
+pub fn power_cut(args: &[&str], group: &Supervisor) -> Result<String, String> {
     let keep = match args {
         [] => None,
         ["keep-subset", seed] => Some(
@@ -78,7 +83,7 @@ pub fn power_cut(args: &[&str]) -> Result<String, String> {
         ));
     }
     let cached: u64 = caches.iter().map(|(_, c)| c.cached_bytes()).sum();
-    std::thread::spawn(move || {
+    let cut = move |_| {
         std::thread::sleep(POWER_CUT_DELAY);
         // Every cache held at once: no I/O gets through from the first cut to the abort.
         let mut held: Vec<_> = caches.iter().map(|(_, c)| c.hold_for_cut()).collect();
@@ -92,7 +97,10 @@ pub fn power_cut(args: &[&str]) -> Result<String, String> {
             );
         }
         std::process::abort();
-    });
+    };
+    group
+        .spawn("power-cut", cut)
+        .map_err(|e| format!("power-cut: {e}"))?;
     Ok(format!(
         "power cut in {} ms ({} bytes cached, {})",
         POWER_CUT_DELAY.as_millis(),
@@ -156,8 +164,10 @@ pub fn run(args: RunArgs, cancel: CancellationToken) -> Result<(), RunError> {
         .peer_of(&node)
         .expect("validated: two nodes")
         .to_string();
+    // Its own token, not the signal's: the stop below goes group by group, in reverse order.
+    let root = Root::new("twinblade", CancellationToken::new(), 2)?;
     let mut resources = Vec::new();
-    let mut threads = Vec::new();
+    let mut groups = Vec::new();
     for (name, res) in &config.resources {
         let (meta, data, faults) = attach(&config, name, &node)?;
         let local_node = &config.nodes[&node];
@@ -181,42 +191,34 @@ pub fn run(args: RunArgs, cancel: CancellationToken) -> Result<(), RunError> {
             faults,
             rate: res.rate_config(),
         };
-        let (r, t) = Resource::start(
+        let group = root.group(format!("resource-{name}"));
+        resources.push(Resource::start(
             spec,
             res.machine_config(&node),
             meta,
             data,
-            cancel.child_token(),
-        )?;
-        resources.push(r);
-        threads.extend(t);
+            group.clone(),
+        )?);
+        groups.push(group);
     }
     let control = control::ControlServer::start(
         &control_path(args.control),
         resources.clone(),
-        cancel.clone(),
+        root.group("control"),
     )?;
     tracing::info!(node = %node, "running; {} resource(s)", resources.len());
-    wait_cancelled(&cancel);
+    root.runtime().block_on(cancel.cancelled());
     tracing::info!("stopping");
+    // Reverse start order: the control socket, then each resource (its connector, then its
+    // engine's orderly stop: NBD, AoE, peer connection, data flushed, meta-data marked clean).
     control.stop();
-    for r in resources.iter().rev() {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        r.send(resource::Input::Stop(tx));
-        let _ = rx.recv();
+    for group in groups.iter().rev() {
+        group.stop();
     }
     drop(resources);
-    for t in threads {
-        let _ = t.join();
-    }
+    root.stop();
     tracing::info!("stopped");
     Ok(())
-}
-
-fn wait_cancelled(cancel: &CancellationToken) {
-    while !cancel.is_cancelled() {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
 }
 
 /// A resource's attached meta-data, its data area, and the test fault layer if enabled.
@@ -303,10 +305,10 @@ fn attach(config: &Config, name: &str, node: &str) -> Result<Attached, RunError>
     Ok((Arc::new(store), data, faults))
 }
 
-/// An NBD export of one device on a thread of its own (the NBD server is async).
+/// An NBD export of one device: a task on the process's runtime, in a group of its own (the
+/// server tracks its connections itself and waits for them when it stops).
 pub struct NbdHandle {
-    cancel: CancellationToken,
-    thread: JoinHandle<()>,
+    group: Supervisor,
 }
 
 impl NbdHandle {
@@ -315,34 +317,28 @@ impl NbdHandle {
         addr: SocketAddr,
         name: &str,
         device: Arc<dyn BlockDevice>,
-        cancel: CancellationToken,
+        group: Supervisor,
     ) -> std::io::Result<NbdHandle> {
         use crate::export::nbd::{Export, Server, ServerConfig};
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
-        let listener = runtime.block_on(tokio::net::TcpListener::bind(addr))?;
+        let listener = group
+            .runtime()
+            .block_on(tokio::net::TcpListener::bind(addr))?;
         let mut server = Server::new(ServerConfig::default());
         server
             .add_export(Export::new(name, device))
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         tracing::info!("serving {name} over NBD on {addr}");
-        let token = cancel.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("nbd-{name}"))
-            .spawn(move || {
-                if let Err(e) = runtime.block_on(server.serve(listener, token)) {
-                    tracing::error!("NBD server failed: {e}");
-                }
-            })?;
-        Ok(NbdHandle { cancel, thread })
+        group.spawn_task(format!("nbd-{name}"), move |token| async move {
+            if let Err(e) = server.serve(listener, token).await {
+                tracing::error!("NBD server failed: {e}");
+            }
+        });
+        Ok(NbdHandle { group })
     }
 
     /// Stops serving and waits.
     pub fn stop(self) {
-        self.cancel.cancel();
-        let _ = self.thread.join();
+        self.group.stop();
     }
 }
 
@@ -352,16 +348,17 @@ mod tests {
 
     #[test]
     fn power_cut_refuses_bad_words_and_a_daemon_without_the_cache() {
-        let err = power_cut(&["keep-some"]).unwrap_err();
+        let root = Root::threads_only("test", CancellationToken::new());
+        let err = power_cut(&["keep-some"], &root).unwrap_err();
         assert!(err.contains("power-cut [keep-subset SEED]"), "{err}");
-        let err = power_cut(&["keep-subset", "x"]).unwrap_err();
+        let err = power_cut(&["keep-subset", "x"], &root).unwrap_err();
         assert!(err.contains("bad seed \"x\""), "{err}");
-        let err = power_cut(&["keep-subset"]).unwrap_err();
+        let err = power_cut(&["keep-subset"], &root).unwrap_err();
         assert!(err.contains("unexpected"), "{err}");
         // No cache was set up in this process (the environment variable is not set), so this
         // refuses instead of aborting the test binary.
         assert!(std::env::var_os(TEST_POWER_CUT_ENV).is_none());
-        let err = power_cut(&["keep-subset", "7"]).unwrap_err();
+        let err = power_cut(&["keep-subset", "7"], &root).unwrap_err();
         assert!(err.contains(TEST_POWER_CUT_ENV), "{err}");
     }
 }

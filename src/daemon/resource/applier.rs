@@ -21,9 +21,9 @@ impl Resource {
         {
             let me = self.clone();
             let link = link.clone();
-            let _ = std::thread::Builder::new()
-                .name(format!("apply-{}", self.spec.name))
-                .spawn(move || {
+            let started = self
+                .crew
+                .spawn(format!("apply-{}", self.spec.name), move |_| {
                     // Acknowledgements of a burst of writes leave together, after the last of
                     // them is written: one send (and one wake-up of the peer) per burst.
                     let mut acks = Vec::new();
@@ -47,6 +47,10 @@ impl Resource {
                     }
                     let _ = send_acks(&link, &mut acks);
                 });
+            if let Err(e) = started {
+                // The reader's first hand-off fails and ends the connection.
+                tracing::error!(resource = %self.spec.name, "cannot start the applier: {e}");
+            }
         }
         let why = loop {
             let message = match peer::read_message(&mut stream, &mut decoder) {

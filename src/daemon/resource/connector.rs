@@ -4,24 +4,26 @@
 use super::*;
 
 impl Resource {
-    pub(super) fn connector(self: Arc<Self>, listener: TcpListener) {
+    pub(super) fn connector(self: Arc<Self>, listener: TcpListener, token: CancellationToken) {
         static LIMIT: LogLimiter = LogLimiter::new(Duration::from_secs(10), 3);
         let wants = lock(&self.state).wants_connect.clone();
-        while !self.cancel.is_cancelled() {
+        // Waits return at once when the resource stops.
+        let pause = |d| self.group.sleep_on(&token, d);
+        while !token.is_cancelled() {
             let idle = !wants.load(Ordering::Acquire) || lock(&self.state).link.is_some();
             if idle {
                 // Drain stray connection attempts so the peer sees a refusal, not a hang.
                 if let Ok((s, _)) = listener.accept() {
                     drop(s);
                 }
-                std::thread::sleep(Duration::from_millis(100));
+                pause(Duration::from_millis(100));
                 continue;
             }
             let stream = if self.spec.dialer {
                 match peer::dial(self.spec.peer_addr) {
                     Ok(s) => Some(s),
                     Err(_) => {
-                        std::thread::sleep(Duration::from_millis(300));
+                        pause(Duration::from_millis(300));
                         None
                     }
                 }
@@ -39,7 +41,7 @@ impl Resource {
                 Ok(hs) => {
                     self.send(Input::PeerUp(Box::new(hs)));
                     // Give the engine time to take it (or refuse it) before trying again.
-                    std::thread::sleep(Duration::from_secs(1));
+                    pause(Duration::from_secs(1));
                 }
                 Err(e) => {
                     crate::warn_limited!(
@@ -48,7 +50,7 @@ impl Resource {
                         self.spec.name,
                         self.spec.identity.peer
                     );
-                    std::thread::sleep(Duration::from_millis(500));
+                    pause(Duration::from_millis(500));
                 }
             }
         }

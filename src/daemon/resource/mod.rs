@@ -21,10 +21,11 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
+
+use crate::supervisor::Supervisor;
 
 use crate::block::BlockDevice;
 use crate::cluster::persist::{self, Keeper, SourceStarted};
@@ -103,8 +104,6 @@ pub enum Input {
     Verify(SyncSender<Result<String, String>>),
     /// The verifier finished (true) or gave up (false) on connection `conn_id`.
     VerifyDone(u64, bool),
-    /// Stop: stop serving, leave the peer, mark the meta-data clean.
-    Stop(SyncSender<()>),
 }
 
 /// Static facts about the resource.
@@ -245,7 +244,11 @@ pub struct Resource {
     state: Mutex<State>,
     tx: Mutex<Sender<Input>>,
     subscribers: Mutex<Vec<Sender<String>>>,
-    cancel: CancellationToken,
+    /// What this resource's engine starts (reader, applier, copier, verifier, exports); stopped
+    /// by the engine at shutdown.
+    crew: Supervisor,
+    /// The resource's own group (engine, connector, crew).
+    group: Supervisor,
     conn_ids: AtomicU64,
     /// Resync progress.
     pub progress: Progress,
@@ -263,14 +266,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Resource {
-    /// Starts the engine and connector threads. `local` is the data area.
+    /// Starts the engine and connector threads in `group` (stopping the group stops the
+    /// resource in order: connector, then the engine's orderly shutdown). `local` is the data
+    /// area.
     pub fn start(
         spec: ResourceSpec,
         machine_config: crate::cluster::Config,
         meta: Arc<MetaStore>,
         local: Arc<dyn BlockDevice>,
-        cancel: CancellationToken,
-    ) -> std::io::Result<(Arc<Resource>, Vec<JoinHandle<()>>)> {
+        group: Supervisor,
+    ) -> std::io::Result<Arc<Resource>> {
         let (tx, rx) = channel();
         let dev_tx = Mutex::new(tx.clone());
         let device = Arc::new(ReplicatedDevice::new(
@@ -320,7 +325,8 @@ impl Resource {
             }),
             tx: Mutex::new(tx),
             subscribers: Mutex::new(Vec::new()),
-            cancel,
+            crew: group.group("crew"),
+            group: group.clone(),
             conn_ids: AtomicU64::new(1),
             progress: Progress::default(),
             verify: VerifyState::default(),
@@ -331,19 +337,19 @@ impl Resource {
             let mut st = lock(&res.state);
             res.execute(&mut st, actions);
         }
-        let engine = {
+        {
             let res = res.clone();
-            std::thread::Builder::new()
-                .name(format!("engine-{}", res.spec.name))
-                .spawn(move || res.engine(rx))?
-        };
-        let connector = {
+            group.spawn(format!("engine-{}", res.spec.name), move |token| {
+                res.engine(rx, token)
+            })?;
+        }
+        {
             let res = res.clone();
-            std::thread::Builder::new()
-                .name(format!("connect-{}", res.spec.name))
-                .spawn(move || res.connector(listener))?
-        };
-        Ok((res, vec![engine, connector]))
+            group.spawn(format!("connect-{}", res.spec.name), move |token| {
+                res.connector(listener, token)
+            })?;
+        }
+        Ok(res)
     }
 
     /// Sends the engine an input.
@@ -360,7 +366,7 @@ impl Resource {
     pub fn inject(&self, specs: &[&str]) -> Result<String, String> {
         use crate::block::fault::{FaultSpec, InjectedError};
         if let Some((&"power-cut", args)) = specs.split_first() {
-            return super::power_cut(args);
+            return super::power_cut(args, &self.crew);
         }
         let faults = self.spec.faults.as_ref().ok_or_else(|| {
             format!(
@@ -408,20 +414,17 @@ impl Resource {
 
     // ---------------------------------------------------------------- engine
 
-    fn engine(self: Arc<Self>, rx: Receiver<Input>) {
-        loop {
+    /// The engine loop: inputs and ticks until the token is cancelled, then the orderly stop.
+    fn engine(self: Arc<Self>, rx: Receiver<Input>, token: CancellationToken) {
+        while !token.is_cancelled() {
             match rx.recv_timeout(TICK) {
-                Ok(Input::Stop(done)) => {
-                    self.shutdown();
-                    let _ = done.send(());
-                    return;
-                }
                 Ok(input) => self.handle(input),
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Disconnected) => break,
             }
             self.tick();
         }
+        self.shutdown();
     }
 
     fn step(&self, st: &mut State, event: Event) -> Vec<Action> {
@@ -518,7 +521,6 @@ impl Resource {
                 let _ = reply.send(self.start_verify(&mut st));
             }
             Input::VerifyDone(conn_id, ok) => self.verify_done(&mut st, conn_id, ok),
-            Input::Stop(_) => unreachable!("handled by the engine loop"),
         }
     }
 
@@ -614,9 +616,16 @@ impl Resource {
         {
             let me = self.self_arc();
             let link = link.clone();
-            let _ = std::thread::Builder::new()
-                .name(format!("reader-{}", self.spec.name))
-                .spawn(move || me.reader(link, reader_stream, decoder));
+            let started = self
+                .crew
+                .spawn(format!("reader-{}", self.spec.name), move |_| {
+                    me.reader(link, reader_stream, decoder)
+                });
+            if let Err(e) = started {
+                tracing::error!(resource = %self.spec.name, "cannot start the connection's reader: {e}");
+                self.drop_link(st);
+                return;
+            }
         }
         self.step(
             st,
@@ -870,7 +879,7 @@ impl Resource {
             device: self.device.clone(),
             interfaces: vec![self.spec.interface.clone()],
         };
-        match AoeServer::start(vec![export], self.cancel.child_token()) {
+        match AoeServer::start(vec![export], self.crew.group("aoe")) {
             Ok(server) => {
                 tracing::info!(resource = %self.spec.name, "serving e{shelf}.{slot} on {}", self.spec.interface);
                 st.aoe = Some(server);
@@ -884,7 +893,7 @@ impl Resource {
                 addr,
                 &self.spec.name,
                 self.device.clone(),
-                self.cancel.child_token(),
+                self.crew.group("nbd"),
             ) {
                 Ok(server) => st.nbd = Some(server),
                 Err(e) => {
@@ -937,11 +946,10 @@ impl Resource {
                 tracing::error!(resource = %self.spec.name, error = %e, "cannot mark the meta-data clean")
             }
         }
+        drop(st);
+        // The connection's threads ended with the link; join them and anything else started.
+        self.crew.stop();
     }
-
-    // ---------------------------------------------------------------- connector
-
-    // ---------------------------------------------------------------- reader
 }
 
 /// The meta-data store under the persistent executor: every write durable when it returns.

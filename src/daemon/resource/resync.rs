@@ -74,9 +74,9 @@ impl Resource {
         );
         let me = self.self_arc();
         let paused = st.paused.clone();
-        let _ = std::thread::Builder::new()
-            .name(format!("resync-{}", self.spec.name))
-            .spawn(move || {
+        let started = self
+            .crew
+            .spawn(format!("resync-{}", self.spec.name), move |_| {
                 let ok = me.copy_out_of_sync(&link, &paused, full);
                 if ok {
                     tracing::info!(
@@ -89,6 +89,9 @@ impl Resource {
                 }
                 me.send(Input::CopierDone(link.conn_id, ok));
             });
+        if let Err(e) = started {
+            tracing::error!(resource = %self.spec.name, "cannot start the resync copier: {e}");
+        }
     }
 
     /// The source's copier: every out-of-sync block to the peer, until none is left. With
@@ -158,7 +161,7 @@ impl Resource {
     /// Before the copier issues more: pause, link, window and rate. False: give up.
     fn copier_gate(&self, c: &mut Copier<'_>, paused: &AtomicBool) -> bool {
         loop {
-            if c.link.is_dead() || self.cancel.is_cancelled() {
+            if c.link.is_dead() || self.crew.token().is_cancelled() {
                 return false;
             }
             // Settle whatever the peer has answered (acks feed the rate controller).

@@ -39,9 +39,9 @@ impl Resource {
         // replication stream; anyone else checksums under its order lock when asking.
         let local_at_reply = s.role != Role::Primary && s.peer_role == Role::Primary;
         let me = self.self_arc();
-        let spawned = std::thread::Builder::new()
-            .name(format!("verify-{}", self.spec.name))
-            .spawn(move || {
+        let spawned = self
+            .crew
+            .spawn(format!("verify-{}", self.spec.name), move |_| {
                 let ok = me.verify_all(&link, local_at_reply);
                 me.send(Input::VerifyDone(link.conn_id, ok));
             });
@@ -89,7 +89,7 @@ impl Resource {
         let mut off = 0u64;
         while off < size || !queue.is_empty() {
             if link.is_dead()
-                || self.cancel.is_cancelled()
+                || self.crew.token().is_cancelled()
                 || self.verify.abort.load(Ordering::Relaxed)
             {
                 return false;

@@ -28,12 +28,12 @@ use super::stats::BladeStats;
 use crate::block::{BlockDevice, SECTOR_SIZE};
 use crate::net::{Interface, PacketRing, PacketSocket, RxRing, TxRing, SLOT_SIZE};
 use crate::ratelimit::LogLimiter;
+use crate::supervisor::Supervisor;
 use crate::warn_limited;
 use crate::wire::aoe::{self, Frame};
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -75,6 +75,9 @@ pub enum StartError {
         /// Slot.
         slot: u8,
     },
+    /// A port thread could not be started.
+    #[error("starting a port thread: {0}")]
+    Thread(#[source] io::Error),
     /// A blade has no interface.
     #[error("e{shelf}.{slot} has no interface")]
     NoInterface {
@@ -136,14 +139,15 @@ impl PortHandle {
 
 /// A running AoE target.
 pub struct AoeServer {
-    cancel: CancellationToken,
-    threads: Vec<JoinHandle<()>>,
+    /// Its port threads (one per interface).
+    group: Supervisor,
     stats: Vec<(String, Arc<BladeStats>)>,
 }
 
 impl AoeServer {
-    /// Opens the sockets, announces every blade and starts serving.
-    pub fn start(exports: Vec<Export>, cancel: CancellationToken) -> Result<AoeServer, StartError> {
+    /// Opens the sockets, announces every blade and starts serving: one thread per interface,
+    /// started in `group` (which the server then owns and stops).
+    pub fn start(exports: Vec<Export>, group: Supervisor) -> Result<AoeServer, StartError> {
         let mut seen = std::collections::HashSet::new();
         for export in &exports {
             let (shelf, slot) = (export.config.shelf, export.config.slot);
@@ -204,21 +208,14 @@ impl AoeServer {
             }
         }
 
-        let mut threads = Vec::new();
         for (mut port, routes) in ports.into_iter().zip(routes) {
             announce(&mut port, &routes);
-            let cancel = cancel.clone();
-            let thread = std::thread::Builder::new()
-                .name(format!("aoe-{}", port.iface.name))
-                .spawn(move || serve_port(port, routes, cancel))
-                .expect("spawning a thread");
-            threads.push(thread);
+            let name = format!("aoe-{}", port.iface.name);
+            group
+                .spawn(name, move |token| serve_port(port, routes, token))
+                .map_err(StartError::Thread)?;
         }
-        Ok(AoeServer {
-            cancel,
-            threads,
-            stats,
-        })
+        Ok(AoeServer { group, stats })
     }
 
     /// Counters of every blade, by name.
@@ -226,17 +223,9 @@ impl AoeServer {
         &self.stats
     }
 
-    /// Stops serving and waits for every thread.
+    /// Stops serving and waits for every thread, then logs counters.
     pub fn stop(self) {
-        self.cancel.cancel();
-        self.wait();
-    }
-
-    /// Waits until the token is cancelled and every thread has finished, then logs counters.
-    pub fn wait(self) {
-        for thread in self.threads {
-            let _ = thread.join();
-        }
+        self.group.stop();
         for (name, stats) in &self.stats {
             tracing::info!(blade = %name, stats = %stats.summary(), "stopped");
         }
