@@ -11,6 +11,9 @@
 #   5. a split brain made on purpose is detected and not synced; `connect --discard-my-data` on
 #      the loser resolves it and the loser ends identical
 #   6. a wrong shared secret is refused
+#   7. the secondary's flush fails (at durability node, then power): it detaches and says so, the
+#      primary's FLUSH still succeeds but everything the secondary may hold only in its cache is
+#      marked out of sync, and the resync after its return makes both disks identical
 #
 # Usage: initiator-tests/replication.sh [--keep]
 # Needs root; uses namespaces tbr-a, tbr-b, tbr-c and bridge tbrbr0 (nothing else touches them).
@@ -186,4 +189,45 @@ sleep 3
 state_is alpha connection Connected && fail "a wrong secret was accepted"
 grep -q "authentication failed" "$work/alpha.log" "$work/beta.log" || fail "wrong secret not logged"
 log "PASS wrong shared secret refused"
+
+# --- 7. the secondary's flush fails ------------------------------------------------------------
+# Both nodes restart with DURABILITY ($1; the configuration is the same on both), beta primary,
+# alpha secondary; alpha's disk then fails every flush.
+secondary_flush_fails() { # DURABILITY SEED
+    DURABILITY=$1
+    write_config "$cfg.alpha"
+    write_config "$cfg.beta"
+    local n
+    for n in alpha beta; do
+        if running "$n"; then
+            kill -TERM "${pid[$n]}"
+            wait "${pid[$n]}" || true
+        fi
+    done
+    start alpha
+    start beta
+    wait_for 15 "connection at durability $1" state_is alpha connection Connected
+    state_is beta role Primary || ctl beta primary r0 >/dev/null || fail "beta refused primary"
+    wait_for 60 "in sync at durability $1" in_sync
+    ctl alpha fault r0 flush-error >/dev/null
+    aoe write e7.3 -q 16 --seed "$2" --offset 16M --bytes 2M >/dev/null || fail "$1: write failed"
+    state_is beta out-of-sync 0 || fail "$1: out of sync before the flush"
+    aoe flush e7.3 >/dev/null || fail "$1: FLUSH failed although the primary's disk is fine"
+    wait_for 5 "alpha detached after its flush failed" state_is alpha detached true
+    local oos
+    oos=$(field beta out-of-sync)
+    ((oos >= 2 << 20)) || fail "$1: after alpha's failed flush beta marked $oos bytes out of sync (want the 2 MiB alpha may have lost)"
+    grep -q "flush failed; detaching" "$work/alpha.log" || fail "$1: alpha did not log its failed flush"
+    ctl alpha fault r0 clear >/dev/null
+    kill -TERM "${pid[alpha]}"
+    wait "${pid[alpha]}" || true
+    start alpha
+    wait_for 60 "alpha back and resynced at durability $1" in_sync
+    aoe read e7.3 -q 16 --seed "$2" --offset 16M --bytes 2M --verify >/dev/null || fail "$1: acknowledged write lost"
+    same_data || fail "$1: disks differ after the secondary with a failing flush came back"
+    log "PASS durability $1: the secondary's failed flush marked $oos bytes out of sync; resynced, identical"
+}
+write_config "$cfg.alpha" # the right secret again
+secondary_flush_fails node 21
+secondary_flush_fails power 22
 log "all passed"

@@ -362,7 +362,7 @@ impl Resource {
     }
 
     /// Steers the test-only fault layer: `write-delay-ms=N`, `read-delay-ms=N`, `write-error`,
-    /// `read-error`, `clear`.
+    /// `read-error`, `flush-error`, `clear`.
     pub fn inject(&self, specs: &[&str]) -> Result<String, String> {
         use crate::block::fault::{FaultSpec, InjectedError};
         if let Some((&"power-cut", args)) = specs.split_first() {
@@ -380,12 +380,13 @@ impl Resource {
                 "clear" => config = Default::default(),
                 "write-error" => config.write_error = Some(FaultSpec::always(InjectedError::Eio)),
                 "read-error" => config.read_error = Some(FaultSpec::always(InjectedError::Eio)),
+                "flush-error" => config.flush_error = Some(FaultSpec::always(InjectedError::Eio)),
                 other => {
                     let ms = |prefix: &str| other.strip_prefix(prefix).map(str::parse::<u64>);
                     match (ms("write-delay-ms="), ms("read-delay-ms=")) {
                         (Some(Ok(n)), _) => config.write_delay = Duration::from_millis(n),
                         (_, Some(Ok(n))) => config.read_delay = Duration::from_millis(n),
-                        _ => return Err(format!("unknown fault {other:?} (write-delay-ms=N, read-delay-ms=N, write-error, read-error, clear, power-cut [keep-subset SEED])")),
+                        _ => return Err(format!("unknown fault {other:?} (write-delay-ms=N, read-delay-ms=N, write-error, read-error, flush-error, clear, power-cut [keep-subset SEED])")),
                     }
                 }
             }
