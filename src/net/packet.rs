@@ -241,6 +241,17 @@ impl PacketSocket {
     /// Sends several complete frames with as few `sendmmsg` calls as the kernel allows.
     /// Returns once every frame is queued.
     pub fn send_batch(&self, frames: &[&[u8]]) -> io::Result<()> {
+        self.send_frames(frames, true).map(|_| ())
+    }
+
+    /// Queues as many of `frames` as the send queue takes now, never waiting for room: returns
+    /// how many were queued (the rest are dropped, as a full link drops them).
+    pub fn try_send_batch(&self, frames: &[&[u8]]) -> io::Result<usize> {
+        self.send_frames(frames, false)
+    }
+
+    fn send_frames(&self, frames: &[&[u8]], wait_for_room: bool) -> io::Result<usize> {
+        let flags = if wait_for_room { 0 } else { libc::MSG_DONTWAIT };
         let mut sent = 0;
         while sent < frames.len() {
             let batch = &frames[sent..frames.len().min(sent + 64)];
@@ -283,7 +294,7 @@ impl PacketSocket {
                     self.fd.as_raw_fd(),
                     headers.as_mut_ptr(),
                     headers.len() as u32,
-                    0,
+                    flags,
                 )
             };
             if n < 0 {
@@ -291,16 +302,17 @@ impl PacketSocket {
                 match err.raw_os_error() {
                     Some(libc::EINTR) => continue,
                     // The send queue is full: wait for room rather than lose a reply.
-                    Some(libc::ENOBUFS) | Some(libc::EAGAIN) => {
+                    Some(libc::ENOBUFS) | Some(libc::EAGAIN) if wait_for_room => {
                         std::thread::sleep(Duration::from_micros(50));
                         continue;
                     }
+                    Some(libc::ENOBUFS) | Some(libc::EAGAIN) => return Ok(sent),
                     _ => return Err(err),
                 }
             }
             sent += n as usize;
         }
-        Ok(())
+        Ok(sent)
     }
 
     /// Receives up to `bufs.len()` frames with one blocking `recvmmsg`, waiting at most

@@ -61,6 +61,9 @@ pub use crate::wire::repl::WRITE_FUA;
 pub enum DeviceEvent {
     /// The local disk failed; it is detached.
     LocalIoError,
+    /// The peer reported an I/O error: bits were marked out of sync in memory, and the bitmap
+    /// should be written (by a thread that may wait for the disk).
+    PeerIoError,
 }
 
 /// I/O counters for `status`.
@@ -333,8 +336,11 @@ impl ReplicatedDevice {
     /// The peer reported an I/O error (a failed write or flush): its disk is failing, so what
     /// it acknowledged from its cache since its last confirmed flush may be lost there. Marks
     /// those extents out of sync. Call before completing the request the report answers.
+    /// Never waits: the marks are in memory; the owner is told ([`DeviceEvent::PeerIoError`])
+    /// to write the bitmap.
     pub fn peer_failed_io(&self) {
         self.unflushed.mark_lost(&self.meta, Default::default());
+        (self.events)(DeviceEvent::PeerIoError);
     }
 
     /// The local data device.
@@ -573,6 +579,11 @@ impl BlockDevice for ReplicatedDevice {
                         "the peer did not confirm a flush: what it was sent since its last one is marked out of sync"
                     );
                     self.unflushed.mark_lost(&self.meta, covered);
+                    // Durable before the FLUSH is answered: a crash of this node next must
+                    // not forget what the peer lacks.
+                    if let Err(e) = self.meta.flush_bitmap() {
+                        tracing::error!(error = %e, "cannot write the bitmap");
+                    }
                 }
                 ok
             }

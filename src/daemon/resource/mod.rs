@@ -497,6 +497,12 @@ impl Resource {
             Input::Device(DeviceEvent::LocalIoError) => {
                 self.step(&mut st, Event::LocalIoError);
             }
+            Input::Device(DeviceEvent::PeerIoError) => {
+                // The reader marked what the peer may have lost; make it durable here.
+                if let Err(e) = self.meta.flush_bitmap() {
+                    self.persist_failed("the bitmap", &e.to_string());
+                }
+            }
             Input::CopierDone(conn_id, ok) => {
                 if st.link.as_ref().map(|l| l.conn_id) != Some(conn_id) {
                     return;

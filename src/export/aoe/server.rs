@@ -629,8 +629,19 @@ impl Replier {
                 lens.push(answerer.finish(transfer, result, out));
             }
             let frames: Vec<&[u8]> = replies.iter().zip(&lens).map(|(b, &l)| &b[..l]).collect();
-            if let Err(err) = socket.send_batch(&frames) {
-                warn_limited!(SEND_LOG, %err, replies = frames.len(), "replies not sent");
+            // This runs on whichever thread completed the write (the replication link's
+            // reader): it must never wait, so a full send queue drops replies, as a full link
+            // would, and the initiator retransmits.
+            match socket.try_send_batch(&frames) {
+                Ok(n) if n < frames.len() => warn_limited!(
+                    SEND_LOG,
+                    dropped = frames.len() - n,
+                    "send queue full: write replies dropped (the initiator retransmits)"
+                ),
+                Ok(_) => {}
+                Err(err) => {
+                    warn_limited!(SEND_LOG, %err, replies = frames.len(), "replies not sent")
+                }
             }
             *lock_count(&in_flight.0) -= 1;
             in_flight.1.notify_all();
