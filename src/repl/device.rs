@@ -48,7 +48,7 @@ use crate::block::{
 };
 use crate::meta::store::MetaStore;
 use crate::wire::repl::{
-    AckKind, BarrierRepr, Durability, Message, ReplProtocol, ResyncRequestRepr,
+    AckKind, BarrierAckRepr, BarrierRepr, Durability, Message, ReplProtocol, ResyncRequestRepr,
 };
 
 use super::link::{PeerLink, Reply};
@@ -91,7 +91,7 @@ pub struct ReplicatedDevice {
     /// `Some` while this node is a resync target: the sectors clients wrote since it started.
     sync_target: Mutex<Option<SectorSet>>,
     /// Extents sent to the peer since it last confirmed a flush.
-    unflushed: Arc<Unflushed>,
+    unflushed: Unflushed,
     /// Counters.
     pub counters: Arc<IoCounters>,
 }
@@ -220,7 +220,7 @@ impl ReplicatedDevice {
             limit: AtomicU64::new(u64::MAX),
             events,
             sync_target: Mutex::new(None),
-            unflushed: Arc::new(Unflushed::default()),
+            unflushed: Unflushed::default(),
             counters: Arc::default(),
         }
     }
@@ -330,6 +330,13 @@ impl ReplicatedDevice {
         self.order.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The peer reported an I/O error (a failed write or flush): its disk is failing, so what
+    /// it acknowledged from its cache since its last confirmed flush may be lost there. Marks
+    /// those extents out of sync. Call before completing the request the report answers.
+    pub fn peer_failed_io(&self) {
+        self.unflushed.mark_lost(&self.meta, Default::default());
+    }
+
     /// The local data device.
     pub fn local(&self) -> &Arc<dyn BlockDevice> {
         &self.local
@@ -371,7 +378,6 @@ struct ReplicatedWrite {
 struct WrittenLocally {
     meta: Arc<MetaStore>,
     counters: Arc<IoCounters>,
-    unflushed: Arc<Unflushed>,
     offset: u64,
     len: u64,
     local_ok: bool,
@@ -390,11 +396,7 @@ impl WrittenLocally {
             self.meta.mark_out_of_sync(offset, len);
             self.counters.writes_marked.fetch_add(1, Ordering::Relaxed);
         }
-        if !peer_ok {
-            // The peer failed or lost this write: what it acknowledged from its cache before
-            // may be gone with it.
-            self.unflushed.mark_lost(&self.meta, Default::default());
-        }
+
         self.meta.write_end(offset, len);
         Ok(())
     }
@@ -534,7 +536,6 @@ impl BlockDevice for ReplicatedDevice {
             done: WrittenLocally {
                 meta: self.meta.clone(),
                 counters: self.counters.clone(),
-                unflushed: self.unflushed.clone(),
                 offset,
                 len,
                 local_ok,
@@ -585,6 +586,15 @@ impl BlockDevice for ReplicatedDevice {
     }
 }
 
+/// What a `BarrierAck` tells the flush waiting for it.
+pub fn barrier_reply(a: &BarrierAckRepr) -> Reply {
+    Reply::Ack(if a.stable {
+        AckKind::Completed
+    } else {
+        AckKind::Failed
+    })
+}
+
 fn no_disk() -> BlockError {
     BlockError::Io(std::io::Error::other(
         "no usable disk: the local disk is detached and the peer is not reachable",
@@ -613,6 +623,32 @@ mod tests {
         protocol: ReplProtocol,
         delay: Duration,
     ) -> (ReplicatedDevice, Arc<MetaStore>) {
+        let peer = FakePeer {
+            delay,
+            ..FakePeer::default()
+        };
+        device_with_peer(protocol, Durability::Node, peer)
+    }
+
+    /// How the fake peer behaves: write delay, whether its flushes succeed, and how many
+    /// barriers it saw.
+    #[derive(Default, Clone)]
+    struct FakePeer {
+        delay: Duration,
+        flush_fails: bool,
+        barriers: Arc<AtomicU64>,
+    }
+
+    fn device_with_peer(
+        protocol: ReplProtocol,
+        durability: Durability,
+        peer: FakePeer,
+    ) -> (ReplicatedDevice, Arc<MetaStore>) {
+        let FakePeer {
+            delay,
+            flush_fails,
+            barriers,
+        } = peer;
         let meta_dev: Arc<dyn BlockDevice> = Arc::new(CrashDevice::new(1 << 20));
         let data: Arc<dyn BlockDevice> = Arc::new(CrashDevice::new(SIZE));
         let opts = CreateOptions {
@@ -623,13 +659,7 @@ mod tests {
         create(meta_dev.as_ref(), SIZE, MetaKind::External, &opts).unwrap();
         let (meta, _) = MetaStore::attach(meta_dev, data.clone(), MetaKind::External).unwrap();
         let meta = Arc::new(meta);
-        let dev = ReplicatedDevice::new(
-            data,
-            meta.clone(),
-            protocol,
-            Durability::Node,
-            Box::new(|_| {}),
-        );
+        let dev = ReplicatedDevice::new(data, meta.clone(), protocol, durability, Box::new(|_| {}));
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (mut theirs, _) = listener.accept().unwrap();
@@ -660,6 +690,9 @@ mod tests {
                         Message::ResyncData(d) => {
                             reader_link.complete(d.id, Reply::Data(d.data));
                         }
+                        Message::BarrierAck(a) => {
+                            reader_link.complete(a.barrier, barrier_reply(&a));
+                        }
                         _ => {}
                     }
                 }
@@ -681,6 +714,13 @@ mod tests {
                             Message::WriteAck(WriteAckRepr {
                                 id: w.id,
                                 kind: AckKind::Completed,
+                            })
+                        }
+                        Message::Barrier(b) => {
+                            barriers.fetch_add(1, Ordering::Relaxed);
+                            Message::BarrierAck(BarrierAckRepr {
+                                barrier: b.barrier,
+                                stable: !flush_fails,
                             })
                         }
                         // The peer's copy of every block is PEER_BYTE.
@@ -709,6 +749,48 @@ mod tests {
         });
         dev.set_link(Some(link));
         (dev, meta)
+    }
+
+    #[test]
+    fn every_protocol_carries_a_flush_to_the_peer() {
+        for protocol in [ReplProtocol::A, ReplProtocol::B, ReplProtocol::C] {
+            let peer = FakePeer::default();
+            let (dev, meta) = device_with_peer(protocol, Durability::Node, peer.clone());
+            dev.write_at(&[3u8; 8192], 0, false).unwrap();
+            dev.flush().unwrap();
+            assert_eq!(
+                peer.barriers.load(Ordering::Relaxed),
+                1,
+                "protocol {protocol:?}: the FLUSH did not reach the peer"
+            );
+            assert_eq!(meta.out_of_sync_bytes(), 0, "protocol {protocol:?}");
+        }
+    }
+
+    #[test]
+    fn a_flush_the_peer_fails_marks_what_it_was_sent_out_of_sync() {
+        for durability in [Durability::Node, Durability::Power] {
+            let peer = FakePeer {
+                flush_fails: true,
+                ..FakePeer::default()
+            };
+            let (dev, meta) = device_with_peer(ReplProtocol::C, durability, peer);
+            dev.write_at(&[3u8; 8192], 0, false).unwrap();
+            dev.write_at(&[4u8; 4096], 5 << 20, false).unwrap();
+            assert_eq!(meta.out_of_sync_bytes(), 0, "acknowledged by the peer");
+            // The local flush succeeds, so the FLUSH does; but not on the strength of the peer.
+            dev.flush().unwrap();
+            for offset in [0, 5 << 20] {
+                assert!(
+                    meta.is_out_of_sync(offset),
+                    "{durability:?}: {offset} is not marked although the peer's flush failed"
+                );
+            }
+            // What the next flush covers starts afresh.
+            let marked = meta.out_of_sync_bytes();
+            dev.flush().unwrap();
+            assert_eq!(meta.out_of_sync_bytes(), marked);
+        }
     }
 
     fn timed_write(dev: &ReplicatedDevice) -> Duration {

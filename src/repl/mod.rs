@@ -14,5 +14,6 @@ pub mod auth;
 pub mod csum;
 pub mod device;
 pub mod link;
+pub mod plan;
 pub mod rate;
 pub mod uuid;

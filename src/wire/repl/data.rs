@@ -164,22 +164,43 @@ impl BarrierRepr {
     }
 }
 
-/// BarrierAck: every write of the epoch is on the peer's stable storage.
+/// BarrierAck: the peer applied every write sent before the barrier and flushed its disk —
+/// `stable` — or its flush failed (its disk is failing: it detaches), so what it acknowledged
+/// from its cache may be lost there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BarrierAckRepr {
     /// Barrier (epoch) number.
     pub barrier: u64,
-    /// Writes the epoch held (a cross-check).
-    pub writes: u32,
+    /// The flush succeeded.
+    pub stable: bool,
 }
 
+/// BarrierAck status byte: the flush succeeded.
+const BARRIER_STABLE: u8 = 0;
+/// BarrierAck status byte: the flush failed.
+const BARRIER_FAILED: u8 = 1;
+
 impl BarrierAckRepr {
-    /// Parses the payload.
+    /// Parses the payload: barrier, a status byte, three reserved zero bytes.
     pub fn parse(p: &[u8]) -> Result<Self, Error> {
         exact(p, 12)?;
+        let stable = match p[8] {
+            BARRIER_STABLE => true,
+            BARRIER_FAILED => false,
+            _ => {
+                return Err(Error::Malformed {
+                    field: "barrier status",
+                })
+            }
+        };
+        if p[9..12] != [0; 3] {
+            return Err(Error::Malformed {
+                field: "barrier reserved",
+            });
+        }
         Ok(BarrierAckRepr {
             barrier: rd64(p, 0),
-            writes: rd32(p, 8),
+            stable,
         })
     }
     /// Payload length.
@@ -189,7 +210,12 @@ impl BarrierAckRepr {
     /// Writes the payload.
     pub fn emit(&self, p: &mut [u8]) {
         wr64(p, 0, self.barrier);
-        wr32(p, 8, self.writes);
+        p[8..12].fill(0);
+        p[8] = if self.stable {
+            BARRIER_STABLE
+        } else {
+            BARRIER_FAILED
+        };
     }
 }
 

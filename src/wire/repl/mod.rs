@@ -40,7 +40,7 @@
 //! WriteData      id u64, offset u64, flags u32 (bit 0 FUA, bit 1 FLUSH), length u32, data
 //! WriteAck       id u64, kind u8 (1 received, 2 completed, 3 failed)
 //! Barrier        barrier u64
-//! BarrierAck     barrier u64, writes u32
+//! BarrierAck     barrier u64, status u8 (0 stable, 1 flush failed), 3 reserved zero bytes
 //! BitmapChunk    first bit u64, bit count u32, encoding u8 (0 raw, 1 RLE), flags u8 (bit 0
 //!                last), bits (raw: LSB first; RLE: LEB128 run lengths, clear run first)
 //! ResyncRequest  id u64, offset u64, length u32, flags u8 (bit 0 checksum present), crc32c u32
@@ -110,10 +110,12 @@ pub const WRITE_DATA_HEAD_LEN: usize = HEADER_LEN + 24;
 /// Oldest protocol version this build speaks. Version 2 added checksum-based resync and
 /// verify (`ChecksumRequest`, `Checksums`, `ResyncZero`) and `SyncPause`, and changed how a
 /// resync source uses `ResyncSkip`: a version-1 peer would misread the stream, so it is refused
-/// at the handshake ("no common protocol version") instead.
-pub const VERSION_MIN: u16 = 2;
+/// at the handshake ("no common protocol version") instead. Version 3 added the flush status
+/// of `BarrierAck` (a peer whose flush failed says so) and the checksum algorithm of resync and
+/// verify; an older peer would report every flush as stable, so it is refused the same way.
+pub const VERSION_MIN: u16 = 3;
 /// Newest protocol version this build speaks.
-pub const VERSION_MAX: u16 = 2;
+pub const VERSION_MAX: u16 = 3;
 /// Largest block-data payload of one [`WriteDataRepr`] or [`ResyncDataRepr`] (1 MiB).
 pub const MAX_DATA_LEN: usize = 1 << 20;
 /// Largest payload of any message: block data plus its fixed fields, with room to spare.

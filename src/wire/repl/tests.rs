@@ -193,8 +193,8 @@ fn message() -> impl Strategy<Value = Message> {
         (any::<u64>(), pick(AckKind::ALL))
             .prop_map(|(id, kind)| Message::WriteAck(WriteAckRepr { id, kind })),
         any::<u64>().prop_map(|barrier| Message::Barrier(BarrierRepr { barrier })),
-        (any::<u64>(), any::<u32>())
-            .prop_map(|(barrier, writes)| Message::BarrierAck(BarrierAckRepr { barrier, writes })),
+        (any::<u64>(), any::<bool>())
+            .prop_map(|(barrier, stable)| Message::BarrierAck(BarrierAckRepr { barrier, stable })),
         (
             0u64..(1 << 50),
             proptest::collection::vec(any::<u8>(), 0..300),

@@ -1,0 +1,72 @@
+//! The connector: while the engine wants a connection, dials (the node whose name sorts first)
+//! or accepts, runs the handshake and hands the result to the engine.
+
+use super::*;
+
+impl Resource {
+    pub(super) fn connector(self: Arc<Self>, listener: TcpListener) {
+        static LIMIT: LogLimiter = LogLimiter::new(Duration::from_secs(10), 3);
+        let wants = lock(&self.state).wants_connect.clone();
+        while !self.cancel.is_cancelled() {
+            let idle = !wants.load(Ordering::Acquire) || lock(&self.state).link.is_some();
+            if idle {
+                // Drain stray connection attempts so the peer sees a refusal, not a hang.
+                if let Ok((s, _)) = listener.accept() {
+                    drop(s);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            let stream = if self.spec.dialer {
+                match peer::dial(self.spec.peer_addr) {
+                    Ok(s) => Some(s),
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(300));
+                        None
+                    }
+                }
+            } else {
+                peer::accept(
+                    &listener,
+                    self.spec.peer_addr.ip(),
+                    Duration::from_millis(300),
+                    &LIMIT,
+                )
+            };
+            let Some(stream) = stream else { continue };
+            let me = self.clone();
+            match peer::handshake(stream, &self.spec.identity, move || me.our_parameters()) {
+                Ok(hs) => {
+                    self.send(Input::PeerUp(Box::new(hs)));
+                    // Give the engine time to take it (or refuse it) before trying again.
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Err(e) => {
+                    crate::warn_limited!(
+                        LIMIT,
+                        "resource {}: connection to {} failed: {e}",
+                        self.spec.name,
+                        self.spec.identity.peer
+                    );
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+        }
+    }
+
+    pub(super) fn our_parameters(&self) -> (ParametersRepr, UuidsRepr) {
+        let st = lock(&self.state);
+        let s = st.machine.status();
+        (
+            ParametersRepr {
+                size: self.device.size(),
+                protocol: self.spec.protocol,
+                durability: self.spec.durability,
+                role: s.role,
+                disk: s.disk,
+                max_write: MAX_DATA_LEN as u32,
+            },
+            self.uuid_set(&st.machine).into(),
+        )
+    }
+}

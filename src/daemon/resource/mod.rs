@@ -1,0 +1,1056 @@
+//! One resource on this node: the engine thread that feeds the cluster [`Machine`] and carries
+//! out its [`Action`]s, the connection thread that reaches the peer, the reader of an
+//! established connection, and the resync copier.
+//!
+//! Threads and who owns what (one file per role):
+//!
+//! * **engine** (this file; one per resource): owns the `Machine`, the exports and the resync
+//!   job, and executes the machine's actions — what a restart must keep through
+//!   [`crate::cluster::persist`], the executor the simulator runs too. Every other thread talks
+//!   to it through its [`Input`] channel; it never blocks on the network except to stop an
+//!   export.
+//! * **connector** (`connector.rs`): dials or accepts, runs the handshake, hands the result to
+//!   the engine, which lets the machine judge the peer's terms before anything is set up.
+//! * **reader and applier** (`applier.rs`; one pair per connection): apply the peer's writes,
+//!   barriers and resync blocks in arrival order and answer them; complete our own requests.
+//! * **copier** (`resync.rs`, while this node is a resync source) and **verifier**
+//!   (`verify.rs`, during `verify`); the pure chunk planning is [`crate::repl::plan`].
+//! * **status** (`status.rs`): the snapshot and the `events` lines.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::block::BlockDevice;
+use crate::cluster::persist::{self, Keeper, SourceStarted};
+use crate::cluster::{
+    Action, Command, ConnState, DiskState, Event, Machine, Notification, ReplState, Role, Startup,
+    SyncDirection, Terms,
+};
+use crate::export::aoe::blade::BladeConfig;
+use crate::export::aoe::server::{AoeServer, Export};
+use crate::meta::store::MetaStore;
+use crate::ratelimit::LogLimiter;
+use crate::repl::device::{barrier_reply, DeviceEvent, ReplicatedDevice};
+use crate::repl::link::{PeerLink, Reply};
+use crate::repl::rate::Pacer;
+use crate::repl::uuid::{decide, random_uuid, HandshakeContext, UuidSet};
+use crate::wire::ondisk::flags;
+use crate::wire::repl::{
+    block_checksums, AckKind, BarrierAckRepr, BitmapChunkRepr, BitmapEncoding, ChecksumRequestRepr,
+    ChecksumsRepr, DisconnectReason, Durability, FrameDecoder, Message, ParametersRepr, PingRepr,
+    ReplProtocol, ResyncDataRepr, ResyncSkipRepr, ResyncZeroRepr, StateChangeRepr, SyncStartRepr,
+    UuidsRepr, WriteAckRepr, CHECKSUM_BLOCK, MAX_DATA_LEN,
+};
+
+use super::peer::{self, Handshaken, Identity};
+use crate::repl::plan::{classify_blocks, classify_zero, zero_checksums, BlockKind};
+
+mod applier;
+mod connector;
+mod resync;
+mod status;
+mod verify;
+
+use applier::checksums_of;
+pub use status::{ResyncFigures, Snapshot, VerifySnapshot};
+
+/// Resync pushes carry this bit in their id, so the receiver can tell them from answers to
+/// its own read requests (both are `ResyncData`).
+pub const PUSH_BIT: u64 = 1 << 63;
+/// A `ChecksumRequest` with this bit in its id asks the requester to checksum its own copy when
+/// the answer is applied, in stream order (verify run by a Secondary whose peer is Primary).
+pub const LOCAL_BIT: u64 = 1 << 62;
+/// The request id without the flag bits.
+const ID_MASK: u64 = !(PUSH_BIT | LOCAL_BIT);
+/// Bytes per resync block (bitmap-based resync).
+const RESYNC_CHUNK: u64 = 256 * 1024;
+/// Bytes per checksum request (checksum-based resync, verify).
+const CSUM_CHUNK: u64 = MAX_DATA_LEN as u64;
+/// Resync messages in flight (the rate controller usually keeps fewer).
+const RESYNC_WINDOW: usize = 64;
+/// Verify checksum requests in flight.
+const VERIFY_WINDOW: usize = 8;
+/// Progress lines in `events` at most this often.
+const PROGRESS_EVENT_INTERVAL: Duration = Duration::from_secs(1);
+/// Mismatched ranges kept for status (all are logged).
+const MAX_VERIFY_RANGES: usize = 64;
+/// Keepalive interval while connected.
+const PING_INTERVAL: Duration = Duration::from_millis(500);
+/// Engine tick.
+const TICK: Duration = Duration::from_millis(100);
+
+/// What the engine hears.
+pub enum Input {
+    /// An operator command; the reply says whether it was accepted.
+    Command(Command, SyncSender<Result<String, String>>),
+    /// The connector established and authenticated a connection.
+    PeerUp(Box<Handshaken>),
+    /// A message for the engine from connection `conn_id`.
+    PeerMessage(u64, Message),
+    /// Connection `conn_id` ended.
+    PeerDown(u64, String),
+    /// The replicated device reported something.
+    Device(DeviceEvent),
+    /// The copier finished (true) or gave up (false) on connection `conn_id`.
+    CopierDone(u64, bool),
+    /// `verify`: start an online verify; the reply says whether it started.
+    Verify(SyncSender<Result<String, String>>),
+    /// The verifier finished (true) or gave up (false) on connection `conn_id`.
+    VerifyDone(u64, bool),
+    /// Stop: stop serving, leave the peer, mark the meta-data clean.
+    Stop(SyncSender<()>),
+}
+
+/// Static facts about the resource.
+#[derive(Clone)]
+pub struct ResourceSpec {
+    /// Resource name.
+    pub name: String,
+    /// Shelf and slot.
+    pub aoe: (u16, u8),
+    /// Client-facing interface of this node.
+    pub interface: String,
+    /// Our replication address (listen).
+    pub listen: SocketAddr,
+    /// The peer's replication address.
+    pub peer_addr: SocketAddr,
+    /// We dial (our name sorts first); else we accept.
+    pub dialer: bool,
+    /// Names and secret.
+    pub identity: Identity,
+    /// Replication protocol.
+    pub protocol: ReplProtocol,
+    /// Durability level.
+    pub durability: Durability,
+    /// NBD export address while primary.
+    pub nbd: Option<SocketAddr>,
+    /// The test-only fault layer under the data disk (see [`super::TEST_FAULTS_ENV`]).
+    pub faults: Option<super::TestFaults>,
+    /// The resync rate controller's settings.
+    pub rate: crate::repl::rate::RateConfig,
+}
+
+/// Resync progress, for status. Reset when a resync starts, kept after it ends (the last
+/// resync's figures). Both nodes count: the source when the target acknowledges, the target
+/// when it applies.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Bytes to resync (the out-of-sync bytes when it started).
+    pub total: AtomicU64,
+    /// Bytes settled (copied, zeroed or found equal).
+    pub done: AtomicU64,
+    /// When the resync started (ms since the resource started).
+    pub started_ms: AtomicU64,
+    /// When it ended (ms since the resource started; 0 while running).
+    pub ended_ms: AtomicU64,
+    /// Block data moved over the wire (`ResyncData`).
+    pub sent: AtomicU64,
+    /// Bytes found equal by checksum and not moved.
+    pub same: AtomicU64,
+    /// Bytes sent as zero markers.
+    pub zero: AtomicU64,
+}
+
+impl Progress {
+    fn begin(&self, total: u64, now_ms: u64) {
+        self.total.store(total, Ordering::Relaxed);
+        self.started_ms.store(now_ms, Ordering::Relaxed);
+        for c in [
+            &self.done,
+            &self.ended_ms,
+            &self.sent,
+            &self.same,
+            &self.zero,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn end(&self, now_ms: u64) {
+        let _ =
+            self.ended_ms
+                .compare_exchange(0, now_ms.max(1), Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Seconds from the start to the end (or to `now_ms` while running).
+    fn secs(&self, now_ms: u64) -> f64 {
+        let end = match self.ended_ms.load(Ordering::Relaxed) {
+            0 => now_ms,
+            e => e,
+        };
+        end.saturating_sub(self.started_ms.load(Ordering::Relaxed)) as f64 / 1000.0
+    }
+}
+
+/// Online verify: progress and what it found.
+#[derive(Debug, Default)]
+pub struct VerifyState {
+    /// A verify is running.
+    pub running: AtomicBool,
+    /// Bytes to compare.
+    pub total: AtomicU64,
+    /// Bytes compared.
+    pub done: AtomicU64,
+    /// Start (ms since the resource started).
+    pub started_ms: AtomicU64,
+    /// End (0 while running).
+    pub ended_ms: AtomicU64,
+    /// 4 KiB blocks found different.
+    pub blocks: AtomicU64,
+    /// The last verify stopped early (connection lost, or a resync started).
+    pub failed: AtomicBool,
+    /// Asks the running verifier to stop (the pair left Established).
+    abort: AtomicBool,
+    /// Verifies finished since the daemon started.
+    pub runs: AtomicU64,
+    /// The first 64 mismatched ranges as (offset, length), merged.
+    pub ranges: Mutex<Vec<(u64, u64)>>,
+    /// Every mismatched range (for marking them out of sync).
+    all_ranges: Mutex<Vec<(u64, u64)>>,
+}
+
+struct Job {
+    direction: SyncDirection,
+    full: bool,
+    peer_bitmap_done: bool,
+    copier_started: bool,
+}
+
+struct State {
+    machine: Machine,
+    link: Option<Arc<PeerLink>>,
+    wants_connect: Arc<AtomicBool>,
+    aoe: Option<AoeServer>,
+    nbd: Option<super::NbdHandle>,
+    job: Option<Job>,
+    paused: Arc<AtomicBool>,
+    source_at_start: Option<UuidSet>,
+    last_ping: Instant,
+    last_alive_seen: Option<Instant>,
+    last_progress_event: Instant,
+}
+
+/// One resource, running.
+pub struct Resource {
+    /// Static facts.
+    pub spec: ResourceSpec,
+    meta: Arc<MetaStore>,
+    device: Arc<ReplicatedDevice>,
+    state: Mutex<State>,
+    tx: Mutex<Sender<Input>>,
+    subscribers: Mutex<Vec<Sender<String>>>,
+    cancel: CancellationToken,
+    conn_ids: AtomicU64,
+    /// Resync progress.
+    pub progress: Progress,
+    /// Online verify.
+    pub verify: VerifyState,
+    started: Instant,
+    me: std::sync::Weak<Resource>,
+    /// The connected peer has no disk: writes it forwards to us exist only here, so we mark
+    /// them out of sync (and started a new data generation when it lost its disk).
+    peer_diskless: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Resource {
+    /// Starts the engine and connector threads. `local` is the data area.
+    pub fn start(
+        spec: ResourceSpec,
+        machine_config: crate::cluster::Config,
+        meta: Arc<MetaStore>,
+        local: Arc<dyn BlockDevice>,
+        cancel: CancellationToken,
+    ) -> std::io::Result<(Arc<Resource>, Vec<JoinHandle<()>>)> {
+        let (tx, rx) = channel();
+        let dev_tx = Mutex::new(tx.clone());
+        let device = Arc::new(ReplicatedDevice::new(
+            local,
+            meta.clone(),
+            spec.protocol,
+            spec.durability,
+            Box::new(move |e| {
+                let _ = lock(&dev_tx).send(Input::Device(e));
+            }),
+        ));
+        // A size agreed with a smaller peer holds across restarts, even without the peer.
+        device.limit_size(meta.usable_size());
+        let sb = meta.superblock();
+        let just_created = meta.uuids().is_just_created();
+        let startup = Startup {
+            disk: if sb.flags & flags::CONSISTENT != 0 && !just_created {
+                DiskState::Consistent
+            } else {
+                DiskState::Inconsistent
+            },
+            crashed_primary: sb.flags & flags::CRASHED_PRIMARY != 0,
+            degraded: sb.flags & flags::PEER_OUTDATED != 0,
+        };
+        let now = Instant::now();
+        let (machine, actions) = Machine::new(machine_config, startup, now);
+        let listener = TcpListener::bind(spec.listen)?;
+        listener.set_nonblocking(true)?;
+        let res = Arc::new_cyclic(|me| Resource {
+            me: me.clone(),
+            peer_diskless: AtomicBool::new(false),
+            spec,
+            meta,
+            device,
+            state: Mutex::new(State {
+                machine,
+                link: None,
+                wants_connect: Arc::new(AtomicBool::new(false)),
+                aoe: None,
+                nbd: None,
+                job: None,
+                paused: Arc::new(AtomicBool::new(false)),
+                source_at_start: None,
+                last_ping: now,
+                last_alive_seen: None,
+                last_progress_event: now,
+            }),
+            tx: Mutex::new(tx),
+            subscribers: Mutex::new(Vec::new()),
+            cancel,
+            conn_ids: AtomicU64::new(1),
+            progress: Progress::default(),
+            verify: VerifyState::default(),
+            started: now,
+        });
+        tracing::info!(resource = %res.spec.name, ?startup, "attached");
+        {
+            let mut st = lock(&res.state);
+            res.execute(&mut st, actions);
+        }
+        let engine = {
+            let res = res.clone();
+            std::thread::Builder::new()
+                .name(format!("engine-{}", res.spec.name))
+                .spawn(move || res.engine(rx))?
+        };
+        let connector = {
+            let res = res.clone();
+            std::thread::Builder::new()
+                .name(format!("connect-{}", res.spec.name))
+                .spawn(move || res.connector(listener))?
+        };
+        Ok((res, vec![engine, connector]))
+    }
+
+    /// Sends the engine an input.
+    pub fn send(&self, input: Input) {
+        let _ = lock(&self.tx).send(input);
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Steers the test-only fault layer: `write-delay-ms=N`, `read-delay-ms=N`, `write-error`,
+    /// `read-error`, `clear`.
+    pub fn inject(&self, specs: &[&str]) -> Result<String, String> {
+        use crate::block::fault::{FaultSpec, InjectedError};
+        if let Some((&"power-cut", args)) = specs.split_first() {
+            return super::power_cut(args);
+        }
+        let faults = self.spec.faults.as_ref().ok_or_else(|| {
+            format!(
+                "fault injection is off (start the daemon with {}=1)",
+                super::TEST_FAULTS_ENV
+            )
+        })?;
+        let mut config = faults.faults();
+        for spec in specs {
+            match *spec {
+                "clear" => config = Default::default(),
+                "write-error" => config.write_error = Some(FaultSpec::always(InjectedError::Eio)),
+                "read-error" => config.read_error = Some(FaultSpec::always(InjectedError::Eio)),
+                other => {
+                    let ms = |prefix: &str| other.strip_prefix(prefix).map(str::parse::<u64>);
+                    match (ms("write-delay-ms="), ms("read-delay-ms=")) {
+                        (Some(Ok(n)), _) => config.write_delay = Duration::from_millis(n),
+                        (_, Some(Ok(n))) => config.read_delay = Duration::from_millis(n),
+                        _ => return Err(format!("unknown fault {other:?} (write-delay-ms=N, read-delay-ms=N, write-error, read-error, clear, power-cut [keep-subset SEED])")),
+                    }
+                }
+            }
+        }
+        faults.set_faults(config.clone());
+        Ok(format!("faults: {config:?}"))
+    }
+
+    fn uuid_set(&self, machine: &Machine) -> UuidSet {
+        UuidSet {
+            dirty_bits: self.meta.out_of_sync_bytes() / 4096,
+            flags: machine.uuid_flags(),
+            ..self.meta.uuids()
+        }
+    }
+
+    /// The meta-data store as the persistent executor sees it.
+    fn keeper(&self) -> MetaKeeper<'_> {
+        MetaKeeper(&self.meta)
+    }
+
+    /// Logs a failed meta-data write of the persistent executor.
+    fn persist_failed(&self, what: &str, error: &str) {
+        tracing::error!(resource = %self.spec.name, error = %error, "cannot persist {what}");
+    }
+
+    // ---------------------------------------------------------------- engine
+
+    fn engine(self: Arc<Self>, rx: Receiver<Input>) {
+        loop {
+            match rx.recv_timeout(TICK) {
+                Ok(Input::Stop(done)) => {
+                    self.shutdown();
+                    let _ = done.send(());
+                    return;
+                }
+                Ok(input) => self.handle(input),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            self.tick();
+        }
+    }
+
+    fn step(&self, st: &mut State, event: Event) -> Vec<Action> {
+        let actions = st.machine.step(Instant::now(), event);
+        self.execute(st, actions.clone());
+        actions
+    }
+
+    fn tick(&self) {
+        let mut st = lock(&self.state);
+        if let Some(link) = st.link.clone() {
+            let heard = link.last_heard();
+            if st.last_alive_seen != Some(heard) {
+                st.last_alive_seen = Some(heard);
+                self.step(&mut st, Event::PeerAlive);
+            }
+            self.step(
+                &mut st,
+                Event::PeerWrites {
+                    oldest_pending: link.oldest_pending(),
+                },
+            );
+            if st.last_ping.elapsed() >= PING_INTERVAL {
+                st.last_ping = Instant::now();
+                // Never wait for the sender: if it is busy, data is flowing, which the peer
+                // hears as well as a ping; and a sender stuck on a dead link must not stop
+                // this thread from noticing that the peer has gone silent.
+                let _ = link.try_send(Message::Ping(PingRepr { cookie: 0 }));
+            }
+        }
+        self.step(&mut st, Event::Tick);
+        self.publish_progress(&mut st, false);
+    }
+
+    fn handle(&self, input: Input) {
+        let mut st = lock(&self.state);
+        match input {
+            Input::Command(command, reply) => {
+                let actions = self.step(&mut st, Event::Command(command));
+                let refused = actions.iter().find_map(|a| match a {
+                    Action::Refuse { reason, .. } => Some(reason.to_string()),
+                    _ => None,
+                });
+                let logs: Vec<String> = actions
+                    .iter()
+                    .filter_map(|a| match a {
+                        Action::Log(l) => Some(l.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                let _ = reply.send(match refused {
+                    Some(r) => Err(format!("{command}: refused: {r}")),
+                    None => Ok(logs.join("\n")),
+                });
+            }
+            Input::PeerUp(hs) => self.peer_up(&mut st, *hs),
+            Input::PeerMessage(conn_id, message) => {
+                if st.link.as_ref().map(|l| l.conn_id) == Some(conn_id) {
+                    self.peer_message(&mut st, message);
+                }
+            }
+            Input::PeerDown(conn_id, why) => {
+                if st.link.as_ref().map(|l| l.conn_id) == Some(conn_id) {
+                    tracing::warn!(resource = %self.spec.name, "connection to {} lost: {why}", self.spec.identity.peer);
+                    self.drop_link(&mut st);
+                    self.step(&mut st, Event::PeerLost);
+                }
+            }
+            Input::Device(DeviceEvent::LocalIoError) => {
+                self.step(&mut st, Event::LocalIoError);
+            }
+            Input::CopierDone(conn_id, ok) => {
+                if st.link.as_ref().map(|l| l.conn_id) != Some(conn_id) {
+                    return;
+                }
+                if let Some(job) = &mut st.job {
+                    job.copier_started = false;
+                }
+                if ok && st.job.as_ref().map(|j| j.direction) == Some(SyncDirection::Source) {
+                    self.progress.end(self.now_ms());
+                    self.publish_progress(&mut st, true);
+                    if let Err(e) = persist::finish_resync_source(&mut self.keeper()) {
+                        self.persist_failed("the end of the resync", &e);
+                    }
+                    if let Some(link) = &st.link {
+                        let _ = link.send(Message::SyncDone);
+                    }
+                    self.set_job(&mut st, None);
+                    tracing::info!(resource = %self.spec.name, "resync finished (source)");
+                    self.step(&mut st, Event::ResyncDone);
+                }
+            }
+            Input::Verify(reply) => {
+                let _ = reply.send(self.start_verify(&mut st));
+            }
+            Input::VerifyDone(conn_id, ok) => self.verify_done(&mut st, conn_id, ok),
+            Input::Stop(_) => unreachable!("handled by the engine loop"),
+        }
+    }
+
+    /// The current resync job; the device learns whether this node is a resync target.
+    fn set_job(&self, st: &mut State, job: Option<Job>) {
+        self.device.set_sync_target(
+            job.as_ref()
+                .is_some_and(|j| j.direction == SyncDirection::Target),
+        );
+        st.job = job;
+    }
+
+    fn drop_link(&self, st: &mut State) {
+        self.device.set_link(None);
+        if let Some(link) = st.link.take() {
+            link.fail_all();
+        }
+        self.set_job(st, None);
+        st.last_alive_seen = None;
+    }
+
+    fn peer_up(&self, st: &mut State, hs: Handshaken) {
+        let conn_id = self.conn_ids.fetch_add(1, Ordering::Relaxed);
+        if !st.wants_connect.load(Ordering::Acquire) || st.link.is_some() {
+            return;
+        }
+        let ours = self.uuid_set(&st.machine);
+        let theirs: UuidSet = hs.uuids.into();
+        static REFUSALS: LogLimiter = LogLimiter::new(Duration::from_secs(30), 2);
+        // The machine judges the peer's terms (and may shrink the device) before anything of
+        // this connection is set up; a refused peer changes nothing.
+        let offer = Event::PeerOffered {
+            ours: Terms {
+                size: self.device.size(),
+                protocol: self.spec.protocol,
+                durability: self.spec.durability,
+            },
+            theirs: Terms {
+                size: hs.params.size,
+                protocol: hs.params.protocol,
+                durability: hs.params.durability,
+            },
+        };
+        let actions = self.step(st, offer);
+        if let Some(reason) = actions.iter().find_map(|a| match a {
+            Action::RefusePeer { reason } => Some(reason),
+            _ => None,
+        }) {
+            crate::warn_limited!(REFUSALS, resource = %self.spec.name, "refusing the peer: {reason}");
+            return;
+        }
+        let Handshaken { conn, params, .. } = hs;
+        // A send blocked longer than the peer may stay silent means the peer is gone: fail
+        // the link then, rather than hold the sender (and everyone queued behind it) until
+        // TCP gives up many minutes later.
+        let _ = conn.stream.set_write_timeout(Some(
+            st.machine.config().dead_time.max(Duration::from_secs(1)),
+        ));
+        let reader_stream = match conn.stream.try_clone() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("cannot clone the peer socket: {e}");
+                return;
+            }
+        };
+        let link = Arc::new(PeerLink::new(
+            conn_id,
+            self.spec.identity.peer.clone(),
+            conn.stream,
+            conn.version,
+            conn.seq_out,
+        ));
+        st.link = Some(link.clone());
+        st.source_at_start = Some(theirs);
+        tracing::info!(resource = %self.spec.name, "connected to {}; our UUIDs {ours}, theirs {theirs}", self.spec.identity.peer);
+        self.step(st, Event::PeerConnected);
+        let s = st.machine.status();
+        let decision = if s.disk == DiskState::Diskless || params.disk == DiskState::Diskless {
+            None
+        } else {
+            let ctx = HandshakeContext {
+                local_role: s.role,
+                peer_role: params.role,
+                resolve_conflicts: hs.resolve_conflicts,
+            };
+            Some(decide(&ours, &theirs, &ctx))
+        };
+        if let Some(d) = &decision {
+            tracing::info!(resource = %self.spec.name, "handshake: {}", d.name());
+        }
+        // The reader starts before the machine reacts, so nothing the peer sends is lost.
+        let decoder = conn.decoder;
+        {
+            let me = self.self_arc();
+            let link = link.clone();
+            let _ = std::thread::Builder::new()
+                .name(format!("reader-{}", self.spec.name))
+                .spawn(move || me.reader(link, reader_stream, decoder));
+        }
+        self.step(
+            st,
+            Event::Handshake {
+                decision,
+                peer_role: params.role,
+                peer_disk: params.disk,
+            },
+        );
+    }
+
+    fn self_arc(&self) -> Arc<Resource> {
+        self.me.upgrade().expect("a running resource is alive")
+    }
+
+    fn peer_message(&self, st: &mut State, message: Message) {
+        match message {
+            Message::SyncPause(paused) => {
+                // Either node's pause-sync holds the resync on both; the echo of our own
+                // pause finds the state already changed and does nothing.
+                let repl = st.machine.status().repl;
+                let running = matches!(repl, ReplState::SyncSource | ReplState::SyncTarget);
+                let held = matches!(repl, ReplState::PausedSyncS | ReplState::PausedSyncT);
+                if paused && running {
+                    self.step(st, Event::Command(Command::PauseSync));
+                } else if !paused && held {
+                    self.step(st, Event::Command(Command::ResumeSync));
+                }
+            }
+            Message::StateChange(s) => {
+                self.step(
+                    st,
+                    Event::PeerState {
+                        role: s.role,
+                        disk: s.disk,
+                    },
+                );
+            }
+            Message::SyncStart(s) => {
+                let direction = if s.sender_is_source {
+                    SyncDirection::Target
+                } else {
+                    SyncDirection::Source
+                };
+                self.step(
+                    st,
+                    Event::PeerStartedResync {
+                        direction,
+                        full: s.full,
+                    },
+                );
+            }
+            Message::Uuids(u) => st.source_at_start = Some(u.into()),
+            Message::SyncUuid(sync_uuid) => {
+                if let Err(e) = persist::adopt_sync_uuid(&mut self.keeper(), sync_uuid) {
+                    self.persist_failed("the sync UUID", &e);
+                }
+            }
+            Message::BitmapChunk(c) => {
+                // The bits were applied by the applier thread, in order with the resync data.
+                if c.last {
+                    if let Some(job) = &mut st.job {
+                        job.peer_bitmap_done = true;
+                        let total = self.meta.out_of_sync_bytes();
+                        self.progress.total.store(total, Ordering::Relaxed);
+                    }
+                    self.maybe_start_copier(st);
+                }
+            }
+            Message::SyncDone => {
+                if st.job.as_ref().map(|j| j.direction) == Some(SyncDirection::Target) {
+                    let source = st.source_at_start;
+                    if let Err(e) =
+                        persist::finish_resync_target(&mut self.keeper(), source.as_ref())
+                    {
+                        self.persist_failed("the end of the resync", &e);
+                    }
+                    self.set_job(st, None);
+                    self.progress.end(self.now_ms());
+                    self.publish_progress(st, true);
+                    tracing::info!(
+                        resource = %self.spec.name,
+                        "resync finished (target): {} bytes received, {} equal, {} zero",
+                        self.progress.sent.load(Ordering::Relaxed),
+                        self.progress.same.load(Ordering::Relaxed),
+                        self.progress.zero.load(Ordering::Relaxed)
+                    );
+                    self.step(st, Event::ResyncDone);
+                }
+            }
+            Message::Disconnect(d) => {
+                tracing::warn!(resource = %self.spec.name, "the peer disconnected: {} {}", d.reason, d.message);
+                self.drop_link(st);
+                self.step(st, Event::PeerDropped { reason: d.reason });
+            }
+            other => {
+                tracing::debug!("ignored {:?} from the peer", other.msg_type());
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- actions
+
+    fn execute(&self, st: &mut State, actions: Vec<Action>) {
+        for action in actions {
+            // What a restart must know first, by the executor the simulator runs too.
+            let started = persist::execute(&mut self.keeper(), &action, &mut || {
+                random_uuid(&mut rand::rng())
+            })
+            .unwrap_or_else(|e| {
+                self.persist_failed(&format!("{action:?}"), &e);
+                None
+            });
+            self.execute_one(st, action, started);
+        }
+        let s = st.machine.status();
+        // The connected peer has no disk: the writes it forwards exist only here.
+        let peer_diskless = s.conn == ConnState::Connected && s.peer_disk == DiskState::Diskless;
+        self.peer_diskless.store(peer_diskless, Ordering::Release);
+        // Replicate writes whenever the connection is established.
+        let replicate = s.conn == ConnState::Connected && s.peer_disk != DiskState::Diskless;
+        match (&st.link, replicate, self.device.link().is_some()) {
+            (Some(link), true, false) => self.device.set_link(Some(link.clone())),
+            (_, false, true) => self.device.set_link(None),
+            _ => {}
+        }
+    }
+
+    fn execute_one(&self, st: &mut State, action: Action, started: Option<SourceStarted>) {
+        let name = &self.spec.name;
+        match action {
+            Action::StartServing => self.start_serving(st),
+            Action::StopServing => self.stop_serving(st),
+            Action::Connect => st.wants_connect.store(true, Ordering::Release),
+            Action::Disconnect { reason } => {
+                st.wants_connect.store(false, Ordering::Release);
+                if let Some(link) = &st.link {
+                    let _ = link.send(Message::Disconnect(crate::wire::repl::DisconnectRepr {
+                        reason,
+                        message: String::new(),
+                    }));
+                }
+                self.drop_link(st);
+                // The machine decides whether to reconnect (a later Connect action).
+                if reason != DisconnectReason::Shutdown {
+                    tracing::warn!(resource = %name, "disconnected: {reason}");
+                }
+            }
+            Action::SendState { role, disk, conn } => {
+                if let Some(link) = &st.link {
+                    let _ = link.send(Message::StateChange(StateChangeRepr { role, disk, conn }));
+                }
+            }
+            Action::StartResync {
+                direction,
+                full,
+                tell_peer,
+            } => {
+                let Some(link) = st.link.clone() else { return };
+                if tell_peer {
+                    let _ = link.send(Message::SyncStart(SyncStartRepr {
+                        sender_is_source: direction == SyncDirection::Source,
+                        full,
+                    }));
+                }
+                st.paused.store(false, Ordering::Release);
+                // Bits beyond a size shrunk to the peer's are never resynced: drop them.
+                let size = self.device.size();
+                let data_size = self.meta.data_size();
+                if data_size > size {
+                    self.meta.clear_in_sync(size, data_size - size);
+                }
+                if !full {
+                    self.send_bitmap(&link);
+                }
+                self.progress
+                    .begin(self.meta.out_of_sync_bytes(), self.now_ms());
+                if direction == SyncDirection::Source {
+                    // The executor rotated our UUIDs; the target learns the result.
+                    let Some(started) = started else {
+                        tracing::error!(resource = %name, "resync not started: the generation UUIDs could not be written");
+                        return;
+                    };
+                    let _ = link.send(Message::Uuids(UuidsRepr::from(UuidSet {
+                        dirty_bits: self.meta.out_of_sync_bytes() / 4096,
+                        flags: st.machine.uuid_flags(),
+                        ..started.at_start
+                    })));
+                    let _ = link.send(Message::SyncUuid(started.sync_uuid));
+                }
+                tracing::info!(resource = %name, "resync: {direction:?}, {}", if full { "full" } else { "bitmap" });
+                self.set_job(
+                    st,
+                    Some(Job {
+                        direction,
+                        full,
+                        peer_bitmap_done: false,
+                        copier_started: false,
+                    }),
+                );
+                self.maybe_start_copier(st);
+            }
+            Action::PauseResync | Action::ResumeResync => {
+                let paused = action == Action::PauseResync;
+                st.paused.store(paused, Ordering::Release);
+                if let Some(link) = &st.link {
+                    let _ = link.send(Message::SyncPause(paused));
+                }
+            }
+            // Persisted by the executor before this.
+            Action::NewCurrentUuid | Action::PersistFlags { .. } => {}
+            Action::Shrink { size } => self.device.limit_size(size),
+            Action::RefusePeer { reason } => {
+                tracing::debug!(resource = %name, "peer refused: {reason}")
+            }
+            Action::MarkOutOfSync => {
+                // Waiting writes fail over to dirty bits; new writes are marked from now on.
+                self.device.set_link(None);
+                if let Some(link) = &st.link {
+                    link.fail_all();
+                }
+            }
+            Action::Detach => self.device.detach(),
+            Action::Notify(n) => {
+                // drbdsetup events2 style: `change <object> name:<res> <key>:<value>`.
+                let line = match &n {
+                    Notification::Change { object, key, value } => {
+                        format!("change {object} name:{name} {key}:{value}")
+                    }
+                    Notification::SplitBrain(why) => {
+                        tracing::error!(resource = %name, "Split-Brain detected: {why}; dropping the connection");
+                        format!("call helper name:{name} split-brain: {why}")
+                    }
+                };
+                self.publish(line);
+            }
+            Action::Log(l) => tracing::info!(resource = %name, "{l}"),
+            Action::Refuse { command, reason } => {
+                tracing::warn!(resource = %name, "{command} refused: {reason}")
+            }
+        }
+    }
+
+    fn start_serving(&self, st: &mut State) {
+        if st.aoe.is_some() {
+            return;
+        }
+        let (shelf, slot) = self.spec.aoe;
+        let export = Export {
+            config: BladeConfig::new(shelf, slot),
+            device: self.device.clone(),
+            interfaces: vec![self.spec.interface.clone()],
+        };
+        match AoeServer::start(vec![export], self.cancel.child_token()) {
+            Ok(server) => {
+                tracing::info!(resource = %self.spec.name, "serving e{shelf}.{slot} on {}", self.spec.interface);
+                st.aoe = Some(server);
+            }
+            Err(e) => {
+                tracing::error!(resource = %self.spec.name, error = %e, "cannot serve over AoE")
+            }
+        }
+        if let Some(addr) = self.spec.nbd {
+            match super::NbdHandle::start(
+                addr,
+                &self.spec.name,
+                self.device.clone(),
+                self.cancel.child_token(),
+            ) {
+                Ok(server) => st.nbd = Some(server),
+                Err(e) => {
+                    tracing::error!(resource = %self.spec.name, error = %e, "cannot serve over NBD")
+                }
+            }
+        }
+    }
+
+    fn stop_serving(&self, st: &mut State) {
+        // Reverse start order: NBD, then AoE.
+        if let Some(nbd) = st.nbd.take() {
+            nbd.stop();
+        }
+        if let Some(aoe) = st.aoe.take() {
+            aoe.stop();
+            tracing::info!(resource = %self.spec.name, "stopped serving");
+        }
+    }
+
+    fn shutdown(&self) {
+        let mut st = lock(&self.state);
+        self.stop_serving(&mut st);
+        st.wants_connect.store(false, Ordering::Release);
+        if let Some(link) = &st.link {
+            let _ = link.send(Message::Disconnect(crate::wire::repl::DisconnectRepr {
+                reason: DisconnectReason::Shutdown,
+                message: "node stopping".into(),
+            }));
+        }
+        self.drop_link(&mut st);
+        if st.machine.status().role == Role::Primary {
+            // An orderly stop is a demotion: the next start is not a crashed primary.
+            if let Err(e) = self.keeper().change_flags(0, flags::PRIMARY_IND) {
+                self.persist_failed("the demotion", &e);
+            }
+        }
+        // The applier may still be finishing a write from the peer; it cannot start another
+        // (the link is down), so wait for it rather than leave the meta-data unclean.
+        let still = self.meta.wait_for_writes(Duration::from_secs(10));
+        if still > 0 {
+            tracing::error!(resource = %self.spec.name, "{still} writes still in flight at shutdown");
+        }
+        if let Err(e) = self.device.local().flush() {
+            tracing::error!(resource = %self.spec.name, error = %e, "flush at shutdown failed");
+        }
+        match self.meta.mark_clean() {
+            Ok(()) => tracing::info!(resource = %self.spec.name, "meta-data marked clean"),
+            Err(e) => {
+                tracing::error!(resource = %self.spec.name, error = %e, "cannot mark the meta-data clean")
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- connector
+
+    // ---------------------------------------------------------------- reader
+}
+
+/// The meta-data store under the persistent executor: every write durable when it returns.
+struct MetaKeeper<'a>(&'a MetaStore);
+
+impl Keeper for MetaKeeper<'_> {
+    fn uuids(&self) -> UuidSet {
+        self.0.uuids()
+    }
+
+    fn store_uuids(&mut self, uuids: UuidSet) -> Result<(), String> {
+        self.0.set_uuids(uuids).map_err(|e| e.to_string())
+    }
+
+    fn change_flags(&mut self, set: u32, clear: u32) -> Result<(), String> {
+        self.0.set_flags(set, clear).map_err(|e| e.to_string())
+    }
+
+    fn store_agreed_size(&mut self, size: u64) -> Result<(), String> {
+        self.0.set_agreed_size(size).map_err(|e| e.to_string())
+    }
+
+    fn mark_all_out_of_sync(&mut self) -> Result<(), String> {
+        self.0
+            .set_all_out_of_sync()
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_travel_as_data_zero_or_skip() {
+        let mut buf = vec![0u8; 6 * 4096 + 512];
+        buf[4096] = 1; // block 1: data
+        buf[3 * 4096 + 7] = 9; // block 3: data, equal at the peer
+        buf[6 * 4096 + 1] = 5; // the short tail: data
+        let runs = classify_blocks(&buf, None);
+        assert_eq!(
+            runs,
+            vec![
+                (0, 4096, BlockKind::Zero),
+                (4096, 8192, BlockKind::Data),
+                (8192, 12288, BlockKind::Zero),
+                (12288, 16384, BlockKind::Data),
+                (16384, 24576, BlockKind::Zero),
+                (24576, 25088, BlockKind::Data),
+            ]
+        );
+        // With the peer's checksums: block 0 (zero there too) and block 3 are equal; block 4
+        // differs there but is zero here; block 5 is zero here and garbage there.
+        let mut peer = block_checksums(&buf);
+        peer[1] ^= 1;
+        peer[4] = 0xdead_beef;
+        peer[5] = 0xfeed_f00d;
+        peer[6] ^= 1;
+        let runs = classify_blocks(&buf, Some(&peer));
+        assert_eq!(
+            runs,
+            vec![
+                (0, 4096, BlockKind::Same),
+                (4096, 8192, BlockKind::Data),
+                (8192, 16384, BlockKind::Same),
+                (16384, 24576, BlockKind::Zero),
+                (24576, 25088, BlockKind::Data),
+            ]
+        );
+        // Every byte is covered exactly once.
+        let covered: usize = runs.iter().map(|(a, b, _)| b - a).sum();
+        assert_eq!(covered, buf.len());
+    }
+
+    #[test]
+    fn figures_and_progress_clock() {
+        let f = ResyncFigures::of(100_000_000, 25_000_000, 1.5);
+        assert!((f.percent - 75.0).abs() < 1e-9);
+        assert!((f.rate_mbps - 50.0).abs() < 1e-9);
+        assert!((f.eta_secs - 0.5).abs() < 1e-9);
+        // Nothing to do is done; no time yet is no rate and no ETA.
+        assert_eq!(ResyncFigures::of(0, 0, 0.0).percent, 100.0);
+        assert_eq!(ResyncFigures::of(10, 10, 0.0).eta_secs, 0.0);
+        // More left than planned (new writes): never negative.
+        assert_eq!(ResyncFigures::of(10, 20, 1.0).percent, 0.0);
+        let p = Progress::default();
+        p.begin(1000, 2000);
+        assert_eq!(p.secs(3500), 1.5);
+        p.end(4000);
+        p.end(9000); // the first end counts
+        assert_eq!(p.secs(10_000), 2.0);
+        p.sent.store(5, Ordering::Relaxed);
+        p.begin(10, 20_000);
+        assert_eq!(
+            p.sent.load(Ordering::Relaxed),
+            0,
+            "a new resync starts from zero"
+        );
+        assert_eq!(p.secs(20_500), 0.5);
+    }
+
+    #[test]
+    fn verify_ranges_print_as_length_at_offset() {
+        let v = VerifySnapshot {
+            blocks: 3,
+            ranges: vec![(1_052_672, 4096), (2 << 20, 8192)],
+            ..VerifySnapshot::default()
+        };
+        assert_eq!(v.ranges_text(), "4096@1052672 8192@2097152");
+    }
+}

@@ -1,0 +1,254 @@
+//! What `status` and `events` show of one resource: the snapshot, resync and verify figures,
+//! and the `events` subscribers. Reads the other roles' counters; decides nothing.
+
+use super::*;
+
+impl Resource {
+    /// The machine's status plus what status shows beside it.
+    pub fn snapshot(&self) -> Snapshot {
+        let st = lock(&self.state);
+        Snapshot {
+            status: st.machine.status(),
+            peer: self.spec.identity.peer.clone(),
+            out_of_sync: self.meta.out_of_sync_bytes(),
+            size: self.device.size(),
+            detached: self.device.is_detached(),
+            resync_total: self.progress.total.load(Ordering::Relaxed),
+            resync_done: self.progress.done.load(Ordering::Relaxed),
+            resync_secs: self.progress.secs(self.now_ms()),
+            resync_sent: self.progress.sent.load(Ordering::Relaxed),
+            resync_same: self.progress.same.load(Ordering::Relaxed),
+            resync_zero: self.progress.zero.load(Ordering::Relaxed),
+            verify: self.verify_snapshot(),
+            read_bytes: self.device.counters.read_bytes.load(Ordering::Relaxed),
+            written_bytes: self.device.counters.written_bytes.load(Ordering::Relaxed),
+            sent_bytes: self.device.counters.sent_bytes.load(Ordering::Relaxed),
+            writes_marked: self.device.counters.writes_marked.load(Ordering::Relaxed),
+            uuids: self.uuid_set(&st.machine),
+            protocol: self.spec.protocol,
+            durability: self.spec.durability,
+        }
+    }
+
+    fn verify_snapshot(&self) -> VerifySnapshot {
+        let v = &self.verify;
+        let now = self.now_ms();
+        let end = match v.ended_ms.load(Ordering::Relaxed) {
+            0 => now,
+            e => e,
+        };
+        VerifySnapshot {
+            running: v.running.load(Ordering::Relaxed),
+            runs: v.runs.load(Ordering::Relaxed),
+            total: v.total.load(Ordering::Relaxed),
+            done: v.done.load(Ordering::Relaxed),
+            secs: end.saturating_sub(v.started_ms.load(Ordering::Relaxed)) as f64 / 1000.0,
+            blocks: v.blocks.load(Ordering::Relaxed),
+            ranges: lock(&v.ranges).clone(),
+            failed: v.failed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Subscribes to event lines; the current state comes first, as `exists` lines.
+    pub fn subscribe(&self, tx: Sender<String>) {
+        let s = self.snapshot();
+        let name = &self.spec.name;
+        let _ = tx.send(format!(
+            "exists resource name:{name} role:{} disk:{}",
+            s.status.role, s.status.disk
+        ));
+        let _ = tx.send(format!(
+            "exists connection name:{name} peer-node:{} connection:{} role:{}",
+            s.peer, s.status.conn, s.status.peer_role
+        ));
+        let _ = tx.send(format!(
+            "exists peer-device name:{name} peer-node:{} replication:{} peer-disk:{} out-of-sync:{}",
+            s.peer,
+            s.status.repl,
+            s.status.peer_disk,
+            s.out_of_sync / 1024
+        ));
+        let _ = tx.send("exists -".to_string());
+        lock(&self.subscribers).push(tx);
+    }
+
+    pub(super) fn publish(&self, line: String) {
+        lock(&self.subscribers).retain(|s| s.send(line.clone()).is_ok());
+    }
+
+    /// One `events` line about a running resync or verify, at most once a second (`force`:
+    /// now, e.g. the final one).
+    pub(super) fn publish_progress(&self, st: &mut State, force: bool) {
+        if !force && st.last_progress_event.elapsed() < PROGRESS_EVENT_INTERVAL {
+            return;
+        }
+        let s = st.machine.status();
+        let syncing = matches!(
+            s.repl,
+            ReplState::SyncSource
+                | ReplState::SyncTarget
+                | ReplState::PausedSyncS
+                | ReplState::PausedSyncT
+        );
+        let verifying = self.verify.running.load(Ordering::Relaxed);
+        if verifying && s.repl != ReplState::Established {
+            // A resync (or a lost connection) makes the comparison meaningless.
+            self.verify.abort.store(true, Ordering::Relaxed);
+        }
+        if !force && !syncing && !verifying {
+            return;
+        }
+        st.last_progress_event = Instant::now();
+        let name = &self.spec.name;
+        if syncing || (force && !verifying) {
+            let p = ResyncFigures::of(
+                self.progress.total.load(Ordering::Relaxed),
+                self.meta.out_of_sync_bytes(),
+                self.progress.secs(self.now_ms()),
+            );
+            self.publish(format!(
+                "change resource name:{name} replication:{} done:{:.1} rate:{:.1}MB/s eta:{:.0}s out-of-sync:{}KiB resync-sent:{} resync-same:{} resync-zero:{}",
+                s.repl,
+                p.percent,
+                p.rate_mbps,
+                p.eta_secs,
+                self.meta.out_of_sync_bytes() / 1024,
+                self.progress.sent.load(Ordering::Relaxed),
+                self.progress.same.load(Ordering::Relaxed),
+                self.progress.zero.load(Ordering::Relaxed),
+            ));
+        }
+        if verifying || (force && !syncing) {
+            let v = self.verify_snapshot();
+            let f = ResyncFigures::of(v.total, v.total.saturating_sub(v.done), v.secs);
+            self.publish(format!(
+                "change resource name:{name} verify:{} verify-done:{:.1} rate:{:.1}MB/s eta:{:.0}s out-of-sync-blocks:{}{}",
+                if v.running { "running" } else if v.failed { "failed" } else { "finished" },
+                f.percent,
+                f.rate_mbps,
+                f.eta_secs,
+                v.blocks,
+                if v.ranges.is_empty() { String::new() } else { format!(" ranges:{}", v.ranges_text().replace(' ', ",")) }
+            ));
+        }
+    }
+}
+
+/// Percent done, rate and time left of a resync or verify.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ResyncFigures {
+    /// Percent done.
+    pub percent: f64,
+    /// MB/s (10^6 bytes) since it started.
+    pub rate_mbps: f64,
+    /// Seconds left at that rate (0 if unknown).
+    pub eta_secs: f64,
+}
+
+impl ResyncFigures {
+    /// From the bytes to do, the bytes left and the seconds so far.
+    pub fn of(total: u64, remaining: u64, secs: f64) -> ResyncFigures {
+        let total = total.max(remaining);
+        let done = total - remaining;
+        let percent = if total == 0 {
+            100.0
+        } else {
+            100.0 * done as f64 / total as f64
+        };
+        let rate_mbps = if secs > 0.0 {
+            done as f64 / secs / 1e6
+        } else {
+            0.0
+        };
+        let eta_secs = if rate_mbps > 0.0 {
+            remaining as f64 / 1e6 / rate_mbps
+        } else {
+            0.0
+        };
+        ResyncFigures {
+            percent,
+            rate_mbps,
+            eta_secs,
+        }
+    }
+}
+
+/// The online verify's state for status.
+#[derive(Debug, Clone, Default)]
+pub struct VerifySnapshot {
+    /// Running now.
+    pub running: bool,
+    /// Verifies finished since the daemon started.
+    pub runs: u64,
+    /// Bytes to compare.
+    pub total: u64,
+    /// Bytes compared.
+    pub done: u64,
+    /// Seconds it ran (so far).
+    pub secs: f64,
+    /// 4 KiB blocks that differ.
+    pub blocks: u64,
+    /// The first mismatched ranges (offset, length).
+    pub ranges: Vec<(u64, u64)>,
+    /// The last verify stopped early.
+    pub failed: bool,
+}
+
+impl VerifySnapshot {
+    /// `4096@1052672 8192@2097152` (length@offset, bytes).
+    pub fn ranges_text(&self) -> String {
+        let mut t = self
+            .ranges
+            .iter()
+            .map(|(o, l)| format!("{l}@{o}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        if self.blocks > 0 && self.ranges.len() >= MAX_VERIFY_RANGES {
+            t += " ...";
+        }
+        t
+    }
+}
+
+/// What `status` shows.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The machine's states.
+    pub status: crate::cluster::Status,
+    /// Peer name.
+    pub peer: String,
+    /// Out-of-sync bytes.
+    pub out_of_sync: u64,
+    /// Device size.
+    pub size: u64,
+    /// Local disk detached.
+    pub detached: bool,
+    /// Resync: bytes to copy.
+    pub resync_total: u64,
+    /// Resync: bytes copied.
+    pub resync_done: u64,
+    /// Resync: seconds since it started (until it ended).
+    pub resync_secs: f64,
+    /// Resync: block data moved over the wire.
+    pub resync_sent: u64,
+    /// Resync: bytes found equal by checksum.
+    pub resync_same: u64,
+    /// Resync: bytes sent as zero markers.
+    pub resync_zero: u64,
+    /// Online verify.
+    pub verify: VerifySnapshot,
+    /// Client bytes read.
+    pub read_bytes: u64,
+    /// Client bytes written.
+    pub written_bytes: u64,
+    /// Bytes sent to the peer.
+    pub sent_bytes: u64,
+    /// Writes completed without the peer.
+    pub writes_marked: u64,
+    /// Generation UUIDs.
+    pub uuids: UuidSet,
+    /// Protocol.
+    pub protocol: ReplProtocol,
+    /// Durability.
+    pub durability: Durability,
+}
