@@ -14,6 +14,7 @@
 //! port = 7788                          # replication port; unique
 //! protocol = "C"                       # C (default), B, A
 //! durability = "node"                  # node (default) or power; see crate::meta
+//! csums = "xxh3-128"                   # resync/verify block digest: xxh3-128 (default), blake3, crc32c
 //! al-extents = 1237                    # optional: activity-log slots (7..65534)
 //! al-extent-kib = 4096                 # optional: activity-log extent size (64 KiB..1 GiB)
 //! resync-rate-max = "200M"             # optional: resync bytes/s (K/M/G, binary; default unlimited)
@@ -32,7 +33,7 @@
 //! problem, e.g. `/etc/twinblade.toml: resource.r0.on.beta.disk: missing`. Unknown keys are
 //! errors. Validation: exactly two nodes; every resource has an `on` section for each node and
 //! none for anything else; AoE addresses parse as `eS.L` and are unique; ports are unique;
-//! protocol is A, B or C; durability is node or power.
+//! protocol is A, B or C; durability is node or power; csums is crc32c, xxh3-128 or blake3.
 //!
 //! [`Config::this_node`] picks the local node: `--node NAME`, else `$TWINBLADE_NODE`, else the
 //! host name (full, then up to the first dot).
@@ -47,7 +48,7 @@ use serde::Deserialize;
 use crate::meta::layout::{
     LayoutParams, DEFAULT_AL_EXTENTS, DEFAULT_AL_EXTENT_SHIFT, MIN_AL_EXTENTS,
 };
-use crate::wire::repl::{Durability, ReplProtocol};
+use crate::wire::repl::{ChecksumAlg, Durability, ReplProtocol};
 
 /// The default configuration file.
 pub const DEFAULT_PATH: &str = "/etc/twinblade.toml";
@@ -177,6 +178,10 @@ pub struct Resource {
     /// levels".
     #[serde(default = "default_durability", deserialize_with = "durability_word")]
     pub durability: Durability,
+    /// Block digest of checksum-based resync and verify: `"xxh3-128"` (default), `"blake3"`
+    /// or `"crc32c"` (DRBD's `csums-alg` and `verify-alg`). Must be the same on both nodes.
+    #[serde(default = "default_csums", deserialize_with = "csums_word")]
+    pub csums: ChecksumAlg,
     /// Activity-log slots (default 1237).
     pub al_extents: Option<u32>,
     /// Activity-log extent size in KiB (default 4096).
@@ -221,12 +226,20 @@ fn default_durability() -> Durability {
     Durability::Node
 }
 
+fn default_csums() -> ChecksumAlg {
+    ChecksumAlg::Xxh3_128
+}
+
 fn protocol_word<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ReplProtocol, D::Error> {
     one_of_words(d, ReplProtocol::ALL, ReplProtocol::as_str)
 }
 
 fn durability_word<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Durability, D::Error> {
     one_of_words(d, Durability::ALL, Durability::as_str)
+}
+
+fn csums_word<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ChecksumAlg, D::Error> {
+    one_of_words(d, ChecksumAlg::ALL, ChecksumAlg::as_str)
 }
 
 /// The value in `all` whose word is the string read. The protocol types live in `wire` and do
@@ -793,6 +806,7 @@ meta-disk = "/dev/loop0"
         let r = c.resource("r0").unwrap();
         assert_eq!(r.protocol, ReplProtocol::C);
         assert_eq!(r.durability, Durability::Node);
+        assert_eq!(r.csums, ChecksumAlg::Xxh3_128);
         assert_eq!(r.aoe_address(), AoeAddress { shelf: 0, slot: 3 });
         assert_eq!(r.layout_params(), LayoutParams::default());
         assert_eq!(r.on["alpha"].meta_disk, MetaDisk::Internal);
@@ -851,6 +865,19 @@ meta-disk = "/dev/loop0"
             "{}",
             err(&bad_durability)
         );
+        let bad_csums = GOOD.replace("port = 7788", "port = 7788\ncsums = \"md5\"");
+        assert!(
+            err(&bad_csums).contains(
+                "resource.r0.csums: unknown variant `md5`, expected one of `crc32c`, `xxh3-128`, `blake3`"
+            ),
+            "{}",
+            err(&bad_csums)
+        );
+        for &alg in ChecksumAlg::ALL {
+            let chosen = GOOD.replace("port = 7788", &format!("port = 7788\ncsums = \"{alg}\""));
+            let c = Config::parse(&chosen, "/etc/twinblade.toml").unwrap();
+            assert_eq!(c.resource("r0").unwrap().csums, alg);
+        }
         let no_on = GOOD.replace(
             "[resource.r0.on.beta]\ndisk = \"/dev/sdb\"\nmeta-disk = \"/dev/loop0\"\n",
             "",

@@ -6,7 +6,7 @@ use std::time::Duration;
 use twinblade::cluster::sim::{Pair, BLOCKS};
 use twinblade::cluster::{Action, Command, Config, Event, PeerRefusal, Startup, Terms};
 use twinblade::wire::ondisk::flags;
-use twinblade::wire::repl::{Durability, ReplProtocol};
+use twinblade::wire::repl::{ChecksumAlg, Durability, ReplProtocol};
 
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
@@ -17,6 +17,7 @@ fn terms(size: u64, protocol: ReplProtocol, durability: Durability) -> Terms {
         size,
         protocol,
         durability,
+        checksum_alg: ChecksumAlg::Xxh3_128,
     }
 }
 
@@ -106,6 +107,10 @@ fn a_peer_with_other_terms_is_refused_and_nothing_is_persisted() {
     for other in [
         terms(SIZE, ReplProtocol::A, Durability::Node),
         terms(SIZE, ReplProtocol::C, Durability::Power),
+        Terms {
+            checksum_alg: ChecksumAlg::Crc32c,
+            ..terms(SIZE, ReplProtocol::C, Durability::Node)
+        },
         // Also smaller: refused for the terms before any shrinking.
         terms(SIZE / 2, ReplProtocol::B, Durability::Node),
     ] {
@@ -122,6 +127,18 @@ fn a_peer_with_other_terms_is_refused_and_nothing_is_persisted() {
                 matches!(r.first(), Some(PeerRefusal::Terms { .. })),
                 "node {n}: {r:?}"
             );
+            if other.checksum_alg != ChecksumAlg::Xxh3_128 {
+                let (here, there) = if n == 0 {
+                    ("xxh3-128", "crc32c")
+                } else {
+                    ("crc32c", "xxh3-128")
+                };
+                assert_eq!(
+                    r[0].to_string(),
+                    format!("its configuration differs (csums {here} here, {there} there); it must be identical on both nodes"),
+                    "node {n}"
+                );
+            }
             assert_eq!(pair.nodes[n].agreed_size, None, "node {n} shrank");
             assert_eq!(
                 (pair.nodes[n].uuids, pair.nodes[n].flags),

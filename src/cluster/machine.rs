@@ -26,7 +26,7 @@
 use super::{ConnState, DisconnectReason, DiskState, ReplState, Role, SyncDecision, SyncDirection};
 use crate::repl::uuid::UuidFlags;
 use crate::wire::ondisk::flags;
-use crate::wire::repl::{Durability, ReplProtocol};
+use crate::wire::repl::{ChecksumAlg, Durability, ReplProtocol};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -226,6 +226,48 @@ pub struct Terms {
     pub protocol: ReplProtocol,
     /// Durability level.
     pub durability: Durability,
+    /// Block digest of checksum-based resync and verify.
+    pub checksum_alg: ChecksumAlg,
+}
+
+impl Terms {
+    /// What must be identical on both nodes: everything but the size.
+    pub fn shared_settings(&self) -> SharedSettings {
+        SharedSettings {
+            protocol: self.protocol,
+            durability: self.durability,
+            checksum_alg: self.checksum_alg,
+        }
+    }
+}
+
+/// The part of the [`Terms`] that comes from the configuration file and must be identical on
+/// both nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedSettings {
+    /// Replication protocol.
+    pub protocol: ReplProtocol,
+    /// Durability level.
+    pub durability: Durability,
+    /// Block digest of checksum-based resync and verify.
+    pub checksum_alg: ChecksumAlg,
+}
+
+impl SharedSettings {
+    /// Each setting that differs from `theirs`, as "NAME OURS here, THEIRS there".
+    fn differences(&self, theirs: &SharedSettings) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut compare = |name: &str, ours: &dyn fmt::Display, theirs: &dyn fmt::Display| {
+            let (ours, theirs) = (ours.to_string(), theirs.to_string());
+            if ours != theirs {
+                out.push(format!("{name} {ours} here, {theirs} there"));
+            }
+        };
+        compare("protocol", &self.protocol, &theirs.protocol);
+        compare("durability", &self.durability, &theirs.durability);
+        compare("csums", &self.checksum_alg, &theirs.checksum_alg);
+        out
+    }
 }
 
 /// Why a peer was refused at the handshake.
@@ -234,9 +276,9 @@ pub enum PeerRefusal {
     /// The configurations differ (they must be identical on both nodes).
     Terms {
         /// Ours.
-        ours: (ReplProtocol, Durability),
+        ours: SharedSettings,
         /// The peer's.
-        theirs: (ReplProtocol, Durability),
+        theirs: SharedSettings,
     },
     /// The peer's disk is smaller than the device this node serves: shrinking it would cut
     /// into data in use.
@@ -253,8 +295,8 @@ impl fmt::Display for PeerRefusal {
         match self {
             PeerRefusal::Terms { ours, theirs } => write!(
                 f,
-                "protocol/durability differ ({:?}/{:?} here, {:?}/{:?} there); the configuration must be identical",
-                ours.0, ours.1, theirs.0, theirs.1
+                "its configuration differs ({}); it must be identical on both nodes",
+                ours.differences(theirs).join("; ")
             ),
             PeerRefusal::SmallerThanServed { peer, served } => write!(
                 f,
@@ -815,11 +857,11 @@ impl Machine {
 
     fn peer_offered(&mut self, ours: Terms, theirs: Terms, out: &mut Vec<Action>) {
         let refuse = |reason, out: &mut Vec<Action>| out.push(Action::RefusePeer { reason });
-        if (ours.protocol, ours.durability) != (theirs.protocol, theirs.durability) {
+        if ours.shared_settings() != theirs.shared_settings() {
             return refuse(
                 PeerRefusal::Terms {
-                    ours: (ours.protocol, ours.durability),
-                    theirs: (theirs.protocol, theirs.durability),
+                    ours: ours.shared_settings(),
+                    theirs: theirs.shared_settings(),
                 },
                 out,
             );

@@ -40,7 +40,7 @@ pub mod state;
 
 pub use crate::repl::uuid::{SyncDecision, SyncDirection};
 pub use machine::{
-    Action, Command, Config, Event, Machine, Notification, PeerRefusal, Refusal, Startup, Status,
-    Terms,
+    Action, Command, Config, Event, Machine, Notification, PeerRefusal, Refusal, SharedSettings,
+    Startup, Status, Terms,
 };
 pub use state::{ConnState, DisconnectReason, DiskState, ReplState, Role};

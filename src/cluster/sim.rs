@@ -15,7 +15,7 @@ use super::machine::{Action, Command, Config, Event, Machine, Startup, Status, T
 use super::persist::{self, Keeper, SourceStarted};
 use super::{ConnState, DiskState, ReplState, Role, SyncDirection};
 use crate::repl::uuid::{decide, HandshakeContext, UuidSet};
-use crate::wire::repl::{Durability, ReplProtocol};
+use crate::wire::repl::{ChecksumAlg, Durability, ReplProtocol};
 use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -112,6 +112,7 @@ impl Node {
                     size: BLOCKS as u64 * 4096,
                     protocol: ReplProtocol::C,
                     durability: Durability::Node,
+                    checksum_alg: ChecksumAlg::Xxh3_128,
                 },
                 source_started: None,
             },

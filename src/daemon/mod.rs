@@ -187,6 +187,7 @@ pub fn run(args: RunArgs, cancel: CancellationToken) -> Result<(), RunError> {
             },
             protocol: res.protocol,
             durability: res.durability,
+            csums: res.csums,
             nbd: res.nbd,
             faults,
             rate: res.rate_config(),

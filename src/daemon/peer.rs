@@ -279,7 +279,7 @@ pub fn accept(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::repl::{DiskState, Durability, ReplProtocol, Role};
+    use crate::wire::repl::{ChecksumAlg, DiskState, Durability, ReplProtocol, Role};
 
     fn ours(size: u64) -> (ParametersRepr, UuidsRepr) {
         (
@@ -290,6 +290,7 @@ mod tests {
                 role: Role::Secondary,
                 disk: DiskState::Consistent,
                 max_write: 1 << 20,
+                checksum_alg: ChecksumAlg::Xxh3_128,
             },
             UuidsRepr {
                 current: size,

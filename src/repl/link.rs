@@ -15,6 +15,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
+use crate::repl::csum::Digest;
 use crate::wire::repl::{AckKind, Message, MessageRepr, WriteDataRepr};
 
 /// What a waiter learns: an acknowledgement, or the data it asked for.
@@ -24,15 +25,15 @@ pub enum Reply {
     Ack(AckKind),
     /// `ResyncData` answering a read request.
     Data(Vec<u8>),
-    /// `Checksums` answering a checksum request: the peer's crc32c per 4 KiB block.
-    Checksums(Vec<u32>),
+    /// `Checksums` answering a checksum request: the peer's digest per 4 KiB block.
+    Checksums(Vec<Digest>),
     /// `Checksums` answering a checksum request that asked the requester to checksum its own
     /// copy when the answer is applied (in stream order): the peer's and ours.
     Compared {
-        /// The peer's crc32c per block.
-        peer: Vec<u32>,
+        /// The peer's digest per block.
+        peer: Vec<Digest>,
         /// Ours, taken at the same point of the replication stream.
-        local: Vec<u32>,
+        local: Vec<Digest>,
     },
 }
 

@@ -1,6 +1,7 @@
 //! Replication cores: the pure decisions a replicated device needs, with no I/O.
 //!
 //! * [`auth`]: HMAC-SHA256 challenge-response over the shared secret (who may connect).
+//! * [`csum`]: the per-block digests that checksum-based resync and verify compare.
 //! * [`uuid`]: generation UUIDs, the DRBD 8.4 handshake decision table (who syncs from whom, or
 //!   split brain) and the UUID rotations around promotion and resync.
 //!
@@ -10,6 +11,7 @@
 //! opens a socket or a file.
 
 pub mod auth;
+pub mod csum;
 pub mod device;
 pub mod link;
 pub mod plan;

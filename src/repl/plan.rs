@@ -1,8 +1,9 @@
 //! Pure resync planning: how each 4 KiB block of a chunk travels (data, a zero marker, or
-//! nothing because the peer's checksum matched), and the checksums of known-zero ranges.
-//! No I/O: the copier reads, this decides.
+//! nothing because the peer's digest matched), also for known-zero ranges. No I/O: the copier
+//! reads, this decides; the digests are [`crate::repl::csum`]'s.
 
-use crate::wire::repl::CHECKSUM_BLOCK;
+use crate::repl::csum::{self, Digest};
+use crate::wire::repl::{ChecksumAlg, CHECKSUM_BLOCK};
 
 /// How a block travels in a resync.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -11,19 +12,24 @@ pub(crate) enum BlockKind {
     Data,
     /// A zero marker (`ResyncZero`).
     Zero,
-    /// Nothing: the peer's checksum matched (`ResyncSkip`).
+    /// Nothing: the peer's digest matched (`ResyncSkip`).
     Same,
 }
 
 /// Splits `buf` into runs of 4 KiB blocks that travel the same way: equal to the peer's
-/// checksum (if given), all zero, or data. Returns (start, end, kind) in bytes of `buf`.
-pub(crate) fn classify_blocks(buf: &[u8], peer: Option<&[u32]>) -> Vec<(usize, usize, BlockKind)> {
+/// digest under `alg` (if given), all zero, or data. Returns (start, end, kind) in bytes of
+/// `buf`.
+pub(crate) fn classify_blocks(
+    alg: ChecksumAlg,
+    buf: &[u8],
+    peer: Option<&[Digest]>,
+) -> Vec<(usize, usize, BlockKind)> {
     let block = CHECKSUM_BLOCK as usize;
     let mut runs: Vec<(usize, usize, BlockKind)> = Vec::new();
     for (i, b) in buf.chunks(block).enumerate() {
         let same = peer
             .and_then(|p| p.get(i))
-            .is_some_and(|&c| crc32c::crc32c(b) == c);
+            .is_some_and(|&d| csum::block_digest(alg, b) == d);
         let kind = if same {
             BlockKind::Same
         } else if b.iter().fold(0u8, |a, &x| a | x) == 0 {
@@ -41,29 +47,14 @@ pub(crate) fn classify_blocks(buf: &[u8], peer: Option<&[u32]>) -> Vec<(usize, u
     runs
 }
 
-/// The crc32c of `len` zero bytes (at most one block).
-pub(crate) fn zero_crc(len: usize) -> u32 {
-    static FULL: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    const ZEROS: [u8; CHECKSUM_BLOCK as usize] = [0; CHECKSUM_BLOCK as usize];
-    if len == ZEROS.len() {
-        *FULL.get_or_init(|| crc32c::crc32c(&ZEROS))
-    } else {
-        crc32c::crc32c(&ZEROS[..len])
-    }
-}
-
-/// What [`block_checksums`] gives for `len` zero bytes, without reading or hashing them.
-pub(crate) fn zero_checksums(len: u64) -> Vec<u32> {
-    let block = u64::from(CHECKSUM_BLOCK);
-    (0..len.div_ceil(block))
-        .map(|i| zero_crc(block.min(len - i * block) as usize))
-        .collect()
-}
-
-/// [`classify_blocks`] for `len` bytes known to be zero: equal where the peer's checksum is the
-/// zero checksum, zero markers elsewhere.
-pub(crate) fn classify_zero(len: u64, peer: Option<&[u32]>) -> Vec<(usize, usize, BlockKind)> {
-    let zero = zero_checksums(len);
+/// [`classify_blocks`] for `len` bytes known to be zero: equal where the peer's digest is the
+/// zero block's, zero markers elsewhere.
+pub(crate) fn classify_zero(
+    alg: ChecksumAlg,
+    len: u64,
+    peer: Option<&[Digest]>,
+) -> Vec<(usize, usize, BlockKind)> {
+    let zero = csum::zero_digests(alg, len);
     let block = CHECKSUM_BLOCK as usize;
     let mut runs: Vec<(usize, usize, BlockKind)> = Vec::new();
     for (i, z) in zero.iter().enumerate() {

@@ -199,26 +199,34 @@ impl Resource {
                 // Under the order lock: if we are the Primary, the answer lands in our stream
                 // after every write already sent, before every later one.
                 let _order = self.device.order_lock();
-                let crcs =
+                let alg = self.spec.csums;
+                let digests =
                     if crate::block::check_range(self.device.size(), r.offset, u64::from(r.len))
                         .is_ok()
                         && !self.device.is_detached()
                     {
-                        checksums_of(local.as_ref(), r.offset, u64::from(r.len))
+                        checksums_of(local.as_ref(), alg, r.offset, u64::from(r.len))
                     } else {
                         None
                     };
-                if let Some(crcs) = crcs {
+                if let Some(digests) = digests {
                     link.send(Message::Checksums(ChecksumsRepr {
                         id: r.id,
                         offset: r.offset,
                         len: r.len,
-                        crcs,
+                        alg,
+                        digests,
                     }))
                     .map_err(|e| e.to_string())?;
                 } else {
                     send_ack(link, r.id, AckKind::Failed)?;
                 }
+            }
+            Message::Checksums(c) if c.alg != self.spec.csums => {
+                return Err(format!(
+                    "the peer sent {} checksums, but {} was agreed",
+                    c.alg, self.spec.csums
+                ));
             }
             Message::Checksums(c) if c.id & LOCAL_BIT != 0 => {
                 // Our copy at this point of the stream: every write the peer sent before its
@@ -226,10 +234,12 @@ impl Resource {
                 let ours =
                     crate::block::check_range(self.device.size(), c.offset, u64::from(c.len))
                         .ok()
-                        .and_then(|()| checksums_of(local.as_ref(), c.offset, u64::from(c.len)));
+                        .and_then(|()| {
+                            checksums_of(local.as_ref(), c.alg, c.offset, u64::from(c.len))
+                        });
                 let reply = match ours {
                     Some(local) => Reply::Compared {
-                        peer: c.crcs,
+                        peer: c.digests,
                         local,
                     },
                     None => Reply::Ack(AckKind::Failed),
@@ -237,7 +247,7 @@ impl Resource {
                 link.complete(c.id & ID_MASK, reply);
             }
             Message::Checksums(c) => {
-                link.complete(c.id & ID_MASK, Reply::Checksums(c.crcs));
+                link.complete(c.id & ID_MASK, Reply::Checksums(c.digests));
             }
             Message::ResyncData(d) => {
                 link.complete(d.id, Reply::Data(d.data));
@@ -315,15 +325,21 @@ impl Resource {
     }
 }
 
-/// The crc32c of each 4 KiB block of `len` bytes at `offset`; a range the device knows reads as
-/// zeros (a hole, an unwritten extent) is neither read nor hashed. `None` on a read error.
-pub(super) fn checksums_of(dev: &dyn BlockDevice, offset: u64, len: u64) -> Option<Vec<u32>> {
+/// The digest under `alg` of each 4 KiB block of `len` bytes at `offset`; a range the device
+/// knows reads as zeros (a hole, an unwritten extent) is neither read nor hashed. `None` on a
+/// read error.
+pub(super) fn checksums_of(
+    dev: &dyn BlockDevice,
+    alg: ChecksumAlg,
+    offset: u64,
+    len: u64,
+) -> Option<Vec<Digest>> {
     if dev.known_zero(offset, len) {
-        return Some(zero_checksums(len));
+        return Some(csum::zero_digests(alg, len));
     }
     let mut buf = vec![0u8; len as usize];
     dev.read_at(&mut buf, offset).ok()?;
-    Some(block_checksums(&buf))
+    Some(csum::block_digests(alg, &buf))
 }
 
 /// Sends the acknowledgements collected so far, in one write.

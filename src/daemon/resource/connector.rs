@@ -67,6 +67,7 @@ impl Resource {
                 role: s.role,
                 disk: s.disk,
                 max_write: MAX_DATA_LEN as u32,
+                checksum_alg: self.spec.csums,
             },
             self.uuid_set(&st.machine).into(),
         )

@@ -43,14 +43,15 @@ use crate::repl::rate::Pacer;
 use crate::repl::uuid::{decide, random_uuid, HandshakeContext, UuidSet};
 use crate::wire::ondisk::flags;
 use crate::wire::repl::{
-    block_checksums, AckKind, BarrierAckRepr, BitmapChunkRepr, BitmapEncoding, ChecksumRequestRepr,
+    AckKind, BarrierAckRepr, BitmapChunkRepr, BitmapEncoding, ChecksumAlg, ChecksumRequestRepr,
     ChecksumsRepr, DisconnectReason, Durability, FrameDecoder, Message, ParametersRepr, PingRepr,
     ReplProtocol, ResyncDataRepr, ResyncSkipRepr, ResyncZeroRepr, StateChangeRepr, SyncStartRepr,
     UuidsRepr, WriteAckRepr, CHECKSUM_BLOCK, MAX_DATA_LEN,
 };
 
 use super::peer::{self, Handshaken, Identity};
-use crate::repl::plan::{classify_blocks, classify_zero, zero_checksums, BlockKind};
+use crate::repl::csum::{self, Digest};
+use crate::repl::plan::{classify_blocks, classify_zero, BlockKind};
 
 mod applier;
 mod connector;
@@ -127,6 +128,8 @@ pub struct ResourceSpec {
     pub protocol: ReplProtocol,
     /// Durability level.
     pub durability: Durability,
+    /// Block digest of full sync and verify.
+    pub csums: ChecksumAlg,
     /// NBD export address while primary.
     pub nbd: Option<SocketAddr>,
     /// The test-only fault layer under the data disk (see [`super::TEST_FAULTS_ENV`]).
@@ -564,11 +567,13 @@ impl Resource {
                 size: self.device.size(),
                 protocol: self.spec.protocol,
                 durability: self.spec.durability,
+                checksum_alg: self.spec.csums,
             },
             theirs: Terms {
                 size: hs.params.size,
                 protocol: hs.params.protocol,
                 durability: hs.params.durability,
+                checksum_alg: hs.params.checksum_alg,
             },
         };
         let actions = self.step(st, offer);
@@ -997,7 +1002,8 @@ mod tests {
         buf[4096] = 1; // block 1: data
         buf[3 * 4096 + 7] = 9; // block 3: data, equal at the peer
         buf[6 * 4096 + 1] = 5; // the short tail: data
-        let runs = classify_blocks(&buf, None);
+        let alg = ChecksumAlg::Xxh3_128;
+        let runs = classify_blocks(alg, &buf, None);
         assert_eq!(
             runs,
             vec![
@@ -1011,12 +1017,12 @@ mod tests {
         );
         // With the peer's checksums: block 0 (zero there too) and block 3 are equal; block 4
         // differs there but is zero here; block 5 is zero here and garbage there.
-        let mut peer = block_checksums(&buf);
+        let mut peer = csum::block_digests(alg, &buf);
         peer[1] ^= 1;
         peer[4] = 0xdead_beef;
         peer[5] = 0xfeed_f00d;
         peer[6] ^= 1;
-        let runs = classify_blocks(&buf, Some(&peer));
+        let runs = classify_blocks(alg, &buf, Some(&peer));
         assert_eq!(
             runs,
             vec![

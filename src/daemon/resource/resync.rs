@@ -95,7 +95,7 @@ impl Resource {
     }
 
     /// The source's copier: every out-of-sync block to the peer, until none is left. With
-    /// `checksums` (a full sync) the peer first sends the crc32c of each 4 KiB block of a
+    /// `checksums` (a full sync) the peer first sends the digest of each 4 KiB block of a
     /// chunk and only blocks that differ travel; in both modes all-zero blocks travel as zero
     /// markers. The local read and the send happen under the device's order lock.
     fn copy_out_of_sync(&self, link: &PeerLink, paused: &AtomicBool, checksums: bool) -> bool {
@@ -291,20 +291,20 @@ impl Resource {
         c: &mut Copier<'_>,
         off: u64,
         len: u64,
-        peer: Option<&[u32]>,
+        peer: Option<&[Digest]>,
     ) -> Option<u64> {
         let _order = self.device.order_lock();
         let local = self.device.local();
         let mut buf = Vec::new();
         let runs = if local.known_zero(off, len) {
-            classify_zero(len, peer)
+            classify_zero(self.spec.csums, len, peer)
         } else {
             buf = vec![0u8; len as usize];
             if local.read_at(&mut buf, off).is_err() {
                 self.device.detach();
                 return None;
             }
-            classify_blocks(&buf, peer)
+            classify_blocks(self.spec.csums, &buf, peer)
         };
         let mut sent = 0;
         let whole = runs.len() == 1;

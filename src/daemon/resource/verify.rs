@@ -81,7 +81,7 @@ impl Resource {
         self.step(st, Event::VerifyFoundDifferences { source });
     }
 
-    /// The verifier: compares the crc32c of every 4 KiB block with the peer's, recording the
+    /// The verifier: compares the digest of every 4 KiB block with the peer's, recording the
     /// ranges that differ. False if the connection was lost first.
     fn verify_all(&self, link: &PeerLink, local_at_reply: bool) -> bool {
         let size = self.device.size();
@@ -111,7 +111,8 @@ impl Resource {
                 } else {
                     let (ours, answer) = {
                         let _order = self.device.order_lock();
-                        let Some(ours) = checksums_of(self.device.local().as_ref(), off, len)
+                        let local = self.device.local();
+                        let Some(ours) = checksums_of(local.as_ref(), self.spec.csums, off, len)
                         else {
                             self.device.detach();
                             return false;

@@ -1,10 +1,11 @@
 //! The connection handshake: [`HelloRepr`] (versions, nonce, name), [`AuthChallengeRepr`] and
-//! [`AuthResponseRepr`], [`ParametersRepr`] with [`ReplProtocol`] and [`Durability`], and
+//! [`AuthResponseRepr`], [`ParametersRepr`] with [`ReplProtocol`], [`Durability`] and the
+//! [`ChecksumAlg`](super::ChecksumAlg), and
 //! [`UuidsRepr`] with the `UUID_FLAG_*` bits.
 
 use super::{
-    ensure, exact, need, rd16, rd32, rd64, wr16, wr32, wr64, DiskState, Error, Role, MAC_LEN,
-    MAX_NAME_LEN, NONCE_LEN,
+    ensure, exact, need, rd16, rd32, rd64, wr16, wr32, wr64, ChecksumAlg, DiskState, Error, Role,
+    MAC_LEN, MAX_NAME_LEN, NONCE_LEN,
 };
 use crate::cluster::state::wire_enum;
 
@@ -150,12 +151,14 @@ pub struct ParametersRepr {
     pub disk: DiskState,
     /// Largest WriteData payload the sender accepts.
     pub max_write: u32,
+    /// Block digest of checksum-based resync and verify (must be the same on both nodes).
+    pub checksum_alg: ChecksumAlg,
 }
 
 impl ParametersRepr {
     /// Parses the payload.
     pub fn parse(p: &[u8]) -> Result<Self, Error> {
-        exact(p, 16)?;
+        exact(p, 17)?;
         Ok(ParametersRepr {
             size: rd64(p, 0),
             protocol: ReplProtocol::from_code(p[8])?,
@@ -163,11 +166,12 @@ impl ParametersRepr {
             role: Role::from_code(p[10])?,
             disk: DiskState::from_code(p[11])?,
             max_write: rd32(p, 12),
+            checksum_alg: ChecksumAlg::from_code(p[16])?,
         })
     }
     /// Payload length.
     pub const fn buffer_len(&self) -> usize {
-        16
+        17
     }
     /// Writes the payload.
     pub fn emit(&self, p: &mut [u8]) {
@@ -177,6 +181,7 @@ impl ParametersRepr {
         p[10] = self.role.code();
         p[11] = self.disk.code();
         wr32(p, 12, self.max_write);
+        p[16] = self.checksum_alg.code();
     }
 }
 
@@ -261,5 +266,34 @@ mod tests {
         );
         hello.push(b'x'); // trailing byte
         assert!(HelloRepr::parse(&hello).is_err());
+    }
+
+    #[test]
+    fn literal_parameters_carry_the_checksum_algorithm() {
+        let mut p = Vec::new();
+        p.extend_from_slice(&(1u64 << 30).to_be_bytes()); // 1 GiB
+        p.extend_from_slice(&[3, 1, 2, 4]); // C, power, Secondary, UpToDate
+        p.extend_from_slice(&(1u32 << 20).to_be_bytes());
+        p.push(3); // blake3
+        let params = ParametersRepr::parse(&p).unwrap();
+        assert_eq!(
+            params,
+            ParametersRepr {
+                size: 1 << 30,
+                protocol: ReplProtocol::C,
+                durability: Durability::Power,
+                role: Role::Secondary,
+                disk: DiskState::UpToDate,
+                max_write: 1 << 20,
+                checksum_alg: ChecksumAlg::Blake3,
+            }
+        );
+        let mut out = vec![0u8; params.buffer_len()];
+        params.emit(&mut out);
+        assert_eq!(out, p);
+        // Without the algorithm (a 16-byte payload) or with an unknown one: refused.
+        assert!(ParametersRepr::parse(&p[..16]).is_err());
+        p[16] = 0;
+        assert!(ParametersRepr::parse(&p).is_err());
     }
 }

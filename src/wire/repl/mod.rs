@@ -32,7 +32,8 @@
 //! AuthOk         (empty)
 //! AuthFail       (empty)
 //! Parameters     size u64, protocol u8 (1 A, 2 B, 3 C), durability u8 (0 node, 1 power),
-//!                role u8, disk u8, max write u32
+//!                role u8, disk u8, max write u32, checksum algorithm u8 (1 crc32c,
+//!                2 xxh3-128, 3 blake3)
 //! Uuids          current u64, bitmap u64, history1 u64, history2 u64, dirty bits u64, flags u64
 //!                (bit 0 discard-my-data, bit 1 crashed-primary, bit 2 inconsistent)
 //! SyncUuid       uuid u64
@@ -51,8 +52,10 @@
 //! SyncStart      flags u8 (bit 0 sender is source, bit 1 full)
 //! SyncDone       (empty)
 //! ChecksumRequest id u64, offset u64, length u32
-//! Checksums      id u64, offset u64, length u32, crc32c u32 per 4 KiB block of the range
-//!                (the last one over what is left when the length is not a multiple of 4 KiB)
+//! Checksums      id u64, offset u64, length u32, algorithm u8 (as in Parameters), one digest
+//!                per 4 KiB block of the range (the last one over what is left when the length
+//!                is not a multiple of 4 KiB): crc32c u32, or 16 bytes for xxh3-128 and blake3
+//!                (BLAKE3's first 16 output bytes)
 //! ResyncZero     id u64, offset u64, length u32 (the range is all zero bytes)
 //! SyncPause      paused u8 (1 pause-sync, 0 resume-sync; nothing else)
 //! ```

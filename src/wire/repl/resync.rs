@@ -1,12 +1,13 @@
 //! Resync and verify: the out-of-sync bitmap ([`BitmapChunkRepr`], raw or RLE), the resync
 //! messages ([`ResyncRequestRepr`], [`ResyncDataRepr`], [`ResyncSkipRepr`], [`ResyncZeroRepr`]),
-//! checksum-based resync and verify ([`ChecksumRequestRepr`], [`ChecksumsRepr`],
-//! [`block_checksums`]) and the operator-started [`SyncStartRepr`].
+//! checksum-based resync and verify ([`ChecksumAlg`], [`ChecksumRequestRepr`], [`ChecksumsRepr`])
+//! and the operator-started [`SyncStartRepr`].
 
 use super::{
     check_block_range, ensure, exact, need, rd32, rd64, wr32, wr64, Error, MAX_BITMAP_CHUNK_BITS,
     MAX_DATA_LEN,
 };
+use crate::cluster::state::wire_enum;
 
 /// How a [`BitmapChunkRepr`] is encoded on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -354,10 +355,39 @@ impl ResyncSkipRepr {
     }
 }
 
-/// Block size of checksum-based resync and verify: one crc32c per this many bytes.
+/// Block size of checksum-based resync and verify: one digest per this many bytes.
 pub const CHECKSUM_BLOCK: u32 = 4096;
 
-/// ChecksumRequest: "send me the crc32c of each 4 KiB block of this range of your disk".
+wire_enum! {
+    /// The digest of one [`CHECKSUM_BLOCK`] that checksum-based resync and verify compare
+    /// (DRBD's `csums-alg` and `verify-alg` in one). Both nodes must use the same one.
+    ChecksumAlg {
+        /// crc32c: 32 bits, fast in hardware, but blocks that differ match with 2^-32.
+        Crc32c = 1, "crc32c";
+        /// XXH3, 128-bit variant: not cryptographic, faster than memory bandwidth.
+        Xxh3_128 = 2, "xxh3-128";
+        /// BLAKE3 truncated to 128 bits: cryptographic, slower.
+        Blake3 = 3, "blake3";
+    } "checksum algorithm"
+}
+
+impl ChecksumAlg {
+    /// Bytes one block's digest takes in a [`ChecksumsRepr`].
+    pub const fn digest_len(self) -> usize {
+        match self {
+            ChecksumAlg::Crc32c => 4,
+            ChecksumAlg::Xxh3_128 | ChecksumAlg::Blake3 => 16,
+        }
+    }
+
+    /// Whether `digest` fits in [`ChecksumAlg::digest_len`] bytes.
+    pub const fn fits(self, digest: u128) -> bool {
+        self.digest_len() == 16 || digest >> (8 * self.digest_len()) == 0
+    }
+}
+
+/// ChecksumRequest: "send me the digest of each 4 KiB block of this range of your disk" (with
+/// the [`ChecksumAlg`] both nodes agreed on in their Parameters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChecksumRequestRepr {
     /// Request id, echoed in the [`ChecksumsRepr`].
@@ -394,13 +424,6 @@ pub const fn checksum_count(len: u32) -> usize {
     len.div_ceil(CHECKSUM_BLOCK) as usize
 }
 
-/// The crc32c of each [`CHECKSUM_BLOCK`] of `data` (the last one over what is left).
-pub fn block_checksums(data: &[u8]) -> Vec<u32> {
-    data.chunks(CHECKSUM_BLOCK as usize)
-        .map(crc32c::crc32c)
-        .collect()
-}
-
 /// Checksums: the answer to a [`ChecksumRequestRepr`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChecksumsRepr {
@@ -410,38 +433,53 @@ pub struct ChecksumsRepr {
     pub offset: u64,
     /// Length in bytes (multiple of 512, at most [`MAX_DATA_LEN`]).
     pub len: u32,
-    /// One crc32c per block: exactly [`checksum_count`]`(len)` values.
-    pub crcs: Vec<u32>,
+    /// The algorithm of `digests`; it sets their width on the wire.
+    pub alg: ChecksumAlg,
+    /// One digest per block: exactly [`checksum_count`]`(len)` values, each one that
+    /// [`ChecksumAlg::fits`] (a crc32c zero-extended).
+    pub digests: Vec<u128>,
 }
 
 impl ChecksumsRepr {
+    /// Length of the fields before the digests.
+    const HEAD_LEN: usize = 21;
+
     /// Parses the payload.
     pub fn parse(p: &[u8]) -> Result<Self, Error> {
-        need(20, p.len())?;
+        need(Self::HEAD_LEN, p.len())?;
         let (id, offset, len) = (rd64(p, 0), rd64(p, 8), rd32(p, 16));
         ensure(len as usize <= MAX_DATA_LEN, "length")?;
         check_block_range(offset, u64::from(len))?;
-        let count = checksum_count(len);
-        exact(p, 20 + 4 * count)?;
-        let crcs = (0..count).map(|i| rd32(p, 20 + 4 * i)).collect();
+        let alg = ChecksumAlg::from_code(p[20])?;
+        let width = alg.digest_len();
+        exact(p, Self::HEAD_LEN + width * checksum_count(len))?;
+        let digests = p[Self::HEAD_LEN..]
+            .chunks_exact(width)
+            .map(|d| d.iter().fold(0u128, |v, &b| v << 8 | u128::from(b)))
+            .collect();
         Ok(ChecksumsRepr {
             id,
             offset,
             len,
-            crcs,
+            alg,
+            digests,
         })
     }
-    /// Payload length. The `Repr` must hold [`checksum_count`]`(len)` checksums.
+    /// Payload length. The `Repr` must hold [`checksum_count`]`(len)` digests.
     pub fn buffer_len(&self) -> usize {
-        20 + 4 * self.crcs.len()
+        Self::HEAD_LEN + self.alg.digest_len() * self.digests.len()
     }
     /// Writes the payload.
     pub fn emit(&self, p: &mut [u8]) {
         wr64(p, 0, self.id);
         wr64(p, 8, self.offset);
         wr32(p, 16, self.len);
-        for (i, c) in self.crcs.iter().enumerate() {
-            wr32(p, 20 + 4 * i, *c);
+        p[20] = self.alg.code();
+        let width = self.alg.digest_len();
+        let body = &mut p[Self::HEAD_LEN..Self::HEAD_LEN + width * self.digests.len()];
+        for (out, digest) in body.chunks_exact_mut(width).zip(&self.digests) {
+            debug_assert!(self.alg.fits(*digest), "{} digest too wide", self.alg);
+            out.copy_from_slice(&digest.to_be_bytes()[16 - width..]);
         }
     }
 }
@@ -524,26 +562,53 @@ mod tests {
 
     #[test]
     fn literal_checksum_messages() {
-        // Checksums for 4 KiB + 512 bytes at 8 KiB: two crcs, the second over 512 bytes.
+        // Checksums for 4 KiB + 512 bytes at 8 KiB: two crc32c, the second over 512 bytes.
         let mut p = Vec::new();
         p.extend_from_slice(&9u64.to_be_bytes());
         p.extend_from_slice(&8192u64.to_be_bytes());
         p.extend_from_slice(&4608u32.to_be_bytes());
+        p.push(1); // crc32c
         p.extend_from_slice(&0x1122_3344u32.to_be_bytes());
         p.extend_from_slice(&0x5566_7788u32.to_be_bytes());
         let c = ChecksumsRepr::parse(&p).unwrap();
         assert_eq!((c.id, c.offset, c.len), (9, 8192, 4608));
-        assert_eq!(c.crcs, vec![0x1122_3344, 0x5566_7788]);
+        assert_eq!(c.alg, ChecksumAlg::Crc32c);
+        assert_eq!(c.digests, vec![0x1122_3344, 0x5566_7788]);
         let mut out = vec![0u8; c.buffer_len()];
         c.emit(&mut out);
         assert_eq!(out, p);
-        // One crc too many or too few, a length that is not whole sectors: refused.
+        // One digest too many or too few, a length that is not whole sectors, an unknown
+        // algorithm: refused.
         assert!(ChecksumsRepr::parse(&p[..p.len() - 4]).is_err());
         let mut longer = p.clone();
         longer.extend_from_slice(&[0; 4]);
         assert!(ChecksumsRepr::parse(&longer).is_err());
+        let mut unknown = p.clone();
+        unknown[20] = 4;
+        assert!(ChecksumsRepr::parse(&unknown).is_err());
         p[19] = 1; // length 4097
         assert!(ChecksumsRepr::parse(&p).is_err());
+
+        // The same two blocks as 128-bit digests: 16 bytes each, big-endian; the crc32c
+        // payload's 8 digest bytes are too few.
+        let mut wide = Vec::new();
+        wide.extend_from_slice(&9u64.to_be_bytes());
+        wide.extend_from_slice(&8192u64.to_be_bytes());
+        wide.extend_from_slice(&4608u32.to_be_bytes());
+        wide.push(2); // xxh3-128
+        wide.extend_from_slice(&[0xaa; 15]);
+        wide.push(0x01);
+        wide.extend_from_slice(&[0; 15]);
+        wide.push(0x02);
+        let c = ChecksumsRepr::parse(&wide).unwrap();
+        assert_eq!(c.alg, ChecksumAlg::Xxh3_128);
+        assert_eq!(c.digests, vec![(u128::MAX / 255 * 0xaa) << 8 | 1, 2]);
+        let mut out = vec![0u8; c.buffer_len()];
+        c.emit(&mut out);
+        assert_eq!(out, wide);
+        wide[20] = 1; // crc32c with 32 digest bytes
+        assert!(ChecksumsRepr::parse(&wide).is_err());
+        assert!(ChecksumsRepr::parse(&wide[..21]).is_err());
 
         let zero = Message::ResyncZero(ResyncZeroRepr {
             id: PUSH,
@@ -570,13 +635,16 @@ mod tests {
     }
 
     #[test]
-    fn block_checksums_cover_a_short_tail() {
-        let mut data = vec![0u8; 4096 + 512];
-        data[4096] = 1;
-        let crcs = block_checksums(&data);
-        assert_eq!(crcs.len(), checksum_count(data.len() as u32));
-        assert_eq!(crcs[0], crc32c::crc32c(&[0u8; 4096]));
-        assert_eq!(crcs[1], crc32c::crc32c(&data[4096..]));
+    fn checksum_algorithm_words_codes_and_widths() {
+        let words: Vec<_> = ChecksumAlg::ALL.iter().map(|a| a.as_str()).collect();
+        assert_eq!(words, ["crc32c", "xxh3-128", "blake3"]);
+        for &alg in ChecksumAlg::ALL {
+            assert_eq!(ChecksumAlg::from_code(alg.code()).unwrap(), alg);
+            assert!(alg.fits(u128::from(u32::MAX)));
+        }
+        assert!(ChecksumAlg::from_code(0).is_err());
+        assert!(!ChecksumAlg::Crc32c.fits(1 << 32));
+        assert!(ChecksumAlg::Blake3.fits(u128::MAX));
     }
 
     #[test]

@@ -158,18 +158,22 @@ fn message() -> impl Strategy<Value = Message> {
             pick(Durability::ALL),
             pick(Role::ALL),
             pick(DiskState::ALL),
-            any::<u32>()
+            any::<u32>(),
+            pick(ChecksumAlg::ALL)
         )
-            .prop_map(|(size, protocol, durability, role, disk, max_write)| {
-                Message::Parameters(ParametersRepr {
-                    size,
-                    protocol,
-                    durability,
-                    role,
-                    disk,
-                    max_write,
-                })
-            }),
+            .prop_map(
+                |(size, protocol, durability, role, disk, max_write, checksum_alg)| {
+                    Message::Parameters(ParametersRepr {
+                        size,
+                        protocol,
+                        durability,
+                        role,
+                        disk,
+                        max_write,
+                        checksum_alg,
+                    })
+                }
+            ),
         (any::<[u64; 5]>(), 0u64..8).prop_map(|(v, flags)| Message::Uuids(UuidsRepr {
             current: v[0],
             bitmap: v[1],
@@ -232,20 +236,27 @@ fn message() -> impl Strategy<Value = Message> {
                 len: sectors * 512,
             })
         }),
-        (any::<u64>(), offset.clone(), 0u32..=2048, any::<u32>()).prop_map(
-            |(id, offset, sectors, seed)| {
+        (
+            any::<u64>(),
+            offset.clone(),
+            0u32..=2048,
+            pick(ChecksumAlg::ALL),
+            any::<u128>()
+        )
+            .prop_map(|(id, offset, sectors, alg, seed)| {
                 let len = sectors * 512;
-                let crcs = (0..checksum_count(len) as u32)
-                    .map(|i| seed.wrapping_mul(i + 1))
+                let width_mask = u128::MAX >> (128 - 8 * alg.digest_len());
+                let digests = (0..checksum_count(len) as u128)
+                    .map(|i| seed.wrapping_mul(i + 1) & width_mask)
                     .collect();
                 Message::Checksums(ChecksumsRepr {
                     id,
                     offset,
                     len,
-                    crcs,
+                    alg,
+                    digests,
                 })
-            }
-        ),
+            }),
         (any::<u64>(), offset.clone(), 0u32..=2048).prop_map(|(id, offset, sectors)| {
             Message::ResyncZero(ResyncZeroRepr {
                 id,
