@@ -6,11 +6,11 @@ use super::*;
 impl Resource {
     pub(super) fn connector(self: Arc<Self>, listener: TcpListener, token: CancellationToken) {
         static LIMIT: LogLimiter = LogLimiter::new(Duration::from_secs(10), 3);
-        let wants = lock(&self.state).wants_connect.clone();
         // Waits return at once when the resource stops.
         let pause = |d| self.group.sleep_on(&token, d);
         while !token.is_cancelled() {
-            let idle = !wants.load(Ordering::Acquire) || lock(&self.state).link.is_some();
+            let idle =
+                !self.wants_connect.load(Ordering::Acquire) || self.linked.load(Ordering::Acquire);
             if idle {
                 // Drain stray connection attempts so the peer sees a refusal, not a hang.
                 if let Ok((s, _)) = listener.accept() {
@@ -57,8 +57,8 @@ impl Resource {
     }
 
     pub(super) fn our_parameters(&self) -> (ParametersRepr, UuidsRepr) {
-        let st = lock(&self.state);
-        let s = st.machine.status();
+        let published = self.published();
+        let s = published.status;
         (
             ParametersRepr {
                 size: self.device.size(),
@@ -69,7 +69,7 @@ impl Resource {
                 max_write: MAX_DATA_LEN as u32,
                 checksum_alg: self.spec.csums,
             },
-            self.uuid_set(&st.machine).into(),
+            self.uuid_set(published.uuid_flags).into(),
         )
     }
 }

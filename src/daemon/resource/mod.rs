@@ -40,7 +40,7 @@ use crate::ratelimit::LogLimiter;
 use crate::repl::device::{barrier_reply, DeviceEvent, ReplicatedDevice};
 use crate::repl::link::{PeerLink, Reply};
 use crate::repl::rate::Pacer;
-use crate::repl::uuid::{decide, random_uuid, HandshakeContext, UuidSet};
+use crate::repl::uuid::{decide, random_uuid, HandshakeContext, UuidFlags, UuidSet};
 use crate::wire::ondisk::flags;
 use crate::wire::repl::{
     AckKind, BarrierAckRepr, BitmapChunkRepr, BitmapEncoding, ChecksumAlg, ChecksumRequestRepr,
@@ -55,11 +55,13 @@ use crate::repl::plan::{classify_blocks, classify_zero, BlockKind};
 
 mod applier;
 mod connector;
+mod engine;
 mod resync;
 mod status;
 mod verify;
 
 use applier::checksums_of;
+use engine::Engine;
 pub use status::{ResyncFigures, Snapshot, VerifySnapshot};
 
 /// Resync pushes carry this bit in their id, so the receiver can tell them from answers to
@@ -224,28 +226,28 @@ struct Job {
     copier_started: bool,
 }
 
-struct State {
-    machine: Machine,
-    link: Option<Arc<PeerLink>>,
-    wants_connect: Arc<AtomicBool>,
-    aoe: Option<AoeServer>,
-    nbd: Option<super::NbdHandle>,
-    job: Option<Job>,
-    paused: Arc<AtomicBool>,
-    source_at_start: Option<UuidSet>,
-    last_ping: Instant,
-    last_alive_seen: Option<Instant>,
-    last_progress_event: Instant,
+/// What the engine last published of its machine, for the roles that only read it.
+#[derive(Debug, Clone, Copy)]
+struct Published {
+    status: crate::cluster::Status,
+    uuid_flags: UuidFlags,
 }
 
-/// One resource, running.
+/// One resource, running: what its roles share — static facts, the disks, counters, the
+/// engine's inbox and its published status. The engine's own state is not here (see
+/// [`engine`]).
 pub struct Resource {
     /// Static facts.
     pub spec: ResourceSpec,
     meta: Arc<MetaStore>,
     device: Arc<ReplicatedDevice>,
-    state: Mutex<State>,
     tx: Mutex<Sender<Input>>,
+    /// The machine's status as of the engine's last step.
+    published: Mutex<Published>,
+    /// The engine wants a connection (the connector dials or accepts while it does).
+    wants_connect: AtomicBool,
+    /// A connection is established (the connector rests meanwhile).
+    linked: AtomicBool,
     subscribers: Mutex<Vec<Sender<String>>>,
     /// What this resource's engine starts (reader, applier, copier, verifier, exports); stopped
     /// by the engine at shutdown.
@@ -313,20 +315,13 @@ impl Resource {
             spec,
             meta,
             device,
-            state: Mutex::new(State {
-                machine,
-                link: None,
-                wants_connect: Arc::new(AtomicBool::new(false)),
-                aoe: None,
-                nbd: None,
-                job: None,
-                paused: Arc::new(AtomicBool::new(false)),
-                source_at_start: None,
-                last_ping: now,
-                last_alive_seen: None,
-                last_progress_event: now,
-            }),
             tx: Mutex::new(tx),
+            published: Mutex::new(Published {
+                status: machine.status(),
+                uuid_flags: machine.uuid_flags(),
+            }),
+            wants_connect: AtomicBool::new(false),
+            linked: AtomicBool::new(false),
             subscribers: Mutex::new(Vec::new()),
             crew: group.group("crew"),
             group: group.clone(),
@@ -336,16 +331,23 @@ impl Resource {
             started: now,
         });
         tracing::info!(resource = %res.spec.name, ?startup, "attached");
-        {
-            let mut st = lock(&res.state);
-            res.execute(&mut st, actions);
-        }
-        {
-            let res = res.clone();
-            group.spawn(format!("engine-{}", res.spec.name), move |token| {
-                res.engine(rx, token)
-            })?;
-        }
+        let mut engine = Engine {
+            res: res.clone(),
+            machine,
+            link: None,
+            aoe: None,
+            nbd: None,
+            job: None,
+            paused: Arc::new(AtomicBool::new(false)),
+            source_at_start: None,
+            last_ping: now,
+            last_alive_seen: None,
+            last_progress_event: now,
+        };
+        engine.execute(actions);
+        group.spawn(format!("engine-{}", res.spec.name), move |token| {
+            engine.run(rx, token)
+        })?;
         {
             let res = res.clone();
             group.spawn(format!("connect-{}", res.spec.name), move |token| {
@@ -398,12 +400,18 @@ impl Resource {
         Ok(format!("faults: {config:?}"))
     }
 
-    fn uuid_set(&self, machine: &Machine) -> UuidSet {
+    /// Our generation UUIDs as they travel: the stored ones, the dirty bits and `flags`.
+    fn uuid_set(&self, flags: UuidFlags) -> UuidSet {
         UuidSet {
             dirty_bits: self.meta.out_of_sync_bytes() / 4096,
-            flags: machine.uuid_flags(),
+            flags,
             ..self.meta.uuids()
         }
+    }
+
+    /// The machine's status and UUID flags as of the engine's last step.
+    fn published(&self) -> Published {
+        *lock(&self.published)
     }
 
     /// The meta-data store as the persistent executor sees it.
@@ -418,550 +426,11 @@ impl Resource {
 
     // ---------------------------------------------------------------- engine
 
-    /// The engine loop: inputs and ticks until the token is cancelled, then the orderly stop.
-    fn engine(self: Arc<Self>, rx: Receiver<Input>, token: CancellationToken) {
-        while !token.is_cancelled() {
-            match rx.recv_timeout(TICK) {
-                Ok(input) => self.handle(input),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
-            }
-            self.tick();
-        }
-        self.shutdown();
-    }
-
-    fn step(&self, st: &mut State, event: Event) -> Vec<Action> {
-        let actions = st.machine.step(Instant::now(), event);
-        self.execute(st, actions.clone());
-        actions
-    }
-
-    fn tick(&self) {
-        let mut st = lock(&self.state);
-        if let Some(link) = st.link.clone() {
-            let heard = link.last_heard();
-            if st.last_alive_seen != Some(heard) {
-                st.last_alive_seen = Some(heard);
-                self.step(&mut st, Event::PeerAlive);
-            }
-            self.step(
-                &mut st,
-                Event::PeerWrites {
-                    oldest_pending: link.oldest_pending(),
-                },
-            );
-            if st.last_ping.elapsed() >= PING_INTERVAL {
-                st.last_ping = Instant::now();
-                // Never wait for the sender: if it is busy, data is flowing, which the peer
-                // hears as well as a ping; and a sender stuck on a dead link must not stop
-                // this thread from noticing that the peer has gone silent.
-                let _ = link.try_send(Message::Ping(PingRepr { cookie: 0 }));
-            }
-        }
-        self.step(&mut st, Event::Tick);
-        self.publish_progress(&mut st, false);
-    }
-
-    fn handle(&self, input: Input) {
-        let mut st = lock(&self.state);
-        match input {
-            Input::Command(command, reply) => {
-                let actions = self.step(&mut st, Event::Command(command));
-                let refused = actions.iter().find_map(|a| match a {
-                    Action::Refuse { reason, .. } => Some(reason.to_string()),
-                    _ => None,
-                });
-                let logs: Vec<String> = actions
-                    .iter()
-                    .filter_map(|a| match a {
-                        Action::Log(l) => Some(l.clone()),
-                        _ => None,
-                    })
-                    .collect();
-                let _ = reply.send(match refused {
-                    Some(r) => Err(format!("{command}: refused: {r}")),
-                    None => Ok(logs.join("\n")),
-                });
-            }
-            Input::PeerUp(hs) => self.peer_up(&mut st, *hs),
-            Input::PeerMessage(conn_id, message) => {
-                if st.link.as_ref().map(|l| l.conn_id) == Some(conn_id) {
-                    self.peer_message(&mut st, message);
-                }
-            }
-            Input::PeerDown(conn_id, why) => {
-                if st.link.as_ref().map(|l| l.conn_id) == Some(conn_id) {
-                    tracing::warn!(resource = %self.spec.name, "connection to {} lost: {why}", self.spec.identity.peer);
-                    self.drop_link(&mut st);
-                    self.step(&mut st, Event::PeerLost);
-                }
-            }
-            Input::Device(DeviceEvent::LocalIoError) => {
-                self.step(&mut st, Event::LocalIoError);
-            }
-            Input::Device(DeviceEvent::PeerIoError) => {
-                // The reader marked what the peer may have lost; make it durable here.
-                if let Err(e) = self.meta.flush_bitmap() {
-                    self.persist_failed("the bitmap", &e.to_string());
-                }
-            }
-            Input::CopierDone(conn_id, ok) => {
-                if st.link.as_ref().map(|l| l.conn_id) != Some(conn_id) {
-                    return;
-                }
-                if let Some(job) = &mut st.job {
-                    job.copier_started = false;
-                }
-                if ok && st.job.as_ref().map(|j| j.direction) == Some(SyncDirection::Source) {
-                    self.progress.end(self.now_ms());
-                    self.publish_progress(&mut st, true);
-                    if let Err(e) = persist::finish_resync_source(&mut self.keeper()) {
-                        self.persist_failed("the end of the resync", &e);
-                    }
-                    if let Some(link) = &st.link {
-                        let _ = link.send(Message::SyncDone);
-                    }
-                    self.set_job(&mut st, None);
-                    tracing::info!(resource = %self.spec.name, "resync finished (source)");
-                    self.step(&mut st, Event::ResyncDone);
-                }
-            }
-            Input::Verify(reply) => {
-                let _ = reply.send(self.start_verify(&mut st));
-            }
-            Input::VerifyDone(conn_id, ok) => self.verify_done(&mut st, conn_id, ok),
-        }
-    }
-
-    /// The current resync job; the device learns whether this node is a resync target.
-    fn set_job(&self, st: &mut State, job: Option<Job>) {
-        self.device.set_sync_target(
-            job.as_ref()
-                .is_some_and(|j| j.direction == SyncDirection::Target),
-        );
-        st.job = job;
-    }
-
-    fn drop_link(&self, st: &mut State) {
-        self.device.set_link(None);
-        if let Some(link) = st.link.take() {
-            link.fail_all();
-        }
-        self.set_job(st, None);
-        st.last_alive_seen = None;
-    }
-
-    fn peer_up(&self, st: &mut State, hs: Handshaken) {
-        let conn_id = self.conn_ids.fetch_add(1, Ordering::Relaxed);
-        if !st.wants_connect.load(Ordering::Acquire) || st.link.is_some() {
-            return;
-        }
-        let ours = self.uuid_set(&st.machine);
-        let theirs: UuidSet = hs.uuids.into();
-        static REFUSALS: LogLimiter = LogLimiter::new(Duration::from_secs(30), 2);
-        // The machine judges the peer's terms (and may shrink the device) before anything of
-        // this connection is set up; a refused peer changes nothing.
-        let offer = Event::PeerOffered {
-            ours: Terms {
-                size: self.device.size(),
-                protocol: self.spec.protocol,
-                durability: self.spec.durability,
-                checksum_alg: self.spec.csums,
-            },
-            theirs: Terms {
-                size: hs.params.size,
-                protocol: hs.params.protocol,
-                durability: hs.params.durability,
-                checksum_alg: hs.params.checksum_alg,
-            },
-        };
-        let actions = self.step(st, offer);
-        if let Some(reason) = actions.iter().find_map(|a| match a {
-            Action::RefusePeer { reason } => Some(reason),
-            _ => None,
-        }) {
-            crate::warn_limited!(REFUSALS, resource = %self.spec.name, "refusing the peer: {reason}");
-            return;
-        }
-        let Handshaken { conn, params, .. } = hs;
-        // A send blocked longer than the peer may stay silent means the peer is gone: fail
-        // the link then, rather than hold the sender (and everyone queued behind it) until
-        // TCP gives up many minutes later.
-        let _ = conn.stream.set_write_timeout(Some(
-            st.machine.config().dead_time.max(Duration::from_secs(1)),
-        ));
-        let reader_stream = match conn.stream.try_clone() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("cannot clone the peer socket: {e}");
-                return;
-            }
-        };
-        let link = Arc::new(PeerLink::new(
-            conn_id,
-            self.spec.identity.peer.clone(),
-            conn.stream,
-            conn.version,
-            conn.seq_out,
-        ));
-        st.link = Some(link.clone());
-        st.source_at_start = Some(theirs);
-        tracing::info!(resource = %self.spec.name, "connected to {}; our UUIDs {ours}, theirs {theirs}", self.spec.identity.peer);
-        self.step(st, Event::PeerConnected);
-        let s = st.machine.status();
-        let decision = if s.disk == DiskState::Diskless || params.disk == DiskState::Diskless {
-            None
-        } else {
-            let ctx = HandshakeContext {
-                local_role: s.role,
-                peer_role: params.role,
-                resolve_conflicts: hs.resolve_conflicts,
-            };
-            Some(decide(&ours, &theirs, &ctx))
-        };
-        if let Some(d) = &decision {
-            tracing::info!(resource = %self.spec.name, "handshake: {}", d.name());
-        }
-        // The reader starts before the machine reacts, so nothing the peer sends is lost.
-        let decoder = conn.decoder;
-        {
-            let me = self.self_arc();
-            let link = link.clone();
-            let started = self
-                .crew
-                .spawn(format!("reader-{}", self.spec.name), move |_| {
-                    me.reader(link, reader_stream, decoder)
-                });
-            if let Err(e) = started {
-                tracing::error!(resource = %self.spec.name, "cannot start the connection's reader: {e}");
-                self.drop_link(st);
-                return;
-            }
-        }
-        self.step(
-            st,
-            Event::Handshake {
-                decision,
-                peer_role: params.role,
-                peer_disk: params.disk,
-            },
-        );
-    }
-
     fn self_arc(&self) -> Arc<Resource> {
         self.me.upgrade().expect("a running resource is alive")
     }
 
-    fn peer_message(&self, st: &mut State, message: Message) {
-        match message {
-            Message::SyncPause(paused) => {
-                // Either node's pause-sync holds the resync on both; the echo of our own
-                // pause finds the state already changed and does nothing.
-                let repl = st.machine.status().repl;
-                let running = matches!(repl, ReplState::SyncSource | ReplState::SyncTarget);
-                let held = matches!(repl, ReplState::PausedSyncS | ReplState::PausedSyncT);
-                if paused && running {
-                    self.step(st, Event::Command(Command::PauseSync));
-                } else if !paused && held {
-                    self.step(st, Event::Command(Command::ResumeSync));
-                }
-            }
-            Message::StateChange(s) => {
-                self.step(
-                    st,
-                    Event::PeerState {
-                        role: s.role,
-                        disk: s.disk,
-                    },
-                );
-            }
-            Message::SyncStart(s) => {
-                let direction = if s.sender_is_source {
-                    SyncDirection::Target
-                } else {
-                    SyncDirection::Source
-                };
-                self.step(
-                    st,
-                    Event::PeerStartedResync {
-                        direction,
-                        full: s.full,
-                    },
-                );
-            }
-            Message::Uuids(u) => st.source_at_start = Some(u.into()),
-            Message::SyncUuid(sync_uuid) => {
-                if let Err(e) = persist::adopt_sync_uuid(&mut self.keeper(), sync_uuid) {
-                    self.persist_failed("the sync UUID", &e);
-                }
-            }
-            Message::BitmapChunk(c) => {
-                // The bits were applied by the applier thread, in order with the resync data.
-                if c.last {
-                    if let Some(job) = &mut st.job {
-                        job.peer_bitmap_done = true;
-                        let total = self.meta.out_of_sync_bytes();
-                        self.progress.total.store(total, Ordering::Relaxed);
-                    }
-                    self.maybe_start_copier(st);
-                }
-            }
-            Message::SyncDone => {
-                if st.job.as_ref().map(|j| j.direction) == Some(SyncDirection::Target) {
-                    let source = st.source_at_start;
-                    if let Err(e) =
-                        persist::finish_resync_target(&mut self.keeper(), source.as_ref())
-                    {
-                        self.persist_failed("the end of the resync", &e);
-                    }
-                    self.set_job(st, None);
-                    self.progress.end(self.now_ms());
-                    self.publish_progress(st, true);
-                    tracing::info!(
-                        resource = %self.spec.name,
-                        "resync finished (target): {} bytes received, {} equal, {} zero",
-                        self.progress.sent.load(Ordering::Relaxed),
-                        self.progress.same.load(Ordering::Relaxed),
-                        self.progress.zero.load(Ordering::Relaxed)
-                    );
-                    self.step(st, Event::ResyncDone);
-                }
-            }
-            Message::Disconnect(d) => {
-                tracing::warn!(resource = %self.spec.name, "the peer disconnected: {} {}", d.reason, d.message);
-                self.drop_link(st);
-                self.step(st, Event::PeerDropped { reason: d.reason });
-            }
-            other => {
-                tracing::debug!("ignored {:?} from the peer", other.msg_type());
-            }
-        }
-    }
-
     // ---------------------------------------------------------------- actions
-
-    fn execute(&self, st: &mut State, actions: Vec<Action>) {
-        for action in actions {
-            // What a restart must know first, by the executor the simulator runs too.
-            let started = persist::execute(&mut self.keeper(), &action, &mut || {
-                random_uuid(&mut rand::rng())
-            })
-            .unwrap_or_else(|e| {
-                self.persist_failed(&format!("{action:?}"), &e);
-                None
-            });
-            self.execute_one(st, action, started);
-        }
-        let s = st.machine.status();
-        // The connected peer has no disk: the writes it forwards exist only here.
-        let peer_diskless = s.conn == ConnState::Connected && s.peer_disk == DiskState::Diskless;
-        self.peer_diskless.store(peer_diskless, Ordering::Release);
-        // Replicate writes whenever the connection is established.
-        let replicate = s.conn == ConnState::Connected && s.peer_disk != DiskState::Diskless;
-        match (&st.link, replicate, self.device.link().is_some()) {
-            (Some(link), true, false) => self.device.set_link(Some(link.clone())),
-            (_, false, true) => self.device.set_link(None),
-            _ => {}
-        }
-    }
-
-    fn execute_one(&self, st: &mut State, action: Action, started: Option<SourceStarted>) {
-        let name = &self.spec.name;
-        match action {
-            Action::StartServing => self.start_serving(st),
-            Action::StopServing => self.stop_serving(st),
-            Action::Connect => st.wants_connect.store(true, Ordering::Release),
-            Action::Disconnect { reason } => {
-                st.wants_connect.store(false, Ordering::Release);
-                if let Some(link) = &st.link {
-                    let _ = link.send(Message::Disconnect(crate::wire::repl::DisconnectRepr {
-                        reason,
-                        message: String::new(),
-                    }));
-                }
-                self.drop_link(st);
-                // The machine decides whether to reconnect (a later Connect action).
-                if reason != DisconnectReason::Shutdown {
-                    tracing::warn!(resource = %name, "disconnected: {reason}");
-                }
-            }
-            Action::SendState { role, disk, conn } => {
-                if let Some(link) = &st.link {
-                    let _ = link.send(Message::StateChange(StateChangeRepr { role, disk, conn }));
-                }
-            }
-            Action::StartResync {
-                direction,
-                full,
-                tell_peer,
-            } => {
-                let Some(link) = st.link.clone() else { return };
-                if tell_peer {
-                    let _ = link.send(Message::SyncStart(SyncStartRepr {
-                        sender_is_source: direction == SyncDirection::Source,
-                        full,
-                    }));
-                }
-                st.paused.store(false, Ordering::Release);
-                // Bits beyond a size shrunk to the peer's are never resynced: drop them.
-                let size = self.device.size();
-                let data_size = self.meta.data_size();
-                if data_size > size {
-                    self.meta.clear_in_sync(size, data_size - size);
-                }
-                if !full {
-                    self.send_bitmap(&link);
-                }
-                self.progress
-                    .begin(self.meta.out_of_sync_bytes(), self.now_ms());
-                if direction == SyncDirection::Source {
-                    // The executor rotated our UUIDs; the target learns the result.
-                    let Some(started) = started else {
-                        tracing::error!(resource = %name, "resync not started: the generation UUIDs could not be written");
-                        return;
-                    };
-                    let _ = link.send(Message::Uuids(UuidsRepr::from(UuidSet {
-                        dirty_bits: self.meta.out_of_sync_bytes() / 4096,
-                        flags: st.machine.uuid_flags(),
-                        ..started.at_start
-                    })));
-                    let _ = link.send(Message::SyncUuid(started.sync_uuid));
-                }
-                tracing::info!(resource = %name, "resync: {direction:?}, {}", if full { "full" } else { "bitmap" });
-                self.set_job(
-                    st,
-                    Some(Job {
-                        direction,
-                        full,
-                        peer_bitmap_done: false,
-                        copier_started: false,
-                    }),
-                );
-                self.maybe_start_copier(st);
-            }
-            Action::PauseResync | Action::ResumeResync => {
-                let paused = action == Action::PauseResync;
-                st.paused.store(paused, Ordering::Release);
-                if let Some(link) = &st.link {
-                    let _ = link.send(Message::SyncPause(paused));
-                }
-            }
-            // Persisted by the executor before this.
-            Action::NewCurrentUuid | Action::PersistFlags { .. } => {}
-            Action::Shrink { size } => self.device.limit_size(size),
-            Action::RefusePeer { reason } => {
-                tracing::debug!(resource = %name, "peer refused: {reason}")
-            }
-            Action::MarkOutOfSync => {
-                // Waiting writes fail over to dirty bits; new writes are marked from now on.
-                self.device.set_link(None);
-                if let Some(link) = &st.link {
-                    link.fail_all();
-                }
-            }
-            Action::Detach => self.device.detach(),
-            Action::Notify(n) => {
-                // drbdsetup events2 style: `change <object> name:<res> <key>:<value>`.
-                let line = match &n {
-                    Notification::Change { object, key, value } => {
-                        format!("change {object} name:{name} {key}:{value}")
-                    }
-                    Notification::SplitBrain(why) => {
-                        tracing::error!(resource = %name, "Split-Brain detected: {why}; dropping the connection");
-                        format!("call helper name:{name} split-brain: {why}")
-                    }
-                };
-                self.publish(line);
-            }
-            Action::Log(l) => tracing::info!(resource = %name, "{l}"),
-            Action::Refuse { command, reason } => {
-                tracing::warn!(resource = %name, "{command} refused: {reason}")
-            }
-        }
-    }
-
-    fn start_serving(&self, st: &mut State) {
-        if st.aoe.is_some() {
-            return;
-        }
-        let (shelf, slot) = self.spec.aoe;
-        let export = Export {
-            config: BladeConfig::new(shelf, slot),
-            device: self.device.clone(),
-            interfaces: vec![self.spec.interface.clone()],
-        };
-        match AoeServer::start(vec![export], self.crew.group("aoe")) {
-            Ok(server) => {
-                tracing::info!(resource = %self.spec.name, "serving e{shelf}.{slot} on {}", self.spec.interface);
-                st.aoe = Some(server);
-            }
-            Err(e) => {
-                tracing::error!(resource = %self.spec.name, error = %e, "cannot serve over AoE")
-            }
-        }
-        if let Some(addr) = self.spec.nbd {
-            match super::NbdHandle::start(
-                addr,
-                &self.spec.name,
-                self.device.clone(),
-                self.crew.group("nbd"),
-            ) {
-                Ok(server) => st.nbd = Some(server),
-                Err(e) => {
-                    tracing::error!(resource = %self.spec.name, error = %e, "cannot serve over NBD")
-                }
-            }
-        }
-    }
-
-    fn stop_serving(&self, st: &mut State) {
-        // Reverse start order: NBD, then AoE.
-        if let Some(nbd) = st.nbd.take() {
-            nbd.stop();
-        }
-        if let Some(aoe) = st.aoe.take() {
-            aoe.stop();
-            tracing::info!(resource = %self.spec.name, "stopped serving");
-        }
-    }
-
-    fn shutdown(&self) {
-        let mut st = lock(&self.state);
-        self.stop_serving(&mut st);
-        st.wants_connect.store(false, Ordering::Release);
-        if let Some(link) = &st.link {
-            let _ = link.send(Message::Disconnect(crate::wire::repl::DisconnectRepr {
-                reason: DisconnectReason::Shutdown,
-                message: "node stopping".into(),
-            }));
-        }
-        self.drop_link(&mut st);
-        if st.machine.status().role == Role::Primary {
-            // An orderly stop is a demotion: the next start is not a crashed primary.
-            if let Err(e) = self.keeper().change_flags(0, flags::PRIMARY_IND) {
-                self.persist_failed("the demotion", &e);
-            }
-        }
-        // The applier may still be finishing a write from the peer; it cannot start another
-        // (the link is down), so wait for it rather than leave the meta-data unclean.
-        let still = self.meta.wait_for_writes(Duration::from_secs(10));
-        if still > 0 {
-            tracing::error!(resource = %self.spec.name, "{still} writes still in flight at shutdown");
-        }
-        if let Err(e) = self.device.local().flush() {
-            tracing::error!(resource = %self.spec.name, error = %e, "flush at shutdown failed");
-        }
-        match self.meta.mark_clean() {
-            Ok(()) => tracing::info!(resource = %self.spec.name, "meta-data marked clean"),
-            Err(e) => {
-                tracing::error!(resource = %self.spec.name, error = %e, "cannot mark the meta-data clean")
-            }
-        }
-        drop(st);
-        // The connection's threads ended with the link; join them and anything else started.
-        self.crew.stop();
-    }
 }
 
 /// The meta-data store under the persistent executor: every write durable when it returns.

@@ -6,6 +6,51 @@
 
 use super::*;
 
+impl Engine {
+    pub(super) fn maybe_start_copier(&mut self) {
+        let Some(link) = self.link.clone() else {
+            return;
+        };
+        let Some(job) = &mut self.job else { return };
+        if job.direction != SyncDirection::Source
+            || job.copier_started
+            || !(job.full || job.peer_bitmap_done)
+        {
+            return;
+        }
+        job.copier_started = true;
+        let full = job.full;
+        let total = self.res.meta.out_of_sync_bytes();
+        self.res.progress.total.store(total, Ordering::Relaxed);
+        tracing::info!(
+            resource = %self.res.spec.name,
+            "resync started: {total} bytes to examine, {}",
+            if full { "checksum-based" } else { "bitmap-based" }
+        );
+        let me = self.res.self_arc();
+        let paused = self.paused.clone();
+        let started = self
+            .res
+            .crew
+            .spawn(format!("resync-{}", self.res.spec.name), move |_| {
+                let ok = me.copy_out_of_sync(&link, &paused, full);
+                if ok {
+                    tracing::info!(
+                        resource = %me.spec.name,
+                        "resync copied: {} bytes sent, {} equal, {} zero",
+                        me.progress.sent.load(Ordering::Relaxed),
+                        me.progress.same.load(Ordering::Relaxed),
+                        me.progress.zero.load(Ordering::Relaxed)
+                    );
+                }
+                me.send(Input::CopierDone(link.conn_id, ok));
+            });
+        if let Err(e) = started {
+            tracing::error!(resource = %self.res.spec.name, "cannot start the resync copier: {e}");
+        }
+    }
+}
+
 impl Resource {
     pub(super) fn apply_bitmap_chunk(&self, c: &BitmapChunkRepr) {
         let bits = match c.encoding {
@@ -52,46 +97,6 @@ impl Resource {
             last: true,
             bits: vec![0],
         }));
-    }
-
-    pub(super) fn maybe_start_copier(&self, st: &mut State) {
-        let Some(link) = st.link.clone() else { return };
-        let Some(job) = &mut st.job else { return };
-        if job.direction != SyncDirection::Source
-            || job.copier_started
-            || !(job.full || job.peer_bitmap_done)
-        {
-            return;
-        }
-        job.copier_started = true;
-        let full = job.full;
-        let total = self.meta.out_of_sync_bytes();
-        self.progress.total.store(total, Ordering::Relaxed);
-        tracing::info!(
-            resource = %self.spec.name,
-            "resync started: {total} bytes to examine, {}",
-            if full { "checksum-based" } else { "bitmap-based" }
-        );
-        let me = self.self_arc();
-        let paused = st.paused.clone();
-        let started = self
-            .crew
-            .spawn(format!("resync-{}", self.spec.name), move |_| {
-                let ok = me.copy_out_of_sync(&link, &paused, full);
-                if ok {
-                    tracing::info!(
-                        resource = %me.spec.name,
-                        "resync copied: {} bytes sent, {} equal, {} zero",
-                        me.progress.sent.load(Ordering::Relaxed),
-                        me.progress.same.load(Ordering::Relaxed),
-                        me.progress.zero.load(Ordering::Relaxed)
-                    );
-                }
-                me.send(Input::CopierDone(link.conn_id, ok));
-            });
-        if let Err(e) = started {
-            tracing::error!(resource = %self.spec.name, "cannot start the resync copier: {e}");
-        }
     }
 
     /// The source's copier: every out-of-sync block to the peer, until none is left. With

@@ -3,12 +3,71 @@
 
 use super::*;
 
+impl Engine {
+    /// One `events` line about a running resync or verify, at most once a second (`force`:
+    /// now, e.g. the final one).
+    pub(super) fn publish_progress(&mut self, force: bool) {
+        if !force && self.last_progress_event.elapsed() < PROGRESS_EVENT_INTERVAL {
+            return;
+        }
+        let s = self.machine.status();
+        let syncing = matches!(
+            s.repl,
+            ReplState::SyncSource
+                | ReplState::SyncTarget
+                | ReplState::PausedSyncS
+                | ReplState::PausedSyncT
+        );
+        let verifying = self.res.verify.running.load(Ordering::Relaxed);
+        if verifying && s.repl != ReplState::Established {
+            // A resync (or a lost connection) makes the comparison meaningless.
+            self.res.verify.abort.store(true, Ordering::Relaxed);
+        }
+        if !force && !syncing && !verifying {
+            return;
+        }
+        self.last_progress_event = Instant::now();
+        let name = &self.res.spec.name;
+        if syncing || (force && !verifying) {
+            let p = ResyncFigures::of(
+                self.res.progress.total.load(Ordering::Relaxed),
+                self.res.meta.out_of_sync_bytes(),
+                self.res.progress.secs(self.res.now_ms()),
+            );
+            self.res.publish(format!(
+                "change resource name:{name} replication:{} done:{:.1} rate:{:.1}MB/s eta:{:.0}s out-of-sync:{}KiB resync-sent:{} resync-same:{} resync-zero:{}",
+                s.repl,
+                p.percent,
+                p.rate_mbps,
+                p.eta_secs,
+                self.res.meta.out_of_sync_bytes() / 1024,
+                self.res.progress.sent.load(Ordering::Relaxed),
+                self.res.progress.same.load(Ordering::Relaxed),
+                self.res.progress.zero.load(Ordering::Relaxed),
+            ));
+        }
+        if verifying || (force && !syncing) {
+            let v = self.res.verify_snapshot();
+            let f = ResyncFigures::of(v.total, v.total.saturating_sub(v.done), v.secs);
+            self.res.publish(format!(
+                "change resource name:{name} verify:{} verify-done:{:.1} rate:{:.1}MB/s eta:{:.0}s out-of-sync-blocks:{}{}",
+                if v.running { "running" } else if v.failed { "failed" } else { "finished" },
+                f.percent,
+                f.rate_mbps,
+                f.eta_secs,
+                v.blocks,
+                if v.ranges.is_empty() { String::new() } else { format!(" ranges:{}", v.ranges_text().replace(' ', ",")) }
+            ));
+        }
+    }
+}
+
 impl Resource {
     /// The machine's status plus what status shows beside it.
     pub fn snapshot(&self) -> Snapshot {
-        let st = lock(&self.state);
+        let published = self.published();
         Snapshot {
-            status: st.machine.status(),
+            status: published.status,
             peer: self.spec.identity.peer.clone(),
             out_of_sync: self.meta.out_of_sync_bytes(),
             size: self.device.size(),
@@ -24,7 +83,7 @@ impl Resource {
             written_bytes: self.device.counters.written_bytes.load(Ordering::Relaxed),
             sent_bytes: self.device.counters.sent_bytes.load(Ordering::Relaxed),
             writes_marked: self.device.counters.writes_marked.load(Ordering::Relaxed),
-            uuids: self.uuid_set(&st.machine),
+            uuids: self.uuid_set(published.uuid_flags),
             protocol: self.spec.protocol,
             durability: self.spec.durability,
         }
@@ -74,63 +133,6 @@ impl Resource {
 
     pub(super) fn publish(&self, line: String) {
         lock(&self.subscribers).retain(|s| s.send(line.clone()).is_ok());
-    }
-
-    /// One `events` line about a running resync or verify, at most once a second (`force`:
-    /// now, e.g. the final one).
-    pub(super) fn publish_progress(&self, st: &mut State, force: bool) {
-        if !force && st.last_progress_event.elapsed() < PROGRESS_EVENT_INTERVAL {
-            return;
-        }
-        let s = st.machine.status();
-        let syncing = matches!(
-            s.repl,
-            ReplState::SyncSource
-                | ReplState::SyncTarget
-                | ReplState::PausedSyncS
-                | ReplState::PausedSyncT
-        );
-        let verifying = self.verify.running.load(Ordering::Relaxed);
-        if verifying && s.repl != ReplState::Established {
-            // A resync (or a lost connection) makes the comparison meaningless.
-            self.verify.abort.store(true, Ordering::Relaxed);
-        }
-        if !force && !syncing && !verifying {
-            return;
-        }
-        st.last_progress_event = Instant::now();
-        let name = &self.spec.name;
-        if syncing || (force && !verifying) {
-            let p = ResyncFigures::of(
-                self.progress.total.load(Ordering::Relaxed),
-                self.meta.out_of_sync_bytes(),
-                self.progress.secs(self.now_ms()),
-            );
-            self.publish(format!(
-                "change resource name:{name} replication:{} done:{:.1} rate:{:.1}MB/s eta:{:.0}s out-of-sync:{}KiB resync-sent:{} resync-same:{} resync-zero:{}",
-                s.repl,
-                p.percent,
-                p.rate_mbps,
-                p.eta_secs,
-                self.meta.out_of_sync_bytes() / 1024,
-                self.progress.sent.load(Ordering::Relaxed),
-                self.progress.same.load(Ordering::Relaxed),
-                self.progress.zero.load(Ordering::Relaxed),
-            ));
-        }
-        if verifying || (force && !syncing) {
-            let v = self.verify_snapshot();
-            let f = ResyncFigures::of(v.total, v.total.saturating_sub(v.done), v.secs);
-            self.publish(format!(
-                "change resource name:{name} verify:{} verify-done:{:.1} rate:{:.1}MB/s eta:{:.0}s out-of-sync-blocks:{}{}",
-                if v.running { "running" } else if v.failed { "failed" } else { "finished" },
-                f.percent,
-                f.rate_mbps,
-                f.eta_secs,
-                v.blocks,
-                if v.ranges.is_empty() { String::new() } else { format!(" ranges:{}", v.ranges_text().replace(' ', ",")) }
-            ));
-        }
     }
 }
 

@@ -3,9 +3,9 @@
 
 use super::*;
 
-impl Resource {
-    pub(super) fn start_verify(&self, st: &mut State) -> Result<String, String> {
-        let s = st.machine.status();
+impl Engine {
+    pub(super) fn start_verify(&mut self) -> Result<String, String> {
+        let s = self.machine.status();
         if s.conn != ConnState::Connected || s.repl != ReplState::Established {
             return Err(format!(
                 "verify: refused: needs an established connection (connection:{} replication:{})",
@@ -18,30 +18,31 @@ impl Resource {
                 s.disk, s.peer_disk
             ));
         }
-        let Some(link) = st.link.clone() else {
+        let Some(link) = self.link.clone() else {
             return Err("verify: refused: not connected".into());
         };
-        if self.verify.running.swap(true, Ordering::AcqRel) {
+        if self.res.verify.running.swap(true, Ordering::AcqRel) {
             return Err("verify: already running".into());
         }
-        let size = self.device.size();
-        let v = &self.verify;
+        let size = self.res.device.size();
+        let v = &self.res.verify;
         v.total.store(size, Ordering::Relaxed);
         v.done.store(0, Ordering::Relaxed);
         v.blocks.store(0, Ordering::Relaxed);
         v.failed.store(false, Ordering::Relaxed);
         v.abort.store(false, Ordering::Relaxed);
-        v.started_ms.store(self.now_ms(), Ordering::Relaxed);
+        v.started_ms.store(self.res.now_ms(), Ordering::Relaxed);
         v.ended_ms.store(0, Ordering::Relaxed);
         lock(&v.ranges).clear();
         lock(&v.all_ranges).clear();
         // A Secondary under a Primary checksums its copy where the Primary's answer lands in its
         // replication stream; anyone else checksums under its order lock when asking.
         let local_at_reply = s.role != Role::Primary && s.peer_role == Role::Primary;
-        let me = self.self_arc();
+        let me = self.res.self_arc();
         let spawned = self
+            .res
             .crew
-            .spawn(format!("verify-{}", self.spec.name), move |_| {
+            .spawn(format!("verify-{}", self.res.spec.name), move |_| {
                 let ok = me.verify_all(&link, local_at_reply);
                 me.send(Input::VerifyDone(link.conn_id, ok));
             });
@@ -49,38 +50,42 @@ impl Resource {
             v.running.store(false, Ordering::Release);
             return Err(format!("verify: cannot start: {e}"));
         }
-        tracing::info!(resource = %self.spec.name, "online verify started: {size} bytes");
+        tracing::info!(resource = %self.res.spec.name, "online verify started: {size} bytes");
         Ok(format!("verify started: {size} bytes"))
     }
 
-    pub(super) fn verify_done(&self, st: &mut State, conn_id: u64, ok: bool) {
-        let v = &self.verify;
-        v.ended_ms.store(self.now_ms().max(1), Ordering::Relaxed);
+    pub(super) fn verify_done(&mut self, conn_id: u64, ok: bool) {
+        let res = self.res.clone();
+        let v = &res.verify;
+        v.ended_ms
+            .store(self.res.now_ms().max(1), Ordering::Relaxed);
         v.failed.store(!ok, Ordering::Relaxed);
         v.runs.fetch_add(1, Ordering::Relaxed);
         v.running.store(false, Ordering::Release);
-        let name = &self.spec.name;
+        let name = &res.spec.name;
         let blocks = v.blocks.load(Ordering::Relaxed);
         if !ok {
             tracing::warn!(resource = %name, "online verify stopped early (connection lost or resync started); {blocks} block(s) found out of sync so far");
         } else {
             tracing::info!(resource = %name, "online verify finished: {blocks} block(s) out of sync");
         }
-        self.publish_progress(st, true);
+        self.publish_progress(true);
         let ranges = std::mem::take(&mut *lock(&v.all_ranges));
-        if !ok || ranges.is_empty() || st.link.as_ref().map(|l| l.conn_id) != Some(conn_id) {
+        if !ok || ranges.is_empty() || self.link.as_ref().map(|l| l.conn_id) != Some(conn_id) {
             return;
         }
         for (off, len) in &ranges {
-            self.meta.mark_out_of_sync(*off, *len);
+            self.res.meta.mark_out_of_sync(*off, *len);
         }
-        let s = st.machine.status();
+        let s = self.machine.status();
         // From the current primary; from here (the verify source) if neither is primary.
         let source = s.role == Role::Primary || s.peer_role != Role::Primary;
         tracing::info!(resource = %name, "resyncing the blocks verify found, {}", if source { "from here" } else { "from the peer" });
-        self.step(st, Event::VerifyFoundDifferences { source });
+        self.step(Event::VerifyFoundDifferences { source });
     }
+}
 
+impl Resource {
     /// The verifier: compares the digest of every 4 KiB block with the peer's, recording the
     /// ranges that differ. False if the connection was lost first.
     fn verify_all(&self, link: &PeerLink, local_at_reply: bool) -> bool {

@@ -1,0 +1,564 @@
+//! The engine: one per resource, on a thread of its own. It owns the cluster [`Machine`], the
+//! peer connection, the exports (AoE, NBD) and the resync job — nobody else touches them. It
+//! feeds the machine what the other roles report through the [`Input`] channel (and ticks),
+//! and carries out the machine's [`Action`]s: what a restart must keep by the persistent
+//! executor ([`crate::cluster::persist`], which the simulator runs too), the rest here. After
+//! every step it publishes the machine's status for `status` and the connector.
+
+use super::*;
+
+/// The engine's state (see the module docs). Only the engine thread has it.
+pub(super) struct Engine {
+    pub(super) res: Arc<Resource>,
+    pub(super) machine: Machine,
+    pub(super) link: Option<Arc<PeerLink>>,
+    pub(super) aoe: Option<AoeServer>,
+    pub(super) nbd: Option<crate::daemon::NbdHandle>,
+    pub(super) job: Option<Job>,
+    /// Shared with the copier: `pause-sync` holds it.
+    pub(super) paused: Arc<AtomicBool>,
+    pub(super) source_at_start: Option<UuidSet>,
+    pub(super) last_ping: Instant,
+    pub(super) last_alive_seen: Option<Instant>,
+    pub(super) last_progress_event: Instant,
+}
+
+impl Engine {
+    /// Makes the machine's current status visible to the other roles.
+    fn publish_state(&self) {
+        *lock(&self.res.published) = Published {
+            status: self.machine.status(),
+            uuid_flags: self.machine.uuid_flags(),
+        };
+    }
+
+    /// The engine loop: inputs and ticks until the token is cancelled, then the orderly stop.
+    pub(super) fn run(mut self, rx: Receiver<Input>, token: CancellationToken) {
+        while !token.is_cancelled() {
+            match rx.recv_timeout(TICK) {
+                Ok(input) => self.handle(input),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            self.tick();
+        }
+        self.shutdown();
+    }
+
+    pub(super) fn step(&mut self, event: Event) -> Vec<Action> {
+        let actions = self.machine.step(Instant::now(), event);
+        self.execute(actions.clone());
+        self.publish_state();
+        actions
+    }
+
+    pub(super) fn tick(&mut self) {
+        if let Some(link) = self.link.clone() {
+            let heard = link.last_heard();
+            if self.last_alive_seen != Some(heard) {
+                self.last_alive_seen = Some(heard);
+                self.step(Event::PeerAlive);
+            }
+            self.step(Event::PeerWrites {
+                oldest_pending: link.oldest_pending(),
+            });
+            if self.last_ping.elapsed() >= PING_INTERVAL {
+                self.last_ping = Instant::now();
+                // Never wait for the sender: if it is busy, data is flowing, which the peer
+                // hears as well as a ping; and a sender stuck on a dead link must not stop
+                // this thread from noticing that the peer has gone silent.
+                let _ = link.try_send(Message::Ping(PingRepr { cookie: 0 }));
+            }
+        }
+        self.step(Event::Tick);
+        self.publish_progress(false);
+    }
+
+    pub(super) fn handle(&mut self, input: Input) {
+        match input {
+            Input::Command(command, reply) => {
+                let actions = self.step(Event::Command(command));
+                let refused = actions.iter().find_map(|a| match a {
+                    Action::Refuse { reason, .. } => Some(reason.to_string()),
+                    _ => None,
+                });
+                let logs: Vec<String> = actions
+                    .iter()
+                    .filter_map(|a| match a {
+                        Action::Log(l) => Some(l.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                let _ = reply.send(match refused {
+                    Some(r) => Err(format!("{command}: refused: {r}")),
+                    None => Ok(logs.join("\n")),
+                });
+            }
+            Input::PeerUp(hs) => self.peer_up(*hs),
+            Input::PeerMessage(conn_id, message) => {
+                if self.link.as_ref().map(|l| l.conn_id) == Some(conn_id) {
+                    self.peer_message(message);
+                }
+            }
+            Input::PeerDown(conn_id, why) => {
+                if self.link.as_ref().map(|l| l.conn_id) == Some(conn_id) {
+                    tracing::warn!(resource = %self.res.spec.name, "connection to {} lost: {why}", self.res.spec.identity.peer);
+                    self.drop_link();
+                    self.step(Event::PeerLost);
+                }
+            }
+            Input::Device(DeviceEvent::LocalIoError) => {
+                self.step(Event::LocalIoError);
+            }
+            Input::Device(DeviceEvent::PeerIoError) => {
+                // The reader marked what the peer may have lost; make it durable here.
+                if let Err(e) = self.res.meta.flush_bitmap() {
+                    self.res.persist_failed("the bitmap", &e.to_string());
+                }
+            }
+            Input::CopierDone(conn_id, ok) => {
+                if self.link.as_ref().map(|l| l.conn_id) != Some(conn_id) {
+                    return;
+                }
+                if let Some(job) = &mut self.job {
+                    job.copier_started = false;
+                }
+                if ok && self.job.as_ref().map(|j| j.direction) == Some(SyncDirection::Source) {
+                    self.res.progress.end(self.res.now_ms());
+                    self.publish_progress(true);
+                    if let Err(e) = persist::finish_resync_source(&mut self.res.keeper()) {
+                        self.res.persist_failed("the end of the resync", &e);
+                    }
+                    if let Some(link) = &self.link {
+                        let _ = link.send(Message::SyncDone);
+                    }
+                    self.set_job(None);
+                    tracing::info!(resource = %self.res.spec.name, "resync finished (source)");
+                    self.step(Event::ResyncDone);
+                }
+            }
+            Input::Verify(reply) => {
+                let _ = reply.send(self.start_verify());
+            }
+            Input::VerifyDone(conn_id, ok) => self.verify_done(conn_id, ok),
+        }
+    }
+
+    /// The current resync job; the device learns whether this node is a resync target.
+    pub(super) fn set_job(&mut self, job: Option<Job>) {
+        self.res.device.set_sync_target(
+            job.as_ref()
+                .is_some_and(|j| j.direction == SyncDirection::Target),
+        );
+        self.job = job;
+    }
+
+    pub(super) fn drop_link(&mut self) {
+        self.res.device.set_link(None);
+        if let Some(link) = self.link.take() {
+            link.fail_all();
+        }
+        self.res.linked.store(false, Ordering::Release);
+        self.set_job(None);
+        self.last_alive_seen = None;
+    }
+
+    pub(super) fn peer_up(&mut self, hs: Handshaken) {
+        let conn_id = self.res.conn_ids.fetch_add(1, Ordering::Relaxed);
+        if !self.res.wants_connect.load(Ordering::Acquire) || self.link.is_some() {
+            return;
+        }
+        let ours = self.res.uuid_set(self.machine.uuid_flags());
+        let theirs: UuidSet = hs.uuids.into();
+        static REFUSALS: LogLimiter = LogLimiter::new(Duration::from_secs(30), 2);
+        // The machine judges the peer's terms (and may shrink the device) before anything of
+        // this connection is set up; a refused peer changes nothing.
+        let offer = Event::PeerOffered {
+            ours: Terms {
+                size: self.res.device.size(),
+                protocol: self.res.spec.protocol,
+                durability: self.res.spec.durability,
+                checksum_alg: self.res.spec.csums,
+            },
+            theirs: Terms {
+                size: hs.params.size,
+                protocol: hs.params.protocol,
+                durability: hs.params.durability,
+                checksum_alg: hs.params.checksum_alg,
+            },
+        };
+        let actions = self.step(offer);
+        if let Some(reason) = actions.iter().find_map(|a| match a {
+            Action::RefusePeer { reason } => Some(reason),
+            _ => None,
+        }) {
+            crate::warn_limited!(REFUSALS, resource = %self.res.spec.name, "refusing the peer: {reason}");
+            return;
+        }
+        let Handshaken { conn, params, .. } = hs;
+        // A send blocked longer than the peer may stay silent means the peer is gone: fail
+        // the link then, rather than hold the sender (and everyone queued behind it) until
+        // TCP gives up many minutes later.
+        let _ = conn.stream.set_write_timeout(Some(
+            self.machine.config().dead_time.max(Duration::from_secs(1)),
+        ));
+        let reader_stream = match conn.stream.try_clone() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("cannot clone the peer socket: {e}");
+                return;
+            }
+        };
+        let link = Arc::new(PeerLink::new(
+            conn_id,
+            self.res.spec.identity.peer.clone(),
+            conn.stream,
+            conn.version,
+            conn.seq_out,
+        ));
+        self.link = Some(link.clone());
+        self.res.linked.store(true, Ordering::Release);
+        self.source_at_start = Some(theirs);
+        tracing::info!(resource = %self.res.spec.name, "connected to {}; our UUIDs {ours}, theirs {theirs}", self.res.spec.identity.peer);
+        self.step(Event::PeerConnected);
+        let s = self.machine.status();
+        let decision = if s.disk == DiskState::Diskless || params.disk == DiskState::Diskless {
+            None
+        } else {
+            let ctx = HandshakeContext {
+                local_role: s.role,
+                peer_role: params.role,
+                resolve_conflicts: hs.resolve_conflicts,
+            };
+            Some(decide(&ours, &theirs, &ctx))
+        };
+        if let Some(d) = &decision {
+            tracing::info!(resource = %self.res.spec.name, "handshake: {}", d.name());
+        }
+        // The reader starts before the machine reacts, so nothing the peer sends is lost.
+        let decoder = conn.decoder;
+        {
+            let me = self.res.self_arc();
+            let link = link.clone();
+            let started = self
+                .res
+                .crew
+                .spawn(format!("reader-{}", self.res.spec.name), move |_| {
+                    me.reader(link, reader_stream, decoder)
+                });
+            if let Err(e) = started {
+                tracing::error!(resource = %self.res.spec.name, "cannot start the connection's reader: {e}");
+                self.drop_link();
+                return;
+            }
+        }
+        self.step(Event::Handshake {
+            decision,
+            peer_role: params.role,
+            peer_disk: params.disk,
+        });
+    }
+
+    pub(super) fn peer_message(&mut self, message: Message) {
+        match message {
+            Message::SyncPause(paused) => {
+                // Either node's pause-sync holds the resync on both; the echo of our own
+                // pause finds the state already changed and does nothing.
+                let repl = self.machine.status().repl;
+                let running = matches!(repl, ReplState::SyncSource | ReplState::SyncTarget);
+                let held = matches!(repl, ReplState::PausedSyncS | ReplState::PausedSyncT);
+                if paused && running {
+                    self.step(Event::Command(Command::PauseSync));
+                } else if !paused && held {
+                    self.step(Event::Command(Command::ResumeSync));
+                }
+            }
+            Message::StateChange(s) => {
+                self.step(Event::PeerState {
+                    role: s.role,
+                    disk: s.disk,
+                });
+            }
+            Message::SyncStart(s) => {
+                let direction = if s.sender_is_source {
+                    SyncDirection::Target
+                } else {
+                    SyncDirection::Source
+                };
+                self.step(Event::PeerStartedResync {
+                    direction,
+                    full: s.full,
+                });
+            }
+            Message::Uuids(u) => self.source_at_start = Some(u.into()),
+            Message::SyncUuid(sync_uuid) => {
+                if let Err(e) = persist::adopt_sync_uuid(&mut self.res.keeper(), sync_uuid) {
+                    self.res.persist_failed("the sync UUID", &e);
+                }
+            }
+            Message::BitmapChunk(c) => {
+                // The bits were applied by the applier thread, in order with the resync data.
+                if c.last {
+                    if let Some(job) = &mut self.job {
+                        job.peer_bitmap_done = true;
+                        let total = self.res.meta.out_of_sync_bytes();
+                        self.res.progress.total.store(total, Ordering::Relaxed);
+                    }
+                    self.maybe_start_copier();
+                }
+            }
+            Message::SyncDone => {
+                if self.job.as_ref().map(|j| j.direction) == Some(SyncDirection::Target) {
+                    let source = self.source_at_start;
+                    if let Err(e) =
+                        persist::finish_resync_target(&mut self.res.keeper(), source.as_ref())
+                    {
+                        self.res.persist_failed("the end of the resync", &e);
+                    }
+                    self.set_job(None);
+                    self.res.progress.end(self.res.now_ms());
+                    self.publish_progress(true);
+                    tracing::info!(
+                        resource = %self.res.spec.name,
+                        "resync finished (target): {} bytes received, {} equal, {} zero",
+                        self.res.progress.sent.load(Ordering::Relaxed),
+                        self.res.progress.same.load(Ordering::Relaxed),
+                        self.res.progress.zero.load(Ordering::Relaxed)
+                    );
+                    self.step(Event::ResyncDone);
+                }
+            }
+            Message::Disconnect(d) => {
+                tracing::warn!(resource = %self.res.spec.name, "the peer disconnected: {} {}", d.reason, d.message);
+                self.drop_link();
+                self.step(Event::PeerDropped { reason: d.reason });
+            }
+            other => {
+                tracing::debug!("ignored {:?} from the peer", other.msg_type());
+            }
+        }
+    }
+
+    pub(super) fn execute(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            // What a restart must know first, by the executor the simulator runs too.
+            let started = persist::execute(&mut self.res.keeper(), &action, &mut || {
+                random_uuid(&mut rand::rng())
+            })
+            .unwrap_or_else(|e| {
+                self.res.persist_failed(&format!("{action:?}"), &e);
+                None
+            });
+            self.execute_one(action, started);
+        }
+        let s = self.machine.status();
+        // The connected peer has no disk: the writes it forwards exist only here.
+        let peer_diskless = s.conn == ConnState::Connected && s.peer_disk == DiskState::Diskless;
+        self.res
+            .peer_diskless
+            .store(peer_diskless, Ordering::Release);
+        // Replicate writes whenever the connection is established.
+        let replicate = s.conn == ConnState::Connected && s.peer_disk != DiskState::Diskless;
+        match (&self.link, replicate, self.res.device.link().is_some()) {
+            (Some(link), true, false) => self.res.device.set_link(Some(link.clone())),
+            (_, false, true) => self.res.device.set_link(None),
+            _ => {}
+        }
+    }
+
+    pub(super) fn execute_one(&mut self, action: Action, started: Option<SourceStarted>) {
+        let res = self.res.clone();
+        let name = &res.spec.name;
+        match action {
+            Action::StartServing => self.start_serving(),
+            Action::StopServing => self.stop_serving(),
+            Action::Connect => self.res.wants_connect.store(true, Ordering::Release),
+            Action::Disconnect { reason } => {
+                self.res.wants_connect.store(false, Ordering::Release);
+                if let Some(link) = &self.link {
+                    let _ = link.send(Message::Disconnect(crate::wire::repl::DisconnectRepr {
+                        reason,
+                        message: String::new(),
+                    }));
+                }
+                self.drop_link();
+                // The machine decides whether to reconnect (a later Connect action).
+                if reason != DisconnectReason::Shutdown {
+                    tracing::warn!(resource = %name, "disconnected: {reason}");
+                }
+            }
+            Action::SendState { role, disk, conn } => {
+                if let Some(link) = &self.link {
+                    let _ = link.send(Message::StateChange(StateChangeRepr { role, disk, conn }));
+                }
+            }
+            Action::StartResync {
+                direction,
+                full,
+                tell_peer,
+            } => {
+                let Some(link) = self.link.clone() else {
+                    return;
+                };
+                if tell_peer {
+                    let _ = link.send(Message::SyncStart(SyncStartRepr {
+                        sender_is_source: direction == SyncDirection::Source,
+                        full,
+                    }));
+                }
+                self.paused.store(false, Ordering::Release);
+                // Bits beyond a size shrunk to the peer's are never resynced: drop them.
+                let size = self.res.device.size();
+                let data_size = self.res.meta.data_size();
+                if data_size > size {
+                    self.res.meta.clear_in_sync(size, data_size - size);
+                }
+                if !full {
+                    self.res.send_bitmap(&link);
+                }
+                self.res
+                    .progress
+                    .begin(self.res.meta.out_of_sync_bytes(), self.res.now_ms());
+                if direction == SyncDirection::Source {
+                    // The executor rotated our UUIDs; the target learns the result.
+                    let Some(started) = started else {
+                        tracing::error!(resource = %name, "resync not started: the generation UUIDs could not be written");
+                        return;
+                    };
+                    let _ = link.send(Message::Uuids(UuidsRepr::from(UuidSet {
+                        dirty_bits: self.res.meta.out_of_sync_bytes() / 4096,
+                        flags: self.machine.uuid_flags(),
+                        ..started.at_start
+                    })));
+                    let _ = link.send(Message::SyncUuid(started.sync_uuid));
+                }
+                tracing::info!(resource = %name, "resync: {direction:?}, {}", if full { "full" } else { "bitmap" });
+                self.set_job(Some(Job {
+                    direction,
+                    full,
+                    peer_bitmap_done: false,
+                    copier_started: false,
+                }));
+                self.maybe_start_copier();
+            }
+            Action::PauseResync | Action::ResumeResync => {
+                let paused = action == Action::PauseResync;
+                self.paused.store(paused, Ordering::Release);
+                if let Some(link) = &self.link {
+                    let _ = link.send(Message::SyncPause(paused));
+                }
+            }
+            // Persisted by the executor before this.
+            Action::NewCurrentUuid | Action::PersistFlags { .. } => {}
+            Action::Shrink { size } => self.res.device.limit_size(size),
+            Action::RefusePeer { reason } => {
+                tracing::debug!(resource = %name, "peer refused: {reason}")
+            }
+            Action::MarkOutOfSync => {
+                // Waiting writes fail over to dirty bits; new writes are marked from now on.
+                self.res.device.set_link(None);
+                if let Some(link) = &self.link {
+                    link.fail_all();
+                }
+            }
+            Action::Detach => self.res.device.detach(),
+            Action::Notify(n) => {
+                // drbdsetup events2 style: `change <object> name:<res> <key>:<value>`.
+                let line = match &n {
+                    Notification::Change { object, key, value } => {
+                        format!("change {object} name:{name} {key}:{value}")
+                    }
+                    Notification::SplitBrain(why) => {
+                        tracing::error!(resource = %name, "Split-Brain detected: {why}; dropping the connection");
+                        format!("call helper name:{name} split-brain: {why}")
+                    }
+                };
+                self.res.publish(line);
+            }
+            Action::Log(l) => tracing::info!(resource = %name, "{l}"),
+            Action::Refuse { command, reason } => {
+                tracing::warn!(resource = %name, "{command} refused: {reason}")
+            }
+        }
+    }
+
+    pub(super) fn start_serving(&mut self) {
+        if self.aoe.is_some() {
+            return;
+        }
+        let (shelf, slot) = self.res.spec.aoe;
+        let export = Export {
+            config: BladeConfig::new(shelf, slot),
+            device: self.res.device.clone(),
+            interfaces: vec![self.res.spec.interface.clone()],
+        };
+        match AoeServer::start(vec![export], self.res.crew.group("aoe")) {
+            Ok(server) => {
+                tracing::info!(resource = %self.res.spec.name, "serving e{shelf}.{slot} on {}", self.res.spec.interface);
+                self.aoe = Some(server);
+            }
+            Err(e) => {
+                tracing::error!(resource = %self.res.spec.name, error = %e, "cannot serve over AoE")
+            }
+        }
+        if let Some(addr) = self.res.spec.nbd {
+            match crate::daemon::NbdHandle::start(
+                addr,
+                &self.res.spec.name,
+                self.res.device.clone(),
+                self.res.crew.group("nbd"),
+            ) {
+                Ok(server) => self.nbd = Some(server),
+                Err(e) => {
+                    tracing::error!(resource = %self.res.spec.name, error = %e, "cannot serve over NBD")
+                }
+            }
+        }
+    }
+
+    pub(super) fn stop_serving(&mut self) {
+        // Reverse start order: NBD, then AoE.
+        if let Some(nbd) = self.nbd.take() {
+            nbd.stop();
+        }
+        if let Some(aoe) = self.aoe.take() {
+            aoe.stop();
+            tracing::info!(resource = %self.res.spec.name, "stopped serving");
+        }
+    }
+
+    pub(super) fn shutdown(&mut self) {
+        self.stop_serving();
+        self.res.wants_connect.store(false, Ordering::Release);
+        if let Some(link) = &self.link {
+            let _ = link.send(Message::Disconnect(crate::wire::repl::DisconnectRepr {
+                reason: DisconnectReason::Shutdown,
+                message: "node stopping".into(),
+            }));
+        }
+        self.drop_link();
+        if self.machine.status().role == Role::Primary {
+            // An orderly stop is a demotion: the next start is not a crashed primary.
+            if let Err(e) = self.res.keeper().change_flags(0, flags::PRIMARY_IND) {
+                self.res.persist_failed("the demotion", &e);
+            }
+        }
+        // The applier may still be finishing a write from the peer; it cannot start another
+        // (the link is down), so wait for it rather than leave the meta-data unclean.
+        let still = self.res.meta.wait_for_writes(Duration::from_secs(10));
+        if still > 0 {
+            tracing::error!(resource = %self.res.spec.name, "{still} writes still in flight at shutdown");
+        }
+        if let Err(e) = self.res.device.local().flush() {
+            tracing::error!(resource = %self.res.spec.name, error = %e, "flush at shutdown failed");
+        }
+        match self.res.meta.mark_clean() {
+            Ok(()) => tracing::info!(resource = %self.res.spec.name, "meta-data marked clean"),
+            Err(e) => {
+                tracing::error!(resource = %self.res.spec.name, error = %e, "cannot mark the meta-data clean")
+            }
+        }
+        // The connection's threads ended with the link; join them and anything else started.
+        self.res.crew.stop();
+    }
+}
