@@ -6,7 +6,9 @@
 //! the daemon feeds it [`Event`]s (operator commands, what the peer connection saw, disk errors,
 //! timer ticks) with the current time, and performs the [`Action`]s it returns, in order.
 //!
-//! * [`machine`]: [`Machine`], its [`Config`], [`Startup`], [`Event`], [`Command`], [`Action`].
+//! * [`events`]: what goes in and out of the machine — [`Config`], [`Startup`], [`Event`],
+//!   [`Command`], [`Terms`], [`Action`], [`Notification`].
+//! * [`machine`]: [`Machine`] and its rules.
 //! * [`persist`]: the one executor of every action that changes what a node keeps across a
 //!   restart (generation UUIDs, superblock flags, agreed size); the daemon and the simulator
 //!   both run it.
@@ -33,6 +35,7 @@
 //! * A split brain or unrelated data leaves the node StandAlone, with no resync; only the
 //!   operator (`connect --discard-my-data` on the loser) resolves it.
 
+pub mod events;
 pub mod machine;
 pub mod persist;
 pub mod sim;

@@ -483,8 +483,8 @@ pub fn status_text(name: &str, s: &Snapshot) -> String {
         t += "\n";
     }
     t += &format!(
-        "  protocol:{} durability:{} size:{} serving:{} uuids:{}\n",
-        s.protocol, s.durability, s.size, st.serving, s.uuids
+        "  protocol:{} durability:{} csums:{} size:{} serving:{} uuids:{}\n",
+        s.protocol, s.durability, s.csums, s.size, st.serving, s.uuids
     );
     t += &format!(
         "  read:{}KiB written:{}KiB sent:{}KiB writes-marked-out-of-sync:{}",
@@ -526,7 +526,7 @@ pub fn status_json(name: &str, s: &Snapshot) -> String {
             "\"resync_sent\":{},\"resync_same\":{},\"resync_zero\":{},",
             "\"verify\":{{\"state\":\"{}\",\"runs\":{},\"done-percent\":{:.2},\"rate-mbps\":{:.1},",
             "\"seconds\":{:.3},\"out-of-sync-blocks\":{},\"ranges\":[{}]}},",
-            "\"protocol\":\"{}\",\"durability\":\"{}\",\"size\":{},\"serving\":{},\"uuids\":\"{}\",",
+            "\"protocol\":\"{}\",\"durability\":\"{}\",\"csums\":\"{}\",\"size\":{},\"serving\":{},\"uuids\":\"{}\",",
             "\"io\":{{\"read\":{},\"written\":{},\"sent\":{},\"writes-marked\":{}}}}}"
         ),
         esc(name),
@@ -564,6 +564,7 @@ pub fn status_json(name: &str, s: &Snapshot) -> String {
         ranges.join(","),
         s.protocol,
         s.durability,
+        s.csums,
         s.size,
         st.serving,
         s.uuids,
@@ -680,6 +681,7 @@ mod tests {
             uuids: Default::default(),
             protocol: ReplProtocol::C,
             durability: Durability::Node,
+            csums: crate::wire::repl::ChecksumAlg::Xxh3_128,
         }
     }
 

@@ -86,6 +86,7 @@ impl Resource {
             uuids: self.uuid_set(published.uuid_flags),
             protocol: self.spec.protocol,
             durability: self.spec.durability,
+            csums: self.spec.csums,
         }
     }
 
@@ -253,4 +254,6 @@ pub struct Snapshot {
     pub protocol: ReplProtocol,
     /// Durability.
     pub durability: Durability,
+    /// Block digest of full sync and verify.
+    pub csums: ChecksumAlg,
 }

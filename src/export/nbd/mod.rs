@@ -38,6 +38,7 @@ pub mod acl;
 pub mod export;
 mod fuzz;
 mod handshake;
+mod outq;
 pub mod server;
 
 pub use acl::Acl;
