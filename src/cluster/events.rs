@@ -409,6 +409,9 @@ pub enum Action {
         /// Why.
         reason: PeerRefusal,
     },
+    /// Send client writes to the peer from now on (`true`: connected, and the peer has a
+    /// disk), or stop (`false`: writes complete here and are marked out of sync).
+    Replicate(bool),
     /// The peer no longer receives writes: mark every write it has not acknowledged, and every
     /// write from now on, in the bitmap; complete pending writes locally.
     MarkOutOfSync,

@@ -84,6 +84,8 @@ pub struct Machine {
     persisted: Persisted,
     /// The connected peer is diskless and a new generation was started for it.
     peer_diskless_generation: bool,
+    /// Client writes go to the peer (the last [`Action::Replicate`]).
+    replicating: bool,
 }
 
 /// The superblock flags this machine keeps up to date (see [`Action::PersistFlags`]).
@@ -130,6 +132,7 @@ impl Machine {
                 crashed_primary: startup.crashed_primary,
             },
             peer_diskless_generation: false,
+            replicating: false,
         };
         let actions = vec![
             Action::Log(format!(
@@ -838,6 +841,13 @@ impl Machine {
             out.push(Action::NewCurrentUuid);
         } else if !peer_diskless {
             self.peer_diskless_generation = false;
+        }
+        // Writes reach the peer whenever the connection is established and it has a disk;
+        // attached before anything is served under it.
+        let replicate = connected && self.peer_disk != DiskState::Diskless;
+        if replicate != self.replicating {
+            self.replicating = replicate;
+            out.push(Action::Replicate(replicate));
         }
         let should_serve = self.role == Role::Primary
             && (self.disk == DiskState::UpToDate

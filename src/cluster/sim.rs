@@ -59,6 +59,11 @@ pub struct Node {
     pub terms: Terms,
     /// A resync this node started as the source: what it sends the target.
     source_started: Option<SourceStarted>,
+    /// Client writes go to the peer ([`Action::Replicate`]).
+    pub replicating: bool,
+    /// The new UUIDs the persistent executor drew for this node, in order (so a test can
+    /// replay this node's actions through another executor backend and compare).
+    pub fresh_uuids: Vec<u64>,
 }
 
 impl Keeper for Node {
@@ -115,6 +120,8 @@ impl Node {
                     checksum_alg: ChecksumAlg::Xxh3_128,
                 },
                 source_started: None,
+                replicating: false,
+                fresh_uuids: Vec::new(),
             },
             actions,
         )
@@ -314,9 +321,8 @@ impl Pair {
         self.next_value += 1;
         let peer = 1 - n;
         let local_disk = !self.nodes[n].detached;
-        let replicating = self.connected
-            && !self.nodes[peer].detached
-            && self.nodes[n].status().conn == ConnState::Connected;
+        // The link must carry it, and the machine must have asked for it.
+        let replicating = self.connected && self.nodes[n].replicating;
         if local_disk {
             self.nodes[n].blocks[block] = v;
         }
@@ -432,8 +438,14 @@ impl Pair {
             self.nodes[n].actions.push(action.clone());
             // What a restart keeps: the daemon's executor, the same code.
             let rng = &mut self.rng;
-            let started = persist::execute(&mut self.nodes[n], &action, &mut || fresh_uuid(rng))
-                .expect("the simulated disk never fails a write");
+            let mut used = Vec::new();
+            let started = persist::execute(&mut self.nodes[n], &action, &mut || {
+                let uuid = fresh_uuid(rng);
+                used.push(uuid);
+                uuid
+            })
+            .expect("the simulated disk never fails a write");
+            self.nodes[n].fresh_uuids.extend(used);
             if started.is_some() {
                 self.nodes[n].source_started = started;
             }
@@ -488,6 +500,7 @@ impl Pair {
                 | Action::PersistFlags { .. }
                 | Action::RefusePeer { .. } => {}
                 Action::Shrink { size } => self.nodes[n].terms.size = size,
+                Action::Replicate(on) => self.nodes[n].replicating = on,
                 Action::MarkOutOfSync => {
                     let node = &mut self.nodes[n];
                     for (block, _, _) in node.pending.drain(..) {

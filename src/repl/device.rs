@@ -804,6 +804,23 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_peer_io_error_marks_what_the_peer_held_only_in_its_cache() {
+        let (dev, meta) = device_with_peer(ReplProtocol::C, Durability::Node, FakePeer::default());
+        dev.write_at(&[5u8; 4096], 0, false).unwrap();
+        // Confirmed stable on the peer: no longer at risk.
+        dev.flush().unwrap();
+        dev.write_at(&[6u8; 4096], 5 << 20, true).unwrap();
+        assert_eq!(meta.out_of_sync_bytes(), 0);
+        // The peer reports a failed write (or flush): its cache may be lost.
+        dev.peer_failed_io();
+        assert!(meta.is_out_of_sync(5 << 20), "unconfirmed write not marked");
+        assert!(
+            !meta.is_out_of_sync(0),
+            "a write the peer flushed was marked"
+        );
+    }
+
     fn timed_write(dev: &ReplicatedDevice) -> Duration {
         let t = Instant::now();
         dev.write_at(&[7u8; 4096], 4096, false).unwrap();

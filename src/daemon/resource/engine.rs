@@ -357,13 +357,6 @@ impl Engine {
         self.res
             .peer_diskless
             .store(peer_diskless, Ordering::Release);
-        // Replicate writes whenever the connection is established.
-        let replicate = s.conn == ConnState::Connected && s.peer_disk != DiskState::Diskless;
-        match (&self.link, replicate, self.res.device.link().is_some()) {
-            (Some(link), true, false) => self.res.device.set_link(Some(link.clone())),
-            (_, false, true) => self.res.device.set_link(None),
-            _ => {}
-        }
     }
 
     pub(super) fn execute_one(&mut self, action: Action, started: Option<SourceStarted>) {
@@ -454,6 +447,11 @@ impl Engine {
             Action::RefusePeer { reason } => {
                 tracing::debug!(resource = %name, "peer refused: {reason}")
             }
+            Action::Replicate(true) => match &self.link {
+                Some(link) => self.res.device.set_link(Some(link.clone())),
+                None => tracing::error!(resource = %name, "replicate: no connection"),
+            },
+            Action::Replicate(false) => self.res.device.set_link(None),
             Action::MarkOutOfSync => {
                 // Waiting writes fail over to dirty bits; new writes are marked from now on.
                 self.res.device.set_link(None);

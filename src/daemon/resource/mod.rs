@@ -465,6 +465,81 @@ impl Keeper for MetaKeeper<'_> {
 mod tests {
     use super::*;
 
+    /// The machine actions of one simulated node, replayed through the daemon's executor
+    /// backend (the meta-data store), end where the simulator's toy disk ended: the same
+    /// generation UUIDs, the same superblock flags, the same agreed size. Both run
+    /// [`persist::execute`]; this catches the two backends (or what they persist) drifting.
+    #[test]
+    fn the_daemon_keeps_what_the_simulator_keeps() {
+        use crate::block::crash::CrashDevice;
+        use crate::cluster::sim::{Pair, BLOCKS};
+        use crate::meta::store::{create, CreateOptions};
+        use crate::meta::LayoutParams;
+        use crate::wire::ondisk::MetaKind;
+
+        // Promotion, the peer losing its disk (a new generation), the peer gone (outdated),
+        // demotion, a smaller peer (shrink), and a resync started as the source.
+        let mut pair = Pair::healthy();
+        pair.resync_time = Duration::from_secs(3600);
+        pair.advance(Duration::from_secs(1));
+        pair.step(1, Event::LocalIoError);
+        pair.advance(Duration::from_secs(1));
+        pair.crash(1);
+        pair.advance(Duration::from_secs(1));
+        pair.command(0, Command::Secondary);
+        let mut smaller = pair.nodes[1].terms;
+        smaller.size = BLOCKS as u64 * 4096 / 2;
+        pair.set_terms(1, smaller);
+        pair.restart(1, crate::cluster::Config::default(), Startup::consistent());
+        pair.advance(Duration::from_secs(3));
+        let node = &pair.nodes[0];
+        for kind in ["NewCurrentUuid", "PersistFlags", "Shrink", "StartResync"] {
+            assert!(
+                node.actions
+                    .iter()
+                    .any(|a| format!("{a:?}").starts_with(kind)),
+                "the history has no {kind}: {:?}",
+                node.actions
+            );
+        }
+
+        let meta_dev: Arc<dyn BlockDevice> = Arc::new(CrashDevice::new(1 << 20));
+        let data: Arc<dyn BlockDevice> = Arc::new(CrashDevice::new(4 << 20));
+        let opts = CreateOptions {
+            name: "t".into(),
+            params: LayoutParams::default(),
+            force: true,
+        };
+        create(meta_dev.as_ref(), 4 << 20, MetaKind::External, &opts).unwrap();
+        let (store, _) = MetaStore::attach(meta_dev, data, MetaKind::External).unwrap();
+        store
+            .set_uuids(UuidSet::from_array([0x1000, 0, 0, 0]))
+            .unwrap();
+        let executor_bits =
+            flags::CONSISTENT | flags::PRIMARY_IND | flags::PEER_OUTDATED | flags::CRASHED_PRIMARY;
+        store.set_flags(0, executor_bits).unwrap();
+        let mut fresh = node.fresh_uuids.iter().copied();
+        for action in &node.actions {
+            persist::execute(&mut MetaKeeper(&store), action, &mut || {
+                fresh
+                    .next()
+                    .expect("as many new UUIDs as the simulator drew")
+            })
+            .unwrap();
+        }
+        assert_eq!(
+            store.uuids().to_array(),
+            node.uuids.to_array(),
+            "generation UUIDs"
+        );
+        assert_eq!(
+            store.superblock().flags & executor_bits,
+            node.flags & executor_bits,
+            "superblock flags"
+        );
+        assert_eq!(Some(store.usable_size()), node.agreed_size, "agreed size");
+    }
+
     #[test]
     fn blocks_travel_as_data_zero_or_skip() {
         let mut buf = vec![0u8; 6 * 4096 + 512];
