@@ -11,9 +11,10 @@
 #   5. a split brain made on purpose is detected and not synced; `connect --discard-my-data` on
 #      the loser resolves it and the loser ends identical
 #   6. a wrong shared secret is refused
-#   7. the secondary's flush fails (at durability node, then power): it detaches and says so, the
-#      primary's FLUSH still succeeds but everything the secondary may hold only in its cache is
-#      marked out of sync, and the resync after its return makes both disks identical
+#   7. the secondary's flush fails, then its writes fail (FUA writes at durability power), at
+#      durability node and power: it detaches and says so; the primary's FLUSH and writes still
+#      succeed, but everything the secondary may hold only in its cache is marked out of sync,
+#      and the resync after its return makes both disks identical
 #
 # Usage: initiator-tests/replication.sh [--keep]
 # Needs root; uses namespaces tbr-a, tbr-b, tbr-c and bridge tbrbr0 (nothing else touches them).
@@ -226,6 +227,20 @@ secondary_flush_fails() { # DURABILITY SEED
     aoe read e7.3 -q 16 --seed "$2" --offset 16M --bytes 2M --verify >/dev/null || fail "$1: acknowledged write lost"
     same_data || fail "$1: disks differ after the secondary with a failing flush came back"
     log "PASS durability $1: the secondary's failed flush marked $oos bytes out of sync; resynced, identical"
+    # Now its writes fail (each one FUA at durability power).
+    ctl alpha fault r0 write-error >/dev/null
+    aoe write e7.3 -q 16 --seed "$(($2 + 100))" --offset 20M --bytes 1M >/dev/null || fail "$1: write failed although the primary's disk is fine"
+    wait_for 5 "alpha detached after its write failed" state_is alpha detached true
+    oos=$(field beta out-of-sync)
+    ((oos >= 1 << 20)) || fail "$1: after alpha's failed writes beta marked only $oos bytes out of sync"
+    ctl alpha fault r0 clear >/dev/null
+    kill -TERM "${pid[alpha]}"
+    wait "${pid[alpha]}" || true
+    start alpha
+    wait_for 60 "alpha back and resynced after its failed writes at durability $1" in_sync
+    aoe read e7.3 -q 16 --seed "$(($2 + 100))" --offset 20M --bytes 1M --verify >/dev/null || fail "$1: acknowledged write lost"
+    same_data || fail "$1: disks differ after the secondary with failing writes came back"
+    log "PASS durability $1: the secondary's failed writes marked $oos bytes out of sync; resynced, identical"
 }
 write_config "$cfg.alpha" # the right secret again
 secondary_flush_fails node 21
