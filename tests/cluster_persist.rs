@@ -100,6 +100,19 @@ fn a_peer_that_loses_its_disk_starts_a_new_generation_on_the_primary() {
         .filter(|a| **a == Action::NewCurrentUuid)
         .count();
     assert_eq!(generations, again, "once per loss, not per step");
+    let before_loss = pair.nodes[0]
+        .actions
+        .iter()
+        .position(|a| matches!(a, Action::Log(l) if l.contains("detached its disk")))
+        .expect("the primary heard that the peer detached");
+    assert_eq!(
+        pair.nodes[0].actions[before_loss..]
+            .iter()
+            .filter(|a| **a == Action::NewCurrentUuid)
+            .count(),
+        1,
+        "exactly one new generation for one lost peer disk"
+    );
 }
 
 #[test]

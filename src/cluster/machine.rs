@@ -614,6 +614,8 @@ impl Machine {
             if self.role == Role::Primary && self.disk != DiskState::Diskless {
                 out.push(Action::MarkOutOfSync);
                 out.push(Action::NewCurrentUuid);
+                // The new generation for a diskless peer: started here, not again in finish.
+                self.peer_diskless_generation = true;
                 self.degraded = true;
             }
         }
