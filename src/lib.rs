@@ -7,6 +7,8 @@
 //! * [`export`]: the targets that serve a `BlockDevice` to clients (AoE, NBD).
 //! * [`net`]: raw packet sockets and interface queries used by the AoE target.
 //! * [`ratelimit`]: rate-limited, counted logging for anything the network can trigger.
+//! * [`ha`]: pure heartbeat groundwork: replay window and multi-path peer liveness (not wired in
+//!   yet).
 //! * [`cluster`], [`repl`], [`meta`]: the replication decisions, the replicated device, the
 //!   meta-data.
 //! * [`daemon`]: `twinblade run` — engines, peer connections, the control socket.
@@ -23,6 +25,7 @@ pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod export;
+pub mod ha;
 pub mod meta;
 pub mod net;
 pub mod ratelimit;
