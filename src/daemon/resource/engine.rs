@@ -238,7 +238,7 @@ impl Engine {
         // The reader starts before the machine reacts, so nothing the peer sends is lost.
         let decoder = conn.decoder;
         {
-            let me = self.res.self_arc();
+            let me = self.res.clone();
             let link = link.clone();
             let started = self
                 .res

@@ -260,7 +260,6 @@ pub struct Resource {
     /// Online verify.
     pub verify: VerifyState,
     started: Instant,
-    me: std::sync::Weak<Resource>,
     /// The connected peer has no disk: writes it forwards to us exist only here, so we mark
     /// them out of sync (and started a new data generation when it lost its disk).
     peer_diskless: AtomicBool,
@@ -309,8 +308,7 @@ impl Resource {
         let (machine, actions) = Machine::new(machine_config, startup, now);
         let listener = TcpListener::bind(spec.listen)?;
         listener.set_nonblocking(true)?;
-        let res = Arc::new_cyclic(|me| Resource {
-            me: me.clone(),
+        let res = Arc::new(Resource {
             peer_diskless: AtomicBool::new(false),
             spec,
             meta,
@@ -425,10 +423,6 @@ impl Resource {
     }
 
     // ---------------------------------------------------------------- engine
-
-    fn self_arc(&self) -> Arc<Resource> {
-        self.me.upgrade().expect("a running resource is alive")
-    }
 
     // ---------------------------------------------------------------- actions
 }

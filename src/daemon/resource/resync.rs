@@ -27,7 +27,7 @@ impl Engine {
             "resync started: {total} bytes to examine, {}",
             if full { "checksum-based" } else { "bitmap-based" }
         );
-        let me = self.res.self_arc();
+        let me = self.res.clone();
         let paused = self.paused.clone();
         let started = self
             .res

@@ -38,7 +38,7 @@ impl Engine {
         // A Secondary under a Primary checksums its copy where the Primary's answer lands in its
         // replication stream; anyone else checksums under its order lock when asking.
         let local_at_reply = s.role != Role::Primary && s.peer_role == Role::Primary;
-        let me = self.res.self_arc();
+        let me = self.res.clone();
         let spawned = self
             .res
             .crew
