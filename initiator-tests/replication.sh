@@ -194,16 +194,23 @@ log "PASS wrong shared secret refused"
 # --- 7. the secondary's flush fails ------------------------------------------------------------
 # Both nodes restart with DURABILITY ($1; the configuration is the same on both), beta primary,
 # alpha secondary; alpha's disk then fails every flush.
+# alpha_returns DURABILITY SEED OFFSET BYTES WHAT: alpha's faults cleared, it restarts and
+# resyncs; the write of SEED at OFFSET reads back and both disks are identical.
+alpha_returns() {
+    ctl alpha fault r0 clear >/dev/null
+    stop alpha
+    start alpha
+    wait_for 60 "alpha back and resynced after its $5 at durability $1" in_sync
+    aoe read e7.3 -q 16 --seed "$2" --offset "$3" --bytes "$4" --verify >/dev/null || fail "$1: acknowledged write lost"
+    same_data || fail "$1: disks differ after the secondary with $5 came back"
+}
 secondary_flush_fails() { # DURABILITY SEED
     DURABILITY=$1
     write_config "$cfg.alpha"
     write_config "$cfg.beta"
     local n
     for n in alpha beta; do
-        if running "$n"; then
-            kill -TERM "${pid[$n]}"
-            wait "${pid[$n]}" || true
-        fi
+        if running "$n"; then stop "$n"; fi
     done
     start alpha
     start beta
@@ -219,13 +226,7 @@ secondary_flush_fails() { # DURABILITY SEED
     oos=$(field beta out-of-sync)
     ((oos >= 2 << 20)) || fail "$1: after alpha's failed flush beta marked $oos bytes out of sync (want the 2 MiB alpha may have lost)"
     grep -q "flush failed; detaching" "$work/alpha.log" || fail "$1: alpha did not log its failed flush"
-    ctl alpha fault r0 clear >/dev/null
-    kill -TERM "${pid[alpha]}"
-    wait "${pid[alpha]}" || true
-    start alpha
-    wait_for 60 "alpha back and resynced at durability $1" in_sync
-    aoe read e7.3 -q 16 --seed "$2" --offset 16M --bytes 2M --verify >/dev/null || fail "$1: acknowledged write lost"
-    same_data || fail "$1: disks differ after the secondary with a failing flush came back"
+    alpha_returns "$1" "$2" 16M 2M "failing flush"
     log "PASS durability $1: the secondary's failed flush marked $oos bytes out of sync; resynced, identical"
     # Now its writes fail (each one FUA at durability power).
     ctl alpha fault r0 write-error >/dev/null
@@ -233,13 +234,7 @@ secondary_flush_fails() { # DURABILITY SEED
     wait_for 5 "alpha detached after its write failed" state_is alpha detached true
     oos=$(field beta out-of-sync)
     ((oos >= 1 << 20)) || fail "$1: after alpha's failed writes beta marked only $oos bytes out of sync"
-    ctl alpha fault r0 clear >/dev/null
-    kill -TERM "${pid[alpha]}"
-    wait "${pid[alpha]}" || true
-    start alpha
-    wait_for 60 "alpha back and resynced after its failed writes at durability $1" in_sync
-    aoe read e7.3 -q 16 --seed "$(($2 + 100))" --offset 20M --bytes 1M --verify >/dev/null || fail "$1: acknowledged write lost"
-    same_data || fail "$1: disks differ after the secondary with failing writes came back"
+    alpha_returns "$1" "$(($2 + 100))" 20M 1M "failing writes"
     log "PASS durability $1: the secondary's failed writes marked $oos bytes out of sync; resynced, identical"
 }
 write_config "$cfg.alpha" # the right secret again
