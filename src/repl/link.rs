@@ -431,7 +431,7 @@ mod tests {
         assert!(!link
             .try_send(Message::Ping(PingRepr { cookie: 0 }))
             .unwrap());
-        assert!(at.elapsed() < std::time::Duration::from_millis(50));
+        assert!(at.elapsed() < std::time::Duration::from_secs(1));
         // Failing the link frees the stuck sender.
         link.fail_all();
         writer.join().unwrap();
