@@ -6,5 +6,7 @@
 //!
 //! The datagram itself is [`crate::wire::heartbeat`].
 
+pub mod clock;
+pub mod gate;
 pub mod liveness;
 pub mod replay;
