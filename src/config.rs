@@ -2,13 +2,18 @@
 //!
 //! ```toml
 //! [cluster]
-//! shared-secret = "change-me"          # authenticates every peer connection
+//! shared-secret = "change-me"          # authenticates every peer connection and heartbeat
+//! heartbeat-port = 7790                # optional: UDP port of the heartbeat on every path
+//! heartbeat-interval = 0.2             # optional: seconds between heartbeats (heartbeat's keepalive)
+//! heartbeat-dead-time = 1.0            # optional: silence on every path that makes the peer dead
 //! [node.alpha]
 //! address = "192.168.100.1"            # replication link
 //! interface = "eth0"                   # client-facing: AoE (later also the floating IP)
+//! heartbeat = ["192.168.100.1", "10.0.0.181"] # optional: one address per heartbeat path
 //! [node.beta]
 //! address = "192.168.100.2"
 //! interface = "eth0"
+//! heartbeat = ["192.168.100.2", "10.0.0.182"]
 //! [resource.r0]
 //! aoe = "e0.3"                         # shelf 0..65534, slot 0..254; unique
 //! port = 7788                          # replication port; unique
@@ -21,6 +26,7 @@
 //! resync-rate-min = "10M"              # optional: floor while clients do I/O (default 10M)
 //! resync-fill-target = "8M"            # optional: bytes in flight the controller aims at
 //! resync-plan-ahead = 0.2              # optional: seconds a correction is spread over
+//! fencing = "resource-only"            # optional: resource-only (default) or dont-care
 //! [resource.r0.on.alpha]
 //! disk = "/var/lib/twinblade/r0.img"
 //! meta-disk = "internal"               # or the path of a separate device or file
@@ -80,12 +86,28 @@ pub enum ConfigError {
 }
 
 /// `[cluster]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Cluster {
-    /// Authenticates every peer connection.
+    /// Authenticates every peer connection and every heartbeat.
     pub shared_secret: String,
+    /// UDP port of the heartbeat on every path (default [`DEFAULT_HEARTBEAT_PORT`]).
+    pub heartbeat_port: Option<u16>,
+    /// Seconds between heartbeats on each path (default 0.2).
+    pub heartbeat_interval: Option<f64>,
+    /// Seconds of silence on every heartbeat path (and the replication link) after which the
+    /// peer is declared gone (default 1.0; at least three intervals).
+    pub heartbeat_dead_time: Option<f64>,
 }
+
+/// The heartbeat's UDP port unless `[cluster] heartbeat-port` says otherwise.
+pub const DEFAULT_HEARTBEAT_PORT: u16 = 7790;
+/// Default seconds between heartbeats.
+pub const DEFAULT_HEARTBEAT_INTERVAL: f64 = 0.2;
+/// Default heartbeat dead time, seconds.
+pub const DEFAULT_HEARTBEAT_DEAD_TIME: f64 = 1.0;
+/// Most heartbeat paths a node may list.
+pub const MAX_HEARTBEAT_PATHS: usize = 4;
 
 /// `[node.NAME]`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -95,6 +117,16 @@ pub struct Node {
     pub address: IpAddr,
     /// Client-facing interface (AoE, floating IP).
     pub interface: String,
+    /// The local addresses the heartbeat uses, one per path; path `i` of one node talks to
+    /// path `i` of the other (default: `[address]`, the replication link alone).
+    pub heartbeat: Option<Vec<IpAddr>>,
+}
+
+impl Node {
+    /// The heartbeat addresses, one per path.
+    pub fn heartbeat_addresses(&self) -> Vec<IpAddr> {
+        self.heartbeat.clone().unwrap_or_else(|| vec![self.address])
+    }
 }
 
 /// Where a resource's meta-data lives on one node.
@@ -205,6 +237,10 @@ pub struct Resource {
     pub preferred_primary: Option<String>,
     /// Also export the device over NBD on this `ADDRESS:PORT` while primary.
     pub nbd: Option<std::net::SocketAddr>,
+    /// `"resource-only"` (default) or `"dont-care"` (DRBD's `fencing`; see
+    /// [`crate::cluster::machine`]).
+    #[serde(default = "default_fencing", deserialize_with = "fencing_word")]
+    pub fencing: crate::cluster::Fencing,
     /// Resync upper bound in bytes/s, `K`/`M`/`G` suffixes (binary), or `"unlimited"`
     /// (default).
     pub resync_rate_max: Option<ByteValue>,
@@ -228,6 +264,24 @@ fn default_durability() -> Durability {
 
 fn default_csums() -> ChecksumAlg {
     ChecksumAlg::Xxh3_128
+}
+
+fn default_fencing() -> crate::cluster::Fencing {
+    crate::cluster::Fencing::ResourceOnly
+}
+
+fn fencing_word<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<crate::cluster::Fencing, D::Error> {
+    use crate::cluster::Fencing;
+    one_of_words(
+        d,
+        &[Fencing::ResourceOnly, Fencing::DontCare],
+        |f| match f {
+            Fencing::ResourceOnly => "resource-only",
+            Fencing::DontCare => "dont-care",
+        },
+    )
 }
 
 fn protocol_word<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ReplProtocol, D::Error> {
@@ -330,8 +384,8 @@ impl Resource {
         self.aoe.parse().expect("validated at load")
     }
 
-    /// The cluster state machine's timers and policy for node `node`.
-    pub fn machine_config(&self, node: &str) -> crate::cluster::Config {
+    /// The cluster state machine's timers and policy for node `node`, in `cluster`.
+    pub fn machine_config(&self, node: &str, cluster: &Cluster) -> crate::cluster::Config {
         use std::time::Duration;
         let defaults = crate::cluster::Config::default();
         let secs = |v: Option<f64>, d: Option<Duration>| match v {
@@ -351,6 +405,9 @@ impl Resource {
                 .timeout
                 .map_or(defaults.timeout, Duration::from_secs_f64),
             ko_count: self.ko_count.unwrap_or(defaults.ko_count),
+            fencing: self.fencing,
+            heartbeat_dead_time: cluster.heartbeat_dead_time(),
+            wire_recheck: defaults.wire_recheck,
         }
     }
 
@@ -372,6 +429,64 @@ struct File {
     node: BTreeMap<String, Node>,
     #[serde(default)]
     resource: BTreeMap<String, Resource>,
+}
+
+impl Cluster {
+    /// The heartbeat's UDP port.
+    pub fn heartbeat_port(&self) -> u16 {
+        self.heartbeat_port.unwrap_or(DEFAULT_HEARTBEAT_PORT)
+    }
+
+    /// Time between heartbeats.
+    pub fn heartbeat_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(
+            self.heartbeat_interval
+                .unwrap_or(DEFAULT_HEARTBEAT_INTERVAL),
+        )
+    }
+
+    /// Silence on every path after which the peer is gone.
+    pub fn heartbeat_dead_time(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(
+            self.heartbeat_dead_time
+                .unwrap_or(DEFAULT_HEARTBEAT_DEAD_TIME),
+        )
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        if self.shared_secret.is_empty() {
+            return Err(("cluster.shared-secret".into(), "must not be empty".into()));
+        }
+        if self.heartbeat_port == Some(0) {
+            return Err(("cluster.heartbeat-port".into(), "must not be 0".into()));
+        }
+        let interval = self
+            .heartbeat_interval
+            .unwrap_or(DEFAULT_HEARTBEAT_INTERVAL);
+        if !interval.is_finite() || !(0.01..=10.0).contains(&interval) {
+            return Err((
+                "cluster.heartbeat-interval".into(),
+                format!("{interval} is not a number of seconds in 0.01..10"),
+            ));
+        }
+        let dead = self
+            .heartbeat_dead_time
+            .unwrap_or(DEFAULT_HEARTBEAT_DEAD_TIME);
+        if !dead.is_finite() || !(0.05..=120.0).contains(&dead) {
+            return Err((
+                "cluster.heartbeat-dead-time".into(),
+                format!("{dead} is not a number of seconds in 0.05..120"),
+            ));
+        }
+        // As heartbeat refuses deadtime <= 2 x keepalive: one lost datagram must not kill a peer.
+        if dead < 3.0 * interval {
+            return Err((
+                "cluster.heartbeat-dead-time".into(),
+                format!("{dead} s must be at least three heartbeat intervals ({interval} s each)"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A loaded, validated configuration.
@@ -426,9 +541,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
-        if self.cluster.shared_secret.is_empty() {
-            return Err(("cluster.shared-secret".into(), "must not be empty".into()));
-        }
+        self.cluster.validate()?;
         if self.nodes.len() != 2 {
             let names: Vec<&str> = self.nodes.keys().map(String::as_str).collect();
             return Err((
@@ -455,6 +568,7 @@ impl Config {
                 format!("both nodes have address {}", a.address),
             ));
         }
+        self.validate_heartbeat_paths()?;
         let mut aoe_seen: HashMap<AoeAddress, &str> = HashMap::new();
         let mut port_seen: HashMap<u16, &str> = HashMap::new();
         for (rname, res) in &self.resources {
@@ -569,6 +683,62 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    fn validate_heartbeat_paths(&self) -> Result<(), (String, String)> {
+        let mut counts = Vec::new();
+        for (name, node) in &self.nodes {
+            let key = format!("node.{name}.heartbeat");
+            let paths = node.heartbeat_addresses();
+            if paths.is_empty() || paths.len() > MAX_HEARTBEAT_PATHS {
+                return Err((
+                    key,
+                    format!("list 1 to {MAX_HEARTBEAT_PATHS} addresses, one per path"),
+                ));
+            }
+            for (i, addr) in paths.iter().enumerate() {
+                if paths[..i].contains(addr) {
+                    return Err((key, format!("{addr} is listed twice")));
+                }
+            }
+            counts.push((name, paths));
+        }
+        let (a, b) = (&counts[0], &counts[1]);
+        if a.1.len() != b.1.len() {
+            return Err((
+                format!("node.{}.heartbeat", b.0),
+                format!(
+                    "{} lists {} heartbeat path(s) and {} lists {}: path i of one node talks to path i of the other",
+                    a.0,
+                    a.1.len(),
+                    b.0,
+                    b.1.len()
+                ),
+            ));
+        }
+        for (x, y) in a.1.iter().zip(&b.1) {
+            if x == y {
+                return Err((
+                    format!("node.{}.heartbeat", b.0),
+                    format!("both nodes use {x} for the same heartbeat path"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Node `node`'s heartbeat paths: (our address, the peer's address) for each.
+    pub fn heartbeat_paths(&self, node: &str) -> Vec<(IpAddr, IpAddr)> {
+        let (Some(ours), Some(theirs)) = (
+            self.nodes.get(node),
+            self.peer_of(node).and_then(|p| self.nodes.get(p)),
+        ) else {
+            return Vec::new();
+        };
+        ours.heartbeat_addresses()
+            .into_iter()
+            .zip(theirs.heartbeat_addresses())
+            .collect()
     }
 
     /// The resource called `name`.

@@ -26,6 +26,38 @@ pub struct Config {
     pub timeout: Duration,
     /// Timeouts a pending write may take before the peer is dropped (DRBD default 7; 0: off).
     pub ko_count: u32,
+    /// What a node does before it serves without its peer (DRBD's `fencing`).
+    pub fencing: Fencing,
+    /// Silence on every heartbeat path (and the replication link) after which the peer is
+    /// declared gone (`[cluster] heartbeat-dead-time`). Only under [`Fencing::ResourceOnly`].
+    pub heartbeat_dead_time: Duration,
+    /// How long a wire-guard answer ("somebody answers our shelf.slot") holds off a promotion
+    /// before the guard is asked again.
+    pub wire_recheck: Duration,
+}
+
+/// What a node must know before it serves without its peer (DRBD's `fencing` policy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fencing {
+    /// `dont-care`: a node that loses the replication link promotes (or goes on serving) at
+    /// once. Fast, and a cut link splits the brain: only for tests and for pairs whose
+    /// replication link cannot fail alone.
+    DontCare,
+    /// `resource-only` (the default): a primary that loses the link acknowledges nothing the
+    /// peer lacks until the peer has persisted `Outdated` (asked over another heartbeat path)
+    /// or has been silent on every path with nobody answering the shelf.slot; a secondary
+    /// promotes alone only on the second condition; a primary answers clients only under a
+    /// lease. See [`super::machine`].
+    ResourceOnly,
+}
+
+impl fmt::Display for Fencing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Fencing::DontCare => "dont-care",
+            Fencing::ResourceOnly => "resource-only",
+        })
+    }
 }
 
 impl Default for Config {
@@ -38,6 +70,9 @@ impl Default for Config {
             dead_time: Duration::from_millis(10_500),
             timeout: Duration::from_secs(6),
             ko_count: 7,
+            fencing: Fencing::ResourceOnly,
+            heartbeat_dead_time: Duration::from_secs(1),
+            wire_recheck: Duration::from_secs(2),
         }
     }
 }
@@ -191,8 +226,37 @@ pub enum Event {
         /// This node is the resync source.
         source: bool,
     },
+    /// The heartbeat heard the peer on some path: what it says about this resource (`None`
+    /// if its heartbeat names no such resource: it runs without it).
+    PeerHeard(Option<PeerSeen>),
+    /// The heartbeat has heard nothing from the peer on any path for its dead time.
+    PeerSilent,
+    /// The wire guard ([`Action::CheckWire`]) finished: `answered` if some other MAC answers
+    /// this resource's shelf.slot on the client network.
+    WireChecked {
+        /// Somebody else answers.
+        answered: bool,
+    },
+    /// While serving, another MAC answered this resource's shelf.slot: multiple-mount
+    /// protection.
+    RivalAnswered,
     /// Time passed.
     Tick,
+}
+
+/// What the peer's heartbeat says about one resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerSeen {
+    /// The peer's role.
+    pub role: Role,
+    /// The peer answers clients for it.
+    pub serving: bool,
+    /// The peer's data is UpToDate.
+    pub up_to_date: bool,
+    /// The peer has persisted `Outdated`: it will not promote itself.
+    pub outdated: bool,
+    /// The peer (a primary that lost the replication link) asks us to persist `Outdated`.
+    pub outdate_request: bool,
 }
 
 /// What both nodes of a pair must agree on before they replicate.
@@ -336,6 +400,8 @@ pub enum Notification {
     },
     /// Split brain detected: `call helper split-brain`.
     SplitBrain(String),
+    /// Another node answers for this resource while this one serves: it stopped serving.
+    Rival,
 }
 
 impl fmt::Display for Notification {
@@ -345,6 +411,9 @@ impl fmt::Display for Notification {
                 write!(f, "change {object} {key}:{value}")
             }
             Notification::SplitBrain(why) => write!(f, "call helper split-brain: {why}"),
+            Notification::Rival => f.write_str(
+                "alarm multiple-mount: another MAC answers this resource's shelf.slot; stopped serving",
+            ),
         }
     }
 }
@@ -417,6 +486,9 @@ pub enum Action {
     MarkOutOfSync,
     /// Stop using the local disk (after an I/O error); serve through the peer if possible.
     Detach,
+    /// Ask the client network whether any other MAC answers this resource's shelf.slot (the
+    /// wire guard); the answer comes back as [`Event::WireChecked`].
+    CheckWire,
     /// An `events` line.
     Notify(Notification),
     /// A log line.

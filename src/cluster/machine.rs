@@ -7,8 +7,12 @@
 //!   down) has passed. Even then it promotes itself only if its data is *provably* UpToDate: it
 //!   was the degraded primary (the peer is known to be older). So when both nodes restart at
 //!   once, neither becomes primary alone; they wait for each other.
-//! * **Heartbeat.** While connected, any sign of life ([`Event::PeerAlive`]) must arrive within
-//!   `dead_time`, or the peer is declared lost.
+//! * **Replication link.** While connected, any sign of life on the link ([`Event::PeerAlive`])
+//!   must arrive within `dead_time`, or the link is dropped.
+//! * **Heartbeat.** The heartbeat ([`crate::ha`]) reports the peer heard on some path
+//!   ([`Event::PeerHeard`]) or silent on every path for `heartbeat_dead_time`
+//!   ([`Event::PeerSilent`]). The peer is *silent* only when the heartbeat says so **and** the
+//!   replication link has carried nothing for that long either.
 //! * **ko-count.** A peer that answers heartbeats but has not completed the oldest pending write
 //!   within `ko_count × timeout` is dropped: a stuck secondary must not stall the primary.
 //!
@@ -18,16 +22,67 @@
 //!   `preferred_primary`, or if the peer's data is not UpToDate. No preemption: a node never
 //!   promotes while the peer is Primary.
 //! * Peer lost (or never met, after the startup wait): a Secondary with UpToDate data promotes
-//!   (failover). Without a fencing path or a third vote this can split the brain on a network
-//!   partition; the UUID handshake detects it when the link returns, and nothing is synced
-//!   until the operator resolves it.
+//!   (failover) — under `fencing = resource-only` only through the **promotion gate**: the peer
+//!   is silent on every heartbeat path and the link, and the wire guard ([`Action::CheckWire`])
+//!   found no other MAC answering the shelf.slot. A peer heard on any path is never replaced.
+//! * An Outdated node never promotes itself; nor does one that saw a rival answer its
+//!   shelf.slot, until the operator says `primary`.
 //! * StandAlone (operator `disconnect`, split brain, unrelated data): never.
+//!
+//! # Who may answer a client: the serve gate and its lease (`fencing = resource-only`)
+//!
+//! Every reply the exports send is checked against the gate's [`Authority`] immediately before
+//! it leaves ([`crate::ha::gate`]). A primary's authority is:
+//!
+//! * **Lease** while connected to a peer with a disk. The lease runs to `sent + ⅔·D` (D is the
+//!   heartbeat dead time) for the latest heartbeat or replication ping, sent at `sent` on this
+//!   node's monotonic clock, that the peer *acknowledged* (an echo reply, a ping answer).
+//! * **Closed** after the replication link is lost, until the peer is fenced: it persisted
+//!   `Outdated` at our request (asked over any heartbeat path that still works, DRBD's
+//!   resource-only fencing), or it passed the promotion gate's test from our side (silent
+//!   everywhere for D, nobody else answering). Only then does the primary start a new data
+//!   generation and answer again — writes the peer lacks become dirty bits, never errors.
+//! * **Open** after that, or when the peer is diskless, Outdated, Inconsistent — a peer that
+//!   cannot promote itself — or when the operator promoted this node by hand.
+//!
+//! ## Why no acknowledged write is lost, and no two nodes answer at once
+//!
+//! What each node knows, and by which clock (all `CLOCK_MONOTONIC`, which keeps running while a
+//! process is stopped; only *rates* must agree, to well under the ⅓·D margin):
+//!
+//! 1. The secondary S promotes alone only after hearing nothing from the primary P for D on its
+//!    own clock, on any path. If P's heartbeat or ping sent at `t` was acknowledged by S, S
+//!    heard P at some instant ≥ `t`, so S cannot promote before `t + D`. P's lease from that
+//!    acknowledgement ends at `t + ⅔·D`: P has stopped answering before S may start. A P that
+//!    is frozen (SIGSTOP, a hung kernel) wakes up with its monotonic clock past its lease: it
+//!    answers nothing, and when it hears S serving it demotes itself (marking its own unsent
+//!    writes out of sync for the resync that follows) rather than start a generation of its
+//!    own.
+//! 2. While connected, P acknowledges a write only after S has it (protocol C). When the link
+//!    breaks, P acknowledges nothing S lacks until S is Outdated on disk (S will never promote:
+//!    the flag survives its restart) or S is provably gone (then S was not serving either: by
+//!    1, with the roles swapped, S answers only under a lease or the gate). So every write P
+//!    acknowledged is on S, or S can never serve again without a resync *from* P.
+//! 3. The wire guard closes the gap the heartbeat cannot see: a node that serves on the client
+//!    network but is silent on every heartbeat path (both heartbeat networks blocked) still
+//!    answers a config query for its shelf.slot, and nobody promotes while anyone answers.
+//!    While serving, a primary that sees another MAC answer its shelf.slot stops
+//!    ([`Event::RivalAnswered`], multiple-mount protection).
+//!
+//! What this cannot prevent without a third vote (a witness or a fence command): the client
+//! network split in two halves while the replication link is also cut. Each half then sees
+//! only its own node, both are silent to each other on every path, and each passes its gate.
+//! The UUID handshake detects the split brain when the link returns.
+//!
+//! Under `fencing = dont-care` the gate and the lease are off: a node that loses the link
+//! promotes (or goes on serving) at once, DRBD's default.
 
 pub use super::events::{
-    Action, Command, Config, Event, Notification, PeerRefusal, Refusal, SharedSettings, Startup,
-    Terms,
+    Action, Command, Config, Event, Fencing, Notification, PeerRefusal, PeerSeen, Refusal,
+    SharedSettings, Startup, Terms,
 };
 use super::{ConnState, DisconnectReason, DiskState, ReplState, Role, SyncDecision, SyncDirection};
+pub use crate::ha::gate::Authority;
 use crate::repl::uuid::UuidFlags;
 use crate::wire::ondisk::flags;
 use std::time::Instant;
@@ -53,6 +108,13 @@ pub struct Status {
     pub degraded: bool,
     /// Crashed while primary and not resynced since (persist; sent in the UUID flags).
     pub crashed_primary: bool,
+    /// On what grounds the exports may answer clients (the serve gate).
+    pub authority: Authority,
+    /// A primary that lost the replication link asks the peer, over the heartbeat, to persist
+    /// `Outdated` (resource-only fencing).
+    pub outdate_request: bool,
+    /// The heartbeat hears the peer on some path (or the replication link is alive).
+    pub peer_heard: bool,
 }
 
 /// One node's state machine. See the module docs.
@@ -86,6 +148,45 @@ pub struct Machine {
     peer_diskless_generation: bool,
     /// Client writes go to the peer (the last [`Action::Replicate`]).
     replicating: bool,
+    /// What the heartbeat last said about the peer.
+    heard: Heard,
+    /// The wire guard: whether somebody else answers our shelf.slot.
+    wire: Wire,
+    /// Serving without the peer is vouched for: the peer persisted Outdated, or it was silent
+    /// on every path with nobody answering, or the operator promoted this node by hand.
+    alone: bool,
+    /// A primary that lost the replication link waits to learn that the peer cannot serve
+    /// (it persisted Outdated, or it is gone) before it answers clients again.
+    fencing_peer: bool,
+    /// Another MAC answered our shelf.slot while we served: no automatic promotion until the
+    /// operator says `primary`.
+    rival: bool,
+    /// The time of the step being taken.
+    now: Instant,
+}
+
+/// What the heartbeat says about the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Heard {
+    /// Nothing yet (just started): neither alive nor provably gone.
+    Unknown,
+    /// Heard on some path, with what it says about this resource.
+    Alive(Option<PeerSeen>),
+    /// Silent on every path for the heartbeat dead time.
+    Silent,
+}
+
+/// The wire guard's state (only meaningful while the peer is silent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    /// Not asked since the peer was last heard.
+    Unasked,
+    /// A check is running.
+    Checking,
+    /// Nobody else answers.
+    Clear,
+    /// Somebody else answered at this time.
+    Answered(Instant),
 }
 
 /// The superblock flags this machine keeps up to date (see [`Action::PersistFlags`]).
@@ -133,6 +234,12 @@ impl Machine {
             },
             peer_diskless_generation: false,
             replicating: false,
+            heard: Heard::Unknown,
+            wire: Wire::Unasked,
+            alone: false,
+            fencing_peer: false,
+            rival: false,
+            now,
         };
         let actions = vec![
             Action::Log(format!(
@@ -165,6 +272,52 @@ impl Machine {
             serving: self.serving,
             degraded: self.degraded,
             crashed_primary: self.crashed_primary,
+            authority: self.authority(),
+            outdate_request: self.fencing_peer,
+            peer_heard: self.peer_heard(),
+        }
+    }
+
+    /// On what grounds the exports may answer: see the module docs.
+    fn authority(&self) -> Authority {
+        if !self.serving {
+            Authority::Closed
+        } else if self.config.fencing == Fencing::DontCare
+            || self.alone
+            || (self.conn == ConnState::Connected && self.peer_disk == DiskState::Diskless)
+        {
+            Authority::Open
+        } else if self.conn == ConnState::Connected {
+            Authority::Lease
+        } else {
+            Authority::Closed
+        }
+    }
+
+    /// The peer shows a sign of life: on a heartbeat path, or on the replication link within
+    /// the heartbeat dead time.
+    fn peer_heard(&self) -> bool {
+        matches!(self.heard, Heard::Alive(_)) || self.link_alive(self.config.heartbeat_dead_time)
+    }
+
+    /// The peer is provably silent: nothing on any heartbeat path for the dead time, and
+    /// nothing on the replication link either.
+    fn peer_silent(&self) -> bool {
+        self.heard == Heard::Silent && !self.link_alive(self.config.heartbeat_dead_time)
+    }
+
+    fn link_alive(&self, within: std::time::Duration) -> bool {
+        self.linked()
+            && self
+                .last_alive
+                .is_some_and(|t| self.now.saturating_duration_since(t) < within)
+    }
+
+    /// What the peer's heartbeat says about this resource, if it is heard.
+    fn peer_seen(&self) -> Option<PeerSeen> {
+        match self.heard {
+            Heard::Alive(seen) => seen,
+            _ => None,
         }
     }
 
@@ -189,6 +342,7 @@ impl Machine {
 
     /// Feeds one event; returns what to do, in order.
     pub fn step(&mut self, now: Instant, event: Event) -> Vec<Action> {
+        self.now = now;
         let before = self.status();
         let mut out = Vec::new();
         match event {
@@ -264,8 +418,20 @@ impl Machine {
                     ));
                 }
             }
+            Event::PeerHeard(seen) => self.peer_heard_event(seen, &mut out),
+            Event::PeerSilent => {
+                if self.heard != Heard::Silent {
+                    out.push(Action::Log(
+                        "the heartbeat hears nothing from the peer on any path".into(),
+                    ));
+                }
+                self.heard = Heard::Silent;
+            }
+            Event::WireChecked { answered } => self.wire_checked(answered, &mut out),
+            Event::RivalAnswered => self.rival_answered(&mut out),
             Event::Tick => self.tick(now, &mut out),
         }
+        self.fence(&mut out);
         self.maybe_promote(&mut out);
         self.finish(before, &mut out);
         out
@@ -292,6 +458,10 @@ impl Machine {
                 if self.linked() && self.peer_role == Role::Primary {
                     return Self::refuse(c, Refusal::PeerIsPrimary, out);
                 }
+                if !self.linked() && self.peer_seen().is_some_and(|p| p.serving) {
+                    return Self::refuse(c, Refusal::PeerIsPrimary, out);
+                }
+                self.rival = false;
                 if self.conn == ConnState::Handshaking {
                     return Self::refuse(c, Refusal::NotConnected, out);
                 }
@@ -327,6 +497,8 @@ impl Machine {
             Command::Secondary => {
                 self.promote_alone = false;
                 self.held_secondary = true;
+                self.alone = false;
+                self.fencing_peer = false;
                 if self.role == Role::Primary {
                     self.role = Role::Secondary;
                     out.push(Action::Log("demoted to secondary".into()));
@@ -412,6 +584,8 @@ impl Machine {
             // A new generation: whatever the peer holds is now older.
             out.push(Action::NewCurrentUuid);
             self.degraded = true;
+            // Promoted without the peer: through the promotion gate, or by the operator.
+            self.alone = true;
         }
         out.push(Action::Log("promoted to primary".into()));
     }
@@ -531,6 +705,8 @@ impl Machine {
             _ => {
                 // A diskless side: nothing to compare or sync; the other serves the data.
                 self.conn = ConnState::Connected;
+                self.alone = false;
+                self.fencing_peer = false;
                 self.repl = ReplState::Established;
                 self.peer_role = peer_role;
                 self.peer_disk = peer_disk;
@@ -564,6 +740,8 @@ impl Machine {
         self.peer_disk = peer_disk;
         self.discard_my_data = false;
         self.promote_alone = false;
+        self.alone = false;
+        self.fencing_peer = false;
         match decision.direction() {
             None => {
                 self.repl = ReplState::Established;
@@ -655,11 +833,27 @@ impl Machine {
             self.promote_alone = true;
         }
         if was_connected && self.role == Role::Primary {
-            if self.disk != DiskState::Diskless && self.peer_disk != DiskState::Diskless {
+            let both_disks =
+                self.disk != DiskState::Diskless && self.peer_disk != DiskState::Diskless;
+            if both_disks {
                 out.push(Action::MarkOutOfSync);
-                out.push(Action::NewCurrentUuid);
             }
-            self.degraded = true;
+            // A peer with consistent data could promote itself: under resource-only fencing,
+            // answer nothing until it is Outdated or provably gone (see `fence`).
+            let peer_could_serve =
+                matches!(self.peer_disk, DiskState::UpToDate | DiskState::Consistent);
+            if self.config.fencing == Fencing::ResourceOnly && both_disks && peer_could_serve {
+                self.fencing_peer = true;
+                out.push(Action::Log(
+                    "lost the replication link: answering nothing until the peer is Outdated or provably gone".into(),
+                ));
+            } else {
+                if both_disks {
+                    out.push(Action::NewCurrentUuid);
+                }
+                self.degraded = true;
+                self.alone = true;
+            }
         }
         if was_connected && self.role == Role::Primary && self.disk == DiskState::Diskless {
             out.push(Action::Log(
@@ -740,6 +934,28 @@ impl Machine {
                 }
             }
         }
+        if self.linked() && self.config.fencing == Fencing::ResourceOnly {
+            if let Some(last) = self.last_alive {
+                let quiet = now.saturating_duration_since(last);
+                let dead_time = self.config.heartbeat_dead_time;
+                if self.heard == Heard::Silent && quiet >= dead_time {
+                    out.push(Action::Log(
+                        "the peer is silent on every heartbeat path and on the replication link"
+                            .into(),
+                    ));
+                    return self.drop_peer(DisconnectReason::Timeout, out);
+                }
+                if self.conn == ConnState::Connected
+                    && matches!(self.heard, Heard::Alive(_))
+                    && quiet >= 2 * dead_time
+                {
+                    out.push(Action::Log(
+                        "the replication link is silent while the heartbeat hears the peer: dropping the link".into(),
+                    ));
+                    return self.drop_peer(DisconnectReason::Timeout, out);
+                }
+            }
+        }
         if self.linked() {
             if let Some(last) = self.last_alive {
                 if now.saturating_duration_since(last) >= self.config.dead_time {
@@ -792,12 +1008,170 @@ impl Machine {
                     return;
                 }
             }
-            ConnState::Connecting if self.promote_alone => "no peer, UpToDate data",
+            ConnState::Connecting if self.promote_alone && !self.gate_passed() => return,
+            ConnState::Connecting if self.promote_alone => {
+                if self.config.fencing == Fencing::ResourceOnly {
+                    "the peer is silent on every path and nobody answers its shelf.slot"
+                } else {
+                    "no peer, UpToDate data"
+                }
+            }
             ConnState::Connecting => return,
             ConnState::Handshaking | ConnState::StandAlone => return,
         };
         out.push(Action::Log(format!("auto-promote: {why}")));
         self.promote(out);
+    }
+
+    /// Under resource-only fencing: may this node serve without its peer right now? The peer
+    /// is silent on every path for the dead time and the wire guard found nobody else
+    /// answering the shelf.slot. (Later vouches — a witness, a fence command — are further
+    /// conditions here.)
+    fn gate_passed(&self) -> bool {
+        match self.config.fencing {
+            Fencing::DontCare => true,
+            Fencing::ResourceOnly => !self.rival && self.peer_silent() && self.wire == Wire::Clear,
+        }
+    }
+
+    /// Would passing the promotion gate let this node serve? Then the wire guard is worth
+    /// asking.
+    fn wants_to_serve_alone(&self) -> bool {
+        self.fencing_peer
+            || (self.role == Role::Secondary
+                && self.promote_alone
+                && self.config.auto_promote
+                && self.startup_wait_over
+                && self.disk == DiskState::UpToDate
+                && self.conn == ConnState::Connecting
+                && !self.rival)
+    }
+
+    /// Resource-only fencing, once per step: a primary that lost the replication link serves
+    /// again once the peer is Outdated or provably gone; the wire guard is asked whenever its
+    /// answer would let this node serve alone.
+    fn fence(&mut self, out: &mut Vec<Action>) {
+        if self.config.fencing != Fencing::ResourceOnly {
+            return;
+        }
+        if self.fencing_peer {
+            if self.peer_seen().is_some_and(|p| p.outdated) {
+                return self.serve_alone("the peer persisted Outdated", out);
+            }
+            if self.gate_passed() {
+                return self.serve_alone(
+                    "the peer is silent on every path and nobody else answers",
+                    out,
+                );
+            }
+        }
+        if self.peer_silent() && self.wants_to_serve_alone() {
+            let ask = match self.wire {
+                Wire::Unasked => true,
+                Wire::Answered(at) => {
+                    self.now.saturating_duration_since(at) >= self.config.wire_recheck
+                }
+                Wire::Checking | Wire::Clear => false,
+            };
+            if ask {
+                self.wire = Wire::Checking;
+                out.push(Action::CheckWire);
+            }
+        }
+    }
+
+    /// A primary whose peer is fenced (or gone) serves alone: a new generation first.
+    fn serve_alone(&mut self, why: &str, out: &mut Vec<Action>) {
+        self.fencing_peer = false;
+        self.alone = true;
+        out.push(Action::Log(format!("serving without the peer: {why}")));
+        if self.role == Role::Primary && self.disk != DiskState::Diskless {
+            out.push(Action::NewCurrentUuid);
+            self.degraded = true;
+        }
+    }
+
+    fn peer_heard_event(&mut self, seen: Option<PeerSeen>, out: &mut Vec<Action>) {
+        if self.heard == Heard::Silent {
+            out.push(Action::Log("the heartbeat hears the peer again".into()));
+        }
+        self.heard = Heard::Alive(seen);
+        if self.wire != Wire::Checking {
+            self.wire = Wire::Unasked;
+        }
+        let Some(seen) = seen else { return };
+        if self.config.fencing != Fencing::ResourceOnly {
+            return;
+        }
+        if seen.outdate_request && self.role == Role::Secondary {
+            if self.conn == ConnState::Connected {
+                out.push(Action::Log(
+                    "the primary lost the replication link: dropping ours too".into(),
+                ));
+                self.drop_peer(DisconnectReason::Timeout, out);
+            }
+            if matches!(self.disk, DiskState::UpToDate | DiskState::Consistent) {
+                out.push(Action::Log(
+                    "the primary lost the replication link and asks us to step aside: data Outdated until we resync from it".into(),
+                ));
+                self.disk = DiskState::Outdated;
+                self.promote_alone = false;
+            }
+        }
+        if seen.serving && self.role == Role::Primary && self.conn != ConnState::Connected {
+            if self.alone {
+                out.push(Action::Notify(Notification::SplitBrain(
+                    "both nodes serve without each other".into(),
+                )));
+            }
+            out.push(Action::Log(
+                "the peer serves this resource and this node cannot prove it may: demoting".into(),
+            ));
+            self.role = Role::Secondary;
+            self.alone = false;
+            self.fencing_peer = false;
+            self.promote_alone = false;
+            if self.disk == DiskState::UpToDate {
+                // The peer's data is the newer now.
+                self.disk = DiskState::Outdated;
+            }
+        }
+    }
+
+    fn wire_checked(&mut self, answered: bool, out: &mut Vec<Action>) {
+        if self.wire != Wire::Checking {
+            return;
+        }
+        if answered {
+            self.wire = Wire::Answered(self.now);
+            out.push(Action::Log(
+                "wire guard: another MAC answers this resource's shelf.slot; not serving alone"
+                    .into(),
+            ));
+        } else if self.peer_silent() {
+            self.wire = Wire::Clear;
+            out.push(Action::Log(
+                "wire guard: nobody else answers this resource's shelf.slot".into(),
+            ));
+        } else {
+            self.wire = Wire::Unasked;
+        }
+    }
+
+    fn rival_answered(&mut self, out: &mut Vec<Action>) {
+        if !self.serving {
+            return;
+        }
+        out.push(Action::Log(
+            "another MAC answers this resource's shelf.slot: stopping (multiple-mount protection); `primary` resumes".into(),
+        ));
+        out.push(Action::Notify(Notification::Rival));
+        self.role = Role::Secondary;
+        self.alone = false;
+        self.fencing_peer = false;
+        self.promote_alone = false;
+        self.held_secondary = true;
+        self.rival = true;
     }
 
     /// Emits notifications, serving edges and state messages for what changed in this step.
@@ -894,7 +1268,11 @@ impl Machine {
         if p.disk != self.disk {
             p.disk = self.disk;
             match self.disk {
-                DiskState::UpToDate | DiskState::Consistent => set |= flags::CONSISTENT,
+                DiskState::UpToDate | DiskState::Consistent => {
+                    set |= flags::CONSISTENT;
+                    clear |= flags::OUTDATED;
+                }
+                DiskState::Outdated => set |= flags::OUTDATED,
                 DiskState::Inconsistent => clear |= flags::CONSISTENT,
                 _ => {}
             }

@@ -11,7 +11,9 @@
 //! [`Pair::stall_writes`] (heartbeats answer but a node's disk never completes a write), and
 //! [`Pair::restore`].
 
-use super::machine::{Action, Command, Config, Event, Machine, Startup, Status, Terms};
+use super::machine::{
+    Action, Authority, Command, Config, Event, Machine, PeerSeen, Startup, Status, Terms,
+};
 use super::persist::{self, Keeper, SourceStarted};
 use super::{ConnState, DiskState, ReplState, Role, SyncDirection};
 use crate::repl::uuid::{decide, HandshakeContext, UuidSet};
@@ -64,6 +66,12 @@ pub struct Node {
     /// The new UUIDs the persistent executor drew for this node, in order (so a test can
     /// replay this node's actions through another executor backend and compare).
     pub fresh_uuids: Vec<u64>,
+    /// When the peer last heard this node's heartbeat (on any path).
+    pub heard_by_peer: Option<Instant>,
+    /// When this node last heard its peer's heartbeat (on any path).
+    pub heard_peer: Option<Instant>,
+    /// When the process started (the heartbeat's silence counts from here at first).
+    pub started: Instant,
 }
 
 impl Keeper for Node {
@@ -122,6 +130,9 @@ impl Node {
                 source_started: None,
                 replicating: false,
                 fresh_uuids: Vec::new(),
+                heard_by_peer: None,
+                heard_peer: None,
+                started: now,
             },
             actions,
         )
@@ -130,6 +141,33 @@ impl Node {
     /// The machine's status.
     pub fn status(&self) -> Status {
         self.machine.status()
+    }
+
+    /// What this node's heartbeat tells its peer about the resource.
+    pub fn seen_by_peer(&self, now: Instant) -> PeerSeen {
+        let s = self.status();
+        PeerSeen {
+            role: s.role,
+            serving: self.answers(now),
+            up_to_date: s.disk == DiskState::UpToDate,
+            outdated: s.disk == DiskState::Outdated,
+            outdate_request: s.outdate_request,
+        }
+    }
+
+    /// Whether this node answers clients at `now`: it serves, and its serve gate is open (a
+    /// lease holds while the peer heard it within two thirds of the heartbeat dead time).
+    pub fn answers(&self, now: Instant) -> bool {
+        if !self.up || !self.serving {
+            return false;
+        }
+        match self.status().authority {
+            Authority::Closed => false,
+            Authority::Open => true,
+            Authority::Lease => self
+                .heard_by_peer
+                .is_some_and(|t| now < t + self.machine.config().heartbeat_dead_time * 2 / 3),
+        }
     }
 
     /// Whether this node refused `command` at any time.
@@ -255,8 +293,12 @@ impl Pair {
             if self.connected && !self.dropping {
                 for n in 0..2 {
                     self.queue.push_back((n, Event::PeerAlive));
+                    if self.nodes[1 - n].up {
+                        self.nodes[1 - n].heard_by_peer = Some(self.now);
+                    }
                 }
             }
+            self.heartbeat();
             for n in 0..2 {
                 self.queue.push_back((n, Event::Tick));
             }
@@ -265,6 +307,34 @@ impl Pair {
             self.run_resync(STEP);
             self.pump();
         }
+    }
+
+    /// One heartbeat round: each running node hears its running peer (the heartbeat paths are
+    /// not cut in this model), or declares it silent after the dead time.
+    fn heartbeat(&mut self) {
+        for n in 0..2 {
+            let peer = 1 - n;
+            if !self.nodes[n].up {
+                continue;
+            }
+            if self.nodes[peer].up {
+                self.nodes[n].heard_peer = Some(self.now);
+                self.nodes[peer].heard_by_peer = Some(self.now);
+                let seen = self.nodes[peer].seen_by_peer(self.now);
+                self.queue.push_back((n, Event::PeerHeard(Some(seen))));
+            } else {
+                let since = self.nodes[n].heard_peer.unwrap_or(self.nodes[n].started);
+                let dead_time = self.nodes[n].machine.config().heartbeat_dead_time;
+                if self.now.saturating_duration_since(since) >= dead_time {
+                    self.queue.push_back((n, Event::PeerSilent));
+                }
+            }
+        }
+    }
+
+    /// Whether node `n` answers clients now (serving, and its serve gate open).
+    pub fn answers(&self, n: usize) -> bool {
+        self.nodes[n].answers(self.now)
     }
 
     /// Breaks the connection: both sides see it close.
@@ -508,6 +578,10 @@ impl Pair {
                     }
                 }
                 Action::Detach => self.nodes[n].detached = true,
+                Action::CheckWire => {
+                    let answered = self.nodes[peer].answers(self.now);
+                    self.queue.push_back((n, Event::WireChecked { answered }));
+                }
                 Action::Notify(_) | Action::Log(_) | Action::Refuse { .. } => {}
             }
         }

@@ -195,7 +195,7 @@ pub fn run(args: RunArgs, cancel: CancellationToken) -> Result<(), RunError> {
         let group = root.group(format!("resource-{name}"));
         resources.push(Resource::start(
             spec,
-            res.machine_config(&node),
+            res.machine_config(&node, &config.cluster),
             meta,
             data,
             group.clone(),

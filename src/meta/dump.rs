@@ -159,6 +159,7 @@ pub fn dump_fields(
         (flags::CRASHED_PRIMARY, "crashed-primary"),
         (flags::PEER_OUTDATED, "peer-outdated"),
         (flags::AL_CLEAN, "al-clean"),
+        (flags::OUTDATED, "outdated"),
     ]
     .iter()
     .filter(|(bit, _)| sb.flags & bit != 0)

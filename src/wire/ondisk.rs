@@ -151,8 +151,13 @@ pub mod flags {
     pub const PEER_OUTDATED: u32 = 0x08;
     /// The activity log was cleanly closed: it names nothing that might be out of sync.
     pub const AL_CLEAN: u32 = 0x10;
+    /// This node's data is Outdated (consistent, but the peer has newer): it must not promote
+    /// itself. Set when a primary that lost the replication link asks for it (resource-only
+    /// fencing) or after the peer took over; cleared by a resync.
+    pub const OUTDATED: u32 = 0x20;
     /// Every bit known to this format.
-    pub const ALL: u32 = CONSISTENT | PRIMARY_IND | CRASHED_PRIMARY | PEER_OUTDATED | AL_CLEAN;
+    pub const ALL: u32 =
+        CONSISTENT | PRIMARY_IND | CRASHED_PRIMARY | PEER_OUTDATED | AL_CLEAN | OUTDATED;
 }
 
 /// Where the meta-data lives relative to the data.

@@ -460,11 +460,16 @@ impl Engine {
                 }
             }
             Action::Detach => self.res.device.detach(),
+            Action::CheckWire => self.check_wire(),
             Action::Notify(n) => {
                 // drbdsetup events2 style: `change <object> name:<res> <key>:<value>`.
                 let line = match &n {
                     Notification::Change { object, key, value } => {
                         format!("change {object} name:{name} {key}:{value}")
+                    }
+                    Notification::Rival => {
+                        tracing::error!(resource = %name, "{n}");
+                        format!("alarm name:{name} multiple-mount: another MAC answers this resource's shelf.slot; stopped serving")
                     }
                     Notification::SplitBrain(why) => {
                         tracing::error!(resource = %name, "Split-Brain detected: {why}; dropping the connection");
@@ -478,6 +483,12 @@ impl Engine {
                 tracing::warn!(resource = %name, "{command} refused: {reason}")
             }
         }
+    }
+
+    /// The wire guard: asks the client network who answers our shelf.slot (not wired yet: the
+    /// machine keeps waiting, so nothing promotes on an unanswered check).
+    fn check_wire(&mut self) {
+        tracing::warn!(resource = %self.res.spec.name, "wire guard not available in this build");
     }
 
     pub(super) fn start_serving(&mut self) {

@@ -297,7 +297,11 @@ impl Resource {
         let just_created = meta.uuids().is_just_created();
         let startup = Startup {
             disk: if sb.flags & flags::CONSISTENT != 0 && !just_created {
-                DiskState::Consistent
+                if sb.flags & flags::OUTDATED != 0 {
+                    DiskState::Outdated
+                } else {
+                    DiskState::Consistent
+                }
             } else {
                 DiskState::Inconsistent
             },
@@ -509,8 +513,11 @@ mod tests {
         store
             .set_uuids(UuidSet::from_array([0x1000, 0, 0, 0]))
             .unwrap();
-        let executor_bits =
-            flags::CONSISTENT | flags::PRIMARY_IND | flags::PEER_OUTDATED | flags::CRASHED_PRIMARY;
+        let executor_bits = flags::CONSISTENT
+            | flags::PRIMARY_IND
+            | flags::PEER_OUTDATED
+            | flags::CRASHED_PRIMARY
+            | flags::OUTDATED;
         store.set_flags(0, executor_bits).unwrap();
         let mut fresh = node.fresh_uuids.iter().copied();
         for action in &node.actions {
