@@ -17,7 +17,7 @@ use crate::cluster::{Command, ReplState};
 use crate::ratelimit::LogLimiter;
 use crate::supervisor::Supervisor;
 
-use super::resource::{Input, Resource, ResyncFigures, Snapshot};
+use super::resource::{HaSnapshot, Input, Resource, ResyncFigures, Snapshot};
 
 /// The control protocol's live-progress line: the client shows it in place (carriage return).
 pub const PROGRESS_PREFIX: &str = ".PROGRESS ";
@@ -487,13 +487,79 @@ pub fn status_text(name: &str, s: &Snapshot) -> String {
         s.protocol, s.durability, s.csums, s.size, st.serving, s.uuids
     );
     t += &format!(
-        "  read:{}KiB written:{}KiB sent:{}KiB writes-marked-out-of-sync:{}",
+        "  read:{}KiB written:{}KiB sent:{}KiB writes-marked-out-of-sync:{}\n",
         s.read_bytes / 1024,
         s.written_bytes / 1024,
         s.sent_bytes / 1024,
         s.writes_marked
     );
+    t += &ha_text(&s.ha);
     t
+}
+
+fn millis(d: Option<Duration>) -> String {
+    d.map_or_else(|| "-".into(), |d| format!("{}ms", d.as_millis()))
+}
+
+/// The serve gate and the heartbeat paths, as `status` shows them.
+fn ha_text(ha: &HaSnapshot) -> String {
+    let authority = ha.authority.map_or("-".into(), |a| a.to_string());
+    let mut t = format!(
+        "  gate:{authority} answering:{} lease-left:{} lease-lapses:{} peer-heard:{}{}",
+        ha.answering,
+        millis(ha.lease_left),
+        ha.lease_lapses,
+        ha.peer_heard,
+        if ha.outdate_request {
+            " outdating-peer"
+        } else {
+            ""
+        }
+    );
+    for p in &ha.paths {
+        t += &format!(
+            "\n  heartbeat path {} {} -> {}: {} last-heard:{} rtt:{}",
+            p.id,
+            p.local,
+            p.peer,
+            if p.silent { "silent" } else { "up" },
+            millis(p.last_heard),
+            p.rtt
+                .map_or_else(|| "-".into(), |d| format!("{}us", d.as_micros()))
+        );
+    }
+    t
+}
+
+fn ha_json(ha: &HaSnapshot) -> String {
+    let num = |d: Option<Duration>, unit: fn(Duration) -> u128| {
+        d.map_or_else(|| "null".into(), |d| unit(d).to_string())
+    };
+    let paths: Vec<String> = ha
+        .paths
+        .iter()
+        .map(|p| {
+            format!(
+                "{{\"id\":{},\"local\":\"{}\",\"peer\":\"{}\",\"silent\":{},\"last-heard-ms\":{},\"rtt-us\":{}}}",
+                p.id,
+                p.local,
+                p.peer,
+                p.silent,
+                num(p.last_heard, |d| d.as_millis()),
+                num(p.rtt, |d| d.as_micros())
+            )
+        })
+        .collect();
+    format!(
+        "{{\"gate\":\"{}\",\"answering\":{},\"lease-left-ms\":{},\"lease-lapses\":{},\"outdate-request\":{},\"peer-heard\":{},\"paths\":[{}]}}",
+        ha.authority.map_or("-".into(), |a| a.to_string()),
+        ha.answering,
+        num(ha.lease_left, |d| d.as_millis()),
+        ha.lease_lapses,
+        ha.outdate_request,
+        ha.peer_heard,
+        paths.join(",")
+    )
 }
 
 /// Resync figures: remaining = the out-of-sync bytes now (both nodes see them fall).
@@ -527,7 +593,7 @@ pub fn status_json(name: &str, s: &Snapshot) -> String {
             "\"verify\":{{\"state\":\"{}\",\"runs\":{},\"done-percent\":{:.2},\"rate-mbps\":{:.1},",
             "\"seconds\":{:.3},\"out-of-sync-blocks\":{},\"ranges\":[{}]}},",
             "\"protocol\":\"{}\",\"durability\":\"{}\",\"csums\":\"{}\",\"size\":{},\"serving\":{},\"uuids\":\"{}\",",
-            "\"io\":{{\"read\":{},\"written\":{},\"sent\":{},\"writes-marked\":{}}}}}"
+            "\"io\":{{\"read\":{},\"written\":{},\"sent\":{},\"writes-marked\":{}}},\"ha\":{}}}"
         ),
         esc(name),
         st.role,
@@ -571,7 +637,8 @@ pub fn status_json(name: &str, s: &Snapshot) -> String {
         s.read_bytes,
         s.written_bytes,
         s.sent_bytes,
-        s.writes_marked
+        s.writes_marked,
+        ha_json(&s.ha)
     )
 }
 
@@ -654,6 +721,9 @@ mod tests {
                 serving: true,
                 degraded: false,
                 crashed_primary: false,
+                authority: crate::cluster::Authority::Lease,
+                outdate_request: false,
+                peer_heard: true,
             },
             peer: "beta".into(),
             out_of_sync: 25 << 20,
@@ -682,6 +752,22 @@ mod tests {
             protocol: ReplProtocol::C,
             durability: Durability::Node,
             csums: crate::wire::repl::ChecksumAlg::Xxh3_128,
+            ha: HaSnapshot {
+                authority: Some(crate::cluster::Authority::Lease),
+                answering: true,
+                lease_left: Some(Duration::from_millis(480)),
+                lease_lapses: 0,
+                outdate_request: false,
+                peer_heard: true,
+                paths: vec![crate::daemon::resource::PathSnapshot {
+                    id: 1,
+                    local: "10.0.0.1".parse().unwrap(),
+                    peer: "10.0.0.2".parse().unwrap(),
+                    last_heard: Some(Duration::from_millis(120)),
+                    rtt: Some(Duration::from_micros(85)),
+                    silent: false,
+                }],
+            },
         }
     }
 
@@ -706,6 +792,13 @@ mod tests {
                 && text.contains("out-of-sync-blocks:1 ranges:4096@1052672"),
             "{text}"
         );
+        assert!(
+            text.contains(
+                "gate:lease answering:true lease-left:480ms lease-lapses:0 peer-heard:true"
+            ) && text
+                .contains("heartbeat path 1 10.0.0.1 -> 10.0.0.2: up last-heard:120ms rtt:85us"),
+            "{text}"
+        );
         let json = status_json("r0", &s);
         // The field names a benchmark reads.
         for field in [
@@ -717,6 +810,8 @@ mod tests {
             "\"out-of-sync-blocks\":1,",
             "\"ranges\":[{\"offset\":1052672,\"length\":4096}]",
             "\"state\":\"finished\"",
+            "\"gate\":\"lease\",\"answering\":true,\"lease-left-ms\":480,",
+            "\"paths\":[{\"id\":1,\"local\":\"10.0.0.1\",\"peer\":\"10.0.0.2\",\"silent\":false,\"last-heard-ms\":120,\"rtt-us\":85}]",
         ] {
             assert!(json.contains(field), "{field} missing in {json}");
         }

@@ -166,6 +166,8 @@ pub fn run(args: RunArgs, cancel: CancellationToken) -> Result<(), RunError> {
         .to_string();
     // Its own token, not the signal's: the stop below goes group by group, in reverse order.
     let root = Root::new("twinblade", CancellationToken::new(), 2)?;
+    // Renewed by the heartbeat's echo replies and the replication pings' answers.
+    let lease = crate::ha::clock::LeaseClock::new();
     let mut resources = Vec::new();
     let mut groups = Vec::new();
     for (name, res) in &config.resources {
@@ -191,6 +193,11 @@ pub fn run(args: RunArgs, cancel: CancellationToken) -> Result<(), RunError> {
             nbd: res.nbd,
             faults,
             rate: res.rate_config(),
+            lease_time: config.cluster.heartbeat_dead_time() * 2 / 3,
+            ping_interval: config
+                .cluster
+                .heartbeat_interval()
+                .min(resource::PING_INTERVAL),
         };
         let group = root.group(format!("resource-{name}"));
         resources.push(Resource::start(
@@ -198,6 +205,7 @@ pub fn run(args: RunArgs, cancel: CancellationToken) -> Result<(), RunError> {
             res.machine_config(&node, &config.cluster),
             meta,
             data,
+            lease.clone(),
             group.clone(),
         )?);
         groups.push(group);

@@ -64,7 +64,10 @@ impl Resource {
                     .try_send(Message::PingAck(*p))
                     .map(|_| ())
                     .map_err(|e| e.to_string()),
-                Message::PingAck(_) => Ok(()),
+                Message::PingAck(p) => {
+                    self.renew_lease_by_ping(p.cookie);
+                    Ok(())
+                }
                 Message::WriteAck(a) => {
                     if a.kind == AckKind::Failed {
                         self.device.peer_failed_io();
@@ -272,7 +275,7 @@ impl Resource {
             Message::Ping(p) => {
                 link.send(Message::PingAck(p)).map_err(|e| e.to_string())?;
             }
-            Message::PingAck(_) => {}
+            Message::PingAck(p) => self.renew_lease_by_ping(p.cookie),
             Message::BitmapChunk(c) => {
                 // Here, not on the engine thread: the peer's resync data that follows must
                 // clear these bits, not be overtaken by them (stale out-of-sync bits).
@@ -288,6 +291,19 @@ impl Resource {
 
     /// A resync write on the target (never over what a client wrote meanwhile, see
     /// [`ReplicatedDevice::apply_resync`]); a failure detaches the disk.
+    /// A ping answer proves the peer heard us when we sent it: its cookie is our send time
+    /// (process-epoch nanoseconds on the monotonic clock), so the lease runs from there.
+    fn renew_lease_by_ping(&self, sent_nanos: u64) {
+        let now = crate::ha::clock::now_nanos();
+        // A cookie from the future, or older than a lease, renews nothing.
+        let lease = self.spec.lease_time.as_nanos() as u64;
+        if sent_nanos == 0 || sent_nanos > now || now - sent_nanos >= lease {
+            return;
+        }
+        let sent = crate::ha::clock::instant_at(sent_nanos);
+        self.gate.lease().renew_until(sent + self.spec.lease_time);
+    }
+
     fn resync_write(&self, data: &[u8], offset: u64, power: bool) -> bool {
         let ok = crate::block::check_range(self.device.size(), offset, data.len() as u64).is_ok()
             && !self.device.is_detached()

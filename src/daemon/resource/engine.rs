@@ -21,6 +21,8 @@ pub(super) struct Engine {
     pub(super) last_ping: Instant,
     pub(super) last_alive_seen: Option<Instant>,
     pub(super) last_progress_event: Instant,
+    /// The lease had lapsed at the last look (see `watch_lease`).
+    pub(super) lease_lapsed: bool,
 }
 
 impl Engine {
@@ -47,9 +49,44 @@ impl Engine {
 
     pub(super) fn step(&mut self, event: Event) -> Vec<Action> {
         let actions = self.machine.step(Instant::now(), event);
+        // A gate closes before the actions run (failing writes over to dirty bits completes
+        // them: their replies must find the gate shut); it opens only after them, once what
+        // it stands on (a new generation, the exports) is in place.
+        let authority = self.machine.status().authority;
+        let narrower = match authority {
+            Authority::Closed => true,
+            Authority::Lease => self.res.gate.authority() == Authority::Open,
+            Authority::Open => false,
+        };
+        if narrower {
+            self.res.gate.set(authority);
+        }
         self.execute(actions.clone());
+        self.res.gate.set(authority);
         self.publish_state();
         actions
+    }
+
+    /// Logs each lapse of the lease while the exports depend on it (a spurious lapse on a busy
+    /// machine is a figure the soak test counts).
+    fn watch_lease(&mut self) {
+        let under_lease = self.machine.status().authority == Authority::Lease;
+        let lapsed = under_lease && !self.res.gate.may_answer();
+        if lapsed && !self.lease_lapsed {
+            self.res.lease_lapses.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(resource = %self.res.spec.name, "lease lapsed: answering nothing until the peer hears us again");
+            self.res.publish(format!(
+                "change resource name:{} lease:lapsed",
+                self.res.spec.name
+            ));
+        } else if !lapsed && self.lease_lapsed && under_lease {
+            tracing::info!(resource = %self.res.spec.name, "lease renewed: answering again");
+            self.res.publish(format!(
+                "change resource name:{} lease:held",
+                self.res.spec.name
+            ));
+        }
+        self.lease_lapsed = lapsed;
     }
 
     pub(super) fn tick(&mut self) {
@@ -62,15 +99,18 @@ impl Engine {
             self.step(Event::PeerWrites {
                 oldest_pending: link.oldest_pending(),
             });
-            if self.last_ping.elapsed() >= PING_INTERVAL {
+            if self.last_ping.elapsed() >= self.res.spec.ping_interval {
                 self.last_ping = Instant::now();
                 // Never wait for the sender: if it is busy, data is flowing, which the peer
                 // hears as well as a ping; and a sender stuck on a dead link must not stop
-                // this thread from noticing that the peer has gone silent.
-                let _ = link.try_send(Message::Ping(PingRepr { cookie: 0 }));
+                // this thread from noticing that the peer has gone silent. The cookie is the
+                // send time: its answer renews the lease (see the reader).
+                let cookie = crate::ha::clock::now_nanos();
+                let _ = link.try_send(Message::Ping(PingRepr { cookie }));
             }
         }
         self.step(Event::Tick);
+        self.watch_lease();
         self.publish_progress(false);
     }
 

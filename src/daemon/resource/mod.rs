@@ -25,13 +25,15 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::ha::clock::LeaseClock;
+use crate::ha::gate::ServeGate;
 use crate::supervisor::Supervisor;
 
 use crate::block::BlockDevice;
 use crate::cluster::persist::{self, Keeper, SourceStarted};
 use crate::cluster::{
-    Action, Command, ConnState, DiskState, Event, Machine, Notification, ReplState, Role, Startup,
-    SyncDirection, Terms,
+    Action, Authority, Command, ConnState, DiskState, Event, Machine, Notification, ReplState,
+    Role, Startup, SyncDirection, Terms,
 };
 use crate::export::aoe::blade::BladeConfig;
 use crate::export::aoe::server::{AoeServer, Export};
@@ -62,7 +64,7 @@ mod verify;
 
 use applier::checksums_of;
 use engine::Engine;
-pub use status::{ResyncFigures, Snapshot, VerifySnapshot};
+pub use status::{HaSnapshot, PathSnapshot, ResyncFigures, Snapshot, VerifySnapshot};
 
 /// Resync pushes carry this bit in their id, so the receiver can tell them from answers to
 /// its own read requests (both are `ResyncData`).
@@ -84,8 +86,8 @@ const VERIFY_WINDOW: usize = 8;
 const PROGRESS_EVENT_INTERVAL: Duration = Duration::from_secs(1);
 /// Mismatched ranges kept for status (all are logged).
 const MAX_VERIFY_RANGES: usize = 64;
-/// Keepalive interval while connected.
-const PING_INTERVAL: Duration = Duration::from_millis(500);
+/// Keepalive interval while connected, at most (see [`ResourceSpec::ping_interval`]).
+pub const PING_INTERVAL: Duration = Duration::from_millis(500);
 /// Engine tick.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -138,6 +140,12 @@ pub struct ResourceSpec {
     pub faults: Option<super::TestFaults>,
     /// The resync rate controller's settings.
     pub rate: crate::repl::rate::RateConfig,
+    /// How long an acknowledged heartbeat or replication ping keeps this node's lease (⅔ of
+    /// the heartbeat dead time; see [`crate::cluster::machine`]).
+    pub lease_time: Duration,
+    /// How often the replication link is pinged while connected (the heartbeat interval, at
+    /// most [`PING_INTERVAL`]).
+    pub ping_interval: Duration,
 }
 
 /// Resync progress, for status. Reset when a resync starts, kept after it ends (the last
@@ -263,6 +271,11 @@ pub struct Resource {
     /// The connected peer has no disk: writes it forwards to us exist only here, so we mark
     /// them out of sync (and started a new data generation when it lost its disk).
     peer_diskless: AtomicBool,
+    /// Whether the exports may answer right now: the engine sets its authority after every
+    /// step; the heartbeat and the replication pings renew its lease.
+    pub gate: Arc<ServeGate>,
+    /// Lease lapses while serving under a lease (each logged once).
+    pub lease_lapses: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -278,6 +291,7 @@ impl Resource {
         machine_config: crate::cluster::Config,
         meta: Arc<MetaStore>,
         local: Arc<dyn BlockDevice>,
+        lease: LeaseClock,
         group: Supervisor,
     ) -> std::io::Result<Arc<Resource>> {
         let (tx, rx) = channel();
@@ -314,6 +328,8 @@ impl Resource {
         listener.set_nonblocking(true)?;
         let res = Arc::new(Resource {
             peer_diskless: AtomicBool::new(false),
+            gate: ServeGate::new(lease),
+            lease_lapses: AtomicU64::new(0),
             spec,
             meta,
             device,
@@ -345,6 +361,7 @@ impl Resource {
             last_ping: now,
             last_alive_seen: None,
             last_progress_event: now,
+            lease_lapsed: false,
         };
         engine.execute(actions);
         group.spawn(format!("engine-{}", res.spec.name), move |token| {
@@ -357,6 +374,11 @@ impl Resource {
             })?;
         }
         Ok(res)
+    }
+
+    /// The heartbeat paths as the heartbeat sees them now.
+    fn heartbeat_paths(&self) -> Vec<PathSnapshot> {
+        Vec::new()
     }
 
     /// Sends the engine an input.

@@ -87,6 +87,22 @@ impl Resource {
             protocol: self.spec.protocol,
             durability: self.spec.durability,
             csums: self.spec.csums,
+            ha: self.ha_snapshot(&published.status),
+        }
+    }
+
+    fn ha_snapshot(&self, status: &crate::cluster::Status) -> HaSnapshot {
+        let lease = self.gate.lease();
+        HaSnapshot {
+            authority: Some(status.authority),
+            answering: self.gate.may_answer(),
+            lease_left: lease
+                .until()
+                .map(|until| until.saturating_duration_since(Instant::now())),
+            lease_lapses: self.lease_lapses.load(Ordering::Relaxed),
+            outdate_request: status.outdate_request,
+            peer_heard: status.peer_heard,
+            paths: self.heartbeat_paths(),
         }
     }
 
@@ -256,4 +272,42 @@ pub struct Snapshot {
     pub durability: Durability,
     /// Block digest of full sync and verify.
     pub csums: ChecksumAlg,
+    /// Who may answer clients, and what the heartbeat hears.
+    pub ha: HaSnapshot,
+}
+
+/// The serve gate, its lease and the heartbeat paths, for `status`.
+#[derive(Debug, Clone, Default)]
+pub struct HaSnapshot {
+    /// The gate's grounds: closed, lease or open.
+    pub authority: Option<Authority>,
+    /// Whether the gate lets replies out right now.
+    pub answering: bool,
+    /// Time left on the lease (`None`: no lease held).
+    pub lease_left: Option<Duration>,
+    /// Lease lapses while serving under it, since start.
+    pub lease_lapses: u64,
+    /// This primary asks the peer to persist Outdated.
+    pub outdate_request: bool,
+    /// The peer is heard on some path (or the replication link).
+    pub peer_heard: bool,
+    /// Each heartbeat path.
+    pub paths: Vec<PathSnapshot>,
+}
+
+/// One heartbeat path, for `status`.
+#[derive(Debug, Clone)]
+pub struct PathSnapshot {
+    /// Path id (its index in `heartbeat = [...]`).
+    pub id: u8,
+    /// Our address.
+    pub local: std::net::IpAddr,
+    /// The peer's.
+    pub peer: std::net::IpAddr,
+    /// Since the peer was last heard on it (`None`: never).
+    pub last_heard: Option<Duration>,
+    /// Smoothed round trip (`None`: no echo yet).
+    pub rtt: Option<Duration>,
+    /// Silent for the dead time.
+    pub silent: bool,
 }
