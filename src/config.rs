@@ -408,6 +408,7 @@ impl Resource {
             fencing: self.fencing,
             heartbeat_dead_time: cluster.heartbeat_dead_time(),
             wire_recheck: defaults.wire_recheck,
+            takeover_delay: defaults.takeover_delay,
         }
     }
 

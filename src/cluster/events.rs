@@ -34,6 +34,9 @@ pub struct Config {
     /// How long a wire-guard answer ("somebody answers our shelf.slot") holds off a promotion
     /// before the guard is asked again.
     pub wire_recheck: Duration,
+    /// How much longer than a primary a secondary waits, once the peer is silent, before it
+    /// asks the wire guard (see [`super::machine`]): longer than one wire-guard check.
+    pub takeover_delay: Duration,
 }
 
 /// What a node must know before it serves without its peer (DRBD's `fencing` policy).
@@ -73,6 +76,7 @@ impl Default for Config {
             fencing: Fencing::ResourceOnly,
             heartbeat_dead_time: Duration::from_secs(1),
             wire_recheck: Duration::from_secs(2),
+            takeover_delay: Duration::from_millis(500),
         }
     }
 }

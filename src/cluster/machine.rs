@@ -66,7 +66,10 @@
 //! 3. The wire guard closes the gap the heartbeat cannot see: a node that serves on the client
 //!    network but is silent on every heartbeat path (both heartbeat networks blocked) still
 //!    answers a config query for its shelf.slot, and nobody promotes while anyone answers.
-//!    While serving, a primary that sees another MAC answer its shelf.slot stops
+//!    When the two lose each other at once (every heartbeat path and the link cut, the client
+//!    network intact), both would ask the guard at the same moment and both find nobody: so a
+//!    secondary asks `takeover_delay` later than a primary, and finds the primary answering
+//!    again. While serving, a primary that sees another MAC answer its shelf.slot stops
 //!    ([`Event::RivalAnswered`], multiple-mount protection).
 //!
 //! What this cannot prevent without a third vote (a witness or a fence command): the client
@@ -172,8 +175,8 @@ enum Heard {
     Unknown,
     /// Heard on some path, with what it says about this resource.
     Alive(Option<PeerSeen>),
-    /// Silent on every path for the heartbeat dead time.
-    Silent,
+    /// Silent on every path for the heartbeat dead time, since this instant.
+    Silent(Instant),
 }
 
 /// The wire guard's state (only meaningful while the peer is silent).
@@ -303,7 +306,7 @@ impl Machine {
     /// The peer is provably silent: nothing on any heartbeat path for the dead time, and
     /// nothing on the replication link either.
     fn peer_silent(&self) -> bool {
-        self.heard == Heard::Silent && !self.link_alive(self.config.heartbeat_dead_time)
+        matches!(self.heard, Heard::Silent(_)) && !self.link_alive(self.config.heartbeat_dead_time)
     }
 
     fn link_alive(&self, within: std::time::Duration) -> bool {
@@ -420,12 +423,12 @@ impl Machine {
             }
             Event::PeerHeard(seen) => self.peer_heard_event(seen, &mut out),
             Event::PeerSilent => {
-                if self.heard != Heard::Silent {
+                if !matches!(self.heard, Heard::Silent(_)) {
                     out.push(Action::Log(
                         "the heartbeat hears nothing from the peer on any path".into(),
                     ));
+                    self.heard = Heard::Silent(now);
                 }
-                self.heard = Heard::Silent;
             }
             Event::WireChecked { answered } => self.wire_checked(answered, &mut out),
             Event::RivalAnswered => self.rival_answered(&mut out),
@@ -938,7 +941,7 @@ impl Machine {
             if let Some(last) = self.last_alive {
                 let quiet = now.saturating_duration_since(last);
                 let dead_time = self.config.heartbeat_dead_time;
-                if self.heard == Heard::Silent && quiet >= dead_time {
+                if matches!(self.heard, Heard::Silent(_)) && quiet >= dead_time {
                     out.push(Action::Log(
                         "the peer is silent on every heartbeat path and on the replication link"
                             .into(),
@@ -1036,7 +1039,17 @@ impl Machine {
 
     /// Would passing the promotion gate let this node serve? Then the wire guard is worth
     /// asking.
+    ///
+    /// A secondary asks `takeover_delay` later than a primary would: when both lose each other
+    /// at once (every path cut, the client network still up), the primary's guard runs first,
+    /// finds nobody, and the primary answers again — so the secondary's guard then finds it.
     fn wants_to_serve_alone(&self) -> bool {
+        let silent_long_enough = match self.heard {
+            Heard::Silent(since) => {
+                self.now.saturating_duration_since(since) >= self.config.takeover_delay
+            }
+            _ => false,
+        };
         self.fencing_peer
             || (self.role == Role::Secondary
                 && self.promote_alone
@@ -1044,7 +1057,8 @@ impl Machine {
                 && self.startup_wait_over
                 && self.disk == DiskState::UpToDate
                 && self.conn == ConnState::Connecting
-                && !self.rival)
+                && !self.rival
+                && silent_long_enough)
     }
 
     /// Resource-only fencing, once per step: a primary that lost the replication link serves
@@ -1092,7 +1106,7 @@ impl Machine {
     }
 
     fn peer_heard_event(&mut self, seen: Option<PeerSeen>, out: &mut Vec<Action>) {
-        if self.heard == Heard::Silent {
+        if matches!(self.heard, Heard::Silent(_)) {
             out.push(Action::Log("the heartbeat hears the peer again".into()));
         }
         self.heard = Heard::Alive(seen);
