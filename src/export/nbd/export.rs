@@ -41,6 +41,17 @@ impl Export {
     }
 }
 
+/// How often a connection holding replies looks at a closed serve gate again.
+pub const GATE_POLL: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Returns once `gate` allows answering (polling every [`GATE_POLL`]); never, if it stays
+/// closed. Callers race it against their own reasons to give up (shutdown, a timeout).
+pub(crate) async fn gate_opens(gate: &ServeGate) {
+    while !gate.may_answer() {
+        tokio::time::sleep(GATE_POLL).await;
+    }
+}
+
 /// Why [`Server::add_export`](super::Server::add_export) refused an export.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
