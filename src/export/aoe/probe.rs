@@ -8,8 +8,9 @@
 //! a rival, at most once a second per rival.
 
 use crate::net::{Interface, PacketSocket};
-use crate::wire::aoe::PacketRepr;
-use crate::wire::aoe::{self, ArgRepr, Command, ConfigCommand, ConfigRepr, Frame, HeaderRepr};
+use crate::wire::aoe::{
+    self, ArgRepr, Command, ConfigCommand, ConfigRepr, Frame, HeaderRepr, PacketRepr,
+};
 use crate::wire::MacAddr;
 use std::collections::HashMap;
 use std::io;
@@ -34,6 +35,7 @@ pub struct RivalAlarm {
 
 impl RivalAlarm {
     /// An alarm calling `callback` with each rival's MAC (at most once a second per MAC).
+    /// It is called on the port's frame thread, so it must not block: hand the news on.
     pub fn new(callback: impl Fn(MacAddr) + Send + Sync + 'static) -> RivalAlarm {
         RivalAlarm {
             callback: Box::new(callback),

@@ -433,8 +433,7 @@ fn screen(frame: &[u8], routes: &[Route], own: MacAddr) -> bool {
         return false;
     }
     // Our own rival queries, should the kernel loop them back (ignoring outgoing frames is
-    // best effort): a blade answering them would be taken for a rival by nobody, but it
-    // would be a reply from a node that did not ask.
+    // best effort): the blade must not answer its own question.
     view.src() != own
 }
 
