@@ -740,6 +740,8 @@ fn writes_that_complete_later_are_answered_when_they_complete_and_read_back() {
                 config: twinblade::export::aoe::BladeConfig::new(0, 5),
                 device: served,
                 interfaces: vec!["eth0".into()],
+                gate: twinblade::ha::gate::ServeGate::always_open(),
+                guard: None,
             }],
             root.group("aoe"),
         )

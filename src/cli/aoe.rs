@@ -10,6 +10,7 @@ use super::exit::{cancel_on_signal, ExitCode};
 use crate::block::{BlockDevice, OpenOptions, SECTOR_SIZE};
 use crate::export::aoe::blade::DEFAULT_BUFFER_COUNT;
 use crate::export::aoe::{AoeServer, BladeConfig, Export};
+use crate::ha::gate::ServeGate;
 use crate::supervisor::Root;
 use crate::wire::MacAddr;
 
@@ -157,6 +158,9 @@ pub fn run_vblade(args: VbladeArgs) -> i32 {
         config,
         device: Arc::new(device),
         interfaces: vec![base_interface(&args.netif)],
+        // A standalone target: no peer could be answering instead.
+        gate: ServeGate::always_open(),
+        guard: None,
     };
     // vblade's start-up line; scripts wait for it.
     println!(
@@ -200,6 +204,9 @@ pub fn run_aoe(args: AoeArgs) -> i32 {
             config,
             device: Arc::new(device) as Arc<dyn BlockDevice>,
             interfaces: spec.interfaces,
+            // A standalone target: no peer could be answering instead.
+            gate: ServeGate::always_open(),
+            guard: None,
         });
     }
     serve(exports)

@@ -321,11 +321,13 @@ pub struct NbdHandle {
 }
 
 impl NbdHandle {
-    /// Binds `addr` and serves `device` as export `name` until stopped.
+    /// Binds `addr` and serves `device` as export `name` until stopped, answering only while
+    /// `gate` allows.
     pub fn start(
         addr: SocketAddr,
         name: &str,
         device: Arc<dyn BlockDevice>,
+        gate: Arc<crate::ha::gate::ServeGate>,
         group: Supervisor,
     ) -> std::io::Result<NbdHandle> {
         use crate::export::nbd::{Export, Server, ServerConfig};
@@ -334,7 +336,10 @@ impl NbdHandle {
             .block_on(tokio::net::TcpListener::bind(addr))?;
         let mut server = Server::new(ServerConfig::default());
         server
-            .add_export(Export::new(name, device))
+            .add_export(Export {
+                gate,
+                ..Export::new(name, device)
+            })
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         tracing::info!("serving {name} over NBD on {addr}");
         group.spawn_task(format!("nbd-{name}"), move |token| async move {

@@ -426,6 +426,13 @@ impl TxRing {
         self.staged = 0;
     }
 
+    /// Gives every staged slot back unsent (a reply that must not go out after all).
+    pub fn discard_staged(&mut self) {
+        // Staging only reserved the slots: they are still AVAILABLE to us, never seen by the
+        // kernel, so forgetting them is all it takes.
+        self.staged = 0;
+    }
+
     /// Frames staged and not yet committed.
     pub fn staged(&self) -> usize {
         self.staged

@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod aoe_gate;
+
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -15,10 +17,16 @@ use std::time::{Duration, Instant};
 
 static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
 
-/// Two namespaces, `target` and `client`, with `links` veth pairs named eth0, eth1, ... in both.
+/// Two namespaces, `target` and `client`, with `links` veth pairs named eth0, eth1, ... in both
+/// ([`Lab::new`]); or those two and more target namespaces, each with an eth0 on one bridge
+/// ([`Lab::bridged`]).
 pub struct Lab {
     pub target_ns: String,
     pub client_ns: String,
+    /// Further target namespaces (only in a bridged lab).
+    pub extra_target_ns: Vec<String>,
+    /// The namespace holding the bridge (only in a bridged lab).
+    bridge_ns: Option<String>,
     pub dir: tempfile::TempDir,
     children: Vec<Child>,
 }
@@ -98,6 +106,64 @@ impl Lab {
         Lab {
             target_ns,
             client_ns,
+            extra_target_ns: Vec::new(),
+            bridge_ns: None,
+            dir: tempfile::tempdir_in("/var/tmp").expect("temp dir"),
+            children: Vec::new(),
+        }
+    }
+
+    /// The target and client namespaces and `extra_targets` more target namespaces, each with
+    /// an `eth0` plugged into one bridge (in a namespace of its own): one Ethernet segment,
+    /// as two storage nodes and a client share in production.
+    pub fn bridged(mtu: u32, extra_targets: usize) -> Lab {
+        require_root();
+        let id = std::process::id() % 10000 * 100 + NEXT_LAB.fetch_add(1, Ordering::Relaxed);
+        let target_ns = format!("tbt{id}t");
+        let client_ns = format!("tbt{id}c");
+        let bridge_ns = format!("tbt{id}b");
+        let extra_target_ns: Vec<String> =
+            (0..extra_targets).map(|n| format!("tbt{id}t{n}")).collect();
+        let mut all = vec![target_ns.clone(), client_ns.clone()];
+        all.extend(extra_target_ns.iter().cloned());
+        for ns in all.iter().chain([&bridge_ns]) {
+            // Left over from a crashed run, if anything.
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+            run(&["ip", "netns", "add", ns]);
+            run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        }
+        let mtu = mtu.to_string();
+        run(&[
+            "ip", "-n", &bridge_ns, "link", "add", "br0", "type", "bridge",
+        ]);
+        run(&[
+            "ip", "-n", &bridge_ns, "link", "set", "br0", "mtu", &mtu, "up",
+        ]);
+        for (port, ns) in all.iter().enumerate() {
+            let inside = format!("tv{id}{port}a");
+            let on_bridge = format!("tv{id}{port}b");
+            run(&[
+                "ip", "link", "add", &inside, "type", "veth", "peer", "name", &on_bridge,
+            ]);
+            run(&["ip", "link", "set", &inside, "netns", ns]);
+            run(&["ip", "link", "set", &on_bridge, "netns", &bridge_ns]);
+            run(&["ip", "-n", ns, "link", "set", &inside, "name", "eth0"]);
+            run(&["ip", "-n", ns, "link", "set", "eth0", "mtu", &mtu, "up"]);
+            run(&[
+                "ip", "-n", &bridge_ns, "link", "set", &on_bridge, "master", "br0",
+            ]);
+            run(&[
+                "ip", "-n", &bridge_ns, "link", "set", &on_bridge, "mtu", &mtu, "up",
+            ]);
+        }
+        Lab {
+            target_ns,
+            client_ns,
+            extra_target_ns,
+            bridge_ns: Some(bridge_ns),
             dir: tempfile::tempdir_in("/var/tmp").expect("temp dir"),
             children: Vec::new(),
         }
@@ -205,7 +271,11 @@ impl Drop for Lab {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for ns in [&self.target_ns, &self.client_ns] {
+        let namespaces = [&self.target_ns, &self.client_ns]
+            .into_iter()
+            .chain(&self.extra_target_ns)
+            .chain(&self.bridge_ns);
+        for ns in namespaces {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
     }

@@ -536,10 +536,14 @@ impl Engine {
             return;
         }
         let (shelf, slot) = self.res.spec.aoe;
+        // Open until the engine holds the resource's own gate (set from the cluster machine).
+        let gate = crate::ha::gate::ServeGate::always_open();
         let export = Export {
             config: BladeConfig::new(shelf, slot),
             device: self.res.device.clone(),
             interfaces: vec![self.res.spec.interface.clone()],
+            gate: gate.clone(),
+            guard: None,
         };
         match AoeServer::start(vec![export], self.res.crew.group("aoe")) {
             Ok(server) => {
@@ -555,6 +559,7 @@ impl Engine {
                 addr,
                 &self.res.spec.name,
                 self.res.device.clone(),
+                gate,
                 self.res.crew.group("nbd"),
             ) {
                 Ok(server) => self.nbd = Some(server),

@@ -4,13 +4,17 @@
 //! * [`blade`]: one `eS.L` — config string, mask and reserve lists, and the answer to every
 //!   frame (pure: a frame in, a reply out, the `BlockDevice` the only side effect).
 //! * [`stats`]: per-blade counters behind the rate-limited logs.
-//! * [`server`]: sockets and threads — receive per interface, one ordered worker per blade.
+//! * [`server`]: sockets and threads — receive per interface, one ordered worker per blade;
+//!   the serve gate before every reply and the multiple-mount protection.
+//! * [`probe`]: asking the wire who answers for an address (the promotion guard).
 
 pub mod ata;
 pub mod blade;
+pub mod probe;
 pub mod server;
 pub mod stats;
 
 pub use blade::{Blade, BladeConfig, Outcome, Port, PreparedTransfer};
+pub use probe::{responders, RivalAlarm};
 pub use server::{AoeServer, Export, StartError};
 pub use stats::{BladeStats, DropReason};

@@ -22,15 +22,38 @@
 //!
 //! Everything stops when the [`CancellationToken`] is cancelled: the threads notice within
 //! [`POLL_INTERVAL`].
+//!
+//! # The serve gate
+//!
+//! Each blade answers only while its [`ServeGate`] says this node may ("at no instant may two
+//! nodes answer for one shelf.slot"). The gate is asked immediately before a reply is handed
+//! to the kernel — per reply on the ring path (before the slot is committed), per blade and
+//! send batch on the `sendmmsg` path and for deferred write replies — and a reply it refuses
+//! is dropped and counted in [`BladeStats::gated`]: AoE initiators retransmit. Frames for a
+//! blade whose gate was closed when the batch began are not even executed. A blade announces
+//! itself whenever its gate opens (at start if it is open then), so initiators learn where it
+//! now lives.
+//!
+//! # Multiple-mount protection
+//!
+//! A blade exported with a [`RivalAlarm`] broadcasts a Query Config for its own address from
+//! the port every [`RIVAL_CHECK_INTERVAL`]; any AoE *response* for that address from another
+//! MAC seen on the port (an answer to our query, to a client's, an announce) raises the alarm.
+//! Our own queries are never answered by our own blades: the sockets ignore outgoing frames,
+//! and frames from the port's own MAC are dropped besides.
 
 use super::blade::{Blade, BladeConfig, Outcome, Port, PreparedTransfer};
+use super::probe::{self, RivalAlarm, RIVAL_CHECK_INTERVAL};
 use super::stats::BladeStats;
 use crate::block::{BlockDevice, SECTOR_SIZE};
+use crate::ha::gate::ServeGate;
 use crate::net::{Interface, PacketRing, PacketSocket, RxRing, TxRing, SLOT_SIZE};
 use crate::ratelimit::LogLimiter;
 use crate::supervisor::Supervisor;
 use crate::warn_limited;
 use crate::wire::aoe::{self, Frame};
+use crate::wire::MacAddr;
+use std::cell::Cell;
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -99,6 +122,12 @@ pub struct Export {
     pub device: Arc<dyn BlockDevice>,
     /// Interfaces to serve it on.
     pub interfaces: Vec<String>,
+    /// Whether this node may answer for the blade right now; asked before every reply
+    /// ([`ServeGate::always_open`] for a standalone target).
+    pub gate: Arc<ServeGate>,
+    /// Multiple-mount protection: when set, the blade watches its ports for another MAC
+    /// answering for its address and reports each such rival here (see the module docs).
+    pub guard: Option<RivalAlarm>,
 }
 
 /// How frames move on an interface.
@@ -197,19 +226,31 @@ impl AoeServer {
         for export in exports {
             let blade = Blade::new(export.config, export.device);
             let name = blade.config().name();
-            stats.push((name, blade.stats()));
+            let address = blade.address();
+            let blade_stats = blade.stats();
+            stats.push((name, blade_stats.clone()));
             let blade = Arc::new(Mutex::new(blade));
+            let guard = export.guard.map(Arc::new);
             for (index, port) in ports.iter().enumerate() {
                 if export.interfaces.contains(&port.iface.name) {
                     routes[index].push(Route {
                         blade: Arc::clone(&blade),
+                        gate: Arc::clone(&export.gate),
+                        stats: Arc::clone(&blade_stats),
+                        address,
+                        guard: guard.clone(),
+                        open_this_batch: Cell::new(false),
                     });
                 }
             }
         }
 
-        for (mut port, routes) in ports.into_iter().zip(routes) {
-            announce(&mut port, &routes);
+        for (port, routes) in ports.into_iter().zip(routes) {
+            for route in &routes {
+                let blade = route.lock();
+                let current = port.port();
+                tracing::info!(blade = %blade.config().name(), iface = %port.iface.name, mtu = current.mtu, sectors_per_frame = current.max_sectors(), gate = %route.gate.authority(), guarded = route.guard.is_some(), "serving");
+            }
             let name = format!("aoe-{}", port.iface.name);
             group
                 .spawn(name, move |token| serve_port(port, routes, token))
@@ -232,15 +273,41 @@ impl AoeServer {
     }
 }
 
-/// A blade reachable on a port.
+/// A blade reachable on a port (owned by that port's thread).
 struct Route {
     blade: Arc<Mutex<Blade>>,
+    gate: Arc<ServeGate>,
+    /// The blade's counters, reachable without its lock.
+    stats: Arc<BladeStats>,
+    /// The blade's shelf and slot.
+    address: (u16, u8),
+    guard: Option<Arc<RivalAlarm>>,
+    /// The gate as of the start of the current batch: frames for a closed blade are not
+    /// executed (the reply could not go out anyway). Also what tells a gate that just opened.
+    open_this_batch: Cell<bool>,
 }
 
 impl Route {
     fn lock(&self) -> std::sync::MutexGuard<'_, Blade> {
         // A panic while answering one frame must not take the blade down for good.
         self.blade.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `replies` may be handed to the kernel now; if not, counts them as gated.
+    /// Ask immediately before the hand-over.
+    fn may_send(&self, replies: usize) -> bool {
+        if self.gate.may_answer() {
+            true
+        } else {
+            self.stats.count_gated(replies as u64);
+            false
+        }
+    }
+
+    /// Reads the gate for a new batch; returns whether it opened since the last batch.
+    fn refresh_gate(&self) -> bool {
+        let open = self.gate.may_answer();
+        !self.open_this_batch.replace(open) && open
     }
 }
 
@@ -266,35 +333,108 @@ fn open_port_io(iface: &Interface, buffers: usize) -> std::io::Result<PortIo> {
     Ok(PortIo::Socket(socket))
 }
 
-/// Sends each blade's unsolicited config response (broadcast, or to each masked MAC).
-fn announce(port: &mut PortHandle, routes: &[Route]) {
-    let mut out = vec![0u8; FRAME_BUFFER];
-    let current = port.port();
-    for route in routes {
-        let blade = route.lock();
-        let name = blade.config().name();
-        for dst in blade.announce_destinations() {
-            let len = blade.announce(&current, dst, &mut out);
-            let sent = match &mut port.io {
-                PortIo::Socket(socket) => socket.send(&out[..len]),
-                PortIo::Ring(ring) => {
-                    let (_, tx) = ring.split();
-                    match tx.buffer() {
-                        Ok(buf) => {
-                            buf[..len].copy_from_slice(&out[..len]);
-                            tx.commit(len);
-                            tx.kick()
-                        }
-                        Err(err) => Err(err),
-                    }
-                }
-            };
-            if let Err(err) = sent {
-                tracing::warn!(blade = %name, iface = %port.iface.name, %err, "announce failed");
+/// Sends one frame now, outside the batched frame path (announces, rival queries).
+fn send_now(io: &mut PortIo, frame: &[u8]) -> io::Result<()> {
+    match io {
+        PortIo::Socket(socket) => socket.send(frame),
+        PortIo::Ring(ring) => {
+            let (_, tx) = ring.split();
+            let buf = tx.buffer()?;
+            buf[..frame.len()].copy_from_slice(frame);
+            tx.commit(frame.len());
+            tx.kick()
+        }
+    }
+}
+
+/// What a port does between batches: reads every blade's gate for the coming batch,
+/// announces the blades whose gate just opened, and, once per [`RIVAL_CHECK_INTERVAL`],
+/// asks the wire whether anyone else answers for a guarded blade's address.
+struct PortDuties {
+    next_rival_check: Instant,
+    scratch: Vec<u8>,
+}
+
+impl PortDuties {
+    fn new() -> PortDuties {
+        PortDuties {
+            next_rival_check: Instant::now(),
+            scratch: vec![0u8; FRAME_BUFFER],
+        }
+    }
+
+    /// `send` sends one frame now.
+    fn run(
+        &mut self,
+        iface: &Interface,
+        current: &Port,
+        routes: &[Route],
+        send: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    ) {
+        for route in routes {
+            if route.refresh_gate() {
+                self.announce(iface, current, route, send);
             }
         }
-        tracing::info!(blade = %name, iface = %port.iface.name, mtu = current.mtu, sectors_per_frame = current.max_sectors(), "serving");
+        let now = Instant::now();
+        if now < self.next_rival_check {
+            return;
+        }
+        self.next_rival_check = now + RIVAL_CHECK_INTERVAL;
+        for route in routes.iter().filter(|r| r.guard.is_some()) {
+            let (shelf, slot) = route.address;
+            let query = probe::config_query(current.mac, shelf, slot);
+            if let Err(err) = send(&query) {
+                static QUERY_LOG: LogLimiter = LogLimiter::network();
+                warn_limited!(QUERY_LOG, iface = %iface.name, %err, "rival query not sent");
+            }
+        }
     }
+
+    /// Sends the blade's unsolicited config response (broadcast, or to each masked MAC).
+    fn announce(
+        &mut self,
+        iface: &Interface,
+        current: &Port,
+        route: &Route,
+        send: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    ) {
+        let blade = route.lock();
+        for dst in blade.announce_destinations() {
+            let len = blade.announce(current, dst, &mut self.scratch);
+            // The gate opened an instant ago, but it is the gate at send time that counts.
+            if !route.may_send(1) {
+                return;
+            }
+            if let Err(err) = send(&self.scratch[..len]) {
+                tracing::warn!(blade = %blade.config().name(), iface = %iface.name, %err, "announce failed");
+            }
+        }
+        tracing::info!(blade = %blade.config().name(), iface = %iface.name, "announced");
+    }
+}
+
+/// Looks at a received frame before it is answered: a response is never answered, but one
+/// for a guarded blade's address from another MAC raises that blade's [`RivalAlarm`]. Returns
+/// whether the frame is a request to answer.
+fn screen(frame: &[u8], routes: &[Route], own: MacAddr) -> bool {
+    let Ok(view) = Frame::new_checked(frame) else {
+        // The blade counts it.
+        return true;
+    };
+    if view.is_response() {
+        for route in routes {
+            let Some(alarm) = &route.guard else { continue };
+            let (shelf, slot) = route.address;
+            if let Some(rival) = probe::responder(frame, shelf, slot, own) {
+                alarm.raise(rival, shelf, slot, Instant::now());
+            }
+        }
+        return false;
+    }
+    // Our own rival queries, should the kernel loop them back (ignoring outgoing frames is
+    // best effort): the blade must not answer its own question.
+    view.src() != own
 }
 
 /// The frame path of one interface: receive a batch, answer it in order, send the replies.
@@ -306,8 +446,9 @@ fn serve_port(mut port: PortHandle, routes: Vec<Route>, cancel: CancellationToke
     }
 }
 
-/// Answers one frame with every blade it addresses, writing replies through `emit`.
-fn answer(frame: &[u8], routes: &[Route], mut emit: impl FnMut(&mut Blade) -> bool) {
+/// Answers one frame with every blade it addresses whose gate was open when the batch began,
+/// writing replies through `emit` (given the route's index).
+fn answer(frame: &[u8], routes: &[Route], mut emit: impl FnMut(usize, &mut Blade) -> bool) {
     // Cheap pre-filter; the blade does the full check.
     let Ok(view) = Frame::new_checked(frame) else {
         return;
@@ -316,9 +457,16 @@ fn answer(frame: &[u8], routes: &[Route], mut emit: impl FnMut(&mut Blade) -> bo
         return;
     }
     let (shelf, slot) = (view.shelf(), view.slot());
-    for route in routes {
+    for (index, route) in routes.iter().enumerate() {
         let mut blade = route.lock();
-        if blade.is_addressed(shelf, slot) && !emit(&mut blade) {
+        if !blade.is_addressed(shelf, slot) {
+            continue;
+        }
+        if !route.open_this_batch.get() {
+            route.stats.count_gated(1);
+            continue;
+        }
+        if !emit(index, &mut blade) {
             return;
         }
     }
@@ -342,6 +490,7 @@ fn serve_port_ring(port: &mut PortHandle, routes: &[Route], cancel: &Cancellatio
         ..Run::default()
     };
     let replier = Replier::start(&port.iface);
+    let mut duties = PortDuties::new();
     while !cancel.is_cancelled() {
         if last_mtu_check.elapsed() >= POLL_INTERVAL {
             port.refresh_mtu();
@@ -351,15 +500,24 @@ fn serve_port_ring(port: &mut PortHandle, routes: &[Route], cancel: &Cancellatio
         let PortIo::Ring(ring) = &mut port.io else {
             return;
         };
-        match ring.wait_readable(POLL_INTERVAL) {
-            Ok(true) => {}
-            Ok(false) => continue,
+        let readable = match ring.wait_readable(POLL_INTERVAL) {
+            Ok(readable) => readable,
             Err(err) => {
                 warn_limited!(error_log, iface = %port.iface.name, %err, "receive failed");
                 std::thread::sleep(POLL_INTERVAL);
                 continue;
             }
+        };
+        // After the wait, so the gates read are those of the frames about to be answered.
+        duties.run(&port.iface, &current, routes, &mut |frame| {
+            send_now(&mut port.io, frame)
+        });
+        if !readable {
+            continue;
         }
+        let PortIo::Ring(ring) = &mut port.io else {
+            return;
+        };
         let (rx, tx) = ring.split();
         // Hold at most half the receive ring, so the kernel always has room for what the
         // initiators were promised.
@@ -367,6 +525,10 @@ fn serve_port_ring(port: &mut PortHandle, routes: &[Route], cancel: &Cancellatio
         let mut held = 0;
         while held < limit {
             let Some(frame) = rx.peek(held) else { break };
+            if !screen(frame, routes, current.mac) {
+                held += 1;
+                continue;
+            }
             match prepare(frame, routes, &current) {
                 Some((route, transfer)) => {
                     if !run.continues(route, &transfer) {
@@ -388,10 +550,14 @@ fn serve_port_ring(port: &mut PortHandle, routes: &[Route], cancel: &Cancellatio
                 }
                 None => {
                     run.complete(routes, rx, tx, replier.as_ref());
-                    answer(frame, routes, |blade| match tx.buffer() {
+                    answer(frame, routes, |index, blade| match tx.buffer() {
                         Ok(out) => {
                             if let Outcome::Reply(len) = blade.handle(frame, &current, out) {
-                                tx.commit(len);
+                                // Committing hands the slot to the kernel, which may send it
+                                // at any kick: the gate is asked now.
+                                if routes[index].may_send(1) {
+                                    tx.commit(len);
+                                }
                             }
                             true
                         }
@@ -414,11 +580,13 @@ fn serve_port_ring(port: &mut PortHandle, routes: &[Route], cancel: &Cancellatio
     }
 }
 
-/// The blade (route index) that takes `frame` as a plain transfer, if one does.
+/// The blade (route index) that takes `frame` as a plain transfer, if one does and its gate
+/// was open when the batch began (a closed blade's frames go to [`answer`], which counts them).
 fn prepare(frame: &[u8], routes: &[Route], port: &Port) -> Option<(usize, PreparedTransfer)> {
     routes
         .iter()
         .enumerate()
+        .filter(|(_, route)| route.open_this_batch.get())
         .find_map(|(index, route)| Some((index, route.lock().prepare_transfer(frame, port)?)))
 }
 
@@ -514,7 +682,7 @@ impl Run {
                         let transfers = self.entries.iter().map(|e| e.transfer).collect();
                         let answerer = blade.answerer();
                         drop(blade);
-                        replier.defer(answerer, transfers, completion);
+                        replier.defer(answerer, transfers, completion, &routes[self.route]);
                         self.entries.clear();
                         return;
                     }
@@ -572,7 +740,12 @@ impl Run {
             tx.set_staged_len(entry.tx, len);
         }
         drop(blade);
-        tx.commit_staged();
+        // Committing hands the slots to the kernel: the gate is asked now.
+        if routes[self.route].may_send(tx.staged()) {
+            tx.commit_staged();
+        } else {
+            tx.discard_staged();
+        }
         self.entries.clear();
     }
 }
@@ -607,13 +780,17 @@ impl Replier {
         }
     }
 
-    /// Answers `transfers` (one run) when `completion` completes.
+    /// Answers `transfers` (one run of `route`'s blade) when `completion` completes, if the
+    /// blade's gate allows it then.
     fn defer(
         &self,
         answerer: super::blade::TransferAnswerer,
         transfers: Vec<PreparedTransfer>,
         completion: crate::block::WriteCompletion,
+        route: &Route,
     ) {
+        let gate = Arc::clone(&route.gate);
+        let stats = Arc::clone(&route.stats);
         static SEND_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(10), 3);
         *lock_count(&self.in_flight.0) += 1;
         let socket = self.socket.clone();
@@ -629,6 +806,14 @@ impl Replier {
                 lens.push(answerer.finish(transfer, result, out));
             }
             let frames: Vec<&[u8]> = replies.iter().zip(&lens).map(|(b, &l)| &b[..l]).collect();
+            if !gate.may_answer() {
+                // The write happened, but this node may no longer say so: the initiator
+                // retransmits to whoever serves now.
+                stats.count_gated(frames.len() as u64);
+                *lock_count(&in_flight.0) -= 1;
+                in_flight.1.notify_all();
+                return;
+            }
             // This runs on whichever thread completed the write (the replication link's
             // reader): it must never wait, so a full send queue drops replies, as a full link
             // would, and the initiator retransmits.
@@ -688,6 +873,9 @@ fn serve_port_socket(port: &PortHandle, routes: &[Route], cancel: &CancellationT
     let mut inbox_lens = vec![0usize; BATCH];
     let mut outbox: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; FRAME_BUFFER]).collect();
     let mut outbox_lens = vec![0usize; BATCH];
+    // The route (blade) each reply in the outbox is from, for the gate check at send time.
+    let mut outbox_routes = vec![0usize; BATCH];
+    let mut duties = PortDuties::new();
     let mut last_mtu_check = Instant::now();
     let error_log = LogLimiter::network();
     let send_log = LogLimiter::network();
@@ -705,42 +893,83 @@ fn serve_port_socket(port: &PortHandle, routes: &[Route], cancel: &CancellationT
             }
         };
         let current = port.port();
+        // After the wait, so the gates read are those of the frames about to be answered.
+        duties.run(&port.iface, &current, routes, &mut |frame| {
+            socket.send(frame)
+        });
         let mut replies = 0;
         for (frame, &len) in inbox.iter().zip(&inbox_lens).take(received) {
             let frame = &frame[..len];
-            answer(frame, routes, |blade| {
+            if !screen(frame, routes, current.mac) {
+                continue;
+            }
+            answer(frame, routes, |index, blade| {
                 if let Outcome::Reply(reply_len) =
                     blade.handle(frame, &current, &mut outbox[replies])
                 {
                     outbox_lens[replies] = reply_len;
+                    outbox_routes[replies] = index;
                     replies += 1;
                     if replies == BATCH {
-                        send_replies(port, socket, &outbox, &outbox_lens, &send_log);
+                        let outgoing = Outgoing {
+                            outbox: &outbox,
+                            lens: &outbox_lens,
+                            routes_of: &outbox_routes,
+                        };
+                        send_replies(port, socket, routes, outgoing, &send_log);
                         replies = 0;
                     }
                 }
                 true
             });
         }
-        send_replies(port, socket, &outbox, &outbox_lens[..replies], &send_log);
+        let outgoing = Outgoing {
+            outbox: &outbox,
+            lens: &outbox_lens[..replies],
+            routes_of: &outbox_routes[..replies],
+        };
+        send_replies(port, socket, routes, outgoing, &send_log);
     }
 }
 
+/// Replies built on the `sendmmsg` path: `lens[i]` bytes of `outbox[i]`, from the blade of
+/// route `routes_of[i]`.
+struct Outgoing<'a> {
+    outbox: &'a [Vec<u8>],
+    lens: &'a [usize],
+    routes_of: &'a [usize],
+}
+
+/// Sends the replies whose blade's gate allows it now (asked once per blade, immediately
+/// before the `sendmmsg`); the rest are dropped and counted.
 fn send_replies(
     port: &PortHandle,
     socket: &PacketSocket,
-    outbox: &[Vec<u8>],
-    lens: &[usize],
+    routes: &[Route],
+    outgoing: Outgoing<'_>,
     log: &LogLimiter,
 ) {
-    if lens.is_empty() {
+    if outgoing.lens.is_empty() {
         return;
     }
-    let frames: Vec<&[u8]> = outbox
+    let mut verdicts: Vec<Option<bool>> = vec![None; routes.len()];
+    let frames: Vec<&[u8]> = outgoing
+        .outbox
         .iter()
-        .zip(lens)
-        .map(|(buf, &len)| &buf[..len])
+        .zip(outgoing.lens)
+        .zip(outgoing.routes_of)
+        .filter(|(_, &route)| {
+            let verdict = verdicts[route].get_or_insert_with(|| routes[route].gate.may_answer());
+            if !*verdict {
+                routes[route].stats.count_gated(1);
+            }
+            *verdict
+        })
+        .map(|((buf, &len), _)| &buf[..len])
         .collect();
+    if frames.is_empty() {
+        return;
+    }
     if let Err(err) = socket.send_batch(&frames) {
         warn_limited!(log, iface = %port.iface.name, %err, replies = frames.len(), "replies not sent");
     }

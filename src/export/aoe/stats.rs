@@ -48,6 +48,9 @@ pub struct BladeStats {
     pub flushes: AtomicU64,
     /// ATA commands answered with an error status.
     pub ata_errors: AtomicU64,
+    /// Replies withheld (and requests left unexecuted) because the serve gate was closed:
+    /// another node may be answering for this address, so the initiator must retransmit.
+    pub gated: AtomicU64,
 }
 
 impl BladeStats {
@@ -68,6 +71,11 @@ impl BladeStats {
             DropReason::ConfigMismatch => &self.config_mismatches,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts `n` replies withheld by the serve gate.
+    pub(crate) fn count_gated(&self, n: u64) {
+        self.gated.fetch_add(n, Ordering::Relaxed);
     }
 
     pub(crate) fn count_error(&self, code: ErrorCode) {
@@ -106,7 +114,7 @@ impl BladeStats {
     pub fn summary(&self) -> String {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "requests={} replies={} reads={} writes={} flushes={} read_bytes={} written_bytes={} ata_errors={} aoe_errors={:?} dropped(truncated={} malformed={} masked={}) config_mismatches={}",
+            "requests={} replies={} reads={} writes={} flushes={} read_bytes={} written_bytes={} ata_errors={} aoe_errors={:?} dropped(truncated={} malformed={} masked={}) config_mismatches={} gated={}",
             get(&self.requests),
             get(&self.replies),
             get(&self.reads),
@@ -120,6 +128,7 @@ impl BladeStats {
             get(&self.dropped_malformed),
             get(&self.dropped_masked),
             get(&self.config_mismatches),
+            get(&self.gated),
         )
     }
 }

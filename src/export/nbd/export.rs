@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use crate::block::{BlockDevice, Capabilities, Sequencer};
+use crate::ha::gate::ServeGate;
 use crate::wire::nbd::{transmission_flags as tf, MAX_STRING};
 
 /// One export: a named device.
@@ -20,10 +21,14 @@ pub struct Export {
     pub read_only: bool,
     /// Minimum block size advertised (1 for byte granularity, 512 or 4096 for `O_DIRECT`).
     pub min_block_size: u32,
+    /// Whether this node may answer for the export right now: replies (and the handshake's
+    /// export info) are held while it is closed. See [`super::server`].
+    pub gate: Arc<ServeGate>,
 }
 
 impl Export {
-    /// A writable export of `device` named `name`, byte-granular.
+    /// A writable export of `device` named `name`, byte-granular, with a gate that is always
+    /// open (a standalone server; a replicated resource sets its own [`Export::gate`]).
     pub fn new(name: impl Into<String>, device: Arc<dyn BlockDevice>) -> Self {
         Export {
             name: name.into(),
@@ -31,7 +36,19 @@ impl Export {
             device,
             read_only: false,
             min_block_size: 1,
+            gate: ServeGate::always_open(),
         }
+    }
+}
+
+/// How often a connection holding replies looks at a closed serve gate again.
+pub const GATE_POLL: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Returns once `gate` allows answering (polling every [`GATE_POLL`]); never, if it stays
+/// closed. Callers race it against their own reasons to give up (shutdown, a timeout).
+pub(crate) async fn gate_opens(gate: &ServeGate) {
+    while !gate.may_answer() {
+        tokio::time::sleep(GATE_POLL).await;
     }
 }
 

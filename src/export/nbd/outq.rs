@@ -170,17 +170,17 @@ impl BufPool {
     }
 }
 
-pub(super) async fn write_all_vectored<W: AsyncWrite + Unpin>(
+/// Writes some of the queued bytes with one vectored write (the caller loops, asking the
+/// serve gate before each).
+pub(super) async fn write_some<W: AsyncWrite + Unpin>(
     out: &mut OutQueue,
     wr: &mut W,
 ) -> io::Result<()> {
-    while !out.is_empty() {
-        let n = wr.write_vectored(&out.slices(64)).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        out.consume(n);
+    let n = wr.write_vectored(&out.slices(64)).await?;
+    if n == 0 {
+        return Err(io::ErrorKind::WriteZero.into());
     }
+    out.consume(n);
     Ok(())
 }
 

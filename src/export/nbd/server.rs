@@ -37,6 +37,14 @@
 //! connection, so big requests do not fault in fresh pages. Replies may leave out of order;
 //! clients match them by handle.
 //!
+//! # The serve gate
+//!
+//! A reply leaves only while the export's [`ServeGate`](crate::ha::gate::ServeGate) allows
+//! it: the gate is asked before every write to the socket. While it is closed the connection
+//! holds its replies (and stops reading, as with a full output queue), looking again every
+//! [`GATE_POLL`](super::export::GATE_POLL); if the server stops meanwhile, the connection is
+//! closed with the replies unsent. The handshake holds the export's info the same way.
+//!
 //! # Limits
 //!
 //! At most [`ServerConfig::max_in_flight`] requests and [`MAX_IN_FLIGHT_BYTES`] of payload
@@ -56,9 +64,9 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::acl::Acl;
-use super::export::{Export, ExportError, ExportState};
+use super::export::{gate_opens, Export, ExportError, ExportState};
 use super::handshake::{negotiate, HandshakeError};
-use super::outq::{write_all_vectored, OutQueue};
+use super::outq::{write_some, OutQueue};
 use crate::block::order::{Access, Ticket};
 use crate::block::{check_range, BlockDevice, BlockError};
 use crate::ratelimit::LogLimiter;
@@ -142,6 +150,10 @@ pub struct ServerStats {
     pub error_replies: AtomicU64,
     /// Connections closed for breaking the protocol.
     pub protocol_errors: AtomicU64,
+    /// Times a connection found the serve gate closed with replies to send, and held them.
+    pub gate_holds: AtomicU64,
+    /// Connections closed by a shutdown while holding replies the gate did not allow.
+    pub gate_closes: AtomicU64,
 }
 
 /// An NBD server: a set of exports and the configuration to serve them with.
@@ -508,23 +520,48 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Connection<R, W> {
         }
     }
 
-    /// Writes every queued reply; during shutdown, gives up after a grace period.
+    /// Writes every queued reply, each write only while the serve gate allows it; during
+    /// shutdown, gives up after a grace period (or at once while the gate is closed).
     async fn write_out(&mut self) -> io::Result<()> {
-        let write = write_all_vectored(&mut self.out, &mut self.wr);
-        tokio::pin!(write);
-        if !self.cancel.is_cancelled() {
-            tokio::select! {
-                r = &mut write => return r,
-                _ = self.cancel.cancelled() => {}
+        let mut grace_ends: Option<Instant> = None;
+        while !self.out.is_empty() {
+            if !self.export.export.gate.may_answer() {
+                self.stats.gate_holds.fetch_add(1, Ordering::Relaxed);
+                tokio::select! {
+                    biased;
+                    _ = gate_opens(&self.export.export.gate) => {}
+                    _ = self.cancel.cancelled() => {
+                        self.stats.gate_closes.fetch_add(1, Ordering::Relaxed);
+                        return Err(io::Error::other(
+                            "stopping while the serve gate is closed: replies withheld",
+                        ));
+                    }
+                }
+                // Asked again right before the write.
+                continue;
+            }
+            let write = write_some(&mut self.out, &mut self.wr);
+            if grace_ends.is_none() && !self.cancel.is_cancelled() {
+                tokio::select! {
+                    biased;
+                    r = write => r?,
+                    // A write not finished wrote nothing: it is simply tried again.
+                    _ = self.cancel.cancelled() => {}
+                }
+                continue;
+            }
+            let ends = *grace_ends.get_or_insert_with(|| Instant::now() + SHUTDOWN_GRACE);
+            match tokio::time::timeout_at(ends.into(), write).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "client does not read replies",
+                    ))
+                }
             }
         }
-        match tokio::time::timeout(SHUTDOWN_GRACE, write).await {
-            Ok(r) => r,
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "client does not read replies",
-            )),
-        }
+        Ok(())
     }
 
     /// Parses and dispatches every complete request in the input buffer, within the limits,
