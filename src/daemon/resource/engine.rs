@@ -177,6 +177,13 @@ impl Engine {
                     self.step(Event::ResyncDone);
                 }
             }
+            Input::WireChecked(answered) => {
+                self.step(Event::WireChecked { answered });
+            }
+            Input::Rival(mac) => {
+                tracing::error!(resource = %self.res.spec.name, "another MAC ({mac}) answers e{}.{}: multiple-mount protection", self.res.spec.aoe.0, self.res.spec.aoe.1);
+                self.step(Event::RivalAnswered);
+            }
             Input::Verify(reply) => {
                 let _ = reply.send(self.start_verify());
             }
@@ -525,10 +532,38 @@ impl Engine {
         }
     }
 
-    /// The wire guard: asks the client network who answers our shelf.slot (not wired yet: the
-    /// machine keeps waiting, so nothing promotes on an unanswered check).
+    /// The wire guard: asks the client network, on a thread of the crew (it waits
+    /// [`WIRE_GUARD_WAIT`]), who answers our shelf.slot; the answer comes back as an input. A
+    /// guard that cannot ask (no raw socket) reports "answered": a node that cannot prove it
+    /// may serve, does not.
     fn check_wire(&mut self) {
-        tracing::warn!(resource = %self.res.spec.name, "wire guard not available in this build");
+        let res = self.res.clone();
+        let started = self.res.crew.spawn("wire-guard", move |_token| {
+            let (shelf, slot) = res.spec.aoe;
+            let answered = match crate::export::aoe::responders(
+                &res.spec.interface,
+                shelf,
+                slot,
+                WIRE_GUARD_WAIT,
+                WIRE_GUARD_QUERIES,
+            ) {
+                Ok(macs) if macs.is_empty() => false,
+                Ok(macs) => {
+                    let macs: Vec<String> = macs.iter().map(|m| m.to_string()).collect();
+                    tracing::warn!(resource = %res.spec.name, "wire guard: e{shelf}.{slot} is answered by {}", macs.join(", "));
+                    true
+                }
+                Err(e) => {
+                    tracing::error!(resource = %res.spec.name, error = %e, "wire guard: cannot query {}; not serving alone", res.spec.interface);
+                    true
+                }
+            };
+            res.send(Input::WireChecked(answered));
+        });
+        if let Err(e) = started {
+            tracing::error!(resource = %self.res.spec.name, error = %e, "cannot start the wire guard");
+            self.step(Event::WireChecked { answered: true });
+        }
     }
 
     pub(super) fn start_serving(&mut self) {
@@ -536,14 +571,18 @@ impl Engine {
             return;
         }
         let (shelf, slot) = self.res.spec.aoe;
-        // Open until the engine holds the resource's own gate (set from the cluster machine).
-        let gate = crate::ha::gate::ServeGate::always_open();
+        let gate = self.res.gate.clone();
+        // Multiple-mount protection: another MAC answering our shelf.slot stops us.
+        let guard = {
+            let res = self.res.clone();
+            crate::export::aoe::RivalAlarm::new(move |mac| res.send(Input::Rival(mac)))
+        };
         let export = Export {
             config: BladeConfig::new(shelf, slot),
             device: self.res.device.clone(),
             interfaces: vec![self.res.spec.interface.clone()],
             gate: gate.clone(),
-            guard: None,
+            guard: Some(guard),
         };
         match AoeServer::start(vec![export], self.res.crew.group("aoe")) {
             Ok(server) => {

@@ -88,6 +88,10 @@ const PROGRESS_EVENT_INTERVAL: Duration = Duration::from_secs(1);
 const MAX_VERIFY_RANGES: usize = 64;
 /// Keepalive interval while connected, at most (see [`ResourceSpec::ping_interval`]).
 pub const PING_INTERVAL: Duration = Duration::from_millis(500);
+/// How long the wire guard listens for answers to its config queries.
+const WIRE_GUARD_WAIT: Duration = Duration::from_millis(200);
+/// Config queries the wire guard sends in that time.
+const WIRE_GUARD_QUERIES: u32 = 3;
 /// Engine tick.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -109,6 +113,10 @@ pub enum Input {
     Verify(SyncSender<Result<String, String>>),
     /// The verifier finished (true) or gave up (false) on connection `conn_id`.
     VerifyDone(u64, bool),
+    /// The wire guard finished: somebody else answers our shelf.slot (or it could not ask).
+    WireChecked(bool),
+    /// While serving, another MAC answered our shelf.slot.
+    Rival(crate::wire::MacAddr),
 }
 
 /// Static facts about the resource.
