@@ -173,6 +173,12 @@ impl HeartbeatSettings {
             if self.paths[..i].iter().any(|other| other.id == path.id) {
                 return invalid(format!("path id {} is used twice", path.id));
             }
+            if path.local.is_ipv4() != path.peer.is_ipv4() {
+                return invalid(format!(
+                    "path {} pairs {} with {}: one IPv4, one IPv6",
+                    path.id, path.local, path.peer
+                ));
+            }
         }
         if self.interval.is_zero() || self.dead_time <= self.interval {
             return invalid(format!(
@@ -360,10 +366,6 @@ impl Heartbeat {
             wake,
             bad_datagrams: AtomicU64::new(0),
         });
-        // Enough remembered send times to check any echo of the last dead time, with slack.
-        let intervals_per_dead_time =
-            (settings.dead_time.as_nanos() / settings.interval.as_nanos()) as usize;
-        let recent_capacity = ((intervals_per_dead_time + 2) * sockets.len()).clamp(16, 4096);
         let runner = Runner {
             shared: shared.clone(),
             secret: settings.secret,
@@ -375,8 +377,7 @@ impl Heartbeat {
             replay: ReplayWindow::new(),
             peer_boot_nonce: None,
             reported_dead: false,
-            recent_sends: VecDeque::with_capacity(recent_capacity),
-            recent_capacity,
+            recent_sends: VecDeque::new(),
             send_buf: vec![0; MAX_LEN],
             recv_buf: vec![0; MAX_LEN + 1],
         };
@@ -609,9 +610,9 @@ struct Runner {
     peer_boot_nonce: Option<u64>,
     /// `peer_dead` as subscribers were last told.
     reported_dead: bool,
-    /// The `sent µs` of our recent heartbeats: an echo must name one of them.
+    /// The `sent µs` of our heartbeats of the last dead time, oldest first: an echo must name
+    /// one of them.
     recent_sends: VecDeque<u64>,
-    recent_capacity: usize,
     send_buf: Vec<u8>,
     recv_buf: Vec<u8>,
 }
@@ -767,12 +768,24 @@ impl Runner {
     fn send_heartbeats(&mut self) {
         for index in 0..self.sockets.len() {
             let repr = self.datagram(Kind::Heartbeat, self.sockets[index].path.id, 0);
-            if self.recent_sends.len() == self.recent_capacity {
-                self.recent_sends.pop_front();
-            }
-            self.recent_sends.push_back(repr.sent_us);
+            self.remember_send(repr.sent_us);
             self.send(index, &repr);
         }
+    }
+
+    /// Remembers a heartbeat's send time, forgetting those an echo could no longer renew the
+    /// lease with (older than the dead time). The cap only matters if publishes come in a
+    /// flood; then the oldest go first, and their late echoes are merely refused.
+    fn remember_send(&mut self, sent_us: u64) {
+        const MOST_REMEMBERED: usize = 4096;
+        let dead_time_us = self.shared.dead_time.as_micros() as u64;
+        while self.recent_sends.front().is_some_and(|&oldest| {
+            sent_us.saturating_sub(oldest) > dead_time_us
+                || self.recent_sends.len() >= MOST_REMEMBERED
+        }) {
+            self.recent_sends.pop_front();
+        }
+        self.recent_sends.push_back(sent_us);
     }
 
     fn send(&mut self, index: usize, repr: &HeartbeatRepr) {
