@@ -331,6 +331,17 @@ impl Heartbeat {
         settings: HeartbeatSettings,
         group: &Supervisor,
     ) -> Result<Heartbeat, HeartbeatError> {
+        let thread_name = format!("heartbeat-{}", settings.peer);
+        let (heartbeat, runner) = Heartbeat::prepare(settings)?;
+        group
+            .spawn(thread_name, move |token| runner.run(token))
+            .map_err(HeartbeatError::Spawn)?;
+        Ok(heartbeat)
+    }
+
+    /// Everything [`start`](Self::start) does but start the thread: the handle, and the
+    /// thread's state to run (tests drive it datagram by datagram).
+    fn prepare(settings: HeartbeatSettings) -> Result<(Heartbeat, Runner), HeartbeatError> {
         settings.validate()?;
         let mut sockets = Vec::with_capacity(settings.paths.len());
         for path in &settings.paths {
@@ -375,18 +386,13 @@ impl Heartbeat {
             boot_nonce: rand::random(),
             next_sequence: 0,
             replay: ReplayWindow::new(),
-            peer_boot_nonce: None,
+            peer_latest: None,
             reported_dead: false,
             recent_sends: VecDeque::new(),
             send_buf: vec![0; MAX_LEN],
             recv_buf: vec![0; MAX_LEN + 1],
         };
-        group
-            .spawn(format!("heartbeat-{}", settings.peer), move |token| {
-                runner.run(token)
-            })
-            .map_err(HeartbeatError::Spawn)?;
-        Ok(Heartbeat { shared })
+        Ok((Heartbeat { shared }, runner))
     }
 
     /// Sets what we announce for `resource` from now on. A change goes out at once on every
@@ -606,8 +612,9 @@ struct Runner {
     boot_nonce: u64,
     next_sequence: u64,
     replay: ReplayWindow,
-    /// The peer boot we last accepted a datagram from.
-    peer_boot_nonce: Option<u64>,
+    /// The peer boot we last accepted a datagram from, and the highest sequence of it whose
+    /// resource entries we took.
+    peer_latest: Option<(u64, u64)>,
     /// `peer_dead` as subscribers were last told.
     reported_dead: bool,
     /// The `sent µs` of our heartbeats of the last dead time, oldest first: an echo must name
@@ -908,9 +915,17 @@ impl Runner {
     /// Takes in an accepted datagram: liveness, lease, the peer's resource state.
     fn believe(&mut self, index: usize, repr: &HeartbeatRepr, now: Instant, rtt: Option<Duration>) {
         let restarted = self
-            .peer_boot_nonce
-            .is_some_and(|known| known != repr.boot_nonce);
-        self.peer_boot_nonce = Some(repr.boot_nonce);
+            .peer_latest
+            .is_some_and(|(nonce, _)| nonce != repr.boot_nonce);
+        // Paths reorder: a datagram older than one already taken says the peer is alive, but
+        // its resource entries are stale and must not undo newer ones.
+        let newest = match self.peer_latest {
+            Some((nonce, sequence)) if nonce == repr.boot_nonce => repr.sequence > sequence,
+            _ => true,
+        };
+        if newest {
+            self.peer_latest = Some((repr.boot_nonce, repr.sequence));
+        }
         if restarted {
             // The new boot has heard nothing from us: no earlier echo vouches for anything.
             self.shared.lease.revoke();
@@ -931,6 +946,9 @@ impl Runner {
             let path = self.sockets[index].path.id;
             // Cannot fail: the liveness was built with every path's id.
             let _ = st.liveness.heard(path, now, rtt);
+            if !newest {
+                return;
+            }
             let mut callbacks = Vec::new();
             for (name, subscribers) in &st.subscribers {
                 if st.peer.get(name) != heard.get(name) {

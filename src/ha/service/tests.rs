@@ -299,3 +299,188 @@ fn the_peer_is_not_dead_before_the_dead_time_has_passed() {
         told.load(Ordering::SeqCst) > 0
     });
 }
+
+/// A dead time long enough that a test stalled by a busy machine does not see the peer die
+/// or an echo go stale between two steps.
+const PATIENT_DEAD_TIME: Duration = Duration::from_secs(2);
+
+/// Alpha's heartbeat state without its thread, fed datagrams one by one.
+fn driven(net: u8, dead_time: Duration) -> (Heartbeat, Runner) {
+    Heartbeat::prepare(HeartbeatSettings {
+        dead_time,
+        ..settings("alpha", "beta", &[net], 2, 3)
+    })
+    .expect("alpha prepares")
+}
+
+/// A datagram from beta, signed with the shared secret.
+fn from_beta(
+    kind: Kind,
+    boot_nonce: u64,
+    sequence: u64,
+    echo_us: u64,
+    r0: Option<Role>,
+) -> Vec<u8> {
+    HeartbeatRepr {
+        kind,
+        path: 0,
+        role: Role::Secondary,
+        flags: StatusFlags::default(),
+        name: "beta".to_string(),
+        boot_nonce,
+        sequence,
+        sent_us: 5,
+        echo_us,
+        resources: r0
+            .map(|role| ResourceEntry {
+                name: "r0".to_string(),
+                role,
+                flags: ResourceFlags::default(),
+            })
+            .into_iter()
+            .collect(),
+    }
+    .to_signed_vec(SECRET)
+}
+
+fn beta_address(net: u8) -> SocketAddr {
+    SocketAddr::new(ip(net, 3), 47700 + u16::from(net))
+}
+
+#[test]
+fn reordered_datagrams_do_not_undo_newer_state() {
+    let (alpha, mut runner) = driven(10, PATIENT_DEAD_TIME);
+    let from = beta_address(10);
+    let (told, on_change) = counter();
+    alpha.subscribe("r0", on_change);
+    runner.handle(
+        0,
+        &from_beta(Kind::Heartbeat, 1, 10, 0, Some(Role::Primary)),
+        from,
+    );
+    assert_eq!(alpha.peer_resource("r0").unwrap().role, Role::Primary);
+    assert_eq!(told.load(Ordering::SeqCst), 1);
+    // Sequence 9 arrives late on another path: alive, but its entries are stale.
+    runner.handle(
+        0,
+        &from_beta(Kind::Heartbeat, 1, 9, 0, Some(Role::Secondary)),
+        from,
+    );
+    assert_eq!(alpha.peer_resource("r0").unwrap().role, Role::Primary);
+    assert_eq!(told.load(Ordering::SeqCst), 1);
+    runner.handle(
+        0,
+        &from_beta(Kind::Heartbeat, 1, 11, 0, Some(Role::Secondary)),
+        from,
+    );
+    assert_eq!(alpha.peer_resource("r0").unwrap().role, Role::Secondary);
+    assert_eq!(told.load(Ordering::SeqCst), 2);
+    // The same state again tells nobody; a replayed datagram changes nothing.
+    runner.handle(
+        0,
+        &from_beta(Kind::Heartbeat, 1, 12, 0, Some(Role::Secondary)),
+        from,
+    );
+    runner.handle(
+        0,
+        &from_beta(Kind::Heartbeat, 1, 10, 0, Some(Role::Primary)),
+        from,
+    );
+    assert_eq!(alpha.peer_resource("r0").unwrap().role, Role::Secondary);
+    assert_eq!(told.load(Ordering::SeqCst), 2);
+    assert_eq!(alpha.bad_datagrams(), 1);
+}
+
+#[test]
+fn only_echoes_of_our_recent_heartbeats_renew_the_lease() {
+    const STALE_AGE: Duration = PATIENT_DEAD_TIME.saturating_add(Duration::from_millis(100));
+    // Let the process clock run long enough that a stale send time exists.
+    while clock::now_nanos() < STALE_AGE.as_nanos() as u64 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (alpha, mut runner) = driven(11, PATIENT_DEAD_TIME);
+    let from = beta_address(11);
+    // A heartbeat from beta is no echo: it says beta is alive, not that it heard us.
+    runner.handle(0, &from_beta(Kind::Heartbeat, 1, 0, 0, None), from);
+    assert!(!alpha.peer_dead());
+    assert!(!alpha.lease().valid());
+
+    runner.send_heartbeats();
+    let sent_us = *runner.recent_sends.back().unwrap();
+    runner.handle(
+        0,
+        &from_beta(Kind::EchoReply, 1, 1, sent_us + 1, None),
+        from,
+    );
+    assert_eq!(
+        alpha.bad_datagrams(),
+        1,
+        "an echo of a heartbeat we never sent"
+    );
+    assert!(!alpha.lease().valid());
+
+    runner.handle(0, &from_beta(Kind::EchoReply, 1, 2, sent_us, None), from);
+    let sent = clock::instant_at(sent_us * 1000);
+    let lease_until = sent + PATIENT_DEAD_TIME * 2 / 3;
+    assert_eq!(alpha.lease().until(), Some(lease_until));
+    assert!(alpha.paths()[0].rtt.is_some());
+
+    // Send times we did remember, but that are in the future or older than the dead time.
+    let now_us = clock::now_nanos() / 1000;
+    let future_us = now_us + 10_000_000;
+    let stale_us = now_us - STALE_AGE.as_micros() as u64;
+    runner.recent_sends.extend([stale_us, future_us]);
+    runner.handle(0, &from_beta(Kind::EchoReply, 1, 3, future_us, None), from);
+    runner.handle(0, &from_beta(Kind::EchoReply, 1, 4, stale_us, None), from);
+    assert_eq!(alpha.bad_datagrams(), 3);
+    assert_eq!(alpha.lease().until(), Some(lease_until));
+    // Those refusals did not consume their sequences.
+    runner.handle(0, &from_beta(Kind::EchoReply, 1, 3, sent_us, None), from);
+    assert_eq!(alpha.bad_datagrams(), 3);
+}
+
+#[test]
+fn a_restart_revokes_the_lease_and_replaces_the_state() {
+    let (alpha, mut runner) = driven(12, PATIENT_DEAD_TIME);
+    let from = beta_address(12);
+    runner.send_heartbeats();
+    let sent_us = *runner.recent_sends.back().unwrap();
+    runner.handle(
+        0,
+        &from_beta(Kind::EchoReply, 1, 7, sent_us, Some(Role::Primary)),
+        from,
+    );
+    assert!(alpha.lease().until().is_some());
+    assert!(alpha.peer_resource("r0").is_some());
+    runner.handle(0, &from_beta(Kind::Heartbeat, 2, 0, 0, None), from);
+    assert_eq!(alpha.lease().until(), None);
+    assert_eq!(alpha.peer_resource("r0"), None);
+    assert_eq!(alpha.bad_datagrams(), 0);
+}
+
+#[test]
+fn a_restart_heard_late_is_believed_once_the_peer_is_dead() {
+    let (alpha, mut runner) = driven(13, DEAD_TIME);
+    let from = beta_address(13);
+    runner.handle(0, &from_beta(Kind::Heartbeat, 1, 0, 0, None), from);
+    // A new boot well past its first datagrams: not believed while the old boot is alive.
+    runner.handle(
+        0,
+        &from_beta(Kind::Heartbeat, 2, 5000, 0, Some(Role::Primary)),
+        from,
+    );
+    assert_eq!(alpha.bad_datagrams(), 1);
+    assert_eq!(alpha.peer_resource("r0"), None);
+    wait_until("beta's first boot is declared dead", || alpha.peer_dead());
+    runner.handle(
+        0,
+        &from_beta(Kind::Heartbeat, 2, 5001, 0, Some(Role::Primary)),
+        from,
+    );
+    assert_eq!(alpha.bad_datagrams(), 1);
+    assert!(!alpha.peer_dead());
+    assert_eq!(alpha.peer_resource("r0").unwrap().role, Role::Primary);
+    // The old boot is over for good.
+    runner.handle(0, &from_beta(Kind::Heartbeat, 1, 1, 0, None), from);
+    assert_eq!(alpha.bad_datagrams(), 2);
+}
