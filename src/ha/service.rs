@@ -52,7 +52,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -346,7 +346,7 @@ impl Heartbeat {
         let mut sockets = Vec::with_capacity(settings.paths.len());
         for path in &settings.paths {
             let address = SocketAddr::new(path.local, settings.port);
-            let socket = bind_reusable(address)
+            let socket = bind_exclusive(address)
                 .map_err(|source| HeartbeatError::Bind { address, source })?;
             sockets.push(PathSocket {
                 path: *path,
@@ -485,93 +485,17 @@ impl Heartbeat {
     }
 }
 
-/// A UDP socket bound to `address` with `SO_REUSEADDR` (so a restarted daemon can bind again
-/// at once), non-blocking, close-on-exec.
-fn bind_reusable(address: SocketAddr) -> io::Result<UdpSocket> {
-    let domain = match address {
-        SocketAddr::V4(_) => libc::AF_INET,
-        SocketAddr::V6(_) => libc::AF_INET6,
-    };
-    // SAFETY: plain socket(2); the descriptor is checked before use.
-    #[allow(unsafe_code)]
-    let fd = unsafe {
-        libc::socket(
-            domain,
-            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh socket nobody else owns; the UdpSocket closes it on every path.
-    #[allow(unsafe_code)]
-    let socket = unsafe { UdpSocket::from_raw_fd(fd) };
-    let one: libc::c_int = 1;
-    // SAFETY: the option value points at a live c_int of the length given.
-    #[allow(unsafe_code)]
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let (storage, len) = sockaddr_of(address);
-    // SAFETY: `storage` holds a sockaddr of the family of the socket, `len` bytes long.
-    #[allow(unsafe_code)]
-    let rc = unsafe { libc::bind(fd, (&storage as *const libc::sockaddr_storage).cast(), len) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+/// A non-blocking UDP socket bound to `address`.
+///
+/// Deliberately without `SO_REUSEADDR`: for UDP on Linux it lets a second socket bind the
+/// same address and port, and unicast datagrams then go to only one of them. A second daemon
+/// (or a stray test) would silently steal the peer's heartbeats and answer them with its own
+/// boot nonce; without the option it fails to start with an error naming the address. UDP has
+/// no TIME_WAIT, so a restarted daemon binds again at once without it.
+fn bind_exclusive(address: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = UdpSocket::bind(address)?;
+    socket.set_nonblocking(true)?;
     Ok(socket)
-}
-
-/// `address` as the C socket address bind(2) takes.
-fn sockaddr_of(address: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: all-zero bytes are a valid sockaddr_storage.
-    #[allow(unsafe_code)]
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match address {
-        SocketAddr::V4(v4) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: v4.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-            #[allow(unsafe_code)]
-            unsafe {
-                std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin)
-            };
-            std::mem::size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(v6) => {
-            // SAFETY: all-zero bytes are a valid sockaddr_in6; the fields are set below.
-            #[allow(unsafe_code)]
-            let mut sin6: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
-            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-            sin6.sin6_port = v6.port().to_be();
-            sin6.sin6_flowinfo = v6.flowinfo();
-            sin6.sin6_addr.s6_addr = v6.ip().octets();
-            sin6.sin6_scope_id = v6.scope_id();
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-            #[allow(unsafe_code)]
-            unsafe {
-                std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6)
-            };
-            std::mem::size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (storage, len as libc::socklen_t)
 }
 
 /// Asks for `SCHED_FIFO` for the calling thread; says once per process if that is refused.

@@ -246,6 +246,14 @@ fn start_refuses_what_cannot_work() {
         }
         other => panic!("{:?}", other.map(|_| ())),
     }
+    // An address and port in use (another daemon) is refused, not shared.
+    let (_first_root, _first) = started(settings("alpha", "beta", &[5], 2, 3));
+    match Heartbeat::start(settings("alpha", "beta", &[5], 2, 3), &root) {
+        Err(HeartbeatError::Bind { address, .. }) => {
+            assert_eq!(address, "127.0.5.2:47705".parse().unwrap())
+        }
+        other => panic!("{:?}", other.map(|_| ())),
+    }
     let no_paths = HeartbeatSettings {
         paths: Vec::new(),
         ..settings("alpha", "beta", &[5], 2, 3)
