@@ -24,7 +24,11 @@
 //! with an echo reply on the same path. Both carry our resource entries. A datagram is
 //! accepted only if its tag verifies with the shared secret, it names the configured peer, and
 //! its (boot nonce, sequence) is new ([`ReplayWindow`]); anything else is counted
-//! ([`Heartbeat::bad_datagrams`]), logged rate-limited, and changes nothing.
+//! ([`Heartbeat::bad_datagrams`]), logged rate-limited, and changes nothing. The peer's
+//! resource state is taken from the newest accepted datagram of its boot: paths reorder, and a
+//! late one still proves the peer alive but must not undo newer state. The sockets bind
+//! without `SO_REUSEADDR`, so a second daemon on the same address fails to start instead of
+//! sharing (and stealing) the heartbeats.
 //!
 //! # The lease, and why it is sound
 //!
