@@ -7,8 +7,8 @@
 //! * [`export`]: the targets that serve a `BlockDevice` to clients (AoE, NBD).
 //! * [`net`]: raw packet sockets and interface queries used by the AoE target.
 //! * [`ratelimit`]: rate-limited, counted logging for anything the network can trigger.
-//! * [`ha`]: pure heartbeat groundwork: replay window and multi-path peer liveness (not wired in
-//!   yet).
+//! * [`ha`]: high availability: replay window, multi-path peer liveness, the lease clock and
+//!   serve gate, and the heartbeat service that runs them over UDP (not wired in yet).
 //! * [`cluster`], [`repl`], [`meta`]: the replication decisions, the replicated device, the
 //!   meta-data.
 //! * [`daemon`]: `twinblade run` — engines, peer connections, the control socket.

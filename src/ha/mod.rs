@@ -1,8 +1,15 @@
-//! High availability groundwork: deciding whether the peer is alive from heartbeats on several
-//! independent paths. Pure: no sockets, no clock reads. Not wired into the daemon yet.
+//! High availability: deciding whether the peer is alive from heartbeats on several
+//! independent paths, exchanging per-resource state over them, and holding the lease that lets
+//! a primary answer clients. Not wired into the daemon yet.
+//!
+//! The pure parts (no sockets; time passed in or read through [`clock`]):
 //!
 //! * [`replay`]: accept a heartbeat only once, per sender (boot nonce + sequence window).
 //! * [`liveness`]: the peer is dead only when every path has been silent for the dead time.
+//! * [`clock`]: the monotonic clock and the shared lease expiry.
+//! * [`gate`]: what the exports consult before every reply.
+//!
+//! The I/O part: [`service`], the heartbeat thread and its sockets, built on the above.
 //!
 //! The datagram itself is [`crate::wire::heartbeat`].
 
@@ -10,3 +17,4 @@ pub mod clock;
 pub mod gate;
 pub mod liveness;
 pub mod replay;
+pub mod service;

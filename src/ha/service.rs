@@ -1,0 +1,919 @@
+//! The heartbeat service: the I/O around the pure pieces of [`crate::ha`]. It owns the
+//! heartbeat sockets (one UDP socket per path) and the one thread that sends and receives on
+//! them, and from what it hears it keeps:
+//!
+//! * whether the peer is alive ([`Heartbeat::peer_dead`], through [`Liveness`]),
+//! * the peer's last announced state per resource ([`Heartbeat::peer_resource`]),
+//! * our lease ([`Heartbeat::lease`]), which the exports' [`ServeGate`](super::gate::ServeGate)
+//!   reads before every reply.
+//!
+//! What we announce is set with [`Heartbeat::publish`]; who cares about changes registers with
+//! [`Heartbeat::subscribe`].
+//!
+//! # The thread
+//!
+//! One OS thread, started through the [`Supervisor`], does every send and receive on every
+//! path and nothing else: no disk I/O, no locks held across anything slow, so a busy node
+//! still heartbeats on time. It waits in `poll(2)` on the path sockets and a wake-up channel
+//! (for [`Heartbeat::publish`]), never longer than until the next send is due, so it also
+//! notices its cancellation token within one interval. It asks for `SCHED_FIFO` like corosync
+//! does, so a loaded CPU does not delay it past the dead time; where that is not permitted it
+//! runs at normal priority and says so once.
+//!
+//! Every `interval` it sends a heartbeat on every path; it answers each heartbeat it accepts
+//! with an echo reply on the same path. Both carry our resource entries. A datagram is
+//! accepted only if its tag verifies with the shared secret, it names the configured peer, and
+//! its (boot nonce, sequence) is new ([`ReplayWindow`]); anything else is counted
+//! ([`Heartbeat::bad_datagrams`]), logged rate-limited, and changes nothing. The peer's
+//! resource state is taken from the newest accepted datagram of its boot: paths reorder, and a
+//! late one still proves the peer alive but must not undo newer state. The sockets bind
+//! without `SO_REUSEADDR`, so a second daemon on the same address fails to start instead of
+//! sharing (and stealing) the heartbeats.
+//!
+//! # The lease, and why it is sound
+//!
+//! An echo reply proves the peer heard our heartbeat sent at `sent` (our clock). The peer
+//! promotes itself alone only after hearing nothing from us on any path for `dead_time`, so it
+//! cannot promote before `sent + dead_time` by its clock. We renew our lease to
+//! `sent + lease_time` with `lease_time` = 2/3 `dead_time`, and the exports stop answering when
+//! it lapses. The remaining third covers the two clocks running at slightly different rates
+//! and the gap between an export's gate check and its send. Only echoes renew the lease: a
+//! heartbeat from the peer says the peer is alive, not that it heard us. Echoes are checked
+//! against the send times of our recent heartbeats, so one can only vouch for a heartbeat this
+//! process really sent within the dead time. When the peer restarts (a new boot nonce) the
+//! lease is revoked: the new boot has heard nothing from us.
+//!
+//! # When the peer is dead
+//!
+//! The peer is dead once every path has been silent for `dead_time`; a path never heard from
+//! counts as silent, but only from `dead_time` after the service started (so a node does not
+//! call its peer dead before it could possibly have heard it). While dead, the peer's resource
+//! state is forgotten. The replay window is not forgotten on death (it would retire the
+//! peer's current boot, and a peer coming back from a network partition without restarting
+//! would then be refused for good); instead, while the peer is dead, a new boot whose sequence
+//! is past the restart limit (a restart we did not hear early enough) is let in.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixDatagram;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use super::clock::{self, LeaseClock};
+use super::liveness::Liveness;
+use super::replay::{Refused, ReplayWindow};
+use crate::cluster::Role;
+use crate::ratelimit::LogLimiter;
+use crate::supervisor::Supervisor;
+use crate::wire::heartbeat::{
+    HeartbeatRepr, Kind, ResourceEntry, ResourceFlags, StatusFlags, MAX_LEN, MAX_NAME_LEN,
+    MAX_RESOURCES, MAX_RESOURCE_NAME_LEN,
+};
+
+/// The UDP port heartbeats use on every path unless configured otherwise.
+pub const DEFAULT_PORT: u16 = 7790;
+/// How often a heartbeat is sent on every path unless configured otherwise.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(200);
+/// How long every path must be silent before the peer is declared dead, unless configured
+/// otherwise.
+pub const DEFAULT_DEAD_TIME: Duration = Duration::from_secs(1);
+/// The `SCHED_FIFO` priority the heartbeat thread asks for: above every normal thread, low
+/// among real-time ones (corosync uses the same range), so it never starves kernel threads.
+const REALTIME_PRIORITY: libc::c_int = 5;
+
+/// One heartbeat path: our local address `local` and the peer's address `peer` on one network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatPath {
+    /// The path's id, carried in every datagram sent on it.
+    pub id: u8,
+    /// Our address on this path; the path's socket binds to it.
+    pub local: IpAddr,
+    /// The peer's address on this path; heartbeats go to it.
+    pub peer: IpAddr,
+}
+
+/// What the heartbeat service needs to run.
+#[derive(Clone)]
+pub struct HeartbeatSettings {
+    /// Our node name, carried in every datagram.
+    pub node: String,
+    /// The peer's node name: datagrams naming anyone else are refused.
+    pub peer: String,
+    /// The shared secret that signs every datagram.
+    pub secret: Vec<u8>,
+    /// The paths; path `i` pairs our local address `i` with the peer's address `i`.
+    pub paths: Vec<HeartbeatPath>,
+    /// The UDP port on every path (both ends).
+    pub port: u16,
+    /// How often a heartbeat goes out on every path.
+    pub interval: Duration,
+    /// The peer is dead when it has been silent on every path this long.
+    pub dead_time: Duration,
+}
+
+impl std::fmt::Debug for HeartbeatSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the secret: settings end up in logs.
+        f.debug_struct("HeartbeatSettings")
+            .field("node", &self.node)
+            .field("peer", &self.peer)
+            .field("paths", &self.paths)
+            .field("port", &self.port)
+            .field("interval", &self.interval)
+            .field("dead_time", &self.dead_time)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HeartbeatSettings {
+    /// Settings with the default port, interval and dead time.
+    pub fn new(
+        node: impl Into<String>,
+        peer: impl Into<String>,
+        secret: impl Into<Vec<u8>>,
+        paths: Vec<HeartbeatPath>,
+    ) -> HeartbeatSettings {
+        HeartbeatSettings {
+            node: node.into(),
+            peer: peer.into(),
+            secret: secret.into(),
+            paths,
+            port: DEFAULT_PORT,
+            interval: DEFAULT_INTERVAL,
+            dead_time: DEFAULT_DEAD_TIME,
+        }
+    }
+
+    /// How long an echo reply keeps our lease: 2/3 of the dead time (see the module docs).
+    pub fn lease_time(&self) -> Duration {
+        self.dead_time * 2 / 3
+    }
+
+    fn validate(&self) -> Result<(), HeartbeatError> {
+        let invalid = |reason: String| Err(HeartbeatError::Settings(reason));
+        for (what, name) in [("node", &self.node), ("peer", &self.peer)] {
+            if name.is_empty() || name.len() > MAX_NAME_LEN {
+                return invalid(format!(
+                    "the {what} name must be 1..={MAX_NAME_LEN} bytes, not {}",
+                    name.len()
+                ));
+            }
+        }
+        if self.node == self.peer {
+            return invalid(format!("node and peer are both named {:?}", self.node));
+        }
+        if self.secret.is_empty() {
+            return invalid("the secret is empty".to_string());
+        }
+        if self.paths.is_empty() {
+            return invalid("no heartbeat paths".to_string());
+        }
+        for (i, path) in self.paths.iter().enumerate() {
+            if self.paths[..i].iter().any(|other| other.id == path.id) {
+                return invalid(format!("path id {} is used twice", path.id));
+            }
+            if path.local.is_ipv4() != path.peer.is_ipv4() {
+                return invalid(format!(
+                    "path {} pairs {} with {}: one IPv4, one IPv6",
+                    path.id, path.local, path.peer
+                ));
+            }
+        }
+        if self.interval.is_zero() || self.dead_time <= self.interval {
+            return invalid(format!(
+                "the dead time ({:?}) must be longer than the interval ({:?}), which must not be 0",
+                self.dead_time, self.interval
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What we announce for one resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalResource {
+    /// Our role for it.
+    pub role: Role,
+    /// We serve its exports.
+    pub serving: bool,
+    /// Our disk is UpToDate.
+    pub up_to_date: bool,
+    /// We have persisted Outdated on our disk.
+    pub outdated: bool,
+    /// We are a primary that lost the replication link and ask the peer to persist Outdated.
+    pub outdate_request: bool,
+}
+
+impl LocalResource {
+    fn flags(&self) -> ResourceFlags {
+        ResourceFlags::default()
+            .with(ResourceFlags::SERVING, self.serving)
+            .with(ResourceFlags::UP_TO_DATE, self.up_to_date)
+            .with(ResourceFlags::OUTDATED, self.outdated)
+            .with(ResourceFlags::OUTDATE_REQUEST, self.outdate_request)
+    }
+}
+
+/// What the peer last announced for one resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerResource {
+    /// The peer's role for it.
+    pub role: Role,
+    /// The peer serves its exports.
+    pub serving: bool,
+    /// The peer's disk is UpToDate.
+    pub up_to_date: bool,
+    /// The peer has persisted Outdated on its disk.
+    pub outdated: bool,
+    /// The peer, a primary that lost the replication link, asks us to persist Outdated.
+    pub outdate_request: bool,
+}
+
+impl PeerResource {
+    fn from_entry(entry: &ResourceEntry) -> PeerResource {
+        PeerResource {
+            role: entry.role,
+            serving: entry.flags.serving(),
+            up_to_date: entry.flags.up_to_date(),
+            outdated: entry.flags.outdated(),
+            outdate_request: entry.flags.outdate_request(),
+        }
+    }
+}
+
+/// One path as [`Heartbeat::paths`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathReport {
+    /// The path's id.
+    pub id: u8,
+    /// Our address on it.
+    pub local: IpAddr,
+    /// The peer's address on it.
+    pub peer: IpAddr,
+    /// How long ago the peer was last heard on it; `None` if never.
+    pub last_heard_age: Option<Duration>,
+    /// The smoothed round trip on it; `None` before the first echo reply.
+    pub rtt: Option<Duration>,
+    /// It has been silent for the dead time (or was never heard).
+    pub silent: bool,
+}
+
+/// Why the heartbeat service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HeartbeatError {
+    /// The settings cannot work.
+    #[error("heartbeat settings: {0}")]
+    Settings(String),
+    /// A path's socket could not be bound (the address is not ours, or the port is taken).
+    #[error("cannot bind the heartbeat socket to {address}: {source}")]
+    Bind {
+        /// The address it should have been bound to.
+        address: SocketAddr,
+        /// Why not.
+        source: io::Error,
+    },
+    /// The channel that wakes the thread on a publish could not be made.
+    #[error("cannot create the heartbeat wake-up channel: {0}")]
+    WakeChannel(io::Error),
+    /// The thread could not be started.
+    #[error("cannot start the heartbeat thread: {0}")]
+    Spawn(io::Error),
+}
+
+type Callback = Arc<dyn Fn() + Send + Sync>;
+
+/// The running heartbeat service (see the module docs). Cheap to clone: clones share it. It
+/// runs until its [`Supervisor`] group stops.
+#[derive(Clone)]
+pub struct Heartbeat {
+    shared: Arc<Shared>,
+}
+
+/// What the heartbeat thread and the handles share.
+struct Shared {
+    node: String,
+    peer: String,
+    paths: Vec<HeartbeatPath>,
+    dead_time: Duration,
+    lease_time: Duration,
+    started: Instant,
+    lease: LeaseClock,
+    state: Mutex<State>,
+    /// Writing a byte here wakes the thread to send at once.
+    wake: UnixDatagram,
+    bad_datagrams: AtomicU64,
+}
+
+struct State {
+    local: BTreeMap<String, LocalResource>,
+    peer: BTreeMap<String, PeerResource>,
+    liveness: Liveness,
+    subscribers: HashMap<String, Vec<Callback>>,
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    // A panicking subscriber never runs under the lock, so poisoning means nothing here.
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn peer_dead_at(&self, state: &State, now: Instant) -> bool {
+        now.saturating_duration_since(self.started) >= self.dead_time
+            && state.liveness.peer_dead(now)
+    }
+}
+
+impl Heartbeat {
+    /// Binds one socket per path and starts the heartbeat thread in `group`. Fails if the
+    /// settings cannot work or a socket cannot be bound; nothing is left running then.
+    pub fn start(
+        settings: HeartbeatSettings,
+        group: &Supervisor,
+    ) -> Result<Heartbeat, HeartbeatError> {
+        let thread_name = format!("heartbeat-{}", settings.peer);
+        let (heartbeat, runner) = Heartbeat::prepare(settings)?;
+        group
+            .spawn(thread_name, move |token| runner.run(token))
+            .map_err(HeartbeatError::Spawn)?;
+        Ok(heartbeat)
+    }
+
+    /// Everything [`start`](Self::start) does but start the thread: the handle, and the
+    /// thread's state to run (tests drive it datagram by datagram).
+    fn prepare(settings: HeartbeatSettings) -> Result<(Heartbeat, Runner), HeartbeatError> {
+        settings.validate()?;
+        let mut sockets = Vec::with_capacity(settings.paths.len());
+        for path in &settings.paths {
+            let address = SocketAddr::new(path.local, settings.port);
+            let socket = bind_exclusive(address)
+                .map_err(|source| HeartbeatError::Bind { address, source })?;
+            sockets.push(PathSocket {
+                path: *path,
+                peer: SocketAddr::new(path.peer, settings.port),
+                socket,
+            });
+        }
+        let (wake, woken) = UnixDatagram::pair().map_err(HeartbeatError::WakeChannel)?;
+        for end in [&wake, &woken] {
+            end.set_nonblocking(true)
+                .map_err(HeartbeatError::WakeChannel)?;
+        }
+        let ids: Vec<u8> = settings.paths.iter().map(|path| path.id).collect();
+        let shared = Arc::new(Shared {
+            node: settings.node.clone(),
+            peer: settings.peer.clone(),
+            paths: settings.paths.clone(),
+            dead_time: settings.dead_time,
+            lease_time: settings.lease_time(),
+            started: Instant::now(),
+            lease: LeaseClock::new(),
+            state: Mutex::new(State {
+                local: BTreeMap::new(),
+                peer: BTreeMap::new(),
+                liveness: Liveness::new(&ids, settings.dead_time),
+                subscribers: HashMap::new(),
+            }),
+            wake,
+            bad_datagrams: AtomicU64::new(0),
+        });
+        let runner = Runner {
+            shared: shared.clone(),
+            secret: settings.secret,
+            interval: settings.interval,
+            sockets,
+            woken,
+            boot_nonce: rand::random(),
+            next_sequence: 0,
+            replay: ReplayWindow::new(),
+            peer_latest: None,
+            reported_dead: false,
+            recent_sends: VecDeque::new(),
+            send_buf: vec![0; MAX_LEN],
+            recv_buf: vec![0; MAX_LEN + 1],
+        };
+        Ok((Heartbeat { shared }, runner))
+    }
+
+    /// Sets what we announce for `resource` from now on. A change goes out at once on every
+    /// path, not at the next interval. Names must be 1..=64 bytes and at most 16 resources
+    /// can be announced; anything else is a programming error, logged and ignored.
+    pub fn publish(&self, resource: &str, state: LocalResource) {
+        if resource.is_empty() || resource.len() > MAX_RESOURCE_NAME_LEN {
+            tracing::error!(
+                resource,
+                "not announcing a resource whose name is not 1..={MAX_RESOURCE_NAME_LEN} bytes"
+            );
+            return;
+        }
+        let changed = {
+            let mut st = lock(&self.shared.state);
+            if !st.local.contains_key(resource) && st.local.len() >= MAX_RESOURCES {
+                tracing::error!(
+                    resource,
+                    "not announcing more than {MAX_RESOURCES} resources in heartbeats"
+                );
+                return;
+            }
+            st.local.insert(resource.to_string(), state) != Some(state)
+        };
+        if changed {
+            // Non-blocking: if the channel is full, a wake-up is pending already.
+            let _ = self.shared.wake.send(&[1]);
+        }
+    }
+
+    /// Calls `on_change` (from the heartbeat thread: it must not block) whenever the peer's
+    /// state for `resource` changes ([`peer_resource`](Self::peer_resource)) and whenever
+    /// [`peer_dead`](Self::peer_dead) flips. It reads the new state itself.
+    pub fn subscribe(&self, resource: &str, on_change: Box<dyn Fn() + Send + Sync>) {
+        lock(&self.shared.state)
+            .subscribers
+            .entry(resource.to_string())
+            .or_default()
+            .push(Arc::from(on_change));
+    }
+
+    /// The peer has been silent on every path for the dead time (see the module docs).
+    pub fn peer_dead(&self) -> bool {
+        let st = lock(&self.shared.state);
+        self.shared.peer_dead_at(&st, Instant::now())
+    }
+
+    /// What the peer last announced for `resource`; `None` if it never did or it is dead.
+    pub fn peer_resource(&self, resource: &str) -> Option<PeerResource> {
+        let st = lock(&self.shared.state);
+        if self.shared.peer_dead_at(&st, Instant::now()) {
+            return None;
+        }
+        st.peer.get(resource).copied()
+    }
+
+    /// Every path, in configuration order: when the peer was last heard on it, the round
+    /// trip, and whether it is silent.
+    pub fn paths(&self) -> Vec<PathReport> {
+        let st = lock(&self.shared.state);
+        let status = st.liveness.status(Instant::now());
+        self.shared
+            .paths
+            .iter()
+            .zip(status)
+            .map(|(path, status)| PathReport {
+                id: path.id,
+                local: path.local,
+                peer: path.peer,
+                last_heard_age: status.last_heard_age,
+                rtt: status.rtt,
+                silent: status.silent,
+            })
+            .collect()
+    }
+
+    /// Our lease, renewed by the peer's echo replies (see the module docs).
+    pub fn lease(&self) -> LeaseClock {
+        self.shared.lease.clone()
+    }
+
+    /// Only one path is configured: a broken link then looks like a dead peer.
+    pub fn single_path(&self) -> bool {
+        self.shared.paths.len() == 1
+    }
+
+    /// How many received datagrams were refused (bad tag, wrong sender, replayed, bad echo).
+    pub fn bad_datagrams(&self) -> u64 {
+        self.shared.bad_datagrams.load(Ordering::Relaxed)
+    }
+}
+
+/// A non-blocking UDP socket bound to `address`.
+///
+/// Deliberately without `SO_REUSEADDR`: for UDP on Linux it lets a second socket bind the
+/// same address and port, and unicast datagrams then go to only one of them. A second daemon
+/// (or a stray test) would silently steal the peer's heartbeats and answer them with its own
+/// boot nonce; without the option it fails to start with an error naming the address. UDP has
+/// no TIME_WAIT, so a restarted daemon binds again at once without it.
+fn bind_exclusive(address: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = UdpSocket::bind(address)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+/// Asks for `SCHED_FIFO` for the calling thread; says once per process if that is refused.
+fn try_realtime_priority() {
+    static REFUSAL_LOGGED: AtomicBool = AtomicBool::new(false);
+    let param = libc::sched_param {
+        sched_priority: REALTIME_PRIORITY,
+    };
+    // SAFETY: pid 0 is the calling thread on Linux; `param` is a valid sched_param.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    if rc == 0 {
+        tracing::debug!(
+            priority = REALTIME_PRIORITY,
+            "heartbeat thread runs SCHED_FIFO"
+        );
+    } else if !REFUSAL_LOGGED.swap(true, Ordering::Relaxed) {
+        tracing::info!(
+            "heartbeat thread runs at normal priority: SCHED_FIFO refused ({})",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+struct PathSocket {
+    path: HeartbeatPath,
+    peer: SocketAddr,
+    socket: UdpSocket,
+}
+
+/// The heartbeat thread's own state: nothing here is shared.
+struct Runner {
+    shared: Arc<Shared>,
+    secret: Vec<u8>,
+    interval: Duration,
+    sockets: Vec<PathSocket>,
+    woken: UnixDatagram,
+    boot_nonce: u64,
+    next_sequence: u64,
+    replay: ReplayWindow,
+    /// The peer boot we last accepted a datagram from, and the highest sequence of it whose
+    /// resource entries we took.
+    peer_latest: Option<(u64, u64)>,
+    /// `peer_dead` as subscribers were last told.
+    reported_dead: bool,
+    /// The `sent µs` of our heartbeats of the last dead time, oldest first: an echo must name
+    /// one of them.
+    recent_sends: VecDeque<u64>,
+    send_buf: Vec<u8>,
+    recv_buf: Vec<u8>,
+}
+
+/// Why an authenticated datagram was still refused.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("sent by {0:?}, not the configured peer")]
+    WrongSender(String),
+    #[error("echoes a send time that is not one of our recent heartbeats")]
+    UnknownEcho,
+    #[error("echoes a send time in the future")]
+    EchoFromTheFuture,
+    #[error("echoes a heartbeat older than the dead time")]
+    StaleEcho,
+    #[error(transparent)]
+    Replayed(#[from] Refused),
+}
+
+/// Calls each distinct callback once.
+fn fire(callbacks: Vec<Callback>) {
+    let mut called: Vec<Callback> = Vec::with_capacity(callbacks.len());
+    for callback in callbacks {
+        if !called.iter().any(|done| Arc::ptr_eq(done, &callback)) {
+            callback();
+            called.push(callback);
+        }
+    }
+}
+
+impl Runner {
+    fn run(mut self, token: CancellationToken) {
+        try_realtime_priority();
+        let mut next_send = Instant::now();
+        while !token.is_cancelled() {
+            let now = Instant::now();
+            if now >= next_send {
+                self.send_heartbeats();
+                next_send = now + self.interval;
+            }
+            self.note_dead_flip(Instant::now());
+            let wait = next_send.saturating_duration_since(Instant::now());
+            let (readable, woken) = match self.poll(wait) {
+                Ok(ready) => ready,
+                Err(e) => {
+                    static POLL_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(10), 3);
+                    crate::warn_limited!(POLL_LOG, "heartbeat poll failed: {e}");
+                    // Do not spin: wait out the interval before trying again.
+                    std::thread::sleep(wait);
+                    continue;
+                }
+            };
+            for index in readable {
+                self.receive_all(index);
+            }
+            if woken {
+                let mut drain = [0u8; 16];
+                while self.woken.recv(&mut drain).is_ok() {}
+                // A publish changed what we announce: tell the peer now.
+                self.send_heartbeats();
+                next_send = Instant::now() + self.interval;
+            }
+        }
+        tracing::debug!(peer = %self.shared.peer, "heartbeat thread stopped");
+    }
+
+    /// Waits up to `wait` for a datagram or a wake-up. Returns the indexes of the readable
+    /// path sockets and whether the wake-up channel is readable.
+    fn poll(&self, wait: Duration) -> io::Result<(Vec<usize>, bool)> {
+        let mut fds: Vec<libc::pollfd> = self
+            .sockets
+            .iter()
+            .map(|path| path.socket.as_raw_fd())
+            .chain(std::iter::once(self.woken.as_raw_fd()))
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // Round up, so the thread does not wake a little early and poll again with 0.
+        let timeout = wait.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
+        // SAFETY: `fds` is a live array of `fds.len()` pollfd structures.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                return Ok((Vec::new(), false));
+            }
+            return Err(err);
+        }
+        let (wake, sockets) = fds.split_last().expect("the wake-up channel is polled");
+        let readable = sockets
+            .iter()
+            .enumerate()
+            .filter(|(_, fd)| fd.revents != 0)
+            .map(|(index, _)| index)
+            .collect();
+        Ok((readable, wake.revents != 0))
+    }
+
+    fn take_sequence(&mut self) -> u64 {
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        sequence
+    }
+
+    /// The summary role and flags, and the entries, for what we announce now. The role is
+    /// Primary if any resource is, Secondary if any is announced at all; serving if any
+    /// resource is served; up to date if every announced resource is.
+    fn announcement(&self) -> (Role, StatusFlags, Vec<ResourceEntry>) {
+        let st = lock(&self.shared.state);
+        let role = if st.local.values().any(|r| r.role == Role::Primary) {
+            Role::Primary
+        } else if st.local.is_empty() {
+            Role::Unknown
+        } else {
+            Role::Secondary
+        };
+        let flags = StatusFlags::new(
+            st.local.values().any(|r| r.serving),
+            !st.local.is_empty() && st.local.values().all(|r| r.up_to_date),
+        );
+        let entries = st
+            .local
+            .iter()
+            .map(|(name, r)| ResourceEntry {
+                name: name.clone(),
+                role: r.role,
+                flags: r.flags(),
+            })
+            .collect();
+        (role, flags, entries)
+    }
+
+    fn datagram(&mut self, kind: Kind, path: u8, echo_us: u64) -> HeartbeatRepr {
+        let (role, flags, resources) = self.announcement();
+        HeartbeatRepr {
+            kind,
+            path,
+            role,
+            flags,
+            name: self.shared.node.clone(),
+            boot_nonce: self.boot_nonce,
+            sequence: self.take_sequence(),
+            sent_us: clock::now_nanos() / 1000,
+            echo_us,
+            resources,
+        }
+    }
+
+    fn send_heartbeats(&mut self) {
+        for index in 0..self.sockets.len() {
+            let repr = self.datagram(Kind::Heartbeat, self.sockets[index].path.id, 0);
+            self.remember_send(repr.sent_us);
+            self.send(index, &repr);
+        }
+    }
+
+    /// Remembers a heartbeat's send time, forgetting those an echo could no longer renew the
+    /// lease with (older than the dead time). The cap only matters if publishes come in a
+    /// flood; then the oldest go first, and their late echoes are merely refused.
+    fn remember_send(&mut self, sent_us: u64) {
+        const MOST_REMEMBERED: usize = 4096;
+        let dead_time_us = self.shared.dead_time.as_micros() as u64;
+        while self.recent_sends.front().is_some_and(|&oldest| {
+            sent_us.saturating_sub(oldest) > dead_time_us
+                || self.recent_sends.len() >= MOST_REMEMBERED
+        }) {
+            self.recent_sends.pop_front();
+        }
+        self.recent_sends.push_back(sent_us);
+    }
+
+    fn send(&mut self, index: usize, repr: &HeartbeatRepr) {
+        let len = repr.emit_signed(&self.secret, &mut self.send_buf);
+        let path = &self.sockets[index];
+        match path.socket.send_to(&self.send_buf[..len], path.peer) {
+            Ok(_) => {}
+            // The socket buffer is full: this heartbeat is lost like any other datagram.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                static SEND_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(30), 4);
+                crate::warn_limited!(
+                    SEND_LOG,
+                    path = path.path.id,
+                    peer = %path.peer,
+                    "cannot send a heartbeat: {e}"
+                );
+            }
+        }
+    }
+
+    fn receive_all(&mut self, index: usize) {
+        loop {
+            let mut buf = std::mem::take(&mut self.recv_buf);
+            let received = self.sockets[index].socket.recv_from(&mut buf);
+            match received {
+                Ok((len, from)) => self.handle(index, &buf[..len], from),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.recv_buf = buf;
+                    return;
+                }
+                Err(e) => {
+                    self.recv_buf = buf;
+                    // Typically a queued ICMP error; reading it cleared it. Next poll.
+                    static RECV_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(30), 4);
+                    crate::warn_limited!(
+                        RECV_LOG,
+                        path = self.sockets[index].path.id,
+                        "heartbeat receive failed: {e}"
+                    );
+                    return;
+                }
+            }
+            self.recv_buf = buf;
+        }
+    }
+
+    fn refuse(&self, index: usize, from: SocketAddr, reason: &dyn std::fmt::Display) {
+        static REFUSED_LOG: LogLimiter = LogLimiter::network();
+        self.shared.bad_datagrams.fetch_add(1, Ordering::Relaxed);
+        crate::warn_limited!(
+            REFUSED_LOG,
+            path = self.sockets[index].path.id,
+            %from,
+            "refusing a heartbeat datagram: {reason}"
+        );
+    }
+
+    fn handle(&mut self, index: usize, bytes: &[u8], from: SocketAddr) {
+        let now = Instant::now();
+        let repr = match HeartbeatRepr::parse_authenticated(bytes, &self.secret) {
+            Ok(repr) => repr,
+            Err(e) => return self.refuse(index, from, &e),
+        };
+        match self.accept(&repr, now) {
+            Ok(rtt) => self.believe(index, &repr, now, rtt),
+            Err(refusal) => return self.refuse(index, from, &refusal),
+        }
+        if repr.kind == Kind::Heartbeat {
+            let reply = self.datagram(Kind::EchoReply, self.sockets[index].path.id, repr.sent_us);
+            self.send(index, &reply);
+        }
+        self.note_dead_flip(Instant::now());
+    }
+
+    /// Checks an authenticated datagram is from the peer, fresh, and (for an echo) names a
+    /// recent heartbeat of ours; returns the round trip it measured, if an echo. Changes
+    /// nothing unless it accepts.
+    fn accept(&mut self, repr: &HeartbeatRepr, now: Instant) -> Result<Option<Duration>, Refusal> {
+        if repr.name != self.shared.peer {
+            return Err(Refusal::WrongSender(repr.name.clone()));
+        }
+        let rtt = match repr.kind {
+            Kind::Heartbeat => None,
+            Kind::EchoReply => Some(self.echo_round_trip(repr.echo_us, now)?),
+        };
+        match self.replay.accept(repr.boot_nonce, repr.sequence) {
+            // A restart we heard too late to believe by its sequence alone: while the peer is
+            // dead, its new boot is let in (see the module docs).
+            Err(Refused::NotARestart { .. }) if self.peer_dead(now) => {
+                self.replay.forget();
+                self.replay.accept(repr.boot_nonce, repr.sequence)
+            }
+            other => other,
+        }?;
+        Ok(rtt)
+    }
+
+    /// The round trip of an echo of our heartbeat sent at `echo_us`; renews the lease.
+    fn echo_round_trip(&self, echo_us: u64, now: Instant) -> Result<Duration, Refusal> {
+        if !self.recent_sends.contains(&echo_us) {
+            return Err(Refusal::UnknownEcho);
+        }
+        let sent = clock::instant_at(echo_us.saturating_mul(1000));
+        if sent > now {
+            return Err(Refusal::EchoFromTheFuture);
+        }
+        let rtt = now - sent;
+        if rtt > self.shared.dead_time {
+            return Err(Refusal::StaleEcho);
+        }
+        Ok(rtt)
+    }
+
+    fn peer_dead(&self, now: Instant) -> bool {
+        let st = lock(&self.shared.state);
+        self.shared.peer_dead_at(&st, now)
+    }
+
+    /// Takes in an accepted datagram: liveness, lease, the peer's resource state.
+    fn believe(&mut self, index: usize, repr: &HeartbeatRepr, now: Instant, rtt: Option<Duration>) {
+        let restarted = self
+            .peer_latest
+            .is_some_and(|(nonce, _)| nonce != repr.boot_nonce);
+        // Paths reorder: a datagram older than one already taken says the peer is alive, but
+        // its resource entries are stale and must not undo newer ones.
+        let newest = match self.peer_latest {
+            Some((nonce, sequence)) if nonce == repr.boot_nonce => repr.sequence > sequence,
+            _ => true,
+        };
+        if newest {
+            self.peer_latest = Some((repr.boot_nonce, repr.sequence));
+        }
+        if restarted {
+            // The new boot has heard nothing from us: no earlier echo vouches for anything.
+            self.shared.lease.revoke();
+            static RESTART_LOG: LogLimiter = LogLimiter::network();
+            crate::warn_limited!(RESTART_LOG, peer = %self.shared.peer, "the peer restarted");
+        }
+        if let Some(rtt) = rtt {
+            let sent = now - rtt;
+            self.shared.lease.renew_until(sent + self.shared.lease_time);
+        }
+        let heard: BTreeMap<String, PeerResource> = repr
+            .resources
+            .iter()
+            .map(|entry| (entry.name.clone(), PeerResource::from_entry(entry)))
+            .collect();
+        let callbacks = {
+            let mut st = lock(&self.shared.state);
+            let path = self.sockets[index].path.id;
+            // Cannot fail: the liveness was built with every path's id.
+            let _ = st.liveness.heard(path, now, rtt);
+            if !newest {
+                return;
+            }
+            let mut callbacks = Vec::new();
+            for (name, subscribers) in &st.subscribers {
+                if st.peer.get(name) != heard.get(name) {
+                    callbacks.extend(subscribers.iter().cloned());
+                }
+            }
+            st.peer = heard;
+            callbacks
+        };
+        fire(callbacks);
+    }
+
+    /// Tells every subscriber when `peer_dead` flipped since they were last told; forgets the
+    /// peer's resource state when it died.
+    fn note_dead_flip(&mut self, now: Instant) {
+        let callbacks = {
+            let mut st = lock(&self.shared.state);
+            let dead = self.shared.peer_dead_at(&st, now);
+            if dead == self.reported_dead {
+                return;
+            }
+            self.reported_dead = dead;
+            if dead {
+                st.peer.clear();
+                tracing::warn!(
+                    peer = %self.shared.peer,
+                    dead_time = ?self.shared.dead_time,
+                    "the peer is dead: silent on every heartbeat path"
+                );
+            } else {
+                tracing::info!(peer = %self.shared.peer, "the peer is alive again");
+            }
+            st.subscribers.values().flatten().cloned().collect()
+        };
+        fire(callbacks);
+    }
+}
+
+#[cfg(test)]
+mod tests;
