@@ -1134,9 +1134,13 @@ impl Machine {
         }
         if seen.serving && self.role == Role::Primary && self.conn != ConnState::Connected {
             if self.alone {
-                out.push(Action::Notify(Notification::SplitBrain(
-                    "both nodes serve without each other".into(),
-                )));
+                // This node passed the gate (or the operator promoted it): the peer is a
+                // primary that woke up and will step down when it hears us, or a true split
+                // that multiple-mount protection and the handshake report. Stay.
+                out.push(Action::Log(
+                    "the peer says it serves this resource too; this node serves by the promotion gate and stays".into(),
+                ));
+                return;
             }
             out.push(Action::Log(
                 "the peer serves this resource and this node cannot prove it may: demoting".into(),

@@ -166,8 +166,9 @@ pub fn run(args: RunArgs, cancel: CancellationToken) -> Result<(), RunError> {
         .to_string();
     // Its own token, not the signal's: the stop below goes group by group, in reverse order.
     let root = Root::new("twinblade", CancellationToken::new(), 2)?;
-    // Renewed by the heartbeat's echo replies and the replication pings' answers.
-    let lease = crate::ha::clock::LeaseClock::new();
+    // First up, last down: the peer hears this node for as long as any resource runs.
+    let heartbeat_group = root.group("heartbeat");
+    let heartbeat = start_heartbeat(&config, &node, &peer, &heartbeat_group)?;
     let mut resources = Vec::new();
     let mut groups = Vec::new();
     for (name, res) in &config.resources {
@@ -205,7 +206,7 @@ pub fn run(args: RunArgs, cancel: CancellationToken) -> Result<(), RunError> {
             res.machine_config(&node, &config.cluster),
             meta,
             data,
-            lease.clone(),
+            heartbeat.clone(),
             group.clone(),
         )?);
         groups.push(group);
@@ -224,10 +225,59 @@ pub fn run(args: RunArgs, cancel: CancellationToken) -> Result<(), RunError> {
     for group in groups.iter().rev() {
         group.stop();
     }
+    heartbeat_group.stop();
     drop(resources);
     root.stop();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Starts the heartbeat on every path of this node's `heartbeat` list and says plainly what a
+/// single path cannot tell apart.
+fn start_heartbeat(
+    config: &Config,
+    node: &str,
+    peer: &str,
+    group: &Supervisor,
+) -> Result<crate::ha::service::Heartbeat, RunError> {
+    use crate::ha::service::{Heartbeat, HeartbeatPath, HeartbeatSettings};
+    let paths: Vec<HeartbeatPath> = config
+        .heartbeat_paths(node)
+        .into_iter()
+        .enumerate()
+        .map(|(id, (local, peer))| HeartbeatPath {
+            id: id as u8,
+            local,
+            peer,
+        })
+        .collect();
+    let described: Vec<String> = paths
+        .iter()
+        .map(|p| format!("{} -> {}", p.local, p.peer))
+        .collect();
+    let settings = HeartbeatSettings {
+        port: config.cluster.heartbeat_port(),
+        interval: config.cluster.heartbeat_interval(),
+        dead_time: config.cluster.heartbeat_dead_time(),
+        ..HeartbeatSettings::new(node, peer, config.cluster.shared_secret.as_bytes(), paths)
+    };
+    let heartbeat = Heartbeat::start(settings.clone(), group)
+        .map_err(|e| std::io::Error::other(format!("heartbeat: {e}")))?;
+    tracing::info!(
+        "heartbeat to {peer} every {:?} on {} path(s): {}; the peer is gone after {:?} of silence on all",
+        settings.interval,
+        described.len(),
+        described.join(", "),
+        settings.dead_time
+    );
+    if heartbeat.single_path() {
+        tracing::warn!(
+            "only one heartbeat path: a cut replication link cannot be told from a dead peer \
+             (only a witness or a fence command could); list the node's client-network address \
+             too: heartbeat = [\"<replication address>\", \"<client address>\"]"
+        );
+    }
+    Ok(heartbeat)
 }
 
 /// A resource's attached meta-data, its data area, and the test fault layer if enabled.

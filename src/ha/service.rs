@@ -65,6 +65,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::clock::{self, LeaseClock};
+use super::gate::ServeGate;
 use super::liveness::Liveness;
 use super::replay::{Refused, ReplayWindow};
 use crate::cluster::Role;
@@ -311,6 +312,10 @@ struct Shared {
 
 struct State {
     local: BTreeMap<String, LocalResource>,
+    /// The serve gate of each resource that has one: "serving" is announced only while it
+    /// lets replies out, so a node that wakes from a freeze never claims to serve on the
+    /// strength of what it published before.
+    gates: HashMap<String, Arc<ServeGate>>,
     peer: BTreeMap<String, PeerResource>,
     liveness: Liveness,
     subscribers: HashMap<String, Vec<Callback>>,
@@ -377,6 +382,7 @@ impl Heartbeat {
                 peer: BTreeMap::new(),
                 liveness: Liveness::new(&ids, settings.dead_time),
                 subscribers: HashMap::new(),
+                gates: HashMap::new(),
             }),
             wake,
             bad_datagrams: AtomicU64::new(0),
@@ -425,6 +431,14 @@ impl Heartbeat {
             // Non-blocking: if the channel is full, a wake-up is pending already.
             let _ = self.shared.wake.send(&[1]);
         }
+    }
+
+    /// Announces `resource` as served only while `gate` lets replies out (checked as each
+    /// datagram is built).
+    pub fn serve_through(&self, resource: &str, gate: Arc<ServeGate>) {
+        lock(&self.shared.state)
+            .gates
+            .insert(resource.to_string(), gate);
     }
 
     /// Calls `on_change` (from the heartbeat thread: it must not block) whenever the peer's
@@ -668,8 +682,11 @@ impl Runner {
         } else {
             Role::Secondary
         };
+        let answering = |name: &String, r: &LocalResource| {
+            r.serving && st.gates.get(name).is_none_or(|gate| gate.may_answer())
+        };
         let flags = StatusFlags::new(
-            st.local.values().any(|r| r.serving),
+            st.local.iter().any(|(name, r)| answering(name, r)),
             !st.local.is_empty() && st.local.values().all(|r| r.up_to_date),
         );
         let entries = st
@@ -678,7 +695,7 @@ impl Runner {
             .map(|(name, r)| ResourceEntry {
                 name: name.clone(),
                 role: r.role,
-                flags: r.flags(),
+                flags: r.flags().with(ResourceFlags::SERVING, answering(name, r)),
             })
             .collect();
         (role, flags, entries)

@@ -23,6 +23,8 @@ pub(super) struct Engine {
     pub(super) last_progress_event: Instant,
     /// The lease had lapsed at the last look (see `watch_lease`).
     pub(super) lease_lapsed: bool,
+    /// What the heartbeat last told the machine (see `listen`).
+    pub(super) last_heard: Option<Event>,
 }
 
 impl Engine {
@@ -64,7 +66,52 @@ impl Engine {
         self.execute(actions.clone());
         self.res.gate.set(authority);
         self.publish_state();
+        self.announce();
         actions
+    }
+
+    /// What the peer's heartbeat should say about this resource now.
+    fn announce(&self) {
+        let s = self.machine.status();
+        self.res.heartbeat.publish(
+            &self.res.spec.name,
+            LocalResource {
+                role: s.role,
+                serving: s.serving,
+                up_to_date: s.disk == DiskState::UpToDate,
+                outdated: s.disk == DiskState::Outdated,
+                outdate_request: s.outdate_request,
+            },
+        );
+    }
+
+    /// Feeds the machine what the heartbeat hears, when it changed: heard on some path (with
+    /// what the peer says about this resource), or silent on every path for the dead time.
+    /// Right after start, neither: nothing is fed until the peer is heard or provably silent.
+    fn listen(&mut self) {
+        let hb = &self.res.heartbeat;
+        let heard = hb.paths().iter().any(|p| !p.silent);
+        let now = if heard {
+            Some(Event::PeerHeard(hb.peer_resource(&self.res.spec.name).map(
+                |p| PeerSeen {
+                    role: p.role,
+                    serving: p.serving,
+                    up_to_date: p.up_to_date,
+                    outdated: p.outdated,
+                    outdate_request: p.outdate_request,
+                },
+            )))
+        } else if hb.peer_dead() {
+            Some(Event::PeerSilent)
+        } else {
+            None
+        };
+        if let Some(event) = now {
+            if self.last_heard != Some(event) {
+                self.last_heard = Some(event);
+                self.step(event);
+            }
+        }
     }
 
     /// Logs each lapse of the lease while the exports depend on it (a spurious lapse on a busy
@@ -109,6 +156,7 @@ impl Engine {
                 let _ = link.try_send(Message::Ping(PingRepr { cookie }));
             }
         }
+        self.listen();
         self.step(Event::Tick);
         self.watch_lease();
         self.publish_progress(false);
@@ -177,6 +225,7 @@ impl Engine {
                     self.step(Event::ResyncDone);
                 }
             }
+            Input::Heartbeat => self.listen(),
             Input::WireChecked(answered) => {
                 self.step(Event::WireChecked { answered });
             }

@@ -25,15 +25,15 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::ha::clock::LeaseClock;
 use crate::ha::gate::ServeGate;
+use crate::ha::service::{Heartbeat, LocalResource};
 use crate::supervisor::Supervisor;
 
 use crate::block::BlockDevice;
 use crate::cluster::persist::{self, Keeper, SourceStarted};
 use crate::cluster::{
-    Action, Authority, Command, ConnState, DiskState, Event, Machine, Notification, ReplState,
-    Role, Startup, SyncDirection, Terms,
+    Action, Authority, Command, ConnState, DiskState, Event, Machine, Notification, PeerSeen,
+    ReplState, Role, Startup, SyncDirection, Terms,
 };
 use crate::export::aoe::blade::BladeConfig;
 use crate::export::aoe::server::{AoeServer, Export};
@@ -117,6 +117,8 @@ pub enum Input {
     WireChecked(bool),
     /// While serving, another MAC answered our shelf.slot.
     Rival(crate::wire::MacAddr),
+    /// The heartbeat's view of the peer changed.
+    Heartbeat,
 }
 
 /// Static facts about the resource.
@@ -284,6 +286,8 @@ pub struct Resource {
     pub gate: Arc<ServeGate>,
     /// Lease lapses while serving under a lease (each logged once).
     pub lease_lapses: AtomicU64,
+    /// The node's heartbeat: what the peer is heard saying, and what we announce.
+    heartbeat: Heartbeat,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -299,7 +303,7 @@ impl Resource {
         machine_config: crate::cluster::Config,
         meta: Arc<MetaStore>,
         local: Arc<dyn BlockDevice>,
-        lease: LeaseClock,
+        heartbeat: Heartbeat,
         group: Supervisor,
     ) -> std::io::Result<Arc<Resource>> {
         let (tx, rx) = channel();
@@ -336,7 +340,8 @@ impl Resource {
         listener.set_nonblocking(true)?;
         let res = Arc::new(Resource {
             peer_diskless: AtomicBool::new(false),
-            gate: ServeGate::new(lease),
+            gate: ServeGate::new(heartbeat.lease()),
+            heartbeat: heartbeat.clone(),
             lease_lapses: AtomicU64::new(0),
             spec,
             meta,
@@ -357,6 +362,19 @@ impl Resource {
             started: now,
         });
         tracing::info!(resource = %res.spec.name, ?startup, "attached");
+        res.heartbeat
+            .serve_through(&res.spec.name, res.gate.clone());
+        {
+            let weak = Arc::downgrade(&res);
+            res.heartbeat.subscribe(
+                &res.spec.name,
+                Box::new(move || {
+                    if let Some(res) = weak.upgrade() {
+                        res.send(Input::Heartbeat);
+                    }
+                }),
+            );
+        }
         let mut engine = Engine {
             res: res.clone(),
             machine,
@@ -370,6 +388,7 @@ impl Resource {
             last_alive_seen: None,
             last_progress_event: now,
             lease_lapsed: false,
+            last_heard: None,
         };
         engine.execute(actions);
         group.spawn(format!("engine-{}", res.spec.name), move |token| {
@@ -386,7 +405,18 @@ impl Resource {
 
     /// The heartbeat paths as the heartbeat sees them now.
     fn heartbeat_paths(&self) -> Vec<PathSnapshot> {
-        Vec::new()
+        self.heartbeat
+            .paths()
+            .into_iter()
+            .map(|p| PathSnapshot {
+                id: p.id,
+                local: p.local,
+                peer: p.peer,
+                last_heard: p.last_heard_age,
+                rtt: p.rtt,
+                silent: p.silent,
+            })
+            .collect()
     }
 
     /// Sends the engine an input.
