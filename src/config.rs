@@ -1065,6 +1065,59 @@ meta-disk = "/dev/loop0"
     }
 
     #[test]
+    fn heartbeat_keys() {
+        let c = Config::parse(GOOD, "f").unwrap();
+        assert_eq!(
+            c.heartbeat_paths("alpha"),
+            vec![(
+                "192.168.100.1".parse().unwrap(),
+                "192.168.100.2".parse().unwrap()
+            )],
+            "one path by default: the replication addresses"
+        );
+        assert_eq!(c.cluster.heartbeat_port(), DEFAULT_HEARTBEAT_PORT);
+        let two = GOOD
+            .replace(
+                "[node.alpha]\n",
+                "[node.alpha]\nheartbeat = [\"192.168.100.1\", \"10.0.0.1\"]\n",
+            )
+            .replace(
+                "[node.beta]\n",
+                "[node.beta]\nheartbeat = [\"192.168.100.2\", \"10.0.0.2\"]\n",
+            );
+        let c = Config::parse(&two, "f").unwrap();
+        assert_eq!(c.heartbeat_paths("beta").len(), 2);
+        assert_eq!(
+            c.heartbeat_paths("beta")[1],
+            ("10.0.0.2".parse().unwrap(), "10.0.0.1".parse().unwrap())
+        );
+        let uneven = two.replace(", \"10.0.0.2\"]", "]");
+        assert!(err(&uneven)
+            .contains("node.beta.heartbeat: alpha lists 2 heartbeat path(s) and beta lists 1"));
+        let same = two.replace("\"10.0.0.2\"", "\"10.0.0.1\"");
+        assert!(err(&same).contains("both nodes use 10.0.0.1 for the same heartbeat path"));
+        let twice = two.replace("\"10.0.0.2\"", "\"192.168.100.2\"");
+        assert!(err(&twice).contains("node.beta.heartbeat: 192.168.100.2 is listed twice"));
+        let timers = GOOD.replace(
+            "shared-secret = \"s3cret\"",
+            "shared-secret = \"s3cret\"\nheartbeat-interval = 0.5\nheartbeat-dead-time = 1.0",
+        );
+        assert!(err(&timers).contains(
+            "cluster.heartbeat-dead-time: 1 s must be at least three heartbeat intervals"
+        ));
+        let fencing = GOOD.replace("port = 7788", "port = 7788\nfencing = \"dont-care\"");
+        let c = Config::parse(&fencing, "f").unwrap();
+        assert_eq!(
+            c.resources["r0"]
+                .machine_config("alpha", &c.cluster)
+                .fencing,
+            crate::cluster::Fencing::DontCare
+        );
+        let bad = GOOD.replace("port = 7788", "port = 7788\nfencing = \"stonith\"");
+        assert!(err(&bad).contains("resource.r0.fencing"), "{}", err(&bad));
+    }
+
+    #[test]
     fn validates_semantics() {
         let three = format!("{GOOD}[node.gamma]\naddress = \"10.0.0.3\"\ninterface = \"eth0\"\n");
         assert!(err(&three).contains("node: exactly two nodes are needed, found 3"));
