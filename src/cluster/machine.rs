@@ -161,6 +161,10 @@ pub struct Machine {
     /// Another MAC answered our shelf.slot while we served: no automatic promotion until the
     /// operator says `primary`.
     rival: bool,
+    /// Writes the peer lacks were marked out of sync when the link was lost, and no new data
+    /// generation has started since (resource-only fencing defers it): the UUIDs still match
+    /// the peer's, so a handshake would find nothing to resync.
+    marked_without_generation: bool,
     /// The time of the step being taken.
     now: Instant,
 }
@@ -239,6 +243,7 @@ impl Machine {
             alone: false,
             fencing_peer: false,
             rival: false,
+            marked_without_generation: false,
             now,
         };
         let actions = vec![
@@ -583,6 +588,7 @@ impl Machine {
         if self.conn != ConnState::Connected {
             // A new generation: whatever the peer holds is now older.
             out.push(Action::NewCurrentUuid);
+            self.marked_without_generation = false;
             self.degraded = true;
             // Promoted without the peer: through the promotion gate, or by the operator.
             self.alone = true;
@@ -742,7 +748,18 @@ impl Machine {
         self.promote_alone = false;
         self.alone = false;
         self.fencing_peer = false;
+        let marked = std::mem::take(&mut self.marked_without_generation);
         match decision.direction() {
+            None if marked && consistent(self.disk) && consistent(peer_disk) => {
+                // Same UUIDs, but our bitmap holds writes the peer never got: they go to it.
+                out.push(Action::Log(
+                    "writes the peer lacks are marked out of sync here: resyncing them to it"
+                        .into(),
+                ));
+                self.repl = ReplState::Established;
+                self.disk = DiskState::UpToDate;
+                self.start_resync(SyncDirection::Source, false, true, out);
+            }
             None => {
                 self.repl = ReplState::Established;
                 if consistent(self.disk) && consistent(peer_disk) {
@@ -844,6 +861,7 @@ impl Machine {
                 matches!(self.peer_disk, DiskState::UpToDate | DiskState::Consistent);
             if self.config.fencing == Fencing::ResourceOnly && both_disks && peer_could_serve {
                 self.fencing_peer = true;
+                self.marked_without_generation = true;
                 out.push(Action::Log(
                     "lost the replication link: answering nothing until the peer is Outdated or provably gone".into(),
                 ));
@@ -1087,6 +1105,7 @@ impl Machine {
         out.push(Action::Log(format!("serving without the peer: {why}")));
         if self.role == Role::Primary && self.disk != DiskState::Diskless {
             out.push(Action::NewCurrentUuid);
+            self.marked_without_generation = false;
             self.degraded = true;
         }
     }
