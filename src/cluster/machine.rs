@@ -25,6 +25,9 @@
 //!   (failover) — under `fencing = resource-only` only through the **promotion gate**: the peer
 //!   is silent on every heartbeat path and the link, and the wire guard ([`Action::CheckWire`])
 //!   found no other MAC answering the shelf.slot. A peer heard on any path is never replaced.
+//!   The secondary asks the wire guard only half a dead time after that silence began: a
+//!   primary that lost the link at the same moment asks at once, passes, and answers by then.
+//!   (Asked together, neither would see the other answering, and both would pass.)
 //! * An Outdated node never promotes itself; nor does one that saw a rival answer its
 //!   shelf.slot, until the operator says `primary`.
 //! * StandAlone (operator `disconnect`, split brain, unrelated data): never.
@@ -165,6 +168,9 @@ pub struct Machine {
     /// generation has started since (resource-only fencing defers it): the UUIDs still match
     /// the peer's, so a handshake would find nothing to resync.
     marked_without_generation: bool,
+    /// Since when this node would serve alone if the wire guard found nobody answering (the
+    /// peer silent everywhere, this node fencing it or ready to fail over).
+    could_serve_alone_since: Option<Instant>,
     /// The time of the step being taken.
     now: Instant,
 }
@@ -244,6 +250,7 @@ impl Machine {
             fencing_peer: false,
             rival: false,
             marked_without_generation: false,
+            could_serve_alone_since: None,
             now,
         };
         let actions = vec![
@@ -1083,18 +1090,33 @@ impl Machine {
                 );
             }
         }
-        if self.peer_silent() && self.wants_to_serve_alone() {
-            let ask = match self.wire {
-                Wire::Unasked => true,
-                Wire::Answered(at) => {
-                    self.now.saturating_duration_since(at) >= self.config.wire_recheck
-                }
-                Wire::Checking | Wire::Clear => false,
-            };
-            if ask {
-                self.wire = Wire::Checking;
-                out.push(Action::CheckWire);
+        if !(self.peer_silent() && self.wants_to_serve_alone()) {
+            self.could_serve_alone_since = None;
+            return;
+        }
+        // A primary that lost the link and a secondary that lost it too measure the same
+        // silence and would ask the wire guard at the same moment; neither answers yet, so both
+        // would pass. The primary asks at once; the secondary gives it half a dead time to
+        // start answering first, and then sees it.
+        let since = *self.could_serve_alone_since.get_or_insert(self.now);
+        let head_start = if self.fencing_peer {
+            std::time::Duration::ZERO
+        } else {
+            self.config.heartbeat_dead_time / 2
+        };
+        if self.now.saturating_duration_since(since) < head_start {
+            return;
+        }
+        let ask = match self.wire {
+            Wire::Unasked => true,
+            Wire::Answered(at) => {
+                self.now.saturating_duration_since(at) >= self.config.wire_recheck
             }
+            Wire::Checking | Wire::Clear => false,
+        };
+        if ask {
+            self.wire = Wire::Checking;
+            out.push(Action::CheckWire);
         }
     }
 

@@ -583,6 +583,8 @@ impl Pair {
         self.nodes[n].flags = old.flags;
         self.nodes[n].agreed_size = old.agreed_size;
         self.nodes[n].terms = old.terms;
+        // A firewall rule outlives the process.
+        self.nodes[n].heartbeat_blocked = old.heartbeat_blocked;
         self.execute(n, actions);
         self.pump();
     }
