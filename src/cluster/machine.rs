@@ -171,6 +171,11 @@ pub struct Machine {
     /// Since when this node would serve alone if the wire guard found nobody answering (the
     /// peer silent everywhere, this node fencing it or ready to fail over).
     could_serve_alone_since: Option<Instant>,
+    /// This process stood still (SIGSTOP, a hung kernel) for longer than a lease: the peer may
+    /// have passed its gate, promoted and acknowledged writes meanwhile, and died since, so
+    /// silence and an empty wire prove nothing. No serving alone through the gate until a
+    /// handshake with the peer or the operator's `primary`.
+    may_have_been_replaced: bool,
     /// The time of the step being taken.
     now: Instant,
 }
@@ -251,6 +256,7 @@ impl Machine {
             rival: false,
             marked_without_generation: false,
             could_serve_alone_since: None,
+            may_have_been_replaced: false,
             now,
         };
         let actions = vec![
@@ -354,9 +360,20 @@ impl Machine {
 
     /// Feeds one event; returns what to do, in order.
     pub fn step(&mut self, now: Instant, event: Event) -> Vec<Action> {
+        let stood_still = now.saturating_duration_since(self.now);
         self.now = now;
         let before = self.status();
         let mut out = Vec::new();
+        let lease = self.config.heartbeat_dead_time * 2 / 3;
+        if self.config.fencing == Fencing::ResourceOnly
+            && stood_still >= lease
+            && !self.may_have_been_replaced
+        {
+            out.push(Action::Log(format!(
+                "this node stood still for {stood_still:?}: the peer may have served meanwhile; not serving alone until it is met again or the operator says `primary`"
+            )));
+            self.may_have_been_replaced = true;
+        }
         match event {
             Event::Command(c) => self.command(c, &mut out),
             Event::PeerOffered { ours, theirs } => self.peer_offered(ours, theirs, &mut out),
@@ -474,6 +491,7 @@ impl Machine {
                     return Self::refuse(c, Refusal::PeerIsPrimary, out);
                 }
                 self.rival = false;
+                self.may_have_been_replaced = false;
                 if self.conn == ConnState::Handshaking {
                     return Self::refuse(c, Refusal::NotConnected, out);
                 }
@@ -755,6 +773,7 @@ impl Machine {
         self.promote_alone = false;
         self.alone = false;
         self.fencing_peer = false;
+        self.may_have_been_replaced = false;
         let marked = std::mem::take(&mut self.marked_without_generation);
         match decision.direction() {
             None if marked && consistent(self.disk) && consistent(peer_disk) => {
@@ -1055,7 +1074,12 @@ impl Machine {
     fn gate_passed(&self) -> bool {
         match self.config.fencing {
             Fencing::DontCare => true,
-            Fencing::ResourceOnly => !self.rival && self.peer_silent() && self.wire == Wire::Clear,
+            Fencing::ResourceOnly => {
+                !self.rival
+                    && !self.may_have_been_replaced
+                    && self.peer_silent()
+                    && self.wire == Wire::Clear
+            }
         }
     }
 
@@ -1189,6 +1213,24 @@ impl Machine {
                 "wire guard: another MAC answers this resource's shelf.slot; not serving alone"
                     .into(),
             ));
+            // Somebody serves without us: whatever it acknowledges, we lack. Were we to pass
+            // the gate once it is gone, we would serve without its writes.
+            if matches!(self.disk, DiskState::UpToDate | DiskState::Consistent) {
+                out.push(Action::Log(
+                    "another node serves this resource without us: data Outdated until we resync from it".into(),
+                ));
+                self.disk = DiskState::Outdated;
+            }
+            self.promote_alone = false;
+            if self.role == Role::Primary && self.conn != ConnState::Connected {
+                out.push(Action::Log(
+                    "another node serves this resource and this node cannot prove it may: demoting"
+                        .into(),
+                ));
+                self.role = Role::Secondary;
+                self.alone = false;
+                self.fencing_peer = false;
+            }
         } else if self.peer_silent() {
             self.wire = Wire::Clear;
             out.push(Action::Log(

@@ -227,6 +227,25 @@ impl Node {
         }
     }
 
+    /// What the daemon would read from this node's superblock at its next start.
+    pub fn startup_from_disk(&self) -> Startup {
+        use crate::wire::ondisk::flags;
+        let disk = if self.detached {
+            DiskState::Diskless
+        } else if self.flags & flags::CONSISTENT == 0 {
+            DiskState::Inconsistent
+        } else if self.flags & flags::OUTDATED != 0 {
+            DiskState::Outdated
+        } else {
+            DiskState::Consistent
+        };
+        Startup {
+            disk,
+            crashed_primary: self.flags & (flags::PRIMARY_IND | flags::CRASHED_PRIMARY) != 0,
+            degraded: self.flags & flags::PEER_OUTDATED != 0,
+        }
+    }
+
     /// Whether this node refused `command` at any time.
     pub fn refused(&self, command: Command) -> bool {
         self.actions
@@ -500,6 +519,17 @@ impl Pair {
         self.cut || self.dropping
     }
 
+    /// Whether resource-only fencing can still tell the two nodes apart: the client network is
+    /// up (the wire guard and heartbeat path 1), or the replication network carries heartbeat
+    /// path 0 or a working link. Otherwise each node sees only silence and nobody answering
+    /// (the client network down stands in for a client network split in halves, one node in
+    /// each): both pass the promotion gate — the case no two-node cluster can decide without a
+    /// third vote.
+    pub fn fencing_can_decide(&self) -> bool {
+        let blocked = self.nodes.iter().any(|n| n.heartbeat_blocked);
+        self.client_net_up || (self.replication_net_up && (!blocked || !self.link_broken()))
+    }
+
     /// Drops both heartbeat paths of node `n` (or lets them through again).
     pub fn block_heartbeat(&mut self, n: usize, blocked: bool) {
         self.nodes[n].heartbeat_blocked = blocked;
@@ -564,8 +594,13 @@ impl Pair {
         self.disconnect_link();
     }
 
+    /// The process dies. Writes it had sent to the peer and not seen acknowledged are on its
+    /// own disk and in its activity log: they are out of sync at the next start.
     fn stop_process(&mut self, n: usize) {
         let node = &mut self.nodes[n];
+        for (block, _, _) in node.pending.drain(..) {
+            node.bitmap.insert(block);
+        }
         node.up = false;
         node.frozen = false;
         node.held.clear();
@@ -587,6 +622,18 @@ impl Pair {
         self.nodes[n].heartbeat_blocked = old.heartbeat_blocked;
         self.execute(n, actions);
         self.pump();
+    }
+
+    /// Starts node `n` again the way the daemon does: from what its superblock says (a primary
+    /// indicator still set is turned into the crashed-primary flag at attach).
+    pub fn restart_from_disk(&mut self, n: usize, config: Config) {
+        use crate::wire::ondisk::flags;
+        let startup = self.nodes[n].startup_from_disk();
+        let node = &mut self.nodes[n];
+        if node.flags & flags::PRIMARY_IND != 0 {
+            node.flags = (node.flags & !flags::PRIMARY_IND) | flags::CRASHED_PRIMARY;
+        }
+        self.restart(n, config, startup);
     }
 
     /// A client write of a new version to `block` through node `n`. Returns the version if
