@@ -60,7 +60,10 @@
 //!    is frozen (SIGSTOP, a hung kernel) wakes up with its monotonic clock past its lease: it
 //!    answers nothing, and when it hears S serving it demotes itself (marking its own unsent
 //!    writes out of sync for the resync that follows) rather than start a generation of its
-//!    own.
+//!    own. Having stood still longer than a lease, it cannot know whether S served and died
+//!    meanwhile: it neither passes the gate nor asks S to step aside until the handshake
+//!    (or the operator) settles whose data is newer — a primary that finds the link lost
+//!    after such a pause demotes itself.
 //! 2. While connected, P acknowledges a write only after S has it (protocol C). When the link
 //!    breaks, P acknowledges nothing S lacks until S is Outdated on disk (S will never promote:
 //!    the flag survives its restart) or S is provably gone (then S was not serving either: by
@@ -1101,6 +1104,18 @@ impl Machine {
     /// answer would let this node serve alone.
     fn fence(&mut self, out: &mut Vec<Action>) {
         if self.config.fencing != Fencing::ResourceOnly {
+            return;
+        }
+        if self.fencing_peer && self.may_have_been_replaced {
+            // Our data may be older than what the peer acknowledged while we stood still:
+            // asking it to step aside could throw its writes away. The handshake decides.
+            out.push(Action::Log(
+                "lost the replication link after standing still: the peer may have served meanwhile; demoting (our unsent writes stay marked out of sync)".into(),
+            ));
+            self.role = Role::Secondary;
+            self.fencing_peer = false;
+            self.alone = false;
+            self.promote_alone = false;
             return;
         }
         if self.fencing_peer {
