@@ -519,15 +519,19 @@ impl Pair {
         self.cut || self.dropping
     }
 
-    /// Whether resource-only fencing can still tell the two nodes apart: the client network is
-    /// up (the wire guard and heartbeat path 1), or the replication network carries heartbeat
-    /// path 0 or a working link. Otherwise each node sees only silence and nobody answering
-    /// (the client network down stands in for a client network split in halves, one node in
-    /// each): both pass the promotion gate — the case no two-node cluster can decide without a
-    /// third vote.
-    pub fn fencing_can_decide(&self) -> bool {
+    /// Whether the two nodes keep some channel to each other (ignoring what happens to the
+    /// nodes themselves): a heartbeat path, or the replication link. Without one, each node
+    /// sees only silence; the wire guard still keeps them from answering together, but not
+    /// from the case no two-node cluster can decide without a third vote: a node that passed
+    /// its gate against a peer that was alive but unheard, served alone, and then died (or
+    /// froze) before the peer's wire guard saw it — the peer then passes its own gate without
+    /// those writes. (The client network down with the link and path 0 gone too stands for a
+    /// client network split in halves, the other undecidable case: see [`super::machine`].)
+    pub fn nodes_keep_a_channel(&self) -> bool {
         let blocked = self.nodes.iter().any(|n| n.heartbeat_blocked);
-        self.client_net_up || (self.replication_net_up && (!blocked || !self.link_broken()))
+        let heartbeat = !blocked && (self.replication_net_up || self.client_net_up);
+        let link = self.replication_net_up && !self.link_broken();
+        heartbeat || link
     }
 
     /// Drops both heartbeat paths of node `n` (or lets them through again).
