@@ -73,12 +73,18 @@
 //!    network but is silent on every heartbeat path (both heartbeat networks blocked) still
 //!    answers a config query for its shelf.slot, and nobody promotes while anyone answers.
 //!    While serving, a primary that sees another MAC answer its shelf.slot stops
-//!    ([`Event::RivalAnswered`], multiple-mount protection).
+//!    ([`Event::RivalAnswered`], multiple-mount protection). A node whose guard saw somebody
+//!    answer knows that somebody serves without it: its data is Outdated from then on, so it
+//!    cannot pass the gate later, once that node is gone, without the writes it acknowledged.
 //!
 //! What this cannot prevent without a third vote (a witness or a fence command): the client
 //! network split in two halves while the replication link is also cut. Each half then sees
 //! only its own node, both are silent to each other on every path, and each passes its gate.
-//! The UUID handshake detects the split brain when the link returns.
+//! The UUID handshake detects the split brain when the link returns. Nor this, with every
+//! heartbeat path and the link gone while the client network works: one node passes its gate
+//! against a peer that is alive but unheard, serves alone, and dies (or freezes) before the
+//! peer's wire guard has seen it answer; the peer then passes its own gate without the writes
+//! acknowledged meanwhile.
 //!
 //! Under `fencing = dont-care` the gate and the lease are off: a node that loses the link
 //! promotes (or goes on serving) at once, DRBD's default.
