@@ -1,17 +1,45 @@
 //! Two simulated nodes (`twinblade::cluster::sim`): roles, failover, split brain, startup
 //! waits, ko-count and disk failure, with explicit time and link faults.
+//!
+//! The split-brain and link-timeout tests run with `fencing = dont-care` (DRBD's old default,
+//! still supported): a node that loses the replication link acts at once, which is what makes
+//! a split brain on purpose. The failover timing and the safety properties under the default
+//! `resource-only` fencing are in `cluster_failover.rs`.
 
 use std::time::Duration;
 use twinblade::cluster::machine::Notification;
-use twinblade::cluster::sim::Pair;
+use twinblade::cluster::sim::{Pair, STEP};
 use twinblade::cluster::{
-    Action, Command, Config, ConnState, DisconnectReason, DiskState, Refusal, ReplState, Role,
-    Startup,
+    Action, Command, Config, ConnState, DisconnectReason, DiskState, Fencing, Refusal, ReplState,
+    Role, Startup,
 };
 use twinblade::repl::uuid::UuidSet;
 
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
+}
+
+/// A pair like [`Pair::healthy`], but under `fencing = dont-care`.
+fn dont_care_pair() -> Pair {
+    let uuids = UuidSet {
+        current: 0x1000,
+        ..Default::default()
+    };
+    let dont_care = Config {
+        fencing: Fencing::DontCare,
+        ..Config::default()
+    };
+    Pair::new(
+        [
+            Config {
+                preferred_primary: true,
+                ..dont_care.clone()
+            },
+            dont_care,
+        ],
+        [Startup::consistent(); 2],
+        [uuids; 2],
+    )
 }
 
 fn saw(pair: &Pair, n: usize, pred: impl Fn(&Action) -> bool) -> bool {
@@ -99,8 +127,15 @@ fn failover_and_crashed_primary_resyncs_its_activity_log() {
     pair.nodes[0].blocks[2] = 999;
     pair.nodes[0].bitmap.insert(2);
     pair.crash(0);
-    pair.advance(Duration::from_millis(200));
+    // The close is seen at once, but node 1 waits until the heartbeat has been silent for its
+    // dead time (1 s), gives a primary that might have lost the link too half a dead time to
+    // answer first, and asks the wire guard.
+    let dead_time = pair.nodes[1].machine.config().heartbeat_dead_time;
+    pair.advance(dead_time + dead_time / 2 - STEP);
+    assert_eq!(pair.serving(), [false, false], "no failover before that");
+    pair.advance(2 * STEP);
     assert_eq!(pair.serving(), [false, true], "node 1 took over");
+    assert!(saw(&pair, 1, |a| *a == Action::CheckWire));
     let v = pair.write(1, 3).unwrap();
     // Node 0 returns as a crashed primary; it waits, meets node 1 and becomes sync target.
     pair.restart(
@@ -136,7 +171,7 @@ fn failover_and_crashed_primary_resyncs_its_activity_log() {
 
 #[test]
 fn split_brain_made_on_purpose_is_detected_and_not_synced() {
-    let mut pair = Pair::healthy();
+    let mut pair = dont_care_pair();
     pair.advance(secs(1));
     pair.cut();
     pair.advance(secs(1));
@@ -185,6 +220,7 @@ fn split_brain_made_on_purpose_is_detected_and_not_synced() {
 fn split_brain_between_two_manual_primaries_is_detected() {
     let manual = Config {
         auto_promote: false,
+        fencing: Fencing::DontCare,
         ..Config::default()
     };
     let uuids = UuidSet {
@@ -210,12 +246,14 @@ fn split_brain_between_two_manual_primaries_is_detected() {
         reason: Refusal::PeerIsPrimary
     }));
     pair.drop_traffic();
+    pair.block_heartbeat(0, true);
+    pair.block_heartbeat(1, true);
     pair.advance(secs(12));
     // Silence: both dropped the other after dead_time; the operator promotes node 1 as well.
     assert_eq!(pair.nodes[1].status().conn, ConnState::Connecting);
     pair.command(1, Command::Primary { force: false });
     assert_eq!(pair.serving(), [true, true]);
-    pair.restore();
+    pair.heal();
     pair.advance(secs(2));
     assert!(split_brain_seen(&pair, 0) && split_brain_seen(&pair, 1));
     assert!(saw(&pair, 0, |a| *a
@@ -292,7 +330,11 @@ fn ko_count_drops_a_stalled_peer() {
     let mut pair = Pair::healthy();
     pair.advance(secs(1));
     pair.stall_writes(1, true);
-    pair.write(0, 4).unwrap();
+    assert_eq!(
+        pair.write(0, 4),
+        None,
+        "a write the peer's disk never completes is not acknowledged"
+    );
     let limit = secs(6 * 7);
     pair.advance(limit - secs(1));
     assert!(
@@ -310,6 +352,8 @@ fn ko_count_drops_a_stalled_peer() {
     );
     assert!(pair.nodes[0].pending.is_empty());
     assert!(pair.serving()[0], "the primary keeps serving");
+    pair.advance(secs(3));
+    assert!(pair.answers(0), "the primary answers again");
     assert!(
         saw(
             &pair,
@@ -323,10 +367,10 @@ fn ko_count_drops_a_stalled_peer() {
         !pair.serving()[1],
         "a secondary dropped by its primary never promotes itself"
     );
+    // Once the secondary's disk recovers, writes complete and a resync brings it back.
+    pair.stall_writes(1, false);
     let v = pair.write(0, 5).unwrap();
     assert_eq!(pair.nodes[0].blocks[5], v);
-    // Once the secondary's disk recovers, a resync brings it back.
-    pair.stall_writes(1, false);
     pair.advance(secs(60));
     assert!(pair.in_sync(), "resynced after the stall");
     assert_eq!(pair.nodes[1].status().disk, DiskState::UpToDate);
@@ -334,7 +378,9 @@ fn ko_count_drops_a_stalled_peer() {
 
 #[test]
 fn silent_link_is_detected_by_dead_time() {
-    let mut pair = Pair::healthy();
+    // Under dont-care only the link's own dead time counts (resource-only drops a silent link
+    // sooner while the heartbeat hears the peer: see cluster_failover.rs).
+    let mut pair = dont_care_pair();
     pair.advance(secs(1));
     pair.drop_traffic();
     pair.advance(secs(10));

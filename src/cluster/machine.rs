@@ -25,6 +25,9 @@
 //!   (failover) — under `fencing = resource-only` only through the **promotion gate**: the peer
 //!   is silent on every heartbeat path and the link, and the wire guard ([`Action::CheckWire`])
 //!   found no other MAC answering the shelf.slot. A peer heard on any path is never replaced.
+//!   The secondary asks the wire guard only `takeover_delay` (0.5 s) after that silence began: a
+//!   primary that lost the link at the same moment asks at once, passes, and answers by then.
+//!   (Asked together, neither would see the other answering, and both would pass.)
 //! * An Outdated node never promotes itself; nor does one that saw a rival answer its
 //!   shelf.slot, until the operator says `primary`.
 //! * StandAlone (operator `disconnect`, split brain, unrelated data): never.
@@ -57,7 +60,10 @@
 //!    is frozen (SIGSTOP, a hung kernel) wakes up with its monotonic clock past its lease: it
 //!    answers nothing, and when it hears S serving it demotes itself (marking its own unsent
 //!    writes out of sync for the resync that follows) rather than start a generation of its
-//!    own.
+//!    own. Having stood still longer than a lease, it cannot know whether S served and died
+//!    meanwhile: it neither passes the gate nor asks S to step aside until the handshake
+//!    (or the operator) settles whose data is newer — a primary that finds the link lost
+//!    after such a pause demotes itself.
 //! 2. While connected, P acknowledges a write only after S has it (protocol C). When the link
 //!    breaks, P acknowledges nothing S lacks until S is Outdated on disk (S will never promote:
 //!    the flag survives its restart) or S is provably gone (then S was not serving either: by
@@ -66,16 +72,19 @@
 //! 3. The wire guard closes the gap the heartbeat cannot see: a node that serves on the client
 //!    network but is silent on every heartbeat path (both heartbeat networks blocked) still
 //!    answers a config query for its shelf.slot, and nobody promotes while anyone answers.
-//!    When the two lose each other at once (every heartbeat path and the link cut, the client
-//!    network intact), both would ask the guard at the same moment and both find nobody: so a
-//!    secondary asks `takeover_delay` later than a primary, and finds the primary answering
-//!    again. While serving, a primary that sees another MAC answer its shelf.slot stops
-//!    ([`Event::RivalAnswered`], multiple-mount protection).
+//!    While serving, a primary that sees another MAC answer its shelf.slot stops
+//!    ([`Event::RivalAnswered`], multiple-mount protection). A node whose guard saw somebody
+//!    answer knows that somebody serves without it: its data is Outdated from then on, so it
+//!    cannot pass the gate later, once that node is gone, without the writes it acknowledged.
 //!
 //! What this cannot prevent without a third vote (a witness or a fence command): the client
 //! network split in two halves while the replication link is also cut. Each half then sees
 //! only its own node, both are silent to each other on every path, and each passes its gate.
-//! The UUID handshake detects the split brain when the link returns.
+//! The UUID handshake detects the split brain when the link returns. Nor this, with every
+//! heartbeat path and the link gone while the client network works: one node passes its gate
+//! against a peer that is alive but unheard, serves alone, and dies (or freezes) before the
+//! peer's wire guard has seen it answer; the peer then passes its own gate without the writes
+//! acknowledged meanwhile.
 //!
 //! Under `fencing = dont-care` the gate and the lease are off: a node that loses the link
 //! promotes (or goes on serving) at once, DRBD's default.
@@ -164,6 +173,18 @@ pub struct Machine {
     /// Another MAC answered our shelf.slot while we served: no automatic promotion until the
     /// operator says `primary`.
     rival: bool,
+    /// Writes the peer lacks were marked out of sync when the link was lost, and no new data
+    /// generation has started since (resource-only fencing defers it): the UUIDs still match
+    /// the peer's, so a handshake would find nothing to resync.
+    marked_without_generation: bool,
+    /// Since when this node would serve alone if the wire guard found nobody answering (the
+    /// peer silent everywhere, this node fencing it or ready to fail over).
+    could_serve_alone_since: Option<Instant>,
+    /// This process stood still (SIGSTOP, a hung kernel) for longer than a lease: the peer may
+    /// have passed its gate, promoted and acknowledged writes meanwhile, and died since, so
+    /// silence and an empty wire prove nothing. No serving alone through the gate until a
+    /// handshake with the peer or the operator's `primary`.
+    may_have_been_replaced: bool,
     /// The time of the step being taken.
     now: Instant,
 }
@@ -242,6 +263,9 @@ impl Machine {
             alone: false,
             fencing_peer: false,
             rival: false,
+            marked_without_generation: false,
+            could_serve_alone_since: None,
+            may_have_been_replaced: false,
             now,
         };
         let actions = vec![
@@ -345,9 +369,20 @@ impl Machine {
 
     /// Feeds one event; returns what to do, in order.
     pub fn step(&mut self, now: Instant, event: Event) -> Vec<Action> {
+        let stood_still = now.saturating_duration_since(self.now);
         self.now = now;
         let before = self.status();
         let mut out = Vec::new();
+        let lease = self.config.heartbeat_dead_time * 2 / 3;
+        if self.config.fencing == Fencing::ResourceOnly
+            && stood_still >= lease
+            && !self.may_have_been_replaced
+        {
+            out.push(Action::Log(format!(
+                "this node stood still for {stood_still:?}: the peer may have served meanwhile; not serving alone until it is met again or the operator says `primary`"
+            )));
+            self.may_have_been_replaced = true;
+        }
         match event {
             Event::Command(c) => self.command(c, &mut out),
             Event::PeerOffered { ours, theirs } => self.peer_offered(ours, theirs, &mut out),
@@ -465,6 +500,7 @@ impl Machine {
                     return Self::refuse(c, Refusal::PeerIsPrimary, out);
                 }
                 self.rival = false;
+                self.may_have_been_replaced = false;
                 if self.conn == ConnState::Handshaking {
                     return Self::refuse(c, Refusal::NotConnected, out);
                 }
@@ -586,6 +622,7 @@ impl Machine {
         if self.conn != ConnState::Connected {
             // A new generation: whatever the peer holds is now older.
             out.push(Action::NewCurrentUuid);
+            self.marked_without_generation = false;
             self.degraded = true;
             // Promoted without the peer: through the promotion gate, or by the operator.
             self.alone = true;
@@ -745,7 +782,19 @@ impl Machine {
         self.promote_alone = false;
         self.alone = false;
         self.fencing_peer = false;
+        self.may_have_been_replaced = false;
+        let marked = std::mem::take(&mut self.marked_without_generation);
         match decision.direction() {
+            None if marked && consistent(self.disk) && consistent(peer_disk) => {
+                // Same UUIDs, but our bitmap holds writes the peer never got: they go to it.
+                out.push(Action::Log(
+                    "writes the peer lacks are marked out of sync here: resyncing them to it"
+                        .into(),
+                ));
+                self.repl = ReplState::Established;
+                self.disk = DiskState::UpToDate;
+                self.start_resync(SyncDirection::Source, false, true, out);
+            }
             None => {
                 self.repl = ReplState::Established;
                 if consistent(self.disk) && consistent(peer_disk) {
@@ -847,6 +896,7 @@ impl Machine {
                 matches!(self.peer_disk, DiskState::UpToDate | DiskState::Consistent);
             if self.config.fencing == Fencing::ResourceOnly && both_disks && peer_could_serve {
                 self.fencing_peer = true;
+                self.marked_without_generation = true;
                 out.push(Action::Log(
                     "lost the replication link: answering nothing until the peer is Outdated or provably gone".into(),
                 ));
@@ -1033,23 +1083,18 @@ impl Machine {
     fn gate_passed(&self) -> bool {
         match self.config.fencing {
             Fencing::DontCare => true,
-            Fencing::ResourceOnly => !self.rival && self.peer_silent() && self.wire == Wire::Clear,
+            Fencing::ResourceOnly => {
+                !self.rival
+                    && !self.may_have_been_replaced
+                    && self.peer_silent()
+                    && self.wire == Wire::Clear
+            }
         }
     }
 
     /// Would passing the promotion gate let this node serve? Then the wire guard is worth
     /// asking.
-    ///
-    /// A secondary asks `takeover_delay` later than a primary would: when both lose each other
-    /// at once (every path cut, the client network still up), the primary's guard runs first,
-    /// finds nobody, and the primary answers again — so the secondary's guard then finds it.
     fn wants_to_serve_alone(&self) -> bool {
-        let silent_long_enough = match self.heard {
-            Heard::Silent(since) => {
-                self.now.saturating_duration_since(since) >= self.config.takeover_delay
-            }
-            _ => false,
-        };
         self.fencing_peer
             || (self.role == Role::Secondary
                 && self.promote_alone
@@ -1057,8 +1102,7 @@ impl Machine {
                 && self.startup_wait_over
                 && self.disk == DiskState::UpToDate
                 && self.conn == ConnState::Connecting
-                && !self.rival
-                && silent_long_enough)
+                && !self.rival)
     }
 
     /// Resource-only fencing, once per step: a primary that lost the replication link serves
@@ -1066,6 +1110,18 @@ impl Machine {
     /// answer would let this node serve alone.
     fn fence(&mut self, out: &mut Vec<Action>) {
         if self.config.fencing != Fencing::ResourceOnly {
+            return;
+        }
+        if self.fencing_peer && self.may_have_been_replaced {
+            // Our data may be older than what the peer acknowledged while we stood still:
+            // asking it to step aside could throw its writes away. The handshake decides.
+            out.push(Action::Log(
+                "lost the replication link after standing still: the peer may have served meanwhile; demoting (our unsent writes stay marked out of sync)".into(),
+            ));
+            self.role = Role::Secondary;
+            self.fencing_peer = false;
+            self.alone = false;
+            self.promote_alone = false;
             return;
         }
         if self.fencing_peer {
@@ -1079,18 +1135,33 @@ impl Machine {
                 );
             }
         }
-        if self.peer_silent() && self.wants_to_serve_alone() {
-            let ask = match self.wire {
-                Wire::Unasked => true,
-                Wire::Answered(at) => {
-                    self.now.saturating_duration_since(at) >= self.config.wire_recheck
-                }
-                Wire::Checking | Wire::Clear => false,
-            };
-            if ask {
-                self.wire = Wire::Checking;
-                out.push(Action::CheckWire);
+        if !(self.peer_silent() && self.wants_to_serve_alone()) {
+            self.could_serve_alone_since = None;
+            return;
+        }
+        // A primary that lost the link and a secondary that lost it too measure the same
+        // silence and would ask the wire guard at the same moment; neither answers yet, so both
+        // would pass. The primary asks at once; the secondary gives it `takeover_delay` (longer
+        // than one guard check) to start answering first, and then sees it.
+        let since = *self.could_serve_alone_since.get_or_insert(self.now);
+        let head_start = if self.fencing_peer {
+            std::time::Duration::ZERO
+        } else {
+            self.config.takeover_delay
+        };
+        if self.now.saturating_duration_since(since) < head_start {
+            return;
+        }
+        let ask = match self.wire {
+            Wire::Unasked => true,
+            Wire::Answered(at) => {
+                self.now.saturating_duration_since(at) >= self.config.wire_recheck
             }
+            Wire::Checking | Wire::Clear => false,
+        };
+        if ask {
+            self.wire = Wire::Checking;
+            out.push(Action::CheckWire);
         }
     }
 
@@ -1101,6 +1172,7 @@ impl Machine {
         out.push(Action::Log(format!("serving without the peer: {why}")));
         if self.role == Role::Primary && self.disk != DiskState::Diskless {
             out.push(Action::NewCurrentUuid);
+            self.marked_without_generation = false;
             self.degraded = true;
         }
     }
@@ -1166,6 +1238,24 @@ impl Machine {
                 "wire guard: another MAC answers this resource's shelf.slot; not serving alone"
                     .into(),
             ));
+            // Somebody serves without us: whatever it acknowledges, we lack. Were we to pass
+            // the gate once it is gone, we would serve without its writes.
+            if matches!(self.disk, DiskState::UpToDate | DiskState::Consistent) {
+                out.push(Action::Log(
+                    "another node serves this resource without us: data Outdated until we resync from it".into(),
+                ));
+                self.disk = DiskState::Outdated;
+            }
+            self.promote_alone = false;
+            if self.role == Role::Primary && self.conn != ConnState::Connected {
+                out.push(Action::Log(
+                    "another node serves this resource and this node cannot prove it may: demoting"
+                        .into(),
+                ));
+                self.role = Role::Secondary;
+                self.alone = false;
+                self.fencing_peer = false;
+            }
         } else if self.peer_silent() {
             self.wire = Wire::Clear;
             out.push(Action::Log(

@@ -6,10 +6,57 @@
 //! exactly one node serves, a split brain is detected and not synced, a resync leaves both
 //! disks equal. Pure: no sockets, no threads, no real time; UUIDs come from a seeded generator.
 //!
-//! Link faults, after raft-rs's test network: [`Pair::cut`] (both sides see the connection
-//! break at once), [`Pair::drop_traffic`] (everything is silently lost: only timeouts notice),
-//! [`Pair::stall_writes`] (heartbeats answer but a node's disk never completes a write), and
-//! [`Pair::restore`].
+//! # Networks and heartbeat paths
+//!
+//! Two networks join the nodes. The **replication network** carries the replication link (a
+//! TCP connection) and heartbeat path 0; the **client network** carries heartbeat path 1, the
+//! clients and the wire guard ([`Action::CheckWire`]). Clients reach both nodes whenever the
+//! client network is up (it is not split in halves here: that is the case resource-only
+//! fencing cannot cover, see [`super::machine`]).
+//!
+//! A node hears its peer on a path when both processes run, neither is frozen, neither has its
+//! heartbeat blocked, and the path's network is up. Every [`STEP`] a running node that hears
+//! its peer on some path gets [`Event::PeerHeard`] with what the peer says about itself; one
+//! that has heard nothing on any path for the heartbeat dead time gets [`Event::PeerSilent`].
+//! The replication link, while it carries traffic, gives both sides [`Event::PeerAlive`].
+//!
+//! A node *answers* clients ([`Node::answers`]) when it runs, is not frozen, serves, and its
+//! serve gate is open: [`Authority::Open`], or [`Authority::Lease`] while the peer heard this
+//! node (on a path or over the link) within two thirds of the heartbeat dead time.
+//!
+//! # Faults
+//!
+//! After raft-rs's test network, and then some:
+//!
+//! * [`Pair::cut`]: the connection breaks, both sides see it close at once.
+//! * [`Pair::drop_traffic`]: the link silently loses everything (only timeouts notice); the
+//!   heartbeat paths still work.
+//! * [`Pair::set_replication_net`]: the replication network goes down: the link is silent and
+//!   heartbeat path 0 too (nothing closes).
+//! * [`Pair::set_client_net`]: the client network goes down: heartbeat path 1 is silent and
+//!   the wire guard cannot see the other node.
+//! * [`Pair::block_heartbeat`]: both heartbeat paths of one node are dropped (a firewall rule);
+//!   the link is untouched.
+//! * [`Pair::freeze`] / [`Pair::thaw`] (SIGSTOP / SIGCONT): a frozen node processes no events
+//!   and no ticks, sends nothing and answers nothing, but its kernel keeps the TCP connection
+//!   open, so the peer sees silence, never a close. Events for it while frozen (a connection
+//!   closed by the peer, a state message sent before the link went silent) wait in its socket
+//!   buffers and are delivered, in order, when it is thawed, at the current time: its machine
+//!   sees the time jump.
+//! * [`Pair::power_loss`]: the links go dark first (the peer sees no close), then the process
+//!   dies.
+//! * [`Pair::crash`] (kill -9): the process dies and the kernel closes the connection: the peer
+//!   sees the close at once.
+//! * [`Pair::stall_writes`]: heartbeats answer but a node's disk never completes a write.
+//! * [`Pair::restore`] heals the link; [`Pair::heal`] heals every network fault.
+//!
+//! # Client writes and the two safety properties
+//!
+//! [`Pair::write`] acknowledges a write only if the node answers and the write is complete:
+//! on the peer too while the machine replicates, on the local disk alone otherwise. The pair
+//! records the last acknowledged version of every block, so a test can check, after every
+//! step, that at most one node answers ([`Pair::answering_count`]) and that the node that
+//! answers holds every acknowledged write ([`Pair::missing_acked_write`]).
 
 use super::machine::{
     Action, Authority, Command, Config, Event, Machine, PeerSeen, Startup, Status, Terms,
@@ -31,7 +78,7 @@ pub const STEP: Duration = Duration::from_millis(100);
 pub struct Node {
     /// The state machine (replaced on [`Pair::restart`]).
     pub machine: Machine,
-    /// Whether the process is running.
+    /// Whether the process is running (it may still be frozen).
     pub up: bool,
     /// Generation UUIDs, as the meta-data would hold them.
     pub uuids: UuidSet,
@@ -72,6 +119,12 @@ pub struct Node {
     pub heard_peer: Option<Instant>,
     /// When the process started (the heartbeat's silence counts from here at first).
     pub started: Instant,
+    /// Stopped (SIGSTOP): processes nothing until thawed.
+    pub frozen: bool,
+    /// Events that arrived while frozen, delivered on thaw.
+    held: Vec<Event>,
+    /// Both of this node's heartbeat paths are dropped.
+    pub heartbeat_blocked: bool,
 }
 
 impl Keeper for Node {
@@ -133,6 +186,9 @@ impl Node {
                 heard_by_peer: None,
                 heard_peer: None,
                 started: now,
+                frozen: false,
+                held: Vec::new(),
+                heartbeat_blocked: false,
             },
             actions,
         )
@@ -155,10 +211,11 @@ impl Node {
         }
     }
 
-    /// Whether this node answers clients at `now`: it serves, and its serve gate is open (a
-    /// lease holds while the peer heard it within two thirds of the heartbeat dead time).
+    /// Whether this node answers clients at `now`: it runs, is not frozen, serves, and its serve
+    /// gate is open (a lease holds while the peer heard it within two thirds of the heartbeat
+    /// dead time).
     pub fn answers(&self, now: Instant) -> bool {
-        if !self.up || !self.serving {
+        if !self.up || self.frozen || !self.serving {
             return false;
         }
         match self.status().authority {
@@ -167,6 +224,25 @@ impl Node {
             Authority::Lease => self
                 .heard_by_peer
                 .is_some_and(|t| now < t + self.machine.config().heartbeat_dead_time * 2 / 3),
+        }
+    }
+
+    /// What the daemon would read from this node's superblock at its next start.
+    pub fn startup_from_disk(&self) -> Startup {
+        use crate::wire::ondisk::flags;
+        let disk = if self.detached {
+            DiskState::Diskless
+        } else if self.flags & flags::CONSISTENT == 0 {
+            DiskState::Inconsistent
+        } else if self.flags & flags::OUTDATED != 0 {
+            DiskState::Outdated
+        } else {
+            DiskState::Consistent
+        };
+        Startup {
+            disk,
+            crashed_primary: self.flags & (flags::PRIMARY_IND | flags::CRASHED_PRIMARY) != 0,
+            degraded: self.flags & flags::PEER_OUTDATED != 0,
         }
     }
 
@@ -199,10 +275,14 @@ pub struct Pair {
     connected: bool,
     cut: bool,
     dropping: bool,
+    replication_net_up: bool,
+    client_net_up: bool,
     queue: VecDeque<(usize, Event)>,
     job: Option<Job>,
     rng: u64,
     next_value: u64,
+    /// The last acknowledged version of every block (0: none acknowledged yet).
+    pub acked: [u64; BLOCKS],
 }
 
 impl Pair {
@@ -220,10 +300,13 @@ impl Pair {
             connected: false,
             cut: false,
             dropping: false,
+            replication_net_up: true,
+            client_net_up: true,
             queue: VecDeque::new(),
             job: None,
             rng: 0x9e37_79b9_7f4a_7c15,
             next_value: 1,
+            acked: [0; BLOCKS],
         };
         pair.execute(0, a0);
         pair.execute(1, a1);
@@ -270,13 +353,10 @@ impl Pair {
         self.serving().iter().filter(|&&s| s).count()
     }
 
-    /// Feeds an event to node `n` and executes the resulting actions.
+    /// Feeds an event to node `n` and executes the resulting actions (a frozen node keeps it
+    /// until it is thawed; a node that is down loses it).
     pub fn step(&mut self, n: usize, event: Event) {
-        if !self.nodes[n].up {
-            return;
-        }
-        let actions = self.nodes[n].machine.step(self.now, event);
-        self.execute(n, actions);
+        self.queue.push_back((n, event));
         self.pump();
     }
 
@@ -290,17 +370,17 @@ impl Pair {
         let end = self.now + d;
         while self.now < end {
             self.now += STEP;
-            if self.connected && !self.dropping {
+            if self.link_carries() {
                 for n in 0..2 {
                     self.queue.push_back((n, Event::PeerAlive));
-                    if self.nodes[1 - n].up {
-                        self.nodes[1 - n].heard_by_peer = Some(self.now);
-                    }
+                    self.nodes[1 - n].heard_by_peer = Some(self.now);
                 }
             }
             self.heartbeat();
             for n in 0..2 {
-                self.queue.push_back((n, Event::Tick));
+                if self.nodes[n].up && !self.nodes[n].frozen {
+                    self.queue.push_back((n, Event::Tick));
+                }
             }
             self.pump();
             self.try_connect();
@@ -309,15 +389,42 @@ impl Pair {
         }
     }
 
-    /// One heartbeat round: each running node hears its running peer (the heartbeat paths are
-    /// not cut in this model), or declares it silent after the dead time.
+    /// Whether the network under heartbeat `path` (0: replication, 1: client) is up.
+    fn path_network_up(&self, path: usize) -> bool {
+        if path == 0 {
+            self.replication_net_up
+        } else {
+            self.client_net_up
+        }
+    }
+
+    /// Whether the two nodes hear each other on heartbeat `path` now.
+    pub fn hear_each_other_on(&self, path: usize) -> bool {
+        let running = |node: &Node| node.up && !node.frozen && !node.heartbeat_blocked;
+        running(&self.nodes[0]) && running(&self.nodes[1]) && self.path_network_up(path)
+    }
+
+    /// Whether messages sent on the replication connection reach the other side's socket.
+    fn wire_carries(&self) -> bool {
+        self.connected && !self.dropping && self.replication_net_up
+    }
+
+    /// Whether the replication link carries traffic both ways right now: the connection
+    /// reaches the peer and both processes run (a frozen process reads nothing).
+    pub fn link_carries(&self) -> bool {
+        self.wire_carries() && self.nodes.iter().all(|n| n.up && !n.frozen)
+    }
+
+    /// One heartbeat round: each running node hears its peer on some path, or declares it
+    /// silent after the dead time.
     fn heartbeat(&mut self) {
+        let heard = (0..2).any(|path| self.hear_each_other_on(path));
         for n in 0..2 {
             let peer = 1 - n;
-            if !self.nodes[n].up {
+            if !self.nodes[n].up || self.nodes[n].frozen {
                 continue;
             }
-            if self.nodes[peer].up {
+            if heard {
                 self.nodes[n].heard_peer = Some(self.now);
                 self.nodes[peer].heard_by_peer = Some(self.now);
                 let seen = self.nodes[peer].seen_by_peer(self.now);
@@ -337,13 +444,44 @@ impl Pair {
         self.nodes[n].answers(self.now)
     }
 
+    /// Number of nodes that answer clients now.
+    pub fn answering_count(&self) -> usize {
+        (0..2).filter(|&n| self.answers(n)).count()
+    }
+
+    /// The version of `block` node `n` returns to a client: its own, unless its copy is stale
+    /// (detached, or a resync target that has not received the block yet) and the peer supplies
+    /// it.
+    pub fn served_version(&self, n: usize, block: usize) -> u64 {
+        let node = &self.nodes[n];
+        let stale = node.detached
+            || matches!(node.resync, Some((SyncDirection::Target, full))
+                if full || node.bitmap.contains(&block));
+        if stale && self.link_carries() {
+            self.nodes[1 - n].blocks[block]
+        } else {
+            node.blocks[block]
+        }
+    }
+
+    /// The first acknowledged write that a node answering now does not return:
+    /// `(node, block, acknowledged version, served version)`.
+    pub fn missing_acked_write(&self) -> Option<(usize, usize, u64, u64)> {
+        (0..2)
+            .filter(|&n| self.answers(n))
+            .flat_map(|n| (0..BLOCKS).map(move |b| (n, b)))
+            .map(|(n, b)| (n, b, self.acked[b], self.served_version(n, b)))
+            .find(|&(_, _, acked, served)| served < acked)
+    }
+
     /// Breaks the connection: both sides see it close.
     pub fn cut(&mut self) {
         self.cut = true;
         self.disconnect_link();
     }
 
-    /// Silently loses all traffic (no heartbeats, no state messages, writes hang).
+    /// Silently loses all traffic on the replication link (state messages, pings, writes
+    /// hang); the heartbeat paths are untouched.
     pub fn drop_traffic(&mut self) {
         self.dropping = true;
     }
@@ -354,17 +492,124 @@ impl Pair {
         self.dropping = false;
     }
 
+    /// Takes the replication network down (the link and heartbeat path 0 fall silent; nothing
+    /// closes) or brings it back.
+    pub fn set_replication_net(&mut self, up: bool) {
+        self.replication_net_up = up;
+    }
+
+    /// Takes the client network down (heartbeat path 1 falls silent, the wire guard sees
+    /// nobody) or brings it back.
+    pub fn set_client_net(&mut self, up: bool) {
+        self.client_net_up = up;
+    }
+
+    /// Whether the client network is up.
+    pub fn client_net_up(&self) -> bool {
+        self.client_net_up
+    }
+
+    /// Whether the replication network is up.
+    pub fn replication_net_up(&self) -> bool {
+        self.replication_net_up
+    }
+
+    /// Whether the link is cut or silently dropping.
+    pub fn link_broken(&self) -> bool {
+        self.cut || self.dropping
+    }
+
+    /// Whether the two nodes keep some channel to each other (ignoring what happens to the
+    /// nodes themselves): a heartbeat path, or the replication link. Without one, each node
+    /// sees only silence; the wire guard still keeps them from answering together, but not
+    /// from the case no two-node cluster can decide without a third vote: a node that passed
+    /// its gate against a peer that was alive but unheard, served alone, and then died (or
+    /// froze) before the peer's wire guard saw it — the peer then passes its own gate without
+    /// those writes. (The client network down with the link and path 0 gone too stands for a
+    /// client network split in halves, the other undecidable case: see [`super::machine`].)
+    pub fn nodes_keep_a_channel(&self) -> bool {
+        let blocked = self.nodes.iter().any(|n| n.heartbeat_blocked);
+        let heartbeat = !blocked && (self.replication_net_up || self.client_net_up);
+        let link = self.replication_net_up && !self.link_broken();
+        heartbeat || link
+    }
+
+    /// Drops both heartbeat paths of node `n` (or lets them through again).
+    pub fn block_heartbeat(&mut self, n: usize, blocked: bool) {
+        self.nodes[n].heartbeat_blocked = blocked;
+    }
+
+    /// Heals every network fault: the link, both networks, the heartbeat blocks.
+    pub fn heal(&mut self) {
+        self.restore();
+        self.replication_net_up = true;
+        self.client_net_up = true;
+        for node in &mut self.nodes {
+            node.heartbeat_blocked = false;
+        }
+    }
+
+    /// Stops node `n` (SIGSTOP): see the module docs.
+    pub fn freeze(&mut self, n: usize) {
+        if self.nodes[n].up {
+            self.nodes[n].frozen = true;
+        }
+    }
+
+    /// Continues node `n` (SIGCONT): it processes what arrived while it was stopped, at the
+    /// current time.
+    pub fn thaw(&mut self, n: usize) {
+        if !self.nodes[n].frozen {
+            return;
+        }
+        self.nodes[n].frozen = false;
+        for event in std::mem::take(&mut self.nodes[n].held) {
+            self.queue.push_back((n, event));
+        }
+        self.pump();
+    }
+
+    /// Whether node `n` is frozen.
+    pub fn is_frozen(&self, n: usize) -> bool {
+        self.nodes[n].frozen
+    }
+
+    /// Node `n` loses power: its links go dark first, so the peer sees no close, only
+    /// silence; then the process is gone.
+    pub fn power_loss(&mut self, n: usize) {
+        self.stop_process(n);
+        if self.connected {
+            self.connected = false;
+            self.job = None;
+            for node in &mut self.nodes {
+                node.resync = None;
+            }
+        }
+    }
+
     /// Makes writes to node `n`'s disk hang (or complete again).
     pub fn stall_writes(&mut self, n: usize, stalled: bool) {
         self.nodes[n].stalled = stalled;
     }
 
-    /// Kills node `n`: its peer sees the connection close.
+    /// Kills node `n` (kill -9): its peer sees the connection close.
     pub fn crash(&mut self, n: usize) {
-        self.nodes[n].up = false;
-        self.nodes[n].serving = false;
-        self.nodes[n].wants_connect = false;
+        self.stop_process(n);
         self.disconnect_link();
+    }
+
+    /// The process dies. Writes it had sent to the peer and not seen acknowledged are on its
+    /// own disk and in its activity log: they are out of sync at the next start.
+    fn stop_process(&mut self, n: usize) {
+        let node = &mut self.nodes[n];
+        for (block, _, _) in node.pending.drain(..) {
+            node.bitmap.insert(block);
+        }
+        node.up = false;
+        node.frozen = false;
+        node.held.clear();
+        node.serving = false;
+        node.wants_connect = false;
     }
 
     /// Starts node `n` again with a new machine; its disk and UUIDs are what it had.
@@ -377,27 +622,47 @@ impl Pair {
         self.nodes[n].flags = old.flags;
         self.nodes[n].agreed_size = old.agreed_size;
         self.nodes[n].terms = old.terms;
+        // A firewall rule outlives the process.
+        self.nodes[n].heartbeat_blocked = old.heartbeat_blocked;
         self.execute(n, actions);
         self.pump();
     }
 
-    /// A client write of a new version to `block` through node `n`. Returns the version, or
-    /// `None` if node `n` does not serve.
+    /// Starts node `n` again the way the daemon does: from what its superblock says (a primary
+    /// indicator still set is turned into the crashed-primary flag at attach).
+    pub fn restart_from_disk(&mut self, n: usize, config: Config) {
+        use crate::wire::ondisk::flags;
+        let startup = self.nodes[n].startup_from_disk();
+        let node = &mut self.nodes[n];
+        if node.flags & flags::PRIMARY_IND != 0 {
+            node.flags = (node.flags & !flags::PRIMARY_IND) | flags::CRASHED_PRIMARY;
+        }
+        self.restart(n, config, startup);
+    }
+
+    /// A client write of a new version to `block` through node `n`. Returns the version if
+    /// the write was acknowledged: node `n` answers, and the write is complete — on the peer
+    /// too while the machine replicates, on the local disk alone otherwise. A write that waits
+    /// for the peer (a silent link, a stalled disk) is not acknowledged: `None`, and the client
+    /// retries later.
     pub fn write(&mut self, n: usize, block: usize) -> Option<u64> {
-        if !self.nodes[n].up || !self.nodes[n].serving {
+        if !self.answers(n) {
             return None;
         }
         let v = self.next_value;
         self.next_value += 1;
         let peer = 1 - n;
         let local_disk = !self.nodes[n].detached;
-        // The link must carry it, and the machine must have asked for it.
-        let replicating = self.connected && self.nodes[n].replicating;
         if local_disk {
             self.nodes[n].blocks[block] = v;
         }
-        if replicating {
-            if self.dropping || self.nodes[peer].stalled {
+        // The machine asked for replication; the link must carry it and the peer's disk
+        // complete it.
+        let complete = if self.nodes[n].replicating {
+            if self.link_carries() && !self.nodes[peer].stalled {
+                self.nodes[peer].blocks[block] = v;
+                true
+            } else {
                 self.nodes[n].pending.push((block, v, self.now));
                 let oldest = self.nodes[n].pending.first().map(|p| p.2);
                 self.step(
@@ -406,14 +671,18 @@ impl Pair {
                         oldest_pending: oldest,
                     },
                 );
-            } else {
-                self.nodes[peer].blocks[block] = v;
+                false
             }
         } else if local_disk {
             self.nodes[n].bitmap.insert(block);
+            true
         } else {
             panic!("node {n} serves without a disk and without a peer");
+        };
+        if !complete {
+            return None;
         }
+        self.acked[block] = self.acked[block].max(v);
         Some(v)
     }
 
@@ -433,9 +702,12 @@ impl Pair {
         let ready = |node: &Node| {
             node.up && node.wants_connect && node.status().conn == ConnState::Connecting
         };
+        let frozen = self.nodes.iter().any(|n| n.frozen);
         if self.connected
             || self.cut
             || self.dropping
+            || !self.replication_net_up
+            || frozen
             || !ready(&self.nodes[0])
             || !ready(&self.nodes[1])
         {
@@ -497,6 +769,10 @@ impl Pair {
             if !self.nodes[n].up {
                 continue;
             }
+            if self.nodes[n].frozen {
+                self.nodes[n].held.push(event);
+                continue;
+            }
             let actions = self.nodes[n].machine.step(self.now, event);
             self.execute(n, actions);
         }
@@ -529,12 +805,13 @@ impl Pair {
                 Action::Disconnect { reason } => {
                     self.nodes[n].wants_connect = false;
                     if self.connected {
+                        // The peer hears why unless the link is what failed.
+                        let told = self.wire_carries();
                         self.connected = false;
                         self.job = None;
                         self.nodes[0].resync = None;
                         self.nodes[1].resync = None;
-                        // The peer hears why unless the link is what failed.
-                        let event = if self.dropping || reason == super::DisconnectReason::Timeout {
+                        let event = if !told || reason == super::DisconnectReason::Timeout {
                             Event::PeerLost
                         } else {
                             Event::PeerDropped { reason }
@@ -543,7 +820,7 @@ impl Pair {
                     }
                 }
                 Action::SendState { role, disk, .. } => {
-                    if self.connected && !self.dropping {
+                    if self.wire_carries() {
                         self.queue
                             .push_back((peer, Event::PeerState { role, disk }));
                     }
@@ -554,7 +831,7 @@ impl Pair {
                     tell_peer,
                 } => {
                     self.nodes[n].resync = Some((direction, full));
-                    if tell_peer && self.connected && !self.dropping {
+                    if tell_peer && self.wire_carries() {
                         self.queue.push_back((
                             peer,
                             Event::PeerStartedResync {
@@ -579,7 +856,7 @@ impl Pair {
                 }
                 Action::Detach => self.nodes[n].detached = true,
                 Action::CheckWire => {
-                    let answered = self.nodes[peer].answers(self.now);
+                    let answered = self.client_net_up && self.nodes[peer].answers(self.now);
                     self.queue.push_back((n, Event::WireChecked { answered }));
                 }
                 Action::Notify(_) | Action::Log(_) | Action::Refuse { .. } => {}
@@ -629,7 +906,7 @@ impl Pair {
                 ReplState::PausedSyncS | ReplState::PausedSyncT
             )
         });
-        if !self.connected || self.dropping || paused {
+        if !self.link_carries() || paused {
             return;
         }
         job.remaining = job.remaining.saturating_sub(dt);
