@@ -247,7 +247,7 @@ disks_identical() { cmp -n "$usable" "$work/alpha.img" "$work/beta.img"; }
 # --- results ------------------------------------------------------------------------------------
 # record SCENARIO WHAT RESULT [DETAIL]: a line of the summary table ($summary, shared by all
 # scenarios). check SCENARIO WHAT COMMAND...: run COMMAND, record PASS or FAIL; on FAIL the
-# daemons' log tails are printed and the scenario fails at its end (scenario_done).
+# scenario fails at its end, with the daemons' log tails.
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "${4:-}" >>"$summary"; }
 check() {
     local sc=$1 what=$2
@@ -257,7 +257,6 @@ check() {
     else
         record "$sc" "$what" FAIL
         log "FAIL [$sc] $what"
-        dump
         failures=$((failures + 1))
     fi
 }

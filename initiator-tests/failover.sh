@@ -67,6 +67,7 @@ done
 source "$(dirname "${BASH_SOURCE[0]}")/failover-lib.sh"
 lab_up
 top=$work
+((HB_KEYS)) || log "HB_KEYS=0: the configuration leaves the heartbeat keys out"
 summary=$top/summary.tsv
 : >"$summary"
 shelf=${BLADE#e} slot=${BLADE##*.}
@@ -99,10 +100,10 @@ client_checks() { # SCENARIO NAME
     check "$1" "$2: the client got every write acknowledged (exit $vrc)" client_ok
     check "$1" "$2: every acknowledged version on the device" verify_versions "$2"
 }
-heal_checks() { # SCENARIO WHAT: reconnect and resync by themselves, disks identical
-    if wait_check "$1" 60 "$2: reconnected and resynced without admin action" settled; then
-        check "$1" "$2: both disks identical in the data area" disks_identical
-    fi
+heal_checks() { # SCENARIO WHAT: reconnect and resync by themselves, disks identical; status 1
+    # if they did not (the pair is not usable for more)
+    wait_check "$1" 60 "$2: reconnected and resynced without admin action" settled || return 1
+    check "$1" "$2: both disks identical in the data area" disks_identical
 }
 
 # --- tools: the client tooling against plain targets ---------------------------------------------
@@ -374,7 +375,11 @@ for sc in "${scenarios[@]}"; do
         trap scenario_cleanup EXIT
         net_up
         "sc_$sc"
-        ((failures == 0))
+        if ((failures)); then
+            log "$failures expectation(s) of $sc failed; the daemons' logs end:"
+            dump
+            exit 1
+        fi
     ) || rc=$?
     if ((rc != 0)); then
         failed+=("$sc")

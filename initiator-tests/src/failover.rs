@@ -306,8 +306,9 @@ pub struct VersionedReport {
     pub macs_seen: Vec<MacAddr>,
     /// A write went unacknowledged for the give-up time.
     pub gave_up: bool,
-    /// Block writes still unfinished at the end (after the drain).
-    pub unfinished: u64,
+    /// Per block, whether a write was still unfinished at the end (after the drain): such a
+    /// block may hold a mix of the acknowledged version and the next.
+    pub unfinished: Vec<bool>,
     /// Wall time.
     pub elapsed: Duration,
 }
@@ -628,7 +629,7 @@ impl Initiator {
                 }
             }
         }
-        report.unfinished = writing.iter().flatten().count() as u64;
+        report.unfinished = writing.iter().map(Option::is_some).collect();
         report.tail = last_ack.elapsed();
         report.elapsed = started.elapsed();
         report.macs_seen = paths.seen;
@@ -676,12 +677,14 @@ impl Initiator {
     }
 }
 
-/// The acknowledged log `versioned` writes: a header line, then `block version` per block.
+/// The acknowledged log `versioned` writes: a header line, then `block version` per block, with
+/// ` unfinished` after it when a write of the block was still unacknowledged at the end.
 pub fn write_acks(
     out: &mut dyn Write,
     start_sector: u64,
     version_base: u64,
     last_acked: &[u64],
+    unfinished: &[bool],
 ) -> std::io::Result<()> {
     writeln!(
         out,
@@ -691,15 +694,31 @@ pub fn write_acks(
         version_base
     )?;
     for (block, version) in last_acked.iter().enumerate() {
-        writeln!(out, "{block} {version}")?;
+        if unfinished.get(block).copied().unwrap_or(false) {
+            writeln!(out, "{block} {version} unfinished")?;
+        } else {
+            writeln!(out, "{block} {version}")?;
+        }
     }
     Ok(())
 }
 
-/// Parses what [`write_acks`] wrote: (offset in bytes, last acknowledged version per block).
-pub fn parse_acks(text: &str) -> std::result::Result<(u64, Vec<u64>), String> {
+/// What [`write_acks`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acks {
+    /// Start of the region in bytes.
+    pub offset: u64,
+    /// Last acknowledged version per block.
+    pub versions: Vec<u64>,
+    /// Per block: a write was unfinished at the end.
+    pub unfinished: Vec<bool>,
+}
+
+/// Parses what [`write_acks`] wrote.
+pub fn parse_acks(text: &str) -> std::result::Result<Acks, String> {
     let mut offset = None;
     let mut versions = Vec::new();
+    let mut unfinished = Vec::new();
     for (n, line) in text.lines().enumerate() {
         if let Some(header) = line.strip_prefix("# versioned ") {
             for field in header.split_whitespace() {
@@ -710,10 +729,16 @@ pub fn parse_acks(text: &str) -> std::result::Result<(u64, Vec<u64>), String> {
             continue;
         }
         let mut fields = line.split_whitespace();
-        let (Some(block), Some(version), None) = (fields.next(), fields.next(), fields.next())
+        let (Some(block), Some(version), flag, None) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
         else {
-            return Err(format!("line {}: want `block version`", n + 1));
+            return Err(format!("line {}: want `block version [unfinished]`", n + 1));
         };
+        match flag {
+            None => unfinished.push(false),
+            Some("unfinished") => unfinished.push(true),
+            Some(other) => return Err(format!("line {}: unknown flag {other:?}", n + 1)),
+        }
         let block: usize = block.parse().map_err(|e| format!("line {}: {e}", n + 1))?;
         if block != versions.len() {
             return Err(format!("line {}: block {block} out of order", n + 1));
@@ -724,7 +749,11 @@ pub fn parse_acks(text: &str) -> std::result::Result<(u64, Vec<u64>), String> {
                 .map_err(|e| format!("line {}: {e}", n + 1))?,
         );
     }
-    Ok((offset.ok_or("no `# versioned offset=` header")?, versions))
+    Ok(Acks {
+        offset: offset.ok_or("no `# versioned offset=` header")?,
+        versions,
+        unfinished,
+    })
 }
 
 /// The outcome of `verify-versions`.
@@ -738,12 +767,16 @@ pub struct VerifyReport {
     pub behind: Vec<(u64, u64, u64)>,
     /// Damaged or torn blocks.
     pub torn: Vec<u64>,
+    /// Torn blocks whose last write was unfinished when the client stopped (not a failure).
+    pub torn_unfinished: u64,
 }
 
-/// Compares what the device holds (`data`, the region) with the acknowledged versions.
-pub fn verify_versions(data: &[u8], acked: &[u64]) -> VerifyReport {
+/// Compares what the device holds (`data`, the region) with the acknowledged versions. A block
+/// whose write was unfinished may be torn (the acknowledged version and parts of the next).
+pub fn verify_versions(data: &[u8], acks: &Acks) -> VerifyReport {
     let mut report = VerifyReport::default();
-    for (block, &want) in acked.iter().enumerate() {
+    for (block, &want) in acks.versions.iter().enumerate() {
+        let unfinished = acks.unfinished.get(block).copied().unwrap_or(false);
         let b = block as u64;
         report.blocks += 1;
         let Some(chunk) = data.get(block * BLOCK_BYTES..(block + 1) * BLOCK_BYTES) else {
@@ -751,6 +784,10 @@ pub fn verify_versions(data: &[u8], acked: &[u64]) -> VerifyReport {
             continue;
         };
         match decode_block(b, chunk) {
+            BlockState::Torn if unfinished => {
+                report.torn_unfinished += 1;
+                report.ok += 1;
+            }
             BlockState::Torn => report.torn.push(b),
             BlockState::Unwritten if want > 0 => report.behind.push((b, 0, want)),
             BlockState::Version(v) if v < want => report.behind.push((b, v, want)),
@@ -829,27 +866,47 @@ mod tests {
         encode_block(2, 9, &mut data[2 * BLOCK_BYTES..3 * BLOCK_BYTES]);
         data[2 * BLOCK_BYTES + 100] ^= 1;
         // Block 3 unwritten.
-        let report = verify_versions(&data, &[5, 5, 9, 0]);
+        let acks = |versions: &[u64]| Acks {
+            offset: 0,
+            versions: versions.to_vec(),
+            unfinished: vec![false; versions.len()],
+        };
+        let report = verify_versions(&data, &acks(&[5, 5, 9, 0]));
         assert_eq!(report.blocks, 4);
         assert_eq!(report.ok, 2); // block 0 (equal) and block 3 (nothing acknowledged)
         assert_eq!(report.behind, vec![(1, 4, 5)]);
         assert_eq!(report.torn, vec![2]);
         // Newer than acknowledged is fine (a write in flight at the end may have landed).
-        let report = verify_versions(&data[..BLOCK_BYTES], &[3]);
+        let report = verify_versions(&data[..BLOCK_BYTES], &acks(&[3]));
         assert_eq!(report.ok, 1);
         // An unwritten block with an acknowledged version is behind.
-        let report = verify_versions(&data[3 * BLOCK_BYTES..], &[0]);
+        let report = verify_versions(&data[3 * BLOCK_BYTES..], &acks(&[0]));
         assert_eq!(report.ok, 1);
         let zeros = vec![0u8; BLOCK_BYTES];
-        assert_eq!(verify_versions(&zeros, &[1]).behind, vec![(0, 0, 1)]);
+        assert_eq!(verify_versions(&zeros, &acks(&[1])).behind, vec![(0, 0, 1)]);
+        // A torn block whose write was unfinished is no failure; behind still is.
+        let mut pending = acks(&[5, 5, 9, 0]);
+        pending.unfinished = vec![true, true, true, false];
+        let report = verify_versions(&data, &pending);
+        assert_eq!((report.ok, report.torn_unfinished), (3, 1));
+        assert_eq!(report.behind, vec![(1, 4, 5)]);
+        assert!(report.torn.is_empty());
     }
 
     #[test]
     fn the_acks_file_round_trips() {
         let mut out = Vec::new();
-        write_acks(&mut out, 2048, 77, &[0, 3, 9]).unwrap();
+        write_acks(&mut out, 2048, 77, &[0, 3, 9], &[false, true, false]).unwrap();
         let text = String::from_utf8(out).unwrap();
-        assert_eq!(parse_acks(&text).unwrap(), (2048 * 512, vec![0, 3, 9]));
+        assert_eq!(
+            parse_acks(&text).unwrap(),
+            Acks {
+                offset: 2048 * 512,
+                versions: vec![0, 3, 9],
+                unfinished: vec![false, true, false],
+            }
+        );
+        assert!(parse_acks("# versioned offset=0\n0 1 maybe\n").is_err());
         assert!(parse_acks("0 1\n").is_err());
         assert!(parse_acks("# versioned offset=0 blocks=2\n1 1\n").is_err());
     }

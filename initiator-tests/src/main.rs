@@ -318,6 +318,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 plan.start_sector,
                 version_base,
                 &report.last_acked,
+                &report.unfinished,
             )?;
             std::io::Write::flush(&mut out)?;
             let ms = |d: Duration| d.as_secs_f64() * 1e3;
@@ -342,7 +343,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 ms(report.tail),
                 report.retransmits,
                 report.errors,
-                report.unfinished,
+                report.unfinished.iter().filter(|&&u| u).count(),
                 macs(&report.macs_seen),
                 macs(&report.acked_by),
                 if report.gave_up { " gave_up=1" } else { "" },
@@ -356,19 +357,20 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Cmd::VerifyVersions { target, acks } => {
             let text =
                 std::fs::read_to_string(&acks).map_err(|e| format!("{}: {e}", acks.display()))?;
-            let (offset, acked) =
+            let acked =
                 failover::parse_acks(&text).map_err(|e| format!("{}: {e}", acks.display()))?;
             let (shelf, slot) = parse_target(&target)?;
             let found = init.find(shelf, slot, Duration::from_secs(30))?;
-            let data = init.read_blocks(&found, offset / 512, acked.len() as u64)?;
+            let data = init.read_blocks(&found, acked.offset / 512, acked.versions.len() as u64)?;
             let report = failover::verify_versions(&data, &acked);
             println!(
-                "target={target} mac={} blocks={} ok={} behind={} torn={}",
+                "target={target} mac={} blocks={} ok={} behind={} torn={} torn_unfinished={}",
                 found.mac,
                 report.blocks,
                 report.ok,
                 report.behind.len(),
-                report.torn.len()
+                report.torn.len(),
+                report.torn_unfinished
             );
             for (block, have, want) in report.behind.iter().take(20) {
                 println!("behind block={block} have={have} acked={want}");
