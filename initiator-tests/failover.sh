@@ -261,36 +261,41 @@ sc_freeze() {
 }
 
 # --- path_cut ----------------------------------------------------------------------------------------
-sc_path_cut() {
-    local sc=path_cut
-    pair_fresh
-    events_start
+# path_step NAME WHAT CUT UNCUT: the clients run, CUT for 10 s, UNCUT; beta must stay secondary
+# (unless NAME is both: then it is reported); the usual client and heal checks, and a new pair
+# if the old one did not heal (so the next step starts clean).
+path_step() {
+    local sc=path_cut name=$1 what=$2
+    : >"$work/roles.log"
     roles_start
-    clients_start path_cut
+    clients_start "path_cut.$name"
     sleep 2
-    log "replication path cut for 10s"
-    repl_cut
+    log "$what for 10s"
+    $3
     sleep 10
-    repl_heal
-    check $sc "replication path cut: beta stayed secondary" eval "! seen beta role Primary"
-    wait_check $sc 60 "replication path cut: resynced" settled || true
-    log "client-network heartbeat dropped in alpha's namespace for 10s"
-    hb_block alpha eth0
-    sleep 10
-    hb_unblock alpha
-    check $sc "client-network heartbeat cut: beta stayed secondary" eval "! seen beta role Primary"
-    log "both heartbeat paths blocked in alpha's namespace for 10s (replication TCP still up)"
-    hb_block alpha eth0 eth1
-    sleep 10
-    info $sc "both heartbeat paths blocked" "$(states alpha); $(states beta)"
-    hb_unblock alpha
+    [[ $name != both ]] || info $sc "$what" "$(states alpha); $(states beta)"
+    $4
     sleep 3
     clients_stop
     roles_stop
-    stall $sc
-    client_checks $sc path_cut
-    info $sc "role changes" "sampled: alpha $(role_changes alpha), beta $(role_changes beta); events: alpha $(event_role_changes alpha), beta $(event_role_changes beta)"
-    heal_checks $sc "after the path cuts"
+    if [[ $name == both ]]; then
+        info $sc "$what: role changes" "alpha $(role_changes alpha), beta $(role_changes beta)"
+    else
+        check $sc "$what: beta stayed secondary" eval "! seen beta role Primary"
+        check $sc "$what: alpha stayed primary" eval "! seen alpha role Secondary"
+    fi
+    stall $sc "$name"
+    client_checks $sc "path_cut.$name"
+    heal_checks $sc "$what" || pair_rebuild
+}
+sc_path_cut() {
+    pair_fresh
+    events_start
+    path_step repl "replication path cut" repl_cut repl_heal
+    path_step client "client-network heartbeat dropped in alpha's namespace" "hb_block alpha eth0" "hb_unblock alpha"
+    path_step both "both heartbeat paths blocked in alpha's namespace (replication TCP still up)" \
+        "hb_block alpha eth0 eth1" "hb_unblock alpha"
+    info path_cut "role changes in the event streams (the first pair)" "alpha $(event_role_changes alpha), beta $(event_role_changes beta)"
 }
 
 # --- rogue -------------------------------------------------------------------------------------------
