@@ -69,6 +69,10 @@ step "power cut" initiator-tests/power-cut.sh
 # The model test: seeded random writes, link cuts, slow and failing disks; the device and both
 # disks must equal a model image. The seed is printed (rerun with --seed N).
 step "chaos model" initiator-tests/chaos.sh ${TWINBLADE_CHAOS_SEED:+--seed "$TWINBLADE_CHAOS_SEED"}
+# Failover without split brain (issue 13): two networks (client + replication), a client that
+# writes versioned blocks over every answering MAC, a probe counting two-answer moments; link
+# cut, power loss, freeze, heartbeat path cuts, a rogue responder and a soak on a busy machine.
+step "failover" initiator-tests/failover.sh --soak-seconds "${TWINBLADE_SOAK_SECONDS:-600}"
 
 # --- Real Linux aoe driver in a VM, at both MTUs. ------------------------------------------------
 step "vm build" initiator-tests/vm/build.sh

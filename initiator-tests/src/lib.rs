@@ -9,6 +9,8 @@
 //!
 //! Frames are built and parsed only with `twinblade::wire::aoe`.
 
+pub mod failover;
+
 use std::collections::HashMap;
 use std::io;
 use std::time::{Duration, Instant};

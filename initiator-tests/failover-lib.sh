@@ -1,0 +1,279 @@
+# shellcheck shell=bash
+# The two-network lab of the failover tests (sourced by failover.sh, not run). It sources
+# lab-lib.sh and keeps its helpers (start, stop, ctl, field, wait_for, in_sync, settled,
+# create_md, pair_up ...), but replaces the network and the configuration:
+#
+#   client network      bridge ${P}br0: alpha ${P}-a eth0 10.77.$NET.1, beta ${P}-b eth0 .2,
+#                       client ${P}-c eth0 .10, and a spare ${P}-r eth0 (no address) for a rogue
+#                       AoE responder; AoE is served here (interface = "eth0")
+#   replication network bridge ${P}br1: alpha eth1 192.168.$NET.1, beta eth1 .2 (the nodes'
+#                       `address`)
+#
+# Host ends of the veths: ${P}v1 ${P}v2 ${P}v3 ${P}v4 (client network: alpha, beta, client,
+# rogue), ${P}r1 ${P}r2 (replication network: alpha, beta).
+#
+# The configuration carries the heartbeat keys ([cluster] heartbeat-port/-interval/-dead-time,
+# [node.X] heartbeat = [replication address, client address]) unless HB_KEYS=0: a binary
+# without the heartbeat refuses them, and HB_KEYS=0 lets the tooling be tried on it.
+#
+# The client side: clients_start NAME runs `aoe-init versioned` and `aoe-init probe` in the
+# client namespace in the background; clients_stop ends them (SIGTERM) and sets $acked,
+# $stall_max, $stall_p50, $gaps, $probes, $two, $errors, $vrc; verify_versions NAME checks the
+# device against the acknowledged versions. Checks are recorded with check/record (the summary
+# table at the end), so one scenario's failed expectation does not hide the others'.
+
+# shellcheck source=initiator-tests/lab-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lab-lib.sh"
+
+HB_KEYS=${HB_KEYS:-1}
+HB_PORT=7790
+CNET=10.77.$NET   # the client network
+RNET=192.168.$NET # the replication network
+
+# --- the network (replaces lab-lib's) -----------------------------------------------------------
+net_down() {
+    local ns i
+    for ns in "$P-a" "$P-b" "$P-c" "$P-r"; do ip netns del "$ns" 2>/dev/null || true; done
+    for i in v1 v2 v3 v4 r1 r2; do ip link del "${P}$i" 2>/dev/null || true; done
+    ip link del "${P}br0" 2>/dev/null || true
+    ip link del "${P}br1" 2>/dev/null || true
+}
+# veth NAMESPACE HOST-END INSIDE-NAME BRIDGE [ADDRESS]
+veth() {
+    ip link add "$2" type veth peer name "$3" netns "$1"
+    ip link set "$2" master "$4" mtu "${MTU:-1500}" up
+    ip -n "$1" link set "$3" mtu "${MTU:-1500}" up
+    [[ -z ${5:-} ]] || ip -n "$1" addr add "$5/24" dev "$3"
+}
+net_up() {
+    net_down
+    local br ns
+    for br in "${P}br0" "${P}br1"; do
+        ip link add "$br" type bridge
+        ip link set "$br" mtu "${MTU:-1500}" up
+    done
+    for ns in "$P-a" "$P-b" "$P-c" "$P-r"; do
+        ip netns add "$ns"
+        ip -n "$ns" link set lo up
+    done
+    veth "$P-a" "${P}v1" eth0 "${P}br0" "$CNET.1"
+    veth "$P-b" "${P}v2" eth0 "${P}br0" "$CNET.2"
+    veth "$P-c" "${P}v3" eth0 "${P}br0" "$CNET.10"
+    veth "$P-r" "${P}v4" eth0 "${P}br0"
+    veth "$P-a" "${P}r1" eth1 "${P}br1" "$RNET.1"
+    veth "$P-b" "${P}r2" eth1 "${P}br1" "$RNET.2"
+}
+hostend() { # NODE NET(client|repl): the host end of NODE's veth on that network
+    local i
+    i=$([[ $1 == alpha ]] && echo 1 || echo 2)
+    [[ $2 == client ]] && echo "${P}v$i" || echo "${P}r$i"
+}
+mac_of() { ip -n "$(ns_of "$1")" -o link show eth0 | sed -n 's/.*link\/ether \([0-9a-f:]*\).*/\1/p'; }
+
+# --- the configuration (replaces lab-lib's) -----------------------------------------------------
+# shellcheck disable=SC2120 # both arguments are optional
+write_config() {
+    local hb_cluster="" hb_alpha="" hb_beta=""
+    if ((HB_KEYS)); then
+        hb_cluster=$(printf 'heartbeat-port = %s\nheartbeat-interval = 0.2\nheartbeat-dead-time = 1.0' "$HB_PORT")
+        hb_alpha="heartbeat = [\"$RNET.1\", \"$CNET.1\"]"
+        hb_beta="heartbeat = [\"$RNET.2\", \"$CNET.2\"]"
+    fi
+    cat >"${1:-$cfg}" <<EOF
+[cluster]
+shared-secret = "${2:-${SECRET:-pair-secret}}"
+$hb_cluster
+[node.alpha]
+address = "$RNET.1"
+interface = "eth0"
+$hb_alpha
+[node.beta]
+address = "$RNET.2"
+interface = "eth0"
+$hb_beta
+[resource.r0]
+aoe = "$BLADE"
+$(resource_options)
+[resource.r0.on.alpha]
+disk = "$work/alpha.img"
+meta-disk = "internal"
+[resource.r0.on.beta]
+disk = "$work/beta.img"
+meta-disk = "$work/beta.md"
+EOF
+}
+
+# --- faults -------------------------------------------------------------------------------------
+link() { ip link set "$(hostend "$1" "$2")" "$3"; } # NODE client|repl up|down
+repl_cut() { link alpha repl down; link beta repl down; }
+repl_heal() { link alpha repl up; link beta repl up; }
+# hb_block NODE IFACE...: drop the heartbeat's UDP port (either direction) on those interfaces in
+# NODE's namespace; hb_unblock NODE removes it.
+hb_block() {
+    local n=$1 ifs
+    shift
+    ifs=$(printf '"%s", ' "$@")
+    ip netns exec "$(ns_of "$n")" nft -f - <<EOF
+table inet tbf_hb {
+    chain input {
+        type filter hook input priority 0; policy accept;
+        iifname { ${ifs%, } } udp dport $HB_PORT drop
+        iifname { ${ifs%, } } udp sport $HB_PORT drop
+    }
+    chain output {
+        type filter hook output priority 0; policy accept;
+        oifname { ${ifs%, } } udp dport $HB_PORT drop
+        oifname { ${ifs%, } } udp sport $HB_PORT drop
+    }
+}
+EOF
+}
+hb_unblock() { ip netns exec "$(ns_of "$1")" nft delete table inet tbf_hb 2>/dev/null || true; }
+# power_loss NODE: its links go dark from the host side (nothing more leaves or arrives, no
+# FIN or RST), then kill -9: what a power loss looks like to the peer and the client.
+power_loss() {
+    link "$1" client down
+    link "$1" repl down
+    kill -9 "${pid[$1]}"
+    wait "${pid[$1]}" 2>/dev/null || true
+}
+power_back() { # NODE: links up, the daemon restarts
+    link "$1" client up
+    link "$1" repl up
+    start "$1"
+}
+
+# --- state that must not hang on a stopped node -----------------------------------------------
+# qfield NODE KEY: as field, but gives up after 1 s (a SIGSTOPped daemon does not answer).
+qfield() {
+    timeout 1 "$tb" status --control "$work/$1.sock" r0 --json 2>/dev/null | tr ',{}' '\n\n\n' |
+        sed -n "s/^\"$2\":\"\{0,1\}\([^\"]*\)\"\{0,1\}$/\1/p" | head -1
+}
+qf() { # NODE KEY: qfield, or - when the node does not answer
+    local v
+    v=$(qfield "$1" "$2" || true)
+    echo "${v:--}"
+}
+primary_node() { # the node that says it is primary (alpha first), or nothing
+    local n
+    for n in alpha beta; do
+        [[ $(qfield "$n" role) == Primary ]] && { echo "$n"; return; }
+    done
+    true
+}
+other() { [[ $1 == alpha ]] && echo beta || echo alpha; }
+# roles_start: samples both nodes' role and disk state every 0.25 s into $work/roles.log
+# (`seconds alpha-role alpha-disk beta-role beta-disk`, `-` when a node does not answer);
+# roles_stop ends it. seen NODE ROLE|DISK: was the value ever sampled?
+roles_start() {
+    (
+        while :; do
+            printf '%s %s %s %s %s\n' "$(date +%s.%N)" "$(qf alpha role)" "$(qf alpha disk)" \
+                "$(qf beta role)" "$(qf beta disk)"
+            sleep 0.25
+        done
+    ) >>"$work/roles.log" 2>/dev/null &
+    rolespid=$!
+    pids+=("$rolespid")
+}
+roles_stop() { kill "$rolespid" 2>/dev/null || true; wait "$rolespid" 2>/dev/null || true; }
+seen() { # NODE FIELD(role|disk) VALUE
+    local col
+    col=$([[ $1 == alpha ]] && echo 2 || echo 4)
+    [[ $2 == disk ]] && col=$((col + 1))
+    awk -v c="$col" -v v="$3" '$c == v { f = 1 } END { exit !f }' "$work/roles.log"
+}
+role_changes() { # NODE: how many times its sampled role changed (ignoring unanswered samples)
+    local col
+    col=$([[ $1 == alpha ]] && echo 2 || echo 4)
+    awk -v c="$col" '$c != "-" { if (last != "" && $c != last) n++; last = $c } END { print n + 0 }' \
+        "$work/roles.log"
+}
+events_start() { # both nodes' event streams into $work/NODE.events
+    local n
+    for n in alpha beta; do
+        "$tb" events --control "$work/$n.sock" r0 >>"$work/$n.events" 2>&1 &
+        pids+=("$!")
+    done
+}
+event_role_changes() { # NODE: `change ... role:` lines in its event stream
+    grep -c '^change resource.* role:' "$work/$1.events" 2>/dev/null || true
+}
+
+# --- the client side ----------------------------------------------------------------------------
+VBLOCKS=${VBLOCKS:-256}
+VOFFSET=${VOFFSET:-1M}
+# clients_start NAME: versioned writes and probes, in the background.
+clients_start() {
+    cl=$work/$1
+    ip netns exec "$P-c" "$init" -i eth0 versioned "$BLADE" --blocks "$VBLOCKS" --offset "$VOFFSET" \
+        --acks "$cl.acks" >"$cl.versioned" 2>&1 &
+    vpid=$!
+    pids+=("$vpid")
+    ip netns exec "$P-c" "$init" -i eth0 probe "$BLADE" --log "$cl.probes" >"$cl.probe" 2>&1 &
+    ppid=$!
+    pids+=("$ppid")
+    sleep 1
+    kill -0 "$vpid" 2>/dev/null || fail "versioned ended at once: $(cat "$cl.versioned")"
+    kill -0 "$ppid" 2>/dev/null || fail "probe ended at once: $(cat "$cl.probe")"
+}
+kv() { sed -n "s/.*\<$2=\([^ ]*\).*/\1/p" "$1" | tail -1; } # FILE KEY
+clients_stop() {
+    kill -TERM "$vpid" "$ppid" 2>/dev/null || true
+    vrc=0
+    wait "$vpid" || vrc=$?
+    wait "$ppid" || true
+    acked=$(kv "$cl.versioned" acked)
+    stall_max=$(kv "$cl.versioned" stall_max_ms)
+    stall_p50=$(kv "$cl.versioned" stall_p50_ms)
+    gaps=$(kv "$cl.versioned" gaps_over_500ms)
+    errors=$(kv "$cl.versioned" errors)
+    probes=$(kv "$cl.probe" probes)
+    two=$(kv "$cl.probe" two)
+    log "client: $(grep -h 'acked=' "$cl.versioned" | cut -c1-300)"
+    log "probe: $(grep -h 'probes=' "$cl.probe")"
+    [[ -n $acked && -n $two ]] || fail "no summary from the clients: $(tail -3 "$cl.versioned" "$cl.probe")"
+}
+# verify_versions NAME: the device (whichever node answers) holds every acknowledged version.
+verify_versions() {
+    ip netns exec "$P-c" "$init" -i eth0 verify-versions "$BLADE" --acks "$work/$1.acks" \
+        >"$work/$1.verify" 2>&1
+    local rc=$?
+    log "verify: $(head -1 "$work/$1.verify")"
+    return "$rc"
+}
+disks_identical() { cmp -n "$usable" "$work/alpha.img" "$work/beta.img"; }
+
+# --- results ------------------------------------------------------------------------------------
+# record SCENARIO WHAT RESULT [DETAIL]: a line of the summary table ($summary, shared by all
+# scenarios). check SCENARIO WHAT COMMAND...: run COMMAND, record PASS or FAIL; on FAIL the
+# scenario fails at its end, with the daemons' log tails.
+record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "${4:-}" >>"$summary"; }
+check() {
+    local sc=$1 what=$2
+    shift 2
+    if "$@"; then
+        record "$sc" "$what" PASS
+    else
+        record "$sc" "$what" FAIL
+        log "FAIL [$sc] $what"
+        failures=$((failures + 1))
+    fi
+}
+# wait_check SCENARIO SECONDS WHAT COMMAND...: check that COMMAND succeeds within SECONDS.
+wait_check() {
+    local sc=$1 secs=$2 what=$3 _
+    shift 3
+    for _ in $(seq $((secs * 4))); do
+        if "$@" >/dev/null 2>&1; then
+            record "$sc" "$what" PASS
+            return 0
+        fi
+        sleep 0.25
+    done
+    log "$(states alpha)"
+    log "$(states beta)"
+    check "$sc" "$what (waited ${secs}s)" false
+    return 1
+}
+info() { record "$1" "$2" INFO "$3"; log "[$1] $2: $3"; } # SCENARIO WHAT FIGURES

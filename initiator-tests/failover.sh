@@ -1,0 +1,403 @@
+#!/usr/bin/env bash
+# Failover without split brain (issue 13): real `twinblade run` nodes in namespaces on two
+# networks (failover-lib.sh: a client network with AoE and a separate replication network, a
+# heartbeat on both), a client that writes versioned blocks over every MAC answering the blade
+# as the Linux driver does (`aoe-init versioned`), and a probe counting the moments two MACs
+# answer (`aoe-init probe`). Every fault scenario ends with: no probe answered by two MACs,
+# every acknowledged version on the device (`aoe-init verify-versions`), the pair reconnected
+# and resynced by itself, both disks identical in the data area.
+#
+#   tools       the client tooling against `twinblade vblade`: one target, two targets on one
+#               file (two answers seen, writes spread over both), a target that moves (the
+#               stall), blocks zeroed or damaged behind its back (verify-versions fails)
+#   baseline    the pair without faults: one MAC answers, every version there, disks identical
+#   link_cut    replication link down for --cut-seconds (30): alpha keeps serving, beta is
+#               Outdated and never primary; after the heal a resync without admin action
+#   power_loss  the primary's links go dark, then kill -9; the survivor serves; --repeat (5)
+#               times, alternating; prints `power-loss stall: median X ms, worst Y ms over N runs`
+#   freeze      SIGSTOP of the primary for each of --freeze ("3 15 30") seconds, then SIGCONT:
+#               never two answers; the woken node rejoins as secondary and resyncs
+#   path_cut    each heartbeat path cut alone for 10 s (replication link; the client network's
+#               heartbeat port dropped by nftables in alpha's namespace): no failover; then both
+#               heartbeat paths blocked while alpha serves: no second primary (reported)
+#   rogue       a rogue `twinblade vblade` answering the same blade on the client network:
+#               alpha stops serving and logs "multiple-mount"
+#   soak        --soak-seconds (600) of client load on a busy machine (CPU hogs on every
+#               core): no role change on either node, no "lease lapsed", never two answers
+#
+# Usage: initiator-tests/failover.sh [--keep] [--repeat N] [--soak-seconds S] [--cut-seconds S]
+#                                    [--freeze "S..."] [SCENARIO...]   (default: all, in order)
+#
+# HB_KEYS=0 leaves the heartbeat keys out of the configuration (for a binary without them). The
+# results go to a summary table at the end; a failed expectation prints the daemons' log tails
+# and the script exits 1. Needs root; namespaces tbf-a, tbf-b, tbf-c, tbf-r, bridges tbfbr0
+# (client network) and tbfbr1 (replication network).
+set -euo pipefail
+
+P=tbf NET=93 TAG=failover BLADE=e9.3
+repeat=5 soak_seconds=600 cut_seconds=30 freeze_list="3 15 30"
+all=(tools baseline link_cut power_loss freeze path_cut rogue soak)
+scenarios=()
+keep=0
+while (($#)); do
+    case $1 in
+    --keep) keep=1 ;;
+    --repeat) repeat=${2:?--repeat needs a value}; shift ;;
+    --soak-seconds) soak_seconds=${2:?--soak-seconds needs a value}; shift ;;
+    --cut-seconds) cut_seconds=${2:?--cut-seconds needs a value}; shift ;;
+    --freeze) freeze_list=${2:?--freeze needs a value}; shift ;;
+    -h | --help)
+        sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+        exit 0
+        ;;
+    -*) echo "${0##*/}: unknown argument: $1" >&2; exit 2 ;;
+    *)
+        [[ " ${all[*]} " == *" $1 "* ]] || { echo "${0##*/}: unknown scenario: $1 (${all[*]})" >&2; exit 2; }
+        scenarios+=("$1")
+        ;;
+    esac
+    shift
+done
+((${#scenarios[@]})) || scenarios=("${all[@]}")
+for n in "$repeat" "$soak_seconds" "$cut_seconds" $freeze_list; do
+    [[ $n =~ ^[0-9]+$ ]] || { echo "${0##*/}: not a number of seconds/runs: $n" >&2; exit 2; }
+done
+
+# shellcheck source=initiator-tests/failover-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/failover-lib.sh"
+lab_up
+top=$work
+((HB_KEYS)) || log "HB_KEYS=0: the configuration leaves the heartbeat keys out"
+summary=$top/summary.tsv
+: >"$summary"
+shelf=${BLADE#e} slot=${BLADE##*.}
+shelf=${shelf%.*}
+
+pair_fresh() { # a new pair: fresh disks, alpha primary, initial sync done
+    write_config
+    create_md $((64 << 20))
+    pair_up
+    wait_for 60 "initial sync" settled
+}
+pair_rebuild() { # after a failure that left the pair unusable: both killed, a new pair
+    local n
+    for n in alpha beta; do
+        kill -CONT "${pid[$n]}" 2>/dev/null || true
+        kill -9 "${pid[$n]}" 2>/dev/null || true
+        wait "${pid[$n]}" 2>/dev/null || true
+    done
+    rm -f "$work/alpha.img" "$work/beta.img" "$work/beta.md"
+    log "rebuilding the pair"
+    pair_fresh
+}
+no_two_answers() { [[ $two == 0 ]]; }
+client_ok() { [[ $vrc == 0 ]]; }
+served_something() { ((acked > 0)); }
+stall() { info "$1" "stall${2:+ ($2)}" "max ${stall_max} ms, p50 ${stall_p50} ms, gaps over 500 ms ${gaps}, acked ${acked}, errors ${errors}"; }
+# the client's usual end checks: no two answers, the client never gave up, every version there
+client_checks() { # SCENARIO NAME
+    check "$1" "$2: no probe answered by two MACs ($two of $probes)" no_two_answers
+    check "$1" "$2: the client got every write acknowledged (exit $vrc)" client_ok
+    check "$1" "$2: every acknowledged version on the device" verify_versions "$2"
+}
+heal_checks() { # SCENARIO WHAT: reconnect and resync by themselves, disks identical; status 1
+    # if they did not (the pair is not usable for more)
+    wait_check "$1" 60 "$2: reconnected and resynced without admin action" settled || return 1
+    check "$1" "$2: both disks identical in the data area" disks_identical
+}
+
+# --- tools: the client tooling against plain targets ---------------------------------------------
+vblade_start() { # NAMESPACE FILE: a `twinblade vblade` for the blade; sets $vbpid
+    ip netns exec "$1" "$tb" vblade "$shelf" "$slot" eth0 "$2" >>"$work/vblade-$1.log" 2>&1 &
+    vbpid=$!
+    pids+=("$vbpid")
+}
+sc_tools() {
+    local sc=tools img=$work/tools.img vb1 vb2 n
+    truncate -s $((64 << 20)) "$img"
+    vblade_start "$P-r" "$img"
+    vb1=$vbpid
+    sleep 0.5
+    clients_start one
+    sleep 3
+    clients_stop
+    client_checks $sc one
+    check $sc "one: acknowledged writes ($acked)" served_something
+    check $sc "one: every probe answered by one MAC" [ "$(kv "$work/one.probe" one)" == "$probes" ]
+    # A second target on the same file: two answers, writes spread over both MACs.
+    vblade_start "$P-a" "$img"
+    vb2=$vbpid
+    sleep 0.5
+    clients_start two
+    sleep 3
+    clients_stop
+    check $sc "two: probes saw two MACs ($two of $probes)" [ "$two" -gt 0 ]
+    n=$(kv "$work/two.versioned" acked_by | tr ',' '\n' | grep -c .)
+    check $sc "two: the client's writes were acknowledged by both MACs ($n)" [ "$n" == 2 ]
+    check $sc "two: every acknowledged version on the (shared) file" verify_versions two
+    # The target moves: the one serving dies, another starts 2 s later.
+    kill -9 "$vb1"
+    wait "$vb1" 2>/dev/null || true
+    sleep 2.5 # the dead MAC is forgotten (2.5 s without an answer)
+    clients_start move
+    sleep 1
+    kill -9 "$vb2"
+    wait "$vb2" 2>/dev/null || true
+    sleep 2
+    vblade_start "$P-r" "$img"
+    sleep 3
+    clients_stop
+    stall $sc "target moved after 2 s"
+    check $sc "move: a stall of at least the 2 s without a target (${stall_max} ms)" \
+        awk -v s="$stall_max" 'BEGIN { exit !(s >= 2000) }'
+    check $sc "move: the client got every write acknowledged (exit $vrc)" client_ok
+    check $sc "move: every acknowledged version on the file" verify_versions move
+    # Lost and torn writes behind the client's back must show.
+    local base=$((1 << 20))
+    dd if=/dev/zero of="$img" bs=4096 seek=$((base / 4096 + 5)) count=1 conv=notrunc status=none
+    dd if=/dev/urandom of="$img" bs=512 seek=$((base / 512 + 9 * 8 + 3)) count=1 conv=notrunc status=none
+    if verify_versions move; then n=0; else n=1; fi
+    check $sc "verify-versions fails on a zeroed and a damaged block" [ "$n" == 1 ]
+    check $sc "... and counts them (behind=1 torn=1)" grep -q 'behind=1 torn=1' "$work/move.verify"
+    kill -9 "$vbpid"
+}
+
+# --- baseline: the pair without faults ------------------------------------------------------------
+sc_baseline() {
+    local sc=baseline
+    pair_fresh
+    clients_start baseline
+    sleep 5
+    clients_stop
+    client_checks $sc baseline
+    check $sc "acknowledged writes ($acked)" served_something
+    check $sc "only alpha's MAC answered" [ "$(kv "$work/baseline.probe" macs)" == "$(mac_of alpha)" ]
+    heal_checks $sc baseline
+}
+
+# --- link_cut ----------------------------------------------------------------------------------------
+sc_link_cut() {
+    local sc=link_cut
+    pair_fresh
+    events_start
+    roles_start
+    clients_start link_cut
+    sleep 2
+    log "replication link down for ${cut_seconds}s"
+    repl_cut
+    sleep "$cut_seconds"
+    check $sc "alpha stayed primary during the cut" eval "! seen alpha role Secondary"
+    check $sc "beta never became primary" eval "! seen beta role Primary"
+    check $sc "beta marked Outdated (status disk)" seen beta disk Outdated
+    log "healing the replication link"
+    repl_heal
+    heal_checks $sc "after the heal"
+    clients_stop
+    roles_stop
+    stall $sc
+    client_checks $sc link_cut
+    info $sc "role changes (sampled)" "alpha $(role_changes alpha), beta $(role_changes beta)"
+}
+
+# --- power_loss --------------------------------------------------------------------------------------
+sc_power_loss() {
+    local sc=power_loss r prim sec stalls=()
+    pair_fresh
+    for r in $(seq "$repeat"); do
+        prim=$(primary_node)
+        [[ -n $prim ]] || { check $sc "run $r: a primary to cut" false; return; }
+        sec=$(other "$prim")
+        clients_start "power_loss.$r"
+        sleep 2
+        log "run $r: power loss of $prim"
+        power_loss "$prim"
+        if ! wait_check $sc 30 "run $r: $sec serves after $prim's power loss" state_is "$sec" role Primary; then
+            clients_stop
+            return
+        fi
+        sleep 3
+        clients_stop
+        stalls+=("$stall_max")
+        stall $sc "run $r"
+        client_checks $sc "power_loss.$r"
+        power_back "$prim"
+        heal_checks $sc "run $r: $prim back" || return
+    done
+    local sorted median worst
+    sorted=$(printf '%s\n' "${stalls[@]}" | sort -n)
+    median=$(awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }' <<<"$sorted")
+    worst=$(tail -1 <<<"$sorted")
+    echo "power-loss stall: median $median ms, worst $worst ms over ${#stalls[@]} runs"
+    info $sc "power-loss stall" "median $median ms, worst $worst ms over ${#stalls[@]} runs"
+}
+
+# --- freeze ------------------------------------------------------------------------------------------
+sc_freeze() {
+    local sc=freeze d prim sec now_primary
+    pair_fresh
+    for d in $freeze_list; do
+        prim=$(primary_node)
+        [[ -n $prim ]] || { check $sc "${d}s: a primary to freeze" false; pair_rebuild; prim=alpha; }
+        sec=$(other "$prim")
+        roles_start
+        clients_start "freeze.$d"
+        sleep 2
+        log "SIGSTOP $prim for ${d}s"
+        kill -STOP "${pid[$prim]}"
+        sleep "$d"
+        kill -CONT "${pid[$prim]}"
+        sleep 5
+        clients_stop
+        roles_stop
+        now_primary=$(primary_node)
+        stall $sc "${d}s freeze"
+        info $sc "${d}s: primary after the wake" "${now_primary:-none} (was $prim)"
+        client_checks $sc "freeze.$d"
+        if [[ $now_primary == "$sec" ]]; then
+            wait_check $sc 30 "${d}s: the woken $prim rejoins as secondary" state_is "$prim" role Secondary || true
+        fi
+        heal_checks $sc "${d}s" || pair_rebuild
+    done
+}
+
+# --- path_cut ----------------------------------------------------------------------------------------
+# path_step NAME WHAT CUT UNCUT: the clients run, CUT for 10 s, UNCUT; beta must stay secondary
+# (unless NAME is both: then it is reported); the usual client and heal checks, and a new pair
+# if the old one did not heal (so the next step starts clean).
+path_step() {
+    local sc=path_cut name=$1 what=$2
+    : >"$work/roles.log"
+    roles_start
+    clients_start "path_cut.$name"
+    sleep 2
+    log "$what for 10s"
+    $3
+    sleep 10
+    [[ $name != both ]] || info $sc "$what" "$(states alpha); $(states beta)"
+    $4
+    sleep 3
+    clients_stop
+    roles_stop
+    if [[ $name == both ]]; then
+        info $sc "$what: role changes" "alpha $(role_changes alpha), beta $(role_changes beta)"
+    else
+        check $sc "$what: beta stayed secondary" eval "! seen beta role Primary"
+        check $sc "$what: alpha stayed primary" eval "! seen alpha role Secondary"
+    fi
+    stall $sc "$name"
+    client_checks $sc "path_cut.$name"
+    heal_checks $sc "$what" || pair_rebuild
+}
+sc_path_cut() {
+    pair_fresh
+    events_start
+    path_step repl "replication path cut" repl_cut repl_heal
+    path_step client "client-network heartbeat dropped in alpha's namespace" "hb_block alpha eth0" "hb_unblock alpha"
+    path_step both "both heartbeat paths blocked in alpha's namespace (replication TCP still up)" \
+        "hb_block alpha eth0 eth1" "hb_unblock alpha"
+    info path_cut "role changes in the event streams (the first pair)" "alpha $(event_role_changes alpha), beta $(event_role_changes beta)"
+}
+
+# --- rogue -------------------------------------------------------------------------------------------
+alpha_silent() { # the last 5 probes did not hear alpha's MAC
+    local amac
+    amac=$(mac_of alpha)
+    [[ $(tail -5 "$work/rogue.probes" | wc -l) == 5 ]] && ! tail -5 "$work/rogue.probes" | grep -q "$amac"
+}
+sc_rogue() {
+    local sc=rogue rogue
+    pair_fresh
+    truncate -s "$usable" "$work/rogue.img"
+    clients_start rogue
+    sleep 2
+    log "a rogue responder for $BLADE on the client network"
+    vblade_start "$P-r" "$work/rogue.img"
+    rogue=$vbpid
+    wait_check $sc 15 "alpha stops answering $BLADE" alpha_silent || true
+    check $sc "alpha logs multiple-mount" grep -q "multiple-mount" "$work/alpha.log"
+    info $sc "alpha after the rogue appeared" "$(states alpha)"
+    kill -9 "$rogue"
+    wait "$rogue" 2>/dev/null || true
+    sleep 3
+    clients_stop
+    info $sc "the last probes after the rogue left" "$(tail -3 "$work/rogue.probes" | tr '\n' ';')"
+    if verify_versions rogue; then
+        info $sc "versions" "every acknowledged version on the pair"
+    else
+        info $sc "versions" "$(head -1 "$work/rogue.verify") (writes the rogue acknowledged are not on the pair)"
+    fi
+}
+
+# --- soak --------------------------------------------------------------------------------------------
+sc_soak() {
+    local sc=soak i hogs=() lapses
+    pair_fresh
+    events_start
+    roles_start
+    clients_start soak
+    for i in $(seq "$(nproc)"); do
+        (while :; do :; done) &
+        hogs+=("$!")
+        pids+=("$!")
+    done
+    log "soak: ${soak_seconds}s of client load with ${#hogs[@]} CPU hogs"
+    sleep "$soak_seconds"
+    kill "${hogs[@]}"
+    clients_stop
+    roles_stop
+    stall $sc
+    check $sc "no role change on alpha (sampled $(role_changes alpha), events $(event_role_changes alpha))" \
+        [ "$(role_changes alpha)$(event_role_changes alpha)" == 00 ]
+    check $sc "no role change on beta (sampled $(role_changes beta), events $(event_role_changes beta))" \
+        [ "$(role_changes beta)$(event_role_changes beta)" == 00 ]
+    lapses=$(cat "$work/alpha.log" "$work/beta.log" | grep -c "lease lapsed" || true)
+    check $sc "no lease lapsed ($lapses)" [ "$lapses" == 0 ]
+    client_checks $sc soak
+    heal_checks $sc soak
+}
+
+# --- running them ------------------------------------------------------------------------------------
+scenario_cleanup() {
+    local rc=$? p
+    for p in "${pids[@]}"; do
+        kill -CONT "$p" 2>/dev/null || true
+        kill -9 "$p" 2>/dev/null || true
+    done
+    wait 2>/dev/null || true
+    exit "$rc"
+}
+failed=()
+for sc in "${scenarios[@]}"; do
+    log "===== $sc"
+    rc=0
+    (
+        work=$top/$sc
+        mkdir -p "$work"
+        cfg=$work/pair.toml
+        model=$work/model.img
+        pids=()
+        failures=0
+        trap scenario_cleanup EXIT
+        net_up
+        "sc_$sc"
+        if ((failures)); then
+            log "$failures expectation(s) of $sc failed; the daemons' logs end:"
+            dump
+            exit 1
+        fi
+    ) || rc=$?
+    if ((rc != 0)); then
+        failed+=("$sc")
+        grep -q "^$sc	" "$summary" || record "$sc" "(setup)" FAIL "ended with $rc"
+        grep -q "^$sc	.*	FAIL	" "$summary" || record "$sc" "(scenario)" FAIL "ended with $rc: see the log above"
+    fi
+    log "===== $sc: $( ((rc == 0)) && echo PASS || echo FAIL)"
+done
+
+printf '\n===== failover summary\n'
+awk -F '\t' '{ printf "  %-11s %-5s %s%s\n", $1, $3, $2, ($4 == "" ? "" : ": " $4) }' "$summary"
+if ((${#failed[@]})); then
+    log "FAILED: ${failed[*]}"
+    exit 1
+fi
+log "all passed"
