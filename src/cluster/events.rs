@@ -244,6 +244,12 @@ pub enum Event {
     /// While serving, another MAC answered this resource's shelf.slot: multiple-mount
     /// protection.
     RivalAnswered,
+    /// The whole process stood still this long (SIGSTOP, a hung kernel, a suspended VM), as
+    /// the heartbeat thread — which never sleeps longer than an interval — noticed.
+    StoodStill {
+        /// How long.
+        length: Duration,
+    },
     /// Time passed.
     Tick,
 }

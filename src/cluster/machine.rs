@@ -369,20 +369,9 @@ impl Machine {
 
     /// Feeds one event; returns what to do, in order.
     pub fn step(&mut self, now: Instant, event: Event) -> Vec<Action> {
-        let stood_still = now.saturating_duration_since(self.now);
         self.now = now;
         let before = self.status();
         let mut out = Vec::new();
-        let lease = self.config.heartbeat_dead_time * 2 / 3;
-        if self.config.fencing == Fencing::ResourceOnly
-            && stood_still >= lease
-            && !self.may_have_been_replaced
-        {
-            out.push(Action::Log(format!(
-                "this node stood still for {stood_still:?}: the peer may have served meanwhile; not serving alone until it is met again or the operator says `primary`"
-            )));
-            self.may_have_been_replaced = true;
-        }
         match event {
             Event::Command(c) => self.command(c, &mut out),
             Event::PeerOffered { ours, theirs } => self.peer_offered(ours, theirs, &mut out),
@@ -467,6 +456,7 @@ impl Machine {
             }
             Event::WireChecked { answered } => self.wire_checked(answered, &mut out),
             Event::RivalAnswered => self.rival_answered(&mut out),
+            Event::StoodStill { length } => self.stood_still(length, &mut out),
             Event::Tick => self.tick(now, &mut out),
         }
         self.fence(&mut out);
@@ -1264,6 +1254,22 @@ impl Machine {
         } else {
             self.wire = Wire::Unasked;
         }
+    }
+
+    /// The process stood still (SIGSTOP, a hung kernel): longer than a lease, and the peer
+    /// may have passed its gate, served and died since.
+    fn stood_still(&mut self, length: std::time::Duration, out: &mut Vec<Action>) {
+        let lease = self.config.heartbeat_dead_time * 2 / 3;
+        if self.config.fencing != Fencing::ResourceOnly
+            || length < lease
+            || self.may_have_been_replaced
+        {
+            return;
+        }
+        out.push(Action::Log(format!(
+            "this node stood still for {length:?}: the peer may have served meanwhile; not serving alone until it is met again or the operator says `primary`"
+        )));
+        self.may_have_been_replaced = true;
     }
 
     fn rival_answered(&mut self, out: &mut Vec<Action>) {

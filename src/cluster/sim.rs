@@ -121,6 +121,8 @@ pub struct Node {
     pub started: Instant,
     /// Stopped (SIGSTOP): processes nothing until thawed.
     pub frozen: bool,
+    /// When it was frozen.
+    pub frozen_at: Option<Instant>,
     /// Events that arrived while frozen, delivered on thaw.
     held: Vec<Event>,
     /// Both of this node's heartbeat paths are dropped.
@@ -187,6 +189,7 @@ impl Node {
                 heard_peer: None,
                 started: now,
                 frozen: false,
+                frozen_at: None,
                 held: Vec::new(),
                 heartbeat_blocked: false,
             },
@@ -553,6 +556,7 @@ impl Pair {
     pub fn freeze(&mut self, n: usize) {
         if self.nodes[n].up {
             self.nodes[n].frozen = true;
+            self.nodes[n].frozen_at = Some(self.now);
         }
     }
 
@@ -563,6 +567,11 @@ impl Pair {
             return;
         }
         self.nodes[n].frozen = false;
+        // The heartbeat thread notices the pause first (the daemon's `Heartbeat::pauses`).
+        if let Some(at) = self.nodes[n].frozen_at.take() {
+            let length = self.now.saturating_duration_since(at);
+            self.queue.push_back((n, Event::StoodStill { length }));
+        }
         for event in std::mem::take(&mut self.nodes[n].held) {
             self.queue.push_back((n, event));
         }

@@ -308,6 +308,12 @@ struct Shared {
     /// Writing a byte here wakes the thread to send at once.
     wake: UnixDatagram,
     bad_datagrams: AtomicU64,
+    /// Times the heartbeat thread found the process had stood still for a lease or more.
+    pauses: AtomicU64,
+    /// How long the last such pause was, ms.
+    last_pause_ms: AtomicU64,
+    /// When the heartbeat thread last went round its loop (process-epoch nanoseconds).
+    last_round_nanos: AtomicU64,
 }
 
 struct State {
@@ -386,6 +392,9 @@ impl Heartbeat {
             }),
             wake,
             bad_datagrams: AtomicU64::new(0),
+            pauses: AtomicU64::new(0),
+            last_pause_ms: AtomicU64::new(0),
+            last_round_nanos: AtomicU64::new(clock::now_nanos()),
         });
         let runner = Runner {
             shared: shared.clone(),
@@ -497,6 +506,24 @@ impl Heartbeat {
         self.shared.paths.len() == 1
     }
 
+    /// How often this process stood still for a lease or more (seen by the heartbeat
+    /// thread), and how long the last pause was.
+    pub fn pauses(&self) -> (u64, Duration) {
+        (
+            self.shared.pauses.load(Ordering::Acquire),
+            Duration::from_millis(self.shared.last_pause_ms.load(Ordering::Acquire)),
+        )
+    }
+
+    /// How long the heartbeat thread has not gone round its loop, if that is a lease or more:
+    /// the process is just waking from a pause the thread has not noticed yet (or the thread
+    /// is starved, which the peer cannot tell from a pause either).
+    pub fn quiet_for(&self) -> Option<Duration> {
+        let last = clock::instant_at(self.shared.last_round_nanos.load(Ordering::Acquire));
+        let quiet = Instant::now().saturating_duration_since(last);
+        (quiet >= self.shared.lease_time).then_some(quiet)
+    }
+
     /// How many received datagrams were refused (bad tag, wrong sender, replayed, bad echo).
     pub fn bad_datagrams(&self) -> u64 {
         self.shared.bad_datagrams.load(Ordering::Relaxed)
@@ -596,8 +623,14 @@ impl Runner {
     fn run(mut self, token: CancellationToken) {
         try_realtime_priority();
         let mut next_send = Instant::now();
+        let mut last_round = next_send;
         while !token.is_cancelled() {
             let now = Instant::now();
+            self.note_pause(now.saturating_duration_since(last_round));
+            last_round = now;
+            self.shared
+                .last_round_nanos
+                .store(clock::nanos_at(now), Ordering::Release);
             if now >= next_send {
                 self.send_heartbeats();
                 next_send = now + self.interval;
@@ -804,6 +837,13 @@ impl Runner {
         };
         match self.accept(&repr, now) {
             Ok(rtt) => self.believe(index, &repr, now, rtt),
+            // A late echo of a heartbeat sent before a path went down: most likely the network
+            // delivered it late. Counted, but not worth a warning.
+            Err(Refusal::StaleEcho) => {
+                self.shared.bad_datagrams.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(path = self.sockets[index].path.id, %from, "late echo dropped");
+                return;
+            }
             Err(refusal) => return self.refuse(index, from, &refusal),
         }
         if repr.kind == Kind::Heartbeat {
@@ -838,6 +878,13 @@ impl Runner {
 
     /// The round trip of an echo of our heartbeat sent at `echo_us`; renews the lease.
     fn echo_round_trip(&self, echo_us: u64, now: Instant) -> Result<Duration, Refusal> {
+        if self
+            .recent_sends
+            .front()
+            .is_some_and(|&oldest| echo_us < oldest)
+        {
+            return Err(Refusal::StaleEcho);
+        }
         if !self.recent_sends.contains(&echo_us) {
             return Err(Refusal::UnknownEcho);
         }
@@ -908,6 +955,31 @@ impl Runner {
 
     /// Tells every subscriber when `peer_dead` flipped since they were last told; forgets the
     /// peer's resource state when it died.
+    /// This thread never sleeps longer than an interval: a round that comes a lease or more
+    /// after the previous one means the whole process stood still (SIGSTOP, a hung kernel,
+    /// a suspended VM), and the peer may have declared us dead meanwhile. Counted, and every
+    /// subscriber is told.
+    fn note_pause(&mut self, gap: Duration) {
+        if gap < self.shared.lease_time {
+            return;
+        }
+        self.shared.pauses.fetch_add(1, Ordering::AcqRel);
+        self.shared
+            .last_pause_ms
+            .store(gap.as_millis() as u64, Ordering::Release);
+        tracing::warn!(
+            peer = %self.shared.peer,
+            "this process stood still for {gap:?}: longer than a lease; the peer may have taken over"
+        );
+        let callbacks = lock(&self.shared.state)
+            .subscribers
+            .values()
+            .flatten()
+            .cloned()
+            .collect();
+        fire(callbacks);
+    }
+
     fn note_dead_flip(&mut self, now: Instant) {
         let callbacks = {
             let mut st = lock(&self.shared.state);

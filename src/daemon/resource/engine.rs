@@ -25,6 +25,8 @@ pub(super) struct Engine {
     pub(super) lease_lapsed: bool,
     /// What the heartbeat last told the machine (see `listen`).
     pub(super) last_heard: Option<Event>,
+    /// Pauses of the process the heartbeat reported, as far as the machine was told.
+    pub(super) pauses_seen: u64,
 }
 
 impl Engine {
@@ -40,7 +42,12 @@ impl Engine {
     pub(super) fn run(mut self, rx: Receiver<Input>, token: CancellationToken) {
         while !token.is_cancelled() {
             match rx.recv_timeout(TICK) {
-                Ok(input) => self.handle(input),
+                Ok(input) => {
+                    // What the heartbeat knows (a pause above all) goes in before anything
+                    // that arrived meanwhile.
+                    self.listen();
+                    self.handle(input)
+                }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
@@ -89,6 +96,14 @@ impl Engine {
     /// what the peer says about this resource), or silent on every path for the dead time.
     /// Right after start, neither: nothing is fed until the peer is heard or provably silent.
     fn listen(&mut self) {
+        // A pause first: whatever the heartbeat hears after it must be judged knowing that.
+        let (pauses, last_pause) = self.res.heartbeat.pauses();
+        if pauses != self.pauses_seen {
+            self.pauses_seen = pauses;
+            self.step(Event::StoodStill { length: last_pause });
+        } else if let Some(quiet) = self.res.heartbeat.quiet_for() {
+            self.step(Event::StoodStill { length: quiet });
+        }
         let hb = &self.res.heartbeat;
         let heard = hb.paths().iter().any(|p| !p.silent);
         let now = if heard {
@@ -464,8 +479,10 @@ impl Engine {
             Action::Connect => self.res.wants_connect.store(true, Ordering::Release),
             Action::Disconnect { reason } => {
                 self.res.wants_connect.store(false, Ordering::Release);
-                if let Some(link) = &self.link {
-                    let _ = link.send(Message::Disconnect(crate::wire::repl::DisconnectRepr {
+                // A timed-out link is dead: telling it why would only block this thread on a
+                // full socket. Otherwise a try: the engine never waits for the network.
+                if let (Some(link), false) = (&self.link, reason == DisconnectReason::Timeout) {
+                    let _ = link.try_send(Message::Disconnect(crate::wire::repl::DisconnectRepr {
                         reason,
                         message: String::new(),
                     }));

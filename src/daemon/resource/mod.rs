@@ -389,6 +389,7 @@ impl Resource {
             last_progress_event: now,
             lease_lapsed: false,
             last_heard: None,
+            pauses_seen: 0,
         };
         engine.execute(actions);
         group.spawn(format!("engine-{}", res.spec.name), move |token| {
