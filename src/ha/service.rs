@@ -921,6 +921,9 @@ impl Runner {
         if restarted {
             // The new boot has heard nothing from us: no earlier echo vouches for anything.
             self.shared.lease.revoke();
+            for gate in lock(&self.shared.state).gates.values() {
+                gate.lease().revoke();
+            }
             static RESTART_LOG: LogLimiter = LogLimiter::network();
             crate::warn_limited!(RESTART_LOG, peer = %self.shared.peer, "the peer restarted");
         }
@@ -935,6 +938,20 @@ impl Runner {
             .collect();
         let callbacks = {
             let mut st = lock(&self.shared.state);
+            if let Some(rtt) = rtt {
+                // A resource's own lease: only a peer that is not primary for it vouches that
+                // it will not promote itself before the dead time. A peer that already took
+                // over (while we stood still) echoes too, and must not reopen our gate.
+                let sent = now - rtt;
+                for (name, gate) in &st.gates {
+                    let vouches = heard
+                        .get(name)
+                        .is_none_or(|p| p.role != Role::Primary && !p.serving);
+                    if vouches {
+                        gate.lease().renew_until(sent + self.shared.lease_time);
+                    }
+                }
+            }
             let path = self.sockets[index].path.id;
             // Cannot fail: the liveness was built with every path's id.
             let _ = st.liveness.heard(path, now, rtt);
@@ -953,8 +970,6 @@ impl Runner {
         fire(callbacks);
     }
 
-    /// Tells every subscriber when `peer_dead` flipped since they were last told; forgets the
-    /// peer's resource state when it died.
     /// This thread never sleeps longer than an interval: a round that comes a lease or more
     /// after the previous one means the whole process stood still (SIGSTOP, a hung kernel,
     /// a suspended VM), and the peer may have declared us dead meanwhile. Counted, and every
@@ -980,6 +995,8 @@ impl Runner {
         fire(callbacks);
     }
 
+    /// Tells every subscriber when `peer_dead` flipped since they were last told; forgets the
+    /// peer's resource state when it died.
     fn note_dead_flip(&mut self, now: Instant) {
         let callbacks = {
             let mut st = lock(&self.shared.state);

@@ -73,6 +73,10 @@ impl Engine {
         self.execute(actions.clone());
         self.res.gate.set(authority);
         self.publish_state();
+        if self.link.is_none() {
+            // Only now may the connector offer a new connection: with this step's role.
+            self.res.linked.store(false, Ordering::Release);
+        }
         self.announce();
         actions
     }
@@ -269,7 +273,8 @@ impl Engine {
         if let Some(link) = self.link.take() {
             link.fail_all();
         }
-        self.res.linked.store(false, Ordering::Release);
+        // `linked` stays set until the step that follows has published the machine's new
+        // state (see `step`): the connector's next handshake must carry our role after it.
         self.set_job(None);
         self.last_alive_seen = None;
     }
@@ -360,6 +365,7 @@ impl Engine {
             if let Err(e) = started {
                 tracing::error!(resource = %self.res.spec.name, "cannot start the connection's reader: {e}");
                 self.drop_link();
+                self.step(Event::PeerLost);
                 return;
             }
         }

@@ -340,7 +340,9 @@ impl Resource {
         listener.set_nonblocking(true)?;
         let res = Arc::new(Resource {
             peer_diskless: AtomicBool::new(false),
-            gate: ServeGate::new(heartbeat.lease()),
+            // The resource's own lease, renewed by echoes from a peer that is not primary for
+            // it (see `Heartbeat::serve_through`) and by answered replication pings.
+            gate: ServeGate::new(crate::ha::clock::LeaseClock::new()),
             heartbeat: heartbeat.clone(),
             lease_lapses: AtomicU64::new(0),
             spec,
