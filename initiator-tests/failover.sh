@@ -19,7 +19,9 @@
 #               never two answers; the woken node rejoins as secondary and resyncs
 #   path_cut    each heartbeat path cut alone for 10 s (replication link; the client network's
 #               heartbeat port dropped by nftables in alpha's namespace): no failover; then both
-#               heartbeat paths blocked while alpha serves: no second primary (reported)
+#               heartbeat paths blocked while alpha serves (the link still up): nothing happens;
+#               then both blocked and the link cut too, only the client network left: the wire
+#               guard keeps beta from a second primary
 #   rogue       a rogue `twinblade vblade` answering the same blade on the client network:
 #               alpha stops serving and logs "multiple-mount"
 #   soak        --soak-seconds (600) of client load on a busy machine (CPU hogs on every
@@ -288,6 +290,8 @@ path_step() {
     client_checks $sc "path_cut.$name"
     heal_checks $sc "$what" || pair_rebuild
 }
+guard_cut() { hb_block alpha eth0 eth1; repl_cut; }
+guard_heal() { repl_heal; hb_unblock alpha; }
 sc_path_cut() {
     pair_fresh
     events_start
@@ -295,6 +299,13 @@ sc_path_cut() {
     path_step client "client-network heartbeat dropped in alpha's namespace" "hb_block alpha eth0" "hb_unblock alpha"
     path_step both "both heartbeat paths blocked in alpha's namespace (replication TCP still up)" \
         "hb_block alpha eth0 eth1" "hb_unblock alpha"
+    # Only the client network is left between them: each is silent to the other everywhere.
+    # The primary's wire guard finds nobody and it serves on; the secondary's, asked later,
+    # finds the primary answering: no second primary.
+    path_step guard "both heartbeat paths blocked and the replication link cut (the wire guard)" \
+        guard_cut guard_heal
+    check path_cut "beta's wire guard found alpha answering" \
+        grep -q "wire guard: another MAC answers" "$work/beta.log"
     info path_cut "role changes in the event streams (the first pair)" "alpha $(event_role_changes alpha), beta $(event_role_changes beta)"
 }
 
