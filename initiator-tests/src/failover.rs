@@ -14,9 +14,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use twinblade::wire::aoe::{
-    self, ata_flags, ArgRepr, AtaRepr, Command, ConfigCommand, ConfigRepr, Frame, PacketRepr,
-};
+use twinblade::wire::aoe::{self, ata_flags, ArgRepr, AtaRepr, Command, Frame, PacketRepr};
 use twinblade::wire::MacAddr;
 
 /// Bytes of a versioned block.
@@ -167,21 +165,7 @@ impl ProbeSummary {
 
 fn config_query(init: &mut Initiator, shelf: u16, slot: u8) -> (u32, Vec<u8>) {
     let header = init.header(MacAddr::BROADCAST, shelf, slot, Command::Config);
-    let tag = header.tag;
-    let query = PacketRepr {
-        header,
-        arg: ArgRepr::Config(ConfigRepr {
-            buffer_count: 0,
-            firmware_version: 0,
-            sector_count: 0,
-            aoe_version: aoe::VERSION,
-            command: ConfigCommand::Read,
-            config: Vec::new(),
-        }),
-    };
-    let mut frame = vec![0u8; query.buffer_len().max(aoe::MIN_FRAME_LEN)];
-    query.emit(&mut Frame::new_unchecked(&mut frame[..]));
-    (tag, frame)
+    (header.tag, PacketRepr::config_query(header).to_frame())
 }
 
 impl Initiator {

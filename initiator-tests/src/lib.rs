@@ -16,8 +16,7 @@ use std::io;
 use std::time::{Duration, Instant};
 use twinblade::net::{Interface, PacketSocket};
 use twinblade::wire::aoe::{
-    self, ata_flags, ArgRepr, AtaRepr, Command, ConfigCommand, ConfigRepr, Frame, HeaderRepr,
-    PacketRepr,
+    self, ata_flags, ArgRepr, AtaRepr, Command, Frame, HeaderRepr, PacketRepr,
 };
 use twinblade::wire::MacAddr;
 
@@ -236,19 +235,7 @@ impl Initiator {
     pub fn discover(&mut self, shelf: u16, slot: u8, wait: Duration) -> Result<Vec<Target>> {
         let header = self.header(MacAddr::BROADCAST, shelf, slot, Command::Config);
         let tag = header.tag;
-        let query = PacketRepr {
-            header,
-            arg: ArgRepr::Config(ConfigRepr {
-                buffer_count: 0,
-                firmware_version: 0,
-                sector_count: 0,
-                aoe_version: aoe::VERSION,
-                command: ConfigCommand::Read,
-                config: Vec::new(),
-            }),
-        };
-        let mut frame = vec![0u8; query.buffer_len().max(aoe::MIN_FRAME_LEN)];
-        query.emit(&mut Frame::new_unchecked(&mut frame[..]));
+        let frame = PacketRepr::config_query(header).to_frame();
         self.socket.send(&frame)?;
         let deadline = Instant::now() + wait;
         let mut found: Vec<Target> = Vec::new();

@@ -844,6 +844,30 @@ pub struct PacketRepr {
 }
 
 impl PacketRepr {
+    /// A "read config" query with `header`'s addresses and tag: what an initiator broadcasts
+    /// to find blades (and a wire guard, to learn who answers one).
+    pub fn config_query(header: HeaderRepr) -> PacketRepr {
+        PacketRepr {
+            header,
+            arg: ArgRepr::Config(ConfigRepr {
+                buffer_count: 0,
+                firmware_version: 0,
+                sector_count: 0,
+                aoe_version: VERSION,
+                command: ConfigCommand::Read,
+                config: Vec::new(),
+            }),
+        }
+    }
+
+    /// Emitted into a new frame, padded to the Ethernet minimum (no payload beyond the
+    /// argument: for queries and replies without data).
+    pub fn to_frame(&self) -> Vec<u8> {
+        let mut frame = vec![0u8; self.buffer_len().max(MIN_FRAME_LEN)];
+        self.emit(&mut Frame::new_unchecked(&mut frame[..]));
+        frame
+    }
+
     /// Parses a frame. Errors say which part was truncated or malformed; the caller decides
     /// whether that means "drop" or "reply with an AoE error".
     pub fn parse<T: AsRef<[u8]>>(frame: &Frame<T>) -> Result<PacketRepr, Error> {

@@ -8,9 +8,7 @@
 //! a rival, at most once a second per rival.
 
 use crate::net::{Interface, PacketSocket};
-use crate::wire::aoe::{
-    self, ArgRepr, Command, ConfigCommand, ConfigRepr, Frame, HeaderRepr, PacketRepr,
-};
+use crate::wire::aoe::{self, Command, Frame, HeaderRepr, PacketRepr};
 use crate::wire::MacAddr;
 use std::collections::HashMap;
 use std::io;
@@ -90,30 +88,18 @@ pub const PROBE_TAG: u32 = 0x8000_7462;
 /// A broadcast Query Config (read) for `shelf.slot` from `src`, padded to the Ethernet
 /// minimum: every blade serving that address answers it.
 pub fn config_query(src: MacAddr, shelf: u16, slot: u8) -> Vec<u8> {
-    let query = PacketRepr {
-        header: HeaderRepr {
-            dst: MacAddr::BROADCAST,
-            src,
-            version: aoe::VERSION,
-            response: false,
-            error: None,
-            shelf,
-            slot,
-            command: Command::Config,
-            tag: PROBE_TAG,
-        },
-        arg: ArgRepr::Config(ConfigRepr {
-            buffer_count: 0,
-            firmware_version: 0,
-            sector_count: 0,
-            aoe_version: aoe::VERSION,
-            command: ConfigCommand::Read,
-            config: Vec::new(),
-        }),
-    };
-    let mut frame = vec![0u8; query.buffer_len().max(aoe::MIN_FRAME_LEN)];
-    query.emit(&mut Frame::new_unchecked(&mut frame[..]));
-    frame
+    PacketRepr::config_query(HeaderRepr {
+        dst: MacAddr::BROADCAST,
+        src,
+        version: aoe::VERSION,
+        response: false,
+        error: None,
+        shelf,
+        slot,
+        command: Command::Config,
+        tag: PROBE_TAG,
+    })
+    .to_frame()
 }
 
 /// The sender of `frame` if it is a response for exactly `shelf.slot` (any command: a config
@@ -185,6 +171,7 @@ pub fn responders(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::aoe::{ArgRepr, ConfigCommand, ConfigRepr};
 
     const OURS: MacAddr = MacAddr([2, 0, 0, 0, 0, 1]);
     const RIVAL: MacAddr = MacAddr([2, 0, 0, 0, 0, 2]);
