@@ -70,37 +70,17 @@ hostend() { # NODE NET(client|repl): the host end of NODE's veth on that network
 }
 mac_of() { ip -n "$(ns_of "$1")" -o link show eth0 | sed -n 's/.*link\/ether \([0-9a-f:]*\).*/\1/p'; }
 
-# --- the configuration (replaces lab-lib's) -----------------------------------------------------
-# shellcheck disable=SC2120 # both arguments are optional
-write_config() {
-    local hb_cluster="" hb_alpha="" hb_beta=""
-    if ((HB_KEYS)); then
-        hb_cluster=$(printf 'heartbeat-port = %s\nheartbeat-interval = 0.2\nheartbeat-dead-time = 1.0' "$HB_PORT")
-        hb_alpha="heartbeat = [\"$RNET.1\", \"$CNET.1\"]"
-        hb_beta="heartbeat = [\"$RNET.2\", \"$CNET.2\"]"
-    fi
-    cat >"${1:-$cfg}" <<EOF
-[cluster]
-shared-secret = "${2:-${SECRET:-pair-secret}}"
-$hb_cluster
-[node.alpha]
-address = "$RNET.1"
-interface = "eth0"
-$hb_alpha
-[node.beta]
-address = "$RNET.2"
-interface = "eth0"
-$hb_beta
-[resource.r0]
-aoe = "$BLADE"
-$(resource_options)
-[resource.r0.on.alpha]
-disk = "$work/alpha.img"
-meta-disk = "internal"
-[resource.r0.on.beta]
-disk = "$work/beta.img"
-meta-disk = "$work/beta.md"
-EOF
+# --- the configuration (lab-lib's write_config, with these pieces) ---------------------------------
+replication_address() { [[ $1 == alpha ]] && echo "$RNET.1" || echo "$RNET.2"; }
+cluster_options() {
+    ((HB_KEYS)) || return 0
+    printf 'heartbeat-port = %s\nheartbeat-interval = 0.2\nheartbeat-dead-time = 1.0\n' "$HB_PORT"
+}
+node_options() { # the heartbeat on both networks: the replication link and the client network
+    ((HB_KEYS)) || return 0
+    local i
+    i=$([[ $1 == alpha ]] && echo 1 || echo 2)
+    echo "heartbeat = [\"$RNET.$i\", \"$CNET.$i\"]"
 }
 
 # --- faults -------------------------------------------------------------------------------------

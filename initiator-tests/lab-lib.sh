@@ -93,12 +93,15 @@ write_config() {
     cat >"${1:-$cfg}" <<EOF
 [cluster]
 shared-secret = "${2:-${SECRET:-pair-secret}}"
+$(cluster_options)
 [node.alpha]
-address = "192.168.$NET.1"
+address = "$(replication_address alpha)"
 interface = "eth0"
+$(node_options alpha)
 [node.beta]
-address = "192.168.$NET.2"
+address = "$(replication_address beta)"
 interface = "eth0"
+$(node_options beta)
 [resource.r0]
 aoe = "$BLADE"
 $(resource_options)
@@ -110,7 +113,12 @@ disk = "$work/beta.img"
 meta-disk = "$work/beta.md"
 EOF
 }
-resource_options() { # the lines of [resource.r0] after aoe (a script may redefine this)
+# The pieces of write_config a script may redefine: more [cluster] lines, a node's replication
+# address, more lines of its [node.NODE], and the lines of [resource.r0] after aoe.
+cluster_options() { :; }
+replication_address() { [[ $1 == alpha ]] && echo "192.168.$NET.1" || echo "192.168.$NET.2"; }
+node_options() { :; }
+resource_options() {
     cat <<EOF
 port = 7788
 protocol = "C"
