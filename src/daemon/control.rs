@@ -528,6 +528,9 @@ fn ha_text(ha: &HaSnapshot) -> String {
                 .map_or_else(|| "-".into(), |d| format!("{}us", d.as_micros()))
         );
     }
+    if let Some(line) = &ha.last_failover {
+        t += &format!("\n  last failover: {line}");
+    }
     t
 }
 
@@ -551,14 +554,17 @@ fn ha_json(ha: &HaSnapshot) -> String {
         })
         .collect();
     format!(
-        "{{\"gate\":\"{}\",\"answering\":{},\"lease-left-ms\":{},\"lease-lapses\":{},\"outdate-request\":{},\"peer-heard\":{},\"paths\":[{}]}}",
+        "{{\"gate\":\"{}\",\"answering\":{},\"lease-left-ms\":{},\"lease-lapses\":{},\"outdate-request\":{},\"peer-heard\":{},\"paths\":[{}],\"last-failover\":{}}}",
         ha.authority.map_or("-".into(), |a| a.to_string()),
         ha.answering,
         num(ha.lease_left, |d| d.as_millis()),
         ha.lease_lapses,
         ha.outdate_request,
         ha.peer_heard,
-        paths.join(",")
+        paths.join(","),
+        ha.last_failover
+            .as_ref()
+            .map_or_else(|| "null".into(), |l| format!("\"{}\"", esc(l)))
     )
 }
 
@@ -767,6 +773,10 @@ mod tests {
                     rtt: Some(Duration::from_micros(85)),
                     silent: false,
                 }],
+                last_failover: Some(
+                    "served: peer last heard 0.000s, declared lost +1.004s, first reply +1.900s"
+                        .into(),
+                ),
             },
         }
     }
@@ -799,6 +809,10 @@ mod tests {
                 .contains("heartbeat path 1 10.0.0.1 -> 10.0.0.2: up last-heard:120ms rtt:85us"),
             "{text}"
         );
+        assert!(
+            text.contains("last failover: served: peer last heard 0.000s, declared lost +1.004s"),
+            "{text}"
+        );
         let json = status_json("r0", &s);
         // The field names a benchmark reads.
         for field in [
@@ -812,6 +826,7 @@ mod tests {
             "\"state\":\"finished\"",
             "\"gate\":\"lease\",\"answering\":true,\"lease-left-ms\":480,",
             "\"paths\":[{\"id\":1,\"local\":\"10.0.0.1\",\"peer\":\"10.0.0.2\",\"silent\":false,\"last-heard-ms\":120,\"rtt-us\":85}]",
+            "\"last-failover\":\"served: peer last heard 0.000s,",
         ] {
             assert!(json.contains(field), "{field} missing in {json}");
         }

@@ -18,3 +18,4 @@ pub mod gate;
 pub mod liveness;
 pub mod replay;
 pub mod service;
+pub mod stopwatch;

@@ -27,6 +27,8 @@ pub(super) struct Engine {
     pub(super) last_heard: Option<Event>,
     /// Pauses of the process the heartbeat reported, as far as the machine was told.
     pub(super) pauses_seen: u64,
+    /// The failover being timed, and the AoE replies counted when the gate opened.
+    pub(super) stopwatch: Option<(Stopwatch, u64)>,
 }
 
 impl Engine {
@@ -57,6 +59,7 @@ impl Engine {
     }
 
     pub(super) fn step(&mut self, event: Event) -> Vec<Action> {
+        let before = self.machine.status();
         let actions = self.machine.step(Instant::now(), event);
         // A gate closes before the actions run (failing writes over to dirty bits completes
         // them: their replies must find the gate shut); it opens only after them, once what
@@ -78,7 +81,127 @@ impl Engine {
             self.res.linked.store(false, Ordering::Release);
         }
         self.announce();
+        self.time_failover(&event, &before, &actions);
         actions
+    }
+
+    /// AoE replies sent so far (0 while not serving).
+    fn replies(&self) -> u64 {
+        self.aoe.as_ref().map_or(0, |aoe| {
+            aoe.stats()
+                .iter()
+                .map(|(_, s)| s.replies.load(Ordering::Relaxed))
+                .sum()
+        })
+    }
+
+    /// The failover stopwatch: starts when the peer is declared lost (from when it was last
+    /// heard) or a primary loses its link, marks each milestone of this step, and ends at the
+    /// first client request answered afterwards (see `tick`), at a demotion, or when the peer
+    /// is heard again with nothing taken over.
+    fn time_failover(
+        &mut self,
+        event: &Event,
+        before: &crate::cluster::Status,
+        actions: &[Action],
+    ) {
+        let now = Instant::now();
+        let s = self.machine.status();
+        if self.stopwatch.is_none() {
+            let could_serve = s.role == Role::Primary || s.disk == DiskState::UpToDate;
+            if matches!(event, Event::PeerSilent) && could_serve {
+                let heard_ago = self
+                    .res
+                    .heartbeat
+                    .paths()
+                    .iter()
+                    .filter_map(|p| p.last_heard_age)
+                    .min();
+                let since = heard_ago
+                    .and_then(|age| now.checked_sub(age))
+                    .unwrap_or(now);
+                let mut watch = Stopwatch::start(since, "peer last heard");
+                watch.mark("declared lost", now);
+                self.stopwatch = Some((watch, 0));
+            } else if before.conn == ConnState::Connected
+                && s.conn != ConnState::Connected
+                && before.role == Role::Primary
+            {
+                self.stopwatch = Some((Stopwatch::start(now, "replication link lost"), 0));
+            } else {
+                return;
+            }
+        }
+        let replies = self.replies();
+        let Some((watch, replies_at_open)) = &mut self.stopwatch else {
+            return;
+        };
+        for action in actions {
+            match action {
+                Action::CheckWire => watch.mark("wire guard asked", now),
+                Action::NewCurrentUuid => watch.mark("new generation", now),
+                Action::StartServing => watch.mark("exports started", now),
+                _ => {}
+            }
+        }
+        match event {
+            Event::WireChecked { answered: false } => watch.mark("nobody else answers", now),
+            Event::PeerHeard(Some(p)) if p.outdated => watch.mark("peer outdated", now),
+            _ => {}
+        }
+        if s.outdate_request {
+            watch.mark("asked the peer to step aside", now);
+        }
+        if before.role != Role::Primary && s.role == Role::Primary {
+            watch.mark("promoted", now);
+        }
+        if s.serving && s.authority != Authority::Closed && !watch.reached("answering") {
+            watch.mark("answering", now);
+            *replies_at_open = replies;
+        }
+        let demoted = before.role == Role::Primary && s.role != Role::Primary;
+        let back = matches!(event, Event::PeerHeard(_))
+            && s.role == Role::Secondary
+            && !watch.reached("promoted");
+        if demoted {
+            watch.mark("demoted", now);
+        }
+        if demoted || back {
+            self.finish_failover(if demoted {
+                "demoted"
+            } else {
+                "the peer is heard again"
+            });
+        }
+    }
+
+    /// A timed failover is over once a client request was answered after the gate opened.
+    fn watch_first_reply(&mut self) {
+        let replies = self.replies();
+        let now = Instant::now();
+        let Some((watch, replies_at_open)) = &mut self.stopwatch else {
+            return;
+        };
+        if watch.reached("answering") && replies > *replies_at_open {
+            watch.mark("first reply", now);
+            self.finish_failover("served");
+        } else if watch.elapsed(now) > FAILOVER_TIMEOUT {
+            self.finish_failover("no client request answered within two minutes");
+        }
+    }
+
+    fn finish_failover(&mut self, outcome: &str) {
+        let Some((watch, _)) = self.stopwatch.take() else {
+            return;
+        };
+        let name = &self.res.spec.name;
+        tracing::info!(resource = %name, "failover timeline ({outcome}): {watch}");
+        let line = format!("{outcome}: {watch}");
+        self.res.publish(format!(
+            "change resource name:{name} failover:{}",
+            line.replace(' ', "_")
+        ));
+        *lock(&self.res.last_failover) = Some(line);
     }
 
     /// What the peer's heartbeat should say about this resource now.
@@ -178,6 +301,7 @@ impl Engine {
         self.listen();
         self.step(Event::Tick);
         self.watch_lease();
+        self.watch_first_reply();
         self.publish_progress(false);
     }
 

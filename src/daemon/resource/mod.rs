@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ha::gate::ServeGate;
 use crate::ha::service::{Heartbeat, LocalResource};
+use crate::ha::stopwatch::Stopwatch;
 use crate::supervisor::Supervisor;
 
 use crate::block::BlockDevice;
@@ -92,6 +93,8 @@ pub const PING_INTERVAL: Duration = Duration::from_millis(500);
 const WIRE_GUARD_WAIT: Duration = Duration::from_millis(200);
 /// Config queries the wire guard sends in that time.
 const WIRE_GUARD_QUERIES: u32 = 3;
+/// A failover still not serving a client after this long is no longer timed.
+const FAILOVER_TIMEOUT: Duration = Duration::from_secs(120);
 /// Engine tick.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -288,6 +291,8 @@ pub struct Resource {
     pub lease_lapses: AtomicU64,
     /// The node's heartbeat: what the peer is heard saying, and what we announce.
     heartbeat: Heartbeat,
+    /// The last failover's timeline, for `status`.
+    pub last_failover: Mutex<Option<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -344,6 +349,7 @@ impl Resource {
             // it (see `Heartbeat::serve_through`) and by answered replication pings.
             gate: ServeGate::new(crate::ha::clock::LeaseClock::new()),
             heartbeat: heartbeat.clone(),
+            last_failover: Mutex::new(None),
             lease_lapses: AtomicU64::new(0),
             spec,
             meta,
@@ -392,6 +398,7 @@ impl Resource {
             lease_lapsed: false,
             last_heard: None,
             pauses_seen: 0,
+            stopwatch: None,
         };
         engine.execute(actions);
         group.spawn(format!("engine-{}", res.spec.name), move |token| {

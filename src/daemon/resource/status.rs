@@ -103,6 +103,7 @@ impl Resource {
             outdate_request: status.outdate_request,
             peer_heard: status.peer_heard,
             paths: self.heartbeat_paths(),
+            last_failover: lock(&self.last_failover).clone(),
         }
     }
 
@@ -293,6 +294,8 @@ pub struct HaSnapshot {
     pub peer_heard: bool,
     /// Each heartbeat path.
     pub paths: Vec<PathSnapshot>,
+    /// The last failover's timeline (how it ended, then each milestone).
+    pub last_failover: Option<String>,
 }
 
 /// One heartbeat path, for `status`.
