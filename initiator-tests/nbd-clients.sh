@@ -64,7 +64,10 @@ check() { # check LABEL COMMAND...: run, record pass/fail
 
 # start_server ARGS...: start twinblade nbd on a free loopback port; sets port and uri.
 start_server() {
-    "$bin" nbd --bind 127.0.0.1 --port 0 "$@" 2>"$work/server.log" &
+    # Emptied here, not only by the child's redirection: the loop below must never read the
+    # previous server's port while the child has not opened the file yet.
+    : >"$work/server.log"
+    "$bin" nbd --bind 127.0.0.1 --port 0 "$@" 2>>"$work/server.log" &
     server_pid=$!
     local i
     for i in $(seq 100); do
