@@ -471,7 +471,7 @@ impl AnnounceSchedule {
     /// Whether an announce is due at `now`; if so, it counts as sent and the following one
     /// is scheduled (after the burst, every [`ANNOUNCE_REFRESH`] if `refresh`).
     fn take_due(&mut self, now: Instant, refresh: bool) -> bool {
-        if !self.next.is_some_and(|due| due <= now) {
+        if self.next.is_none_or(|due| due > now) {
             return false;
         }
         self.next = if self.burst_left > 0 {
