@@ -18,3 +18,8 @@ fn the_service_mac_moves_to_another_node_and_the_client_follows_without_rediscov
 fn announces_repeat_while_the_gate_is_open_and_stop_when_it_closes() {
     service_mac::announces_repeat_while_the_gate_is_open_and_stop_when_it_closes();
 }
+
+#[test]
+fn a_second_node_at_the_same_service_mac_is_reported_as_a_rival() {
+    service_mac::a_second_node_at_the_same_service_mac_is_reported_as_a_rival();
+}

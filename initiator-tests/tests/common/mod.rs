@@ -55,6 +55,16 @@ pub fn twinblade_bin() -> PathBuf {
     path
 }
 
+/// Namespace and veth name prefixes of [`Lab::new`] and [`Lab::bridged`]: `tbt` and `tv`, or
+/// `TWINBLADE_LAB_PREFIX` for both, so that a run beside another (a CI run on the same machine)
+/// can keep to names of its own (a lab deletes leftover namespaces of its names first).
+fn default_prefixes() -> (String, String) {
+    match std::env::var("TWINBLADE_LAB_PREFIX") {
+        Ok(prefix) if !prefix.is_empty() => (prefix.clone(), prefix),
+        _ => ("tbt".into(), "tv".into()),
+    }
+}
+
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
@@ -68,8 +78,9 @@ impl Lab {
     pub fn new(mtu: u32, links: usize) -> Lab {
         require_root();
         let id = std::process::id() % 10000 * 100 + NEXT_LAB.fetch_add(1, Ordering::Relaxed);
-        let target_ns = format!("tbt{id}t");
-        let client_ns = format!("tbt{id}c");
+        let (prefix, veth_prefix) = default_prefixes();
+        let target_ns = format!("{prefix}{id}t");
+        let client_ns = format!("{prefix}{id}c");
         let _ = Command::new("ip")
             .args(["netns", "del", &target_ns])
             .status();
@@ -82,8 +93,8 @@ impl Lab {
             run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
         }
         for link in 0..links {
-            let a = format!("tv{id}{link}a");
-            let b = format!("tv{id}{link}b");
+            let a = format!("{veth_prefix}{id}{link}a");
+            let b = format!("{veth_prefix}{id}{link}b");
             let name = format!("eth{link}");
             run(&["ip", "link", "add", &a, "type", "veth", "peer", "name", &b]);
             run(&["ip", "link", "set", &a, "netns", &target_ns]);
@@ -118,7 +129,8 @@ impl Lab {
     /// an `eth0` plugged into one bridge (in a namespace of its own): one Ethernet segment,
     /// as two storage nodes and a client share in production.
     pub fn bridged(mtu: u32, extra_targets: usize) -> Lab {
-        Lab::bridged_named("tbt", "tv", mtu, extra_targets)
+        let (prefix, veth_prefix) = default_prefixes();
+        Lab::bridged_named(&prefix, &veth_prefix, mtu, extra_targets)
     }
 
     /// [`Lab::bridged`] with namespaces named `{prefix}…` and veth pairs `{veth_prefix}…`,

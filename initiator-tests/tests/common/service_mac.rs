@@ -16,7 +16,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use twinblade::block::{BlockDevice, FileDevice};
 use twinblade::export::aoe::probe::{self, PROBE_TAG};
-use twinblade::export::aoe::{service_mac_for, AoeServer, BladeConfig, BladeStats, Export};
+use twinblade::export::aoe::{
+    service_mac_for, AoeServer, BladeConfig, BladeStats, Export, RivalAlarm,
+};
 use twinblade::ha::clock::LeaseClock;
 use twinblade::ha::gate::{Authority, ServeGate};
 use twinblade::net::{Interface, PacketSocket};
@@ -53,6 +55,16 @@ fn serve_here(
     gate: Arc<ServeGate>,
     mac: MacAddr,
 ) -> (Root, AoeServer, Arc<BladeStats>) {
+    serve_guarded_here(device, gate, mac, None)
+}
+
+/// [`serve_here`] with multiple-mount protection.
+fn serve_guarded_here(
+    device: Arc<dyn BlockDevice>,
+    gate: Arc<ServeGate>,
+    mac: MacAddr,
+    guard: Option<RivalAlarm>,
+) -> (Root, AoeServer, Arc<BladeStats>) {
     let root = Root::threads_only("test", CancellationToken::new());
     let server = AoeServer::start(
         vec![Export {
@@ -60,7 +72,7 @@ fn serve_here(
             device,
             interfaces: vec!["eth0".into()],
             gate,
-            guard: None,
+            guard,
             service_mac: Some(mac),
         }],
         root.group("aoe"),
@@ -390,4 +402,35 @@ pub fn announces_repeat_while_the_gate_is_open_and_stop_when_it_closes() {
         stats.announces.load(Relaxed) >= when_closed + 3
     });
     server.stop();
+}
+
+/// Another node serving the blade from the same service MAC (two primaries after a MAC moved)
+/// is a rival: no query reaches it (the bridge never sends a frame back where it learned the
+/// destination), but its announces do, and they raise the alarm.
+pub fn a_second_node_at_the_same_service_mac_is_reported_as_a_rival() {
+    let lab = lab();
+    let service_mac = the_service_mac();
+    let device = shared_disk(&lab);
+    let (alarm_tx, alarms) = std::sync::mpsc::channel();
+    let alarm_tx = std::sync::Mutex::new(alarm_tx);
+    let guard = RivalAlarm::new(move |rival| {
+        let _ = alarm_tx.lock().unwrap().send(rival);
+    });
+    let on_a = device.clone();
+    let (_root_a, guarded, _) = lab.in_target(move || {
+        serve_guarded_here(on_a, ServeGate::always_open(), service_mac, Some(guard))
+    });
+    // Alone, through its own burst and a refresh or two: no alarm.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(alarms.try_recv().is_err(), "an alarm with no rival");
+
+    let (_root_b, rival, _) = in_namespace(&lab.extra_target_ns[0], move || {
+        serve_here(device, ServeGate::always_open(), service_mac)
+    });
+    let reported = alarms
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the rival at our own MAC was never reported");
+    assert_eq!(reported, service_mac);
+    rival.stop();
+    guarded.stop();
 }

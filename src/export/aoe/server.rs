@@ -1183,6 +1183,94 @@ fn send_replies(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::block::NullDevice;
+
+    const INTERFACE_MAC: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0x10]);
+    const SERVICE_MAC: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0x20]);
+    const CLIENT_MAC: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0x30]);
+
+    /// A route to blade e0.5 at `service_mac`, guarded by an alarm that counts its calls.
+    fn guarded_route(service_mac: Option<MacAddr>) -> (Route, Arc<AtomicU32>) {
+        let blade = Blade::new(
+            BladeConfig::new(0, 5),
+            Arc::new(NullDevice::new(1 << 20)) as Arc<dyn BlockDevice>,
+        );
+        let raised = Arc::new(AtomicU32::new(0));
+        let counter = raised.clone();
+        let alarm = RivalAlarm::new(move |_| {
+            counter.fetch_add(1, Ordering::Relaxed);
+        });
+        let route = Route {
+            stats: blade.stats(),
+            blade: Arc::new(Mutex::new(blade)),
+            gate: ServeGate::always_open(),
+            address: (0, 5),
+            guard: Some(Arc::new(alarm)),
+            service_mac,
+            open_this_batch: Cell::new(true),
+        };
+        (route, raised)
+    }
+
+    fn query_from(src: MacAddr) -> Vec<u8> {
+        probe::config_query(src, 0, 5)
+    }
+
+    fn answer_from(src: MacAddr) -> Vec<u8> {
+        let mut frame = query_from(src);
+        Frame::new_unchecked(&mut frame[..]).set_version_flags(aoe::VERSION, aoe::FLAG_RESPONSE);
+        frame
+    }
+
+    #[test]
+    fn a_blade_at_a_service_mac_takes_only_frames_to_it_or_broadcast() {
+        let (at_service_mac, _) = guarded_route(Some(SERVICE_MAC));
+        assert!(at_service_mac.takes(SERVICE_MAC));
+        assert!(at_service_mac.takes(MacAddr::BROADCAST));
+        assert!(!at_service_mac.takes(INTERFACE_MAC));
+        assert!(!at_service_mac.takes(CLIENT_MAC));
+        let (at_interface_mac, _) = guarded_route(None);
+        for dst in [SERVICE_MAC, MacAddr::BROADCAST, INTERFACE_MAC] {
+            assert!(at_interface_mac.takes(dst), "{dst}");
+        }
+        let interface = Port {
+            mac: INTERFACE_MAC,
+            mtu: 1500,
+        };
+        assert_eq!(at_service_mac.port_for(&interface).mac, SERVICE_MAC);
+        assert_eq!(at_interface_mac.port_for(&interface).mac, INTERFACE_MAC);
+    }
+
+    #[test]
+    fn another_node_answering_from_our_service_mac_is_a_rival() {
+        let (route, raised) = guarded_route(Some(SERVICE_MAC));
+        let routes = [route];
+        // Our socket never hears its own frames: an answer from the service MAC is another
+        // node's, one that took the MAC.
+        assert!(!screen(&answer_from(SERVICE_MAC), &routes, INTERFACE_MAC));
+        assert!(!screen(&answer_from(CLIENT_MAC), &routes, INTERFACE_MAC));
+        // The interface's MAC is the port's own.
+        assert!(!screen(&answer_from(INTERFACE_MAC), &routes, INTERFACE_MAC));
+        assert_eq!(raised.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn an_answer_from_the_interface_mac_is_not_a_rival_of_a_blade_at_it() {
+        let (route, raised) = guarded_route(None);
+        let routes = [route];
+        assert!(!screen(&answer_from(INTERFACE_MAC), &routes, INTERFACE_MAC));
+        assert!(!screen(&answer_from(CLIENT_MAC), &routes, INTERFACE_MAC));
+        assert_eq!(raised.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn our_own_queries_are_never_requests_to_answer() {
+        let (route, _) = guarded_route(Some(SERVICE_MAC));
+        let routes = [route];
+        assert!(!screen(&query_from(SERVICE_MAC), &routes, INTERFACE_MAC));
+        assert!(!screen(&query_from(INTERFACE_MAC), &routes, INTERFACE_MAC));
+        assert!(screen(&query_from(CLIENT_MAC), &routes, INTERFACE_MAC));
+    }
 
     /// Announces `schedule` sends when looked at every `step` from `start` until `end`.
     fn announces_between(
