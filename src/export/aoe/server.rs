@@ -40,7 +40,23 @@
 //! the port every [`RIVAL_CHECK_INTERVAL`]; any AoE *response* for that address from another
 //! MAC seen on the port (an answer to our query, to a client's, an announce) raises the alarm.
 //! Our own queries are never answered by our own blades: the sockets ignore outgoing frames,
-//! and frames from the port's own MAC are dropped besides.
+//! and frames from the port's own MAC (or a blade's service MAC) are dropped besides.
+//!
+//! # Service MACs
+//!
+//! A blade exported with [`Export::service_mac`] lives at that MAC instead of the interface's:
+//! the port's socket joins it as an extra unicast address for as long as the socket is open
+//! (the kernel drops it when the socket closes, also when the process is killed; the
+//! interface's own MAC never changes), the blade takes only frames sent to it or broadcast,
+//! and every reply, announce and rival query of the blade leaves from it. When the blade moves
+//! to the other node, the MAC moves with it, and the Linux driver's retransmissions to the MAC
+//! it knows reach the new node without it abandoning a target (which takes it ~10 s).
+//!
+//! Such a blade announces itself [`SERVICE_ANNOUNCE_BURST`] times when its gate opens and
+//! then every [`ANNOUNCE_REFRESH`] while it stays open, which is also what keeps every
+//! bridge's forwarding entry for the MAC pointing at this node; it sends rival queries only
+//! while its gate is open (a query from the MAC would steer that entry too). Another node
+//! answering from the same MAC is a rival as well: we never hear our own frames.
 
 use super::blade::{Blade, BladeConfig, Outcome, Port, PreparedTransfer};
 use super::probe::{self, RivalAlarm, RIVAL_CHECK_INTERVAL};
@@ -432,15 +448,15 @@ fn send_now(io: &mut PortIo, frame: &[u8]) -> io::Result<()> {
 /// also what moves every bridge's forwarding entry for the MAC to this node, so one lost frame
 /// must not leave the entry pointing at the node the MAC came from. A blade at its
 /// interface's MAC announces once, as vblade does.
-const SERVICE_ANNOUNCE_BURST: u32 = 3;
+pub const SERVICE_ANNOUNCE_BURST: u32 = 3;
 /// Time between the announces of that burst.
-const ANNOUNCE_SPACING: Duration = Duration::from_millis(100);
+pub const ANNOUNCE_SPACING: Duration = Duration::from_millis(100);
 /// How often a blade at a service MAC announces itself while its gate stays open (keepalived's
 /// `garp_master_refresh`): one stray frame from the node the MAC came from — one that woke up
 /// from a freeze — steers a bridge's forwarding entry away until the owner sends again, and a
 /// blade nobody asks anything sends nothing else. A little under a second, so that waking up
 /// late never stretches the gap between two announces beyond one.
-const ANNOUNCE_REFRESH: Duration = Duration::from_millis(900);
+pub const ANNOUNCE_REFRESH: Duration = Duration::from_millis(900);
 /// How long a port waits for frames at most while an announce is due within
 /// [`POLL_INTERVAL`]. A fixed step rather than the exact time left, so the `recvmmsg` path's
 /// receive timeout (a socket option) changes rarely.
