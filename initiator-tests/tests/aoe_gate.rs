@@ -35,6 +35,7 @@ fn serve_here(slot: u8, guard: Option<RivalAlarm>) -> (Root, AoeServer, MacAddr)
             interfaces: vec!["eth0".into()],
             gate: ServeGate::always_open(),
             guard,
+            service_mac: None,
         }],
         root.group("aoe"),
     )

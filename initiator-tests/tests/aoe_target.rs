@@ -742,6 +742,7 @@ fn writes_that_complete_later_are_answered_when_they_complete_and_read_back() {
                 interfaces: vec!["eth0".into()],
                 gate: twinblade::ha::gate::ServeGate::always_open(),
                 guard: None,
+                service_mac: None,
             }],
             root.group("aoe"),
         )

@@ -161,6 +161,7 @@ pub fn run_vblade(args: VbladeArgs) -> i32 {
         // A standalone target: no peer could be answering instead.
         gate: ServeGate::always_open(),
         guard: None,
+        service_mac: None,
     };
     // vblade's start-up line; scripts wait for it.
     println!(
@@ -207,6 +208,7 @@ pub fn run_aoe(args: AoeArgs) -> i32 {
             // A standalone target: no peer could be answering instead.
             gate: ServeGate::always_open(),
             guard: None,
+            service_mac: None,
         });
     }
     serve(exports)

@@ -59,6 +59,42 @@ impl Interface {
     }
 }
 
+/// Makes the packet socket `fd` receive frames addressed to `mac` on interface `ifindex`
+/// (`PACKET_ADD_MEMBERSHIP` with `PACKET_MR_UNICAST`): the kernel adds `mac` to the
+/// interface's unicast filter (or puts the interface in promiscuous mode if it has none)
+/// for as long as the socket stays open. Closing the socket — also when the process is killed —
+/// takes the address away again; the interface's own MAC never changes.
+pub(super) fn add_unicast_membership(
+    fd: libc::c_int,
+    ifindex: u32,
+    mac: MacAddr,
+) -> io::Result<()> {
+    let mut address = [0u8; 8];
+    address[..6].copy_from_slice(&mac.0);
+    let request = libc::packet_mreq {
+        mr_ifindex: ifindex as libc::c_int,
+        mr_type: libc::PACKET_MR_UNICAST as libc::c_ushort,
+        mr_alen: 6,
+        mr_address: address,
+    };
+    // SAFETY: passes a pointer to a live, fully initialised packet_mreq and its exact size.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_PACKET,
+            libc::PACKET_ADD_MEMBERSHIP,
+            &request as *const libc::packet_mreq as *const libc::c_void,
+            std::mem::size_of::<libc::packet_mreq>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 fn udp_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2) call; the returned fd is owned by OwnedFd exactly once.
     #[allow(unsafe_code)]
@@ -137,6 +173,13 @@ impl PacketSocket {
             return Err(io::Error::last_os_error());
         }
         Ok(sock)
+    }
+
+    /// Receives frames addressed to `mac` too, for as long as this socket is open (see
+    /// `PACKET_MR_UNICAST` in packet(7)). Frames sent from this socket may carry `mac` as
+    /// their source whether or not it was joined; joining is what brings the answers back.
+    pub fn join_unicast(&self, mac: MacAddr) -> io::Result<()> {
+        add_unicast_membership(self.fd.as_raw_fd(), self.ifindex, mac)
     }
 
     fn sockaddr(&self, ethertype: u16, dst: [u8; 6]) -> libc::sockaddr_ll {

@@ -43,6 +43,8 @@ struct TpacketReq {
 /// A socket with mapped receive and transmit rings.
 pub struct PacketRing {
     fd: OwnedFd,
+    /// The interface the socket is bound to.
+    ifindex: u32,
     map: *mut u8,
     map_len: usize,
     rx: RxRing,
@@ -174,6 +176,7 @@ impl PacketRing {
                 staged: 0,
             },
             fd,
+            ifindex: iface.index,
             map,
             map_len,
         };
@@ -191,6 +194,12 @@ impl PacketRing {
             )
         })?;
         Ok(ring)
+    }
+
+    /// Receives frames addressed to `mac` too, for as long as the ring's socket is open (see
+    /// [`super::PacketSocket::join_unicast`]).
+    pub fn join_unicast(&self, mac: crate::wire::MacAddr) -> io::Result<()> {
+        super::packet::add_unicast_membership(self.fd.as_raw_fd(), self.ifindex, mac)
     }
 
     /// The two halves, usable at the same time.

@@ -54,6 +54,7 @@ pub fn closed_gate_withholds_answers_until_it_opens() {
                 interfaces: vec!["eth0".into()],
                 gate: served,
                 guard: None,
+                service_mac: None,
             }],
             root.group("aoe"),
         )

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod aoe_gate;
+pub mod service_mac;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -54,6 +55,16 @@ pub fn twinblade_bin() -> PathBuf {
     path
 }
 
+/// Namespace and veth name prefixes of [`Lab::new`] and [`Lab::bridged`]: `tbt` and `tv`, or
+/// `TWINBLADE_LAB_PREFIX` for both, so that a run beside another (a CI run on the same machine)
+/// can keep to names of its own (a lab deletes leftover namespaces of its names first).
+fn default_prefixes() -> (String, String) {
+    match std::env::var("TWINBLADE_LAB_PREFIX") {
+        Ok(prefix) if !prefix.is_empty() => (prefix.clone(), prefix),
+        _ => ("tbt".into(), "tv".into()),
+    }
+}
+
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
@@ -67,8 +78,9 @@ impl Lab {
     pub fn new(mtu: u32, links: usize) -> Lab {
         require_root();
         let id = std::process::id() % 10000 * 100 + NEXT_LAB.fetch_add(1, Ordering::Relaxed);
-        let target_ns = format!("tbt{id}t");
-        let client_ns = format!("tbt{id}c");
+        let (prefix, veth_prefix) = default_prefixes();
+        let target_ns = format!("{prefix}{id}t");
+        let client_ns = format!("{prefix}{id}c");
         let _ = Command::new("ip")
             .args(["netns", "del", &target_ns])
             .status();
@@ -81,8 +93,8 @@ impl Lab {
             run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
         }
         for link in 0..links {
-            let a = format!("tv{id}{link}a");
-            let b = format!("tv{id}{link}b");
+            let a = format!("{veth_prefix}{id}{link}a");
+            let b = format!("{veth_prefix}{id}{link}b");
             let name = format!("eth{link}");
             run(&["ip", "link", "add", &a, "type", "veth", "peer", "name", &b]);
             run(&["ip", "link", "set", &a, "netns", &target_ns]);
@@ -117,13 +129,22 @@ impl Lab {
     /// an `eth0` plugged into one bridge (in a namespace of its own): one Ethernet segment,
     /// as two storage nodes and a client share in production.
     pub fn bridged(mtu: u32, extra_targets: usize) -> Lab {
+        let (prefix, veth_prefix) = default_prefixes();
+        Lab::bridged_named(&prefix, &veth_prefix, mtu, extra_targets)
+    }
+
+    /// [`Lab::bridged`] with namespaces named `{prefix}…` and veth pairs `{veth_prefix}…`,
+    /// for test binaries that must keep clear of other suites' names (a lab deletes leftover
+    /// namespaces of its own names before it starts).
+    pub fn bridged_named(prefix: &str, veth_prefix: &str, mtu: u32, extra_targets: usize) -> Lab {
         require_root();
         let id = std::process::id() % 10000 * 100 + NEXT_LAB.fetch_add(1, Ordering::Relaxed);
-        let target_ns = format!("tbt{id}t");
-        let client_ns = format!("tbt{id}c");
-        let bridge_ns = format!("tbt{id}b");
-        let extra_target_ns: Vec<String> =
-            (0..extra_targets).map(|n| format!("tbt{id}t{n}")).collect();
+        let target_ns = format!("{prefix}{id}t");
+        let client_ns = format!("{prefix}{id}c");
+        let bridge_ns = format!("{prefix}{id}b");
+        let extra_target_ns: Vec<String> = (0..extra_targets)
+            .map(|n| format!("{prefix}{id}t{n}"))
+            .collect();
         let mut all = vec![target_ns.clone(), client_ns.clone()];
         all.extend(extra_target_ns.iter().cloned());
         for ns in all.iter().chain([&bridge_ns]) {
@@ -143,8 +164,8 @@ impl Lab {
             "ip", "-n", &bridge_ns, "link", "set", "br0", "mtu", &mtu, "up",
         ]);
         for (port, ns) in all.iter().enumerate() {
-            let inside = format!("tv{id}{port}a");
-            let on_bridge = format!("tv{id}{port}b");
+            let inside = format!("{veth_prefix}{id}{port}a");
+            let on_bridge = format!("{veth_prefix}{id}{port}b");
             run(&[
                 "ip", "link", "add", &inside, "type", "veth", "peer", "name", &on_bridge,
             ]);
@@ -244,6 +265,11 @@ impl Lab {
     /// Runs `f` on a thread inside the client namespace.
     pub fn in_client<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
         in_namespace(&self.client_ns, f)
+    }
+
+    /// The namespace holding the bridge, in a bridged lab.
+    pub fn bridge_ns(&self) -> Option<&str> {
+        self.bridge_ns.as_deref()
     }
 
     /// Runs `f` on a thread inside the target namespace.

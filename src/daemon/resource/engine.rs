@@ -779,6 +779,7 @@ impl Engine {
             interfaces: vec![self.res.spec.interface.clone()],
             gate: gate.clone(),
             guard: Some(guard),
+            service_mac: None,
         };
         match AoeServer::start(vec![export], self.res.crew.group("aoe")) {
             Ok(server) => {

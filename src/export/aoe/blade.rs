@@ -83,7 +83,7 @@ fn hostname() -> String {
 /// The interface a frame arrived on, as the blade needs to know it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Port {
-    /// Our MAC on that interface (the source of replies).
+    /// The MAC the blade answers from: its service MAC if it has one, else the interface's.
     pub mac: MacAddr,
     /// The interface MTU, which bounds sectors per frame.
     pub mtu: u32,

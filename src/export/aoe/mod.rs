@@ -7,14 +7,18 @@
 //! * [`server`]: sockets and threads — receive per interface, one ordered worker per blade;
 //!   the serve gate before every reply and the multiple-mount protection.
 //! * [`probe`]: asking the wire who answers for an address (the promotion guard).
+//! * [`service_mac`]: the MAC a blade lives at when it is not its interface's (a MAC that
+//!   moves with the blade from node to node).
 
 pub mod ata;
 pub mod blade;
 pub mod probe;
 pub mod server;
+pub mod service_mac;
 pub mod stats;
 
 pub use blade::{Blade, BladeConfig, Outcome, Port, PreparedTransfer};
 pub use probe::{responders, RivalAlarm};
 pub use server::{AoeServer, Export, StartError};
+pub use service_mac::{service_mac_for, ServiceMacError};
 pub use stats::{BladeStats, DropReason};

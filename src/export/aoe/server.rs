@@ -40,10 +40,27 @@
 //! the port every [`RIVAL_CHECK_INTERVAL`]; any AoE *response* for that address from another
 //! MAC seen on the port (an answer to our query, to a client's, an announce) raises the alarm.
 //! Our own queries are never answered by our own blades: the sockets ignore outgoing frames,
-//! and frames from the port's own MAC are dropped besides.
+//! and frames from the port's own MAC (or a blade's service MAC) are dropped besides.
+//!
+//! # Service MACs
+//!
+//! A blade exported with [`Export::service_mac`] lives at that MAC instead of the interface's:
+//! the port's socket joins it as an extra unicast address for as long as the socket is open
+//! (the kernel drops it when the socket closes, also when the process is killed; the
+//! interface's own MAC never changes), the blade takes only frames sent to it or broadcast,
+//! and every reply, announce and rival query of the blade leaves from it. When the blade moves
+//! to the other node, the MAC moves with it, and the Linux driver's retransmissions to the MAC
+//! it knows reach the new node without it abandoning a target (which takes it ~10 s).
+//!
+//! Such a blade announces itself [`SERVICE_ANNOUNCE_BURST`] times when its gate opens and
+//! then every [`ANNOUNCE_REFRESH`] while it stays open, which is also what keeps every
+//! bridge's forwarding entry for the MAC pointing at this node; it sends rival queries only
+//! while its gate is open (a query from the MAC would steer that entry too). Another node
+//! answering from the same MAC is a rival as well: we never hear our own frames.
 
 use super::blade::{Blade, BladeConfig, Outcome, Port, PreparedTransfer};
 use super::probe::{self, RivalAlarm, RIVAL_CHECK_INTERVAL};
+use super::service_mac::{check_service_mac, ServiceMacError};
 use super::stats::BladeStats;
 use crate::block::{BlockDevice, SECTOR_SIZE};
 use crate::ha::gate::ServeGate;
@@ -112,6 +129,28 @@ pub enum StartError {
     /// A shelf or slot reserved for broadcast.
     #[error("shelf 0xffff and slot 0xff are broadcast addresses and cannot be exported")]
     BroadcastAddress,
+    /// A blade's service MAC is not a unicast address.
+    #[error("e{shelf}.{slot}: {source}")]
+    ServiceMac {
+        /// Shelf.
+        shelf: u16,
+        /// Slot.
+        slot: u8,
+        /// Why the MAC is refused.
+        #[source]
+        source: ServiceMacError,
+    },
+    /// The kernel refused to receive frames for a service MAC on an interface.
+    #[error("joining service MAC {mac} on {name}: {source}")]
+    JoinServiceMac {
+        /// Interface name.
+        name: String,
+        /// The service MAC.
+        mac: MacAddr,
+        /// What failed.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// One device to export.
@@ -128,6 +167,12 @@ pub struct Export {
     /// Multiple-mount protection: when set, the blade watches its ports for another MAC
     /// answering for its address and reports each such rival here (see the module docs).
     pub guard: Option<RivalAlarm>,
+    /// Where the blade lives: `None` answers from each interface's own MAC (as vblade);
+    /// `Some` answers only frames sent to this MAC (or broadcast), and sends every reply,
+    /// announce and rival query from it, so that the blade's address moves with the blade
+    /// from node to node (see [`super::service_mac`]). The port's socket receives it for as
+    /// long as the socket is open; the interface's own MAC is not used for the blade at all.
+    pub service_mac: Option<MacAddr>,
 }
 
 /// How frames move on an interface.
@@ -189,6 +234,13 @@ impl AoeServer {
             if export.interfaces.is_empty() {
                 return Err(StartError::NoInterface { shelf, slot });
             }
+            if let Some(mac) = export.service_mac {
+                check_service_mac(mac).map_err(|source| StartError::ServiceMac {
+                    shelf,
+                    slot,
+                    source,
+                })?;
+            }
         }
 
         // One port per distinct interface name.
@@ -210,6 +262,21 @@ impl AoeServer {
                 name: name.clone(),
                 source,
             })?;
+            let mut service_macs: Vec<MacAddr> = exports
+                .iter()
+                .filter(|e| e.interfaces.contains(name))
+                .filter_map(|e| e.service_mac)
+                .collect();
+            service_macs.sort();
+            service_macs.dedup();
+            for mac in service_macs {
+                io.join_unicast(mac)
+                    .map_err(|source| StartError::JoinServiceMac {
+                        name: name.clone(),
+                        mac,
+                        source,
+                    })?;
+            }
             let mtu = iface.mtu().map_err(|source| StartError::Interface {
                 name: name.clone(),
                 source,
@@ -239,6 +306,7 @@ impl AoeServer {
                         stats: Arc::clone(&blade_stats),
                         address,
                         guard: guard.clone(),
+                        service_mac: export.service_mac,
                         open_this_batch: Cell::new(false),
                     });
                 }
@@ -248,8 +316,8 @@ impl AoeServer {
         for (port, routes) in ports.into_iter().zip(routes) {
             for route in &routes {
                 let blade = route.lock();
-                let current = port.port();
-                tracing::info!(blade = %blade.config().name(), iface = %port.iface.name, mtu = current.mtu, sectors_per_frame = current.max_sectors(), gate = %route.gate.authority(), guarded = route.guard.is_some(), "serving");
+                let current = route.port_for(&port.port());
+                tracing::info!(blade = %blade.config().name(), iface = %port.iface.name, mac = %current.mac, mtu = current.mtu, sectors_per_frame = current.max_sectors(), gate = %route.gate.authority(), guarded = route.guard.is_some(), "serving");
             }
             let name = format!("aoe-{}", port.iface.name);
             group
@@ -282,6 +350,8 @@ struct Route {
     /// The blade's shelf and slot.
     address: (u16, u8),
     guard: Option<Arc<RivalAlarm>>,
+    /// The blade's service MAC, if it has one (see [`Export::service_mac`]).
+    service_mac: Option<MacAddr>,
     /// The gate as of the start of the current batch: frames for a closed blade are not
     /// executed (the reply could not go out anyway). Also what tells a gate that just opened.
     open_this_batch: Cell<bool>,
@@ -301,6 +371,24 @@ impl Route {
         } else {
             self.stats.count_gated(replies as u64);
             false
+        }
+    }
+
+    /// The port as this blade sees it: replies leave from its service MAC, if it has one.
+    fn port_for(&self, interface: &Port) -> Port {
+        Port {
+            mac: self.service_mac.unwrap_or(interface.mac),
+            ..*interface
+        }
+    }
+
+    /// Whether a frame sent to `dst` may be for this blade: a blade at a service MAC takes
+    /// only frames sent to it or broadcast; one at the interface's MAC takes whatever the
+    /// socket hears (as vblade).
+    fn takes(&self, dst: MacAddr) -> bool {
+        match self.service_mac {
+            Some(mac) => dst == mac || dst.is_broadcast(),
+            None => true,
         }
     }
 
@@ -333,6 +421,15 @@ fn open_port_io(iface: &Interface, buffers: usize) -> std::io::Result<PortIo> {
     Ok(PortIo::Socket(socket))
 }
 
+impl PortIo {
+    fn join_unicast(&self, mac: MacAddr) -> io::Result<()> {
+        match self {
+            PortIo::Ring(ring) => ring.join_unicast(mac),
+            PortIo::Socket(socket) => socket.join_unicast(mac),
+        }
+    }
+}
+
 /// Sends one frame now, outside the batched frame path (announces, rival queries).
 fn send_now(io: &mut PortIo, frame: &[u8]) -> io::Result<()> {
     match io {
@@ -347,19 +444,92 @@ fn send_now(io: &mut PortIo, frame: &[u8]) -> io::Result<()> {
     }
 }
 
+/// Announces sent in a row when the gate of a blade at a service MAC opens. The announce is
+/// also what moves every bridge's forwarding entry for the MAC to this node, so one lost frame
+/// must not leave the entry pointing at the node the MAC came from. A blade at its
+/// interface's MAC announces once, as vblade does.
+pub const SERVICE_ANNOUNCE_BURST: u32 = 3;
+/// Time between the announces of that burst.
+pub const ANNOUNCE_SPACING: Duration = Duration::from_millis(100);
+/// How often a blade at a service MAC announces itself while its gate stays open (keepalived's
+/// `garp_master_refresh`): one stray frame from the node the MAC came from — one that woke up
+/// from a freeze — steers a bridge's forwarding entry away until the owner sends again, and a
+/// blade nobody asks anything sends nothing else. A little under a second, so that waking up
+/// late never stretches the gap between two announces beyond one.
+pub const ANNOUNCE_REFRESH: Duration = Duration::from_millis(900);
+/// How long a port waits for frames at most while an announce is due within
+/// [`POLL_INTERVAL`]. A fixed step rather than the exact time left, so the `recvmmsg` path's
+/// receive timeout (a socket option) changes rarely.
+const DUTY_TICK: Duration = Duration::from_millis(50);
+
+/// When one blade announces itself next.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct AnnounceSchedule {
+    /// When the next announce is due; `None` while the gate is closed, and after the single
+    /// announce of a blade that does not refresh.
+    next: Option<Instant>,
+    /// Announces of the opening burst left after the next one.
+    burst_left: u32,
+}
+
+impl AnnounceSchedule {
+    /// The gate opened at `now`: `burst` announces start now.
+    fn opened(&mut self, now: Instant, burst: u32) {
+        self.next = Some(now);
+        self.burst_left = burst.saturating_sub(1);
+    }
+
+    /// The gate is closed: nothing more until it opens again.
+    fn closed(&mut self) {
+        *self = AnnounceSchedule::default();
+    }
+
+    /// Whether an announce is due at `now`; if so, it counts as sent and the following one
+    /// is scheduled (after the burst, every [`ANNOUNCE_REFRESH`] if `refresh`).
+    fn take_due(&mut self, now: Instant, refresh: bool) -> bool {
+        if self.next.is_none_or(|due| due > now) {
+            return false;
+        }
+        self.next = if self.burst_left > 0 {
+            self.burst_left -= 1;
+            Some(now + ANNOUNCE_SPACING)
+        } else if refresh {
+            Some(now + ANNOUNCE_REFRESH)
+        } else {
+            None
+        };
+        true
+    }
+}
+
 /// What a port does between batches: reads every blade's gate for the coming batch,
-/// announces the blades whose gate just opened, and, once per [`RIVAL_CHECK_INTERVAL`],
-/// asks the wire whether anyone else answers for a guarded blade's address.
+/// announces the blades whose gate just opened (and keeps announcing those at a service MAC
+/// while it stays open), and, once per [`RIVAL_CHECK_INTERVAL`], asks the wire whether anyone
+/// else answers for a guarded blade's address.
 struct PortDuties {
     next_rival_check: Instant,
+    /// One per route, in route order.
+    announces: Vec<AnnounceSchedule>,
     scratch: Vec<u8>,
 }
 
 impl PortDuties {
-    fn new() -> PortDuties {
+    fn new(routes: &[Route]) -> PortDuties {
         PortDuties {
             next_rival_check: Instant::now(),
+            announces: vec![AnnounceSchedule::default(); routes.len()],
             scratch: vec![0u8; FRAME_BUFFER],
+        }
+    }
+
+    /// How long the frame path may wait for frames before these duties need running again.
+    fn wait_limit(&self, now: Instant) -> Duration {
+        let soonest = self.announces.iter().filter_map(|a| a.next).min();
+        match soonest {
+            Some(due) if due.saturating_duration_since(now) < POLL_INTERVAL => {
+                DUTY_TICK.min(POLL_INTERVAL)
+            }
+            _ => POLL_INTERVAL,
         }
     }
 
@@ -371,53 +541,86 @@ impl PortDuties {
         routes: &[Route],
         send: &mut dyn FnMut(&[u8]) -> io::Result<()>,
     ) {
-        for route in routes {
-            if route.refresh_gate() {
-                self.announce(iface, current, route, send);
+        let now = Instant::now();
+        for (route, schedule) in routes.iter().zip(&mut self.announces) {
+            let at_service_mac = route.service_mac.is_some();
+            let opened = route.refresh_gate();
+            if opened {
+                let burst = if at_service_mac {
+                    SERVICE_ANNOUNCE_BURST
+                } else {
+                    1
+                };
+                schedule.opened(now, burst);
+            } else if !route.open_this_batch.get() {
+                schedule.closed();
+            }
+            if schedule.take_due(now, at_service_mac) {
+                let blade_port = route.port_for(current);
+                announce(&mut self.scratch, iface, &blade_port, route, opened, send);
             }
         }
-        let now = Instant::now();
         if now < self.next_rival_check {
             return;
         }
         self.next_rival_check = now + RIVAL_CHECK_INTERVAL;
         for route in routes.iter().filter(|r| r.guard.is_some()) {
+            // A blade at a service MAC asks only while it serves: a query from the MAC would
+            // steer the bridges' forwarding entry for it to this node, away from the node that
+            // serves it now (and a blade that does not answer is nobody's rival).
+            if route.service_mac.is_some() && !route.open_this_batch.get() {
+                continue;
+            }
             let (shelf, slot) = route.address;
-            let query = probe::config_query(current.mac, shelf, slot);
+            let query = probe::config_query(route.port_for(current).mac, shelf, slot);
             if let Err(err) = send(&query) {
                 static QUERY_LOG: LogLimiter = LogLimiter::network();
                 warn_limited!(QUERY_LOG, iface = %iface.name, %err, "rival query not sent");
             }
         }
     }
+}
 
-    /// Sends the blade's unsolicited config response (broadcast, or to each masked MAC).
-    fn announce(
-        &mut self,
-        iface: &Interface,
-        current: &Port,
-        route: &Route,
-        send: &mut dyn FnMut(&[u8]) -> io::Result<()>,
-    ) {
-        let blade = route.lock();
-        for dst in blade.announce_destinations() {
-            let len = blade.announce(current, dst, &mut self.scratch);
-            // The gate opened an instant ago, but it is the gate at send time that counts.
-            if !route.may_send(1) {
-                return;
-            }
-            if let Err(err) = send(&self.scratch[..len]) {
-                tracing::warn!(blade = %blade.config().name(), iface = %iface.name, %err, "announce failed");
+/// Sends the blade's unsolicited config response from `port.mac` (broadcast, or to each
+/// masked MAC) and counts it. `first`: the first since the gate opened (logged).
+fn announce(
+    scratch: &mut [u8],
+    iface: &Interface,
+    port: &Port,
+    route: &Route,
+    first: bool,
+    send: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+) {
+    static ANNOUNCE_LOG: LogLimiter = LogLimiter::network();
+    let blade = route.lock();
+    for dst in blade.announce_destinations() {
+        let len = blade.announce(port, dst, scratch);
+        // The gate was open an instant ago, but it is the gate at send time that counts.
+        if !route.may_send(1) {
+            return;
+        }
+        match send(&scratch[..len]) {
+            Ok(()) => route.stats.count_announce(),
+            Err(err) => {
+                warn_limited!(ANNOUNCE_LOG, blade = %blade.config().name(), iface = %iface.name, %err, "announce failed")
             }
         }
-        tracing::info!(blade = %blade.config().name(), iface = %iface.name, "announced");
+    }
+    if first {
+        tracing::info!(blade = %blade.config().name(), iface = %iface.name, mac = %port.mac, "announced");
     }
 }
 
 /// Looks at a received frame before it is answered: a response is never answered, but one
-/// for a guarded blade's address from another MAC raises that blade's [`RivalAlarm`]. Returns
-/// whether the frame is a request to answer.
-fn screen(frame: &[u8], routes: &[Route], own: MacAddr) -> bool {
+/// for a guarded blade's address from another node raises that blade's [`RivalAlarm`].
+/// Returns whether the frame is a request to answer.
+///
+/// A blade at a service MAC never sends from the interface's MAC, and the port's socket never
+/// hears its own frames (`PACKET_IGNORE_OUTGOING`): a response for its address from its own
+/// service MAC comes from another node that took the MAC, and is a rival's too — the one kind
+/// of rival a query can never reach, as a bridge does not send a frame back to the port it
+/// learned the destination on, but whose refresh announces it hears.
+fn screen(frame: &[u8], routes: &[Route], interface_mac: MacAddr) -> bool {
     let Ok(view) = Frame::new_checked(frame) else {
         // The blade counts it.
         return true;
@@ -426,7 +629,7 @@ fn screen(frame: &[u8], routes: &[Route], own: MacAddr) -> bool {
         for route in routes {
             let Some(alarm) = &route.guard else { continue };
             let (shelf, slot) = route.address;
-            if let Some(rival) = probe::responder(frame, shelf, slot, own) {
+            if let Some(rival) = probe::responder(frame, shelf, slot, interface_mac) {
                 alarm.raise(rival, shelf, slot, Instant::now());
             }
         }
@@ -434,7 +637,8 @@ fn screen(frame: &[u8], routes: &[Route], own: MacAddr) -> bool {
     }
     // Our own rival queries, should the kernel loop them back (ignoring outgoing frames is
     // best effort): the blade must not answer its own question.
-    view.src() != own
+    let src = view.src();
+    src != interface_mac && routes.iter().all(|r| r.service_mac != Some(src))
 }
 
 /// The frame path of one interface: receive a batch, answer it in order, send the replies.
@@ -447,8 +651,14 @@ fn serve_port(mut port: PortHandle, routes: Vec<Route>, cancel: CancellationToke
 }
 
 /// Answers one frame with every blade it addresses whose gate was open when the batch began,
-/// writing replies through `emit` (given the route's index).
-fn answer(frame: &[u8], routes: &[Route], mut emit: impl FnMut(usize, &mut Blade) -> bool) {
+/// writing replies through `emit` (given the route's index and the port as that blade sees
+/// it, `interface` with the blade's service MAC if it has one).
+fn answer(
+    frame: &[u8],
+    routes: &[Route],
+    interface: &Port,
+    mut emit: impl FnMut(usize, &mut Blade, &Port) -> bool,
+) {
     // Cheap pre-filter; the blade does the full check.
     let Ok(view) = Frame::new_checked(frame) else {
         return;
@@ -457,7 +667,11 @@ fn answer(frame: &[u8], routes: &[Route], mut emit: impl FnMut(usize, &mut Blade
         return;
     }
     let (shelf, slot) = (view.shelf(), view.slot());
+    let dst = view.dst();
     for (index, route) in routes.iter().enumerate() {
+        if !route.takes(dst) {
+            continue;
+        }
         let mut blade = route.lock();
         if !blade.is_addressed(shelf, slot) {
             continue;
@@ -466,7 +680,7 @@ fn answer(frame: &[u8], routes: &[Route], mut emit: impl FnMut(usize, &mut Blade
             route.stats.count_gated(1);
             continue;
         }
-        if !emit(index, &mut blade) {
+        if !emit(index, &mut blade, &route.port_for(interface)) {
             return;
         }
     }
@@ -490,7 +704,7 @@ fn serve_port_ring(port: &mut PortHandle, routes: &[Route], cancel: &Cancellatio
         ..Run::default()
     };
     let replier = Replier::start(&port.iface);
-    let mut duties = PortDuties::new();
+    let mut duties = PortDuties::new(routes);
     while !cancel.is_cancelled() {
         if last_mtu_check.elapsed() >= POLL_INTERVAL {
             port.refresh_mtu();
@@ -500,7 +714,7 @@ fn serve_port_ring(port: &mut PortHandle, routes: &[Route], cancel: &Cancellatio
         let PortIo::Ring(ring) = &mut port.io else {
             return;
         };
-        let readable = match ring.wait_readable(POLL_INTERVAL) {
+        let readable = match ring.wait_readable(duties.wait_limit(Instant::now())) {
             Ok(readable) => readable,
             Err(err) => {
                 warn_limited!(error_log, iface = %port.iface.name, %err, "receive failed");
@@ -550,20 +764,22 @@ fn serve_port_ring(port: &mut PortHandle, routes: &[Route], cancel: &Cancellatio
                 }
                 None => {
                     run.complete(routes, rx, tx, replier.as_ref());
-                    answer(frame, routes, |index, blade| match tx.buffer() {
-                        Ok(out) => {
-                            if let Outcome::Reply(len) = blade.handle(frame, &current, out) {
-                                // Committing hands the slot to the kernel, which may send it
-                                // at any kick: the gate is asked now.
-                                if routes[index].may_send(1) {
-                                    tx.commit(len);
+                    answer(frame, routes, &current, |index, blade, port| {
+                        match tx.buffer() {
+                            Ok(out) => {
+                                if let Outcome::Reply(len) = blade.handle(frame, port, out) {
+                                    // Committing hands the slot to the kernel, which may send it
+                                    // at any kick: the gate is asked now.
+                                    if routes[index].may_send(1) {
+                                        tx.commit(len);
+                                    }
                                 }
+                                true
                             }
-                            true
-                        }
-                        Err(err) => {
-                            warn_limited!(error_log, %err, "no transmit slot");
-                            false
+                            Err(err) => {
+                                warn_limited!(error_log, %err, "no transmit slot");
+                                false
+                            }
                         }
                     });
                 }
@@ -582,12 +798,16 @@ fn serve_port_ring(port: &mut PortHandle, routes: &[Route], cancel: &Cancellatio
 
 /// The blade (route index) that takes `frame` as a plain transfer, if one does and its gate
 /// was open when the batch began (a closed blade's frames go to [`answer`], which counts them).
-fn prepare(frame: &[u8], routes: &[Route], port: &Port) -> Option<(usize, PreparedTransfer)> {
+fn prepare(frame: &[u8], routes: &[Route], interface: &Port) -> Option<(usize, PreparedTransfer)> {
+    let dst = MacAddr::from_bytes(frame.get(..6)?);
     routes
         .iter()
         .enumerate()
-        .filter(|(_, route)| route.open_this_batch.get())
-        .find_map(|(index, route)| Some((index, route.lock().prepare_transfer(frame, port)?)))
+        .filter(|(_, route)| route.open_this_batch.get() && route.takes(dst))
+        .find_map(|(index, route)| {
+            let port = route.port_for(interface);
+            Some((index, route.lock().prepare_transfer(frame, &port)?))
+        })
 }
 
 /// Adjacent transfers of one blade in one direction, waiting to be executed together.
@@ -875,7 +1095,7 @@ fn serve_port_socket(port: &PortHandle, routes: &[Route], cancel: &CancellationT
     let mut outbox_lens = vec![0usize; BATCH];
     // The route (blade) each reply in the outbox is from, for the gate check at send time.
     let mut outbox_routes = vec![0usize; BATCH];
-    let mut duties = PortDuties::new();
+    let mut duties = PortDuties::new(routes);
     let mut last_mtu_check = Instant::now();
     let error_log = LogLimiter::network();
     let send_log = LogLimiter::network();
@@ -884,7 +1104,8 @@ fn serve_port_socket(port: &PortHandle, routes: &[Route], cancel: &CancellationT
             port.refresh_mtu();
             last_mtu_check = Instant::now();
         }
-        let received = match socket.recv_batch(&mut inbox, &mut inbox_lens, POLL_INTERVAL) {
+        let wait = duties.wait_limit(Instant::now());
+        let received = match socket.recv_batch(&mut inbox, &mut inbox_lens, wait) {
             Ok(n) => n,
             Err(err) => {
                 warn_limited!(error_log, iface = %port.iface.name, %err, "receive failed");
@@ -903,9 +1124,9 @@ fn serve_port_socket(port: &PortHandle, routes: &[Route], cancel: &CancellationT
             if !screen(frame, routes, current.mac) {
                 continue;
             }
-            answer(frame, routes, |index, blade| {
+            answer(frame, routes, &current, |index, blade, blade_port| {
                 if let Outcome::Reply(reply_len) =
-                    blade.handle(frame, &current, &mut outbox[replies])
+                    blade.handle(frame, blade_port, &mut outbox[replies])
                 {
                     outbox_lens[replies] = reply_len;
                     outbox_routes[replies] = index;
@@ -972,5 +1193,178 @@ fn send_replies(
     }
     if let Err(err) = socket.send_batch(&frames) {
         warn_limited!(log, iface = %port.iface.name, %err, replies = frames.len(), "replies not sent");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::NullDevice;
+
+    const INTERFACE_MAC: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0x10]);
+    const SERVICE_MAC: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0x20]);
+    const CLIENT_MAC: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0x30]);
+
+    /// A route to blade e0.5 at `service_mac`, guarded by an alarm that counts its calls.
+    fn guarded_route(service_mac: Option<MacAddr>) -> (Route, Arc<AtomicU32>) {
+        let blade = Blade::new(
+            BladeConfig::new(0, 5),
+            Arc::new(NullDevice::new(1 << 20)) as Arc<dyn BlockDevice>,
+        );
+        let raised = Arc::new(AtomicU32::new(0));
+        let counter = raised.clone();
+        let alarm = RivalAlarm::new(move |_| {
+            counter.fetch_add(1, Ordering::Relaxed);
+        });
+        let route = Route {
+            stats: blade.stats(),
+            blade: Arc::new(Mutex::new(blade)),
+            gate: ServeGate::always_open(),
+            address: (0, 5),
+            guard: Some(Arc::new(alarm)),
+            service_mac,
+            open_this_batch: Cell::new(true),
+        };
+        (route, raised)
+    }
+
+    fn query_from(src: MacAddr) -> Vec<u8> {
+        probe::config_query(src, 0, 5)
+    }
+
+    fn answer_from(src: MacAddr) -> Vec<u8> {
+        let mut frame = query_from(src);
+        Frame::new_unchecked(&mut frame[..]).set_version_flags(aoe::VERSION, aoe::FLAG_RESPONSE);
+        frame
+    }
+
+    #[test]
+    fn a_blade_at_a_service_mac_takes_only_frames_to_it_or_broadcast() {
+        let (at_service_mac, _) = guarded_route(Some(SERVICE_MAC));
+        assert!(at_service_mac.takes(SERVICE_MAC));
+        assert!(at_service_mac.takes(MacAddr::BROADCAST));
+        assert!(!at_service_mac.takes(INTERFACE_MAC));
+        assert!(!at_service_mac.takes(CLIENT_MAC));
+        let (at_interface_mac, _) = guarded_route(None);
+        for dst in [SERVICE_MAC, MacAddr::BROADCAST, INTERFACE_MAC] {
+            assert!(at_interface_mac.takes(dst), "{dst}");
+        }
+        let interface = Port {
+            mac: INTERFACE_MAC,
+            mtu: 1500,
+        };
+        assert_eq!(at_service_mac.port_for(&interface).mac, SERVICE_MAC);
+        assert_eq!(at_interface_mac.port_for(&interface).mac, INTERFACE_MAC);
+    }
+
+    #[test]
+    fn another_node_answering_from_our_service_mac_is_a_rival() {
+        let (route, raised) = guarded_route(Some(SERVICE_MAC));
+        let routes = [route];
+        // Our socket never hears its own frames: an answer from the service MAC is another
+        // node's, one that took the MAC.
+        assert!(!screen(&answer_from(SERVICE_MAC), &routes, INTERFACE_MAC));
+        assert!(!screen(&answer_from(CLIENT_MAC), &routes, INTERFACE_MAC));
+        // The interface's MAC is the port's own.
+        assert!(!screen(&answer_from(INTERFACE_MAC), &routes, INTERFACE_MAC));
+        assert_eq!(raised.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn an_answer_from_the_interface_mac_is_not_a_rival_of_a_blade_at_it() {
+        let (route, raised) = guarded_route(None);
+        let routes = [route];
+        assert!(!screen(&answer_from(INTERFACE_MAC), &routes, INTERFACE_MAC));
+        assert!(!screen(&answer_from(CLIENT_MAC), &routes, INTERFACE_MAC));
+        assert_eq!(raised.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn our_own_queries_are_never_requests_to_answer() {
+        let (route, _) = guarded_route(Some(SERVICE_MAC));
+        let routes = [route];
+        assert!(!screen(&query_from(SERVICE_MAC), &routes, INTERFACE_MAC));
+        assert!(!screen(&query_from(INTERFACE_MAC), &routes, INTERFACE_MAC));
+        assert!(screen(&query_from(CLIENT_MAC), &routes, INTERFACE_MAC));
+    }
+
+    /// Announces `schedule` sends when looked at every `step` from `start` until `end`.
+    fn announces_between(
+        schedule: &mut AnnounceSchedule,
+        start: Instant,
+        end: Duration,
+        step: Duration,
+        refresh: bool,
+    ) -> Vec<Duration> {
+        let mut sent = Vec::new();
+        let mut at = Duration::ZERO;
+        while at <= end {
+            if schedule.take_due(start + at, refresh) {
+                sent.push(at);
+            }
+            at += step;
+        }
+        sent
+    }
+
+    #[test]
+    fn a_blade_at_its_interface_mac_announces_once_when_the_gate_opens() {
+        let start = Instant::now();
+        let mut schedule = AnnounceSchedule::default();
+        assert!(!schedule.take_due(start, false), "closed: nothing due");
+        schedule.opened(start, 1);
+        let sent = announces_between(
+            &mut schedule,
+            start,
+            Duration::from_secs(5),
+            Duration::from_millis(10),
+            false,
+        );
+        assert_eq!(sent, vec![Duration::ZERO]);
+    }
+
+    #[test]
+    fn a_service_mac_announces_a_burst_then_refreshes_while_open() {
+        let start = Instant::now();
+        let mut schedule = AnnounceSchedule::default();
+        schedule.opened(start, SERVICE_ANNOUNCE_BURST);
+        let sent = announces_between(
+            &mut schedule,
+            start,
+            Duration::from_millis(4_950),
+            Duration::from_millis(10),
+            true,
+        );
+        // Three 100 ms apart, then one every 900 ms: 0, 100, 200, 1100, 2000, 2900, 3800, 4700.
+        assert_eq!(sent.len(), 8, "{sent:?}");
+        assert_eq!(&sent[..3], &[0, 100, 200].map(Duration::from_millis));
+        for pair in sent.windows(2) {
+            assert!(pair[1] - pair[0] <= Duration::from_secs(1), "{sent:?}");
+        }
+    }
+
+    #[test]
+    fn announces_stop_when_the_gate_closes_and_restart_with_a_burst() {
+        let start = Instant::now();
+        let step = Duration::from_millis(10);
+        let mut schedule = AnnounceSchedule::default();
+        schedule.opened(start, SERVICE_ANNOUNCE_BURST);
+        let before = announces_between(&mut schedule, start, Duration::from_secs(2), step, true);
+        assert_eq!(before.len(), 5, "{before:?}");
+        schedule.closed();
+        let later = start + Duration::from_secs(3);
+        let while_closed =
+            announces_between(&mut schedule, later, Duration::from_secs(5), step, true);
+        assert!(while_closed.is_empty(), "{while_closed:?}");
+        let reopened = start + Duration::from_secs(10);
+        schedule.opened(reopened, SERVICE_ANNOUNCE_BURST);
+        let after = announces_between(
+            &mut schedule,
+            reopened,
+            Duration::from_millis(250),
+            step,
+            true,
+        );
+        assert_eq!(after.len(), 3, "{after:?}");
     }
 }

@@ -51,6 +51,9 @@ pub struct BladeStats {
     /// Replies withheld (and requests left unexecuted) because the serve gate was closed:
     /// another node may be answering for this address, so the initiator must retransmit.
     pub gated: AtomicU64,
+    /// Unsolicited config responses sent (when the gate opens and, for a blade at a service
+    /// MAC, the refreshes while it stays open).
+    pub announces: AtomicU64,
 }
 
 impl BladeStats {
@@ -76,6 +79,10 @@ impl BladeStats {
     /// Counts `n` replies withheld by the serve gate.
     pub(crate) fn count_gated(&self, n: u64) {
         self.gated.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_announce(&self) {
+        self.announces.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn count_error(&self, code: ErrorCode) {
@@ -114,7 +121,7 @@ impl BladeStats {
     pub fn summary(&self) -> String {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "requests={} replies={} reads={} writes={} flushes={} read_bytes={} written_bytes={} ata_errors={} aoe_errors={:?} dropped(truncated={} malformed={} masked={}) config_mismatches={} gated={}",
+            "requests={} replies={} reads={} writes={} flushes={} read_bytes={} written_bytes={} ata_errors={} aoe_errors={:?} dropped(truncated={} malformed={} masked={}) config_mismatches={} gated={} announces={}",
             get(&self.requests),
             get(&self.replies),
             get(&self.reads),
@@ -129,6 +136,7 @@ impl BladeStats {
             get(&self.dropped_masked),
             get(&self.config_mismatches),
             get(&self.gated),
+            get(&self.announces),
         )
     }
 }
