@@ -3,7 +3,11 @@
 //! Owns the only `unsafe` socket code in the crate: an `AF_PACKET` socket bound to one
 //! interface and one ethertype ([`PacketSocket`]), and interface queries (index, MAC, MTU).
 //! Everything above this module sees byte slices.
+//!
+//! Also owns the floating IP's kernel side ([`address`]): adding and removing an address over
+//! rtnetlink and announcing it with gratuitous ARP.
 
+pub mod address;
 mod packet;
 mod ring;
 

@@ -14,6 +14,7 @@
 //! (`parse(emit(r)) == r`) and a cargo-fuzz target (see `src/fuzz/`).
 
 pub mod aoe;
+pub mod arp;
 pub mod heartbeat;
 pub mod nbd;
 pub mod ondisk;
