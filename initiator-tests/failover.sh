@@ -255,6 +255,9 @@ sc_freeze() {
         stall $sc "${d}s freeze"
         info $sc "${d}s: primary after the wake" "${now_primary:-none} (was $prim)"
         client_checks $sc "freeze.$d"
+        # Every freeze is longer than the dead time: the secondary must have taken over (an
+        # earlier freeze must not have left it unable to).
+        check $sc "${d}s: $sec took over during the freeze" [ "$now_primary" == "$sec" ]
         if [[ $now_primary == "$sec" ]]; then
             wait_check $sc 30 "${d}s: the woken $prim rejoins as secondary" state_is "$prim" role Secondary || true
         fi

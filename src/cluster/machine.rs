@@ -1273,7 +1273,8 @@ impl Machine {
     }
 
     fn rival_answered(&mut self, out: &mut Vec<Action>) {
-        if !self.serving {
+        // Only a node that answers has a rival; one whose gate is shut hears its successor.
+        if !self.serving || self.authority() == Authority::Closed {
             return;
         }
         out.push(Action::Log(

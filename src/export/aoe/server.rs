@@ -565,10 +565,10 @@ impl PortDuties {
         }
         self.next_rival_check = now + RIVAL_CHECK_INTERVAL;
         for route in routes.iter().filter(|r| r.guard.is_some()) {
-            // A blade at a service MAC asks only while it serves: a query from the MAC would
-            // steer the bridges' forwarding entry for it to this node, away from the node that
-            // serves it now (and a blade that does not answer is nobody's rival).
-            if route.service_mac.is_some() && !route.open_this_batch.get() {
+            // A blade asks only while it answers: one that does not is nobody's rival (the
+            // node that answers instead is its rightful successor), and a query from a service
+            // MAC would steer the bridges' forwarding entry for it away from that node.
+            if !route.gate.may_answer() {
                 continue;
             }
             let (shelf, slot) = route.address;
@@ -628,6 +628,11 @@ fn screen(frame: &[u8], routes: &[Route], interface_mac: MacAddr) -> bool {
     if view.is_response() {
         for route in routes {
             let Some(alarm) = &route.guard else { continue };
+            // Multiple-mount protection guards a blade that answers: a node that woke from a
+            // pause with its gate shut hears its successor, which is no conflict.
+            if !route.gate.may_answer() {
+                continue;
+            }
             let (shelf, slot) = route.address;
             if let Some(rival) = probe::responder(frame, shelf, slot, interface_mac) {
                 alarm.raise(rival, shelf, slot, Instant::now());
