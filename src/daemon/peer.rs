@@ -139,6 +139,8 @@ pub struct Handshaken {
     pub params: ParametersRepr,
     /// The peer's generation UUIDs.
     pub uuids: UuidsRepr,
+    /// The generation UUIDs we told the peer (the engine checks they still hold).
+    pub sent_uuids: UuidsRepr,
     /// We hold "resolve conflicts" (our Hello nonce is the larger).
     pub resolve_conflicts: bool,
 }
@@ -209,6 +211,7 @@ pub fn handshake(
     }
 
     let (params, uuids) = ours();
+    let sent_uuids = uuids;
     conn.send(Message::Parameters(params))?;
     conn.send(Message::Uuids(uuids))?;
     let params = expect(&mut conn, "Parameters", |m| match m {
@@ -225,6 +228,7 @@ pub fn handshake(
         conn,
         params,
         uuids,
+        sent_uuids,
         resolve_conflicts,
     })
 }

@@ -409,6 +409,13 @@ impl Engine {
             return;
         }
         let ours = self.res.uuid_set(self.machine.uuid_flags());
+        // A new generation started while the handshake was in flight (a fenced peer's Outdated
+        // arrived meanwhile): the peer judged UUIDs we no longer hold. Start over, or the two
+        // sides would decide differently.
+        if (hs.sent_uuids.current, hs.sent_uuids.bitmap) != (ours.current, ours.bitmap) {
+            tracing::info!(resource = %self.res.spec.name, "our generation changed during the handshake: reconnecting");
+            return;
+        }
         let theirs: UuidSet = hs.uuids.into();
         static REFUSALS: LogLimiter = LogLimiter::new(Duration::from_secs(30), 2);
         // The machine judges the peer's terms (and may shrink the device) before anything of
