@@ -33,8 +33,10 @@ step() {
     printf '\n===== %s: %s\n' "$name" "$*"
     t0=$(date +%s.%N)
     set +e
-    "$@"
-    rc=$?
+    # Each step's output is kept too: a failed step's tail is repeated after the summary, so a
+    # log cut to its last lines still says why.
+    "$@" 2>&1 | tee "$step_logs/${#names[@]}.log"
+    rc=${PIPESTATUS[0]}
     set -e
     t1=$(date +%s.%N)
     names+=("$name")
@@ -49,6 +51,7 @@ step() {
 }
 
 t_all=$(date +%s.%N)
+step_logs=$(mktemp -d /tmp/twinblade-all.XXXXXX)
 
 # --- Rust: build and the unit/integration tests of the whole workspace. ------------------------------
 step "cargo build" cargo build --release --workspace
@@ -89,6 +92,11 @@ for i in "${!names[@]}"; do
     printf '  %-32s %-10s %8ss\n' "${names[$i]}" "${results[$i]}" "${times[$i]}"
 done
 printf '  %-32s %-10s %8ss\n' total "$( ((failed)) && echo FAIL || echo PASS)" "$total"
+for i in "${!names[@]}"; do
+    [[ ${results[$i]} == PASS ]] && continue
+    printf '\n===== the end of what %s printed\n' "${names[$i]}"
+    tail -n 40 "$step_logs/$i.log"
+done
 passed=0
 for r in "${results[@]}"; do [[ $r == PASS ]] && passed=$((passed + 1)); done
 echo "all.sh: $passed passed, $((${#results[@]} - passed)) failed"

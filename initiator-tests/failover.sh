@@ -411,6 +411,9 @@ done
 printf '\n===== failover summary\n'
 awk -F '\t' '{ printf "  %-11s %-5s %s%s\n", $1, $3, $2, ($4 == "" ? "" : ": " $4) }' "$summary"
 if ((${#failed[@]})); then
+    # Repeated last: a log cut to its tail still says what failed.
+    printf '\n===== failed checks\n'
+    awk -F '\t' '$3 == "FAIL" { printf "  %-11s %s%s\n", $1, $2, ($4 == "" ? "" : ": " $4) }' "$summary"
     log "FAILED: ${failed[*]}"
     exit 1
 fi
