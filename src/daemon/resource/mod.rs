@@ -58,7 +58,7 @@ mod applier;
 mod connector;
 mod engine;
 mod resync;
-mod service;
+pub mod service;
 mod status;
 mod verify;
 
