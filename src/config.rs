@@ -409,6 +409,7 @@ impl Resource {
     pub fn floating_ip(&self) -> Option<FloatingIp> {
         self.floating_ip.as_deref().and_then(|t| t.parse().ok())
     }
+
     /// The parsed AoE address (validated at load).
     pub fn aoe_address(&self) -> AoeAddress {
         self.aoe.parse().expect("validated at load")
@@ -438,7 +439,7 @@ impl Resource {
             fencing: self.fencing,
             heartbeat_dead_time: cluster.heartbeat_dead_time(),
             wire_recheck: defaults.wire_recheck,
-            takeover_delay: defaults.takeover_delay,
+            takeover_delay: cluster.takeover_delay(),
         }
     }
 
@@ -482,6 +483,19 @@ impl Cluster {
             self.heartbeat_dead_time
                 .unwrap_or(DEFAULT_HEARTBEAT_DEAD_TIME),
         )
+    }
+
+    /// How long the wire guard listens for anyone answering a shelf.slot: a fifth of the dead
+    /// time, at most 200 ms (the default profile's; the fast profile's 0.5 s gives 100 ms).
+    pub fn wire_guard_wait(&self) -> std::time::Duration {
+        (self.heartbeat_dead_time() / 5).min(std::time::Duration::from_millis(200))
+    }
+
+    /// The head start a primary gets over its secondary in the promotion gate (see
+    /// [`crate::cluster::machine`]): half the dead time, and at least two wire-guard waits, so
+    /// that a primary that passed its own gate answers before the secondary looks.
+    pub fn takeover_delay(&self) -> std::time::Duration {
+        (self.heartbeat_dead_time() / 2).max(self.wire_guard_wait() * 2)
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
