@@ -1,6 +1,7 @@
 //! The service group against a real kernel, in a namespace: it starts floating IP → AoE at
-//! the service MAC → NBD on the floating IP, stops in reverse leaving nothing behind, and a
-//! step that fails undoes the steps before it.
+//! the service MAC → NBD on the floating IP, stops in reverse leaving nothing behind, a step
+//! that fails undoes the steps before it, and the floating IP is announced (a burst, then a
+//! refresh) only while the serve gate is open.
 
 mod common;
 
@@ -14,8 +15,12 @@ use twinblade::block::null::NullDevice;
 use twinblade::block::BlockDevice;
 use twinblade::daemon::resource::service::{GroupError, ServiceGroup, ServiceSpec};
 use twinblade::export::aoe::{responders, RivalAlarm};
+use twinblade::ha::clock::LeaseClock;
+use twinblade::ha::gate::Authority;
 use twinblade::ha::gate::ServeGate;
+use twinblade::net::{Interface, PacketSocket};
 use twinblade::supervisor::Root;
+use twinblade::wire::arp::{self, ArpRepr};
 use twinblade::wire::MacAddr;
 
 const SERVICE_MAC: MacAddr = MacAddr([0x02, 0x54, 0x42, 0x5e, 0x00, 0x07]);
@@ -84,13 +89,21 @@ fn nbd_connects(lab: &Lab, port: u16) -> bool {
 
 /// Starts the group in the target namespace; the root (runtime and threads) lives there too.
 fn start(lab: &Lab, spec: ServiceSpec) -> (Root, Result<ServiceGroup, GroupError>) {
+    start_gated(lab, spec, ServeGate::always_open())
+}
+
+fn start_gated(
+    lab: &Lab,
+    spec: ServiceSpec,
+    gate: Arc<ServeGate>,
+) -> (Root, Result<ServiceGroup, GroupError>) {
     lab.in_target(move || {
         let root = Root::new("test", CancellationToken::new(), 1).unwrap();
         let device: Arc<dyn BlockDevice> = Arc::new(NullDevice::new(64 << 20));
         let started = ServiceGroup::start(
             &spec,
             device,
-            ServeGate::always_open(),
+            gate,
             RivalAlarm::new(|_| {}),
             &root.group("crew"),
         )
@@ -154,4 +167,57 @@ fn a_step_that_fails_undoes_the_steps_before_it() {
     assert!(err.to_string().contains("nosuch0"), "{err}");
     assert!(!nbd_connects(&lab, NBD_PORT));
     drop((root, root2));
+}
+
+/// Gratuitous ARPs for 10.77.0.100 heard in the client namespace within `window`.
+fn garps_heard(lab: &Lab, window: Duration) -> usize {
+    in_namespace(&lab.client_ns, move || {
+        let socket =
+            PacketSocket::open(&Interface::by_name("eth0").unwrap(), arp::ETHERTYPE).unwrap();
+        let mut buf = vec![0u8; 2048];
+        let until = std::time::Instant::now() + window;
+        let mut heard = 0;
+        while std::time::Instant::now() < until {
+            let Some(len) = socket.recv(&mut buf, Duration::from_millis(20)).unwrap() else {
+                continue;
+            };
+            let garp = arp::Packet::new_checked(&buf[..len])
+                .and_then(|p| ArpRepr::parse(&p))
+                .is_ok_and(|r| r.is_gratuitous() && r.sender_ip.to_string() == "10.77.0.100");
+            heard += usize::from(garp);
+        }
+        heard
+    })
+}
+
+#[test]
+fn the_floating_ip_is_announced_only_while_the_gate_is_open() {
+    let lab = lab();
+    let gate = ServeGate::new(LeaseClock::new());
+    let (root, group) = start_gated(&lab, spec(NBD_PORT + 1), gate.clone());
+    let group = group.unwrap();
+    assert!(holds_floating_ip(&lab));
+    assert_eq!(
+        garps_heard(&lab, Duration::from_millis(700)),
+        0,
+        "announced through a shut gate"
+    );
+    gate.set(Authority::Open);
+    // The burst: five, 200 ms apart; then one a second.
+    let burst = garps_heard(&lab, Duration::from_millis(1100));
+    assert!(
+        (4..=6).contains(&burst),
+        "{burst} announcements in the first 1.1 s"
+    );
+    let refresh = garps_heard(&lab, Duration::from_millis(2500));
+    assert!((2..=3).contains(&refresh), "{refresh} refreshes in 2.5 s");
+    gate.set(Authority::Closed);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        garps_heard(&lab, Duration::from_millis(1500)),
+        0,
+        "announced after the gate shut"
+    );
+    lab.in_target(move || group.stop("r0"));
+    drop(root);
 }

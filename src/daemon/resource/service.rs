@@ -25,6 +25,10 @@ use crate::wire::MacAddr;
 const GARP_COUNT: u32 = 5;
 /// Time between them.
 const GARP_INTERVAL: Duration = Duration::from_millis(200);
+/// Then one this often while serving.
+const GARP_REFRESH: Duration = Duration::from_secs(1);
+/// How often a closed gate is looked at again.
+const GATE_POLL: Duration = Duration::from_millis(20);
 
 /// What the group serves and where.
 pub struct ServiceSpec {
@@ -79,6 +83,8 @@ pub enum GroupError {
 /// the interface: stop it.
 pub struct ServiceGroup {
     ip: Option<(String, FloatingIp)>,
+    /// The thread that announces the floating IP.
+    announcer: Option<Supervisor>,
     aoe: Option<AoeServer>,
     nbd: Option<crate::daemon::NbdHandle>,
 }
@@ -103,12 +109,13 @@ impl ServiceGroup {
     ) -> Result<Started, GroupError> {
         let mut group = ServiceGroup {
             ip: None,
+            announcer: None,
             aoe: None,
             nbd: None,
         };
         let mut ip_up = None;
         if let Some(ip) = spec.floating_ip {
-            if let Err(e) = group.raise_ip(spec, ip, crew) {
+            if let Err(e) = group.raise_ip(spec, ip, gate.clone(), crew) {
                 group.stop(&spec.name);
                 return Err(e);
             }
@@ -154,12 +161,13 @@ impl ServiceGroup {
         Ok(Started { group, ip_up })
     }
 
-    /// Adds the floating IP (a stale copy left by a killed daemon counts as added) and
-    /// announces it: the first gratuitous ARP now, the rest from a thread of the crew.
+    /// Adds the floating IP (a stale copy left by a killed daemon counts as added) and starts
+    /// announcing it (see [`announce_while_serving`]).
     fn raise_ip(
         &mut self,
         spec: &ServiceSpec,
         ip: FloatingIp,
+        gate: Arc<ServeGate>,
         crew: &Supervisor,
     ) -> Result<(), GroupError> {
         let failed = |source| GroupError::FloatingIp {
@@ -176,25 +184,17 @@ impl ServiceGroup {
         self.ip = Some((spec.interface.clone(), ip));
         tracing::info!(resource = %spec.name, "floating IP {ip} up on {}", spec.interface);
         if let IpAddr::V4(v4) = ip.address {
-            // From the interface's own MAC: the kernel's IP stack answers only there (the
-            // service MAC is joined by the AoE socket alone).
+            let announcer = crew.group("garp");
             let interface = spec.interface.clone();
             let name = spec.name.clone();
-            let announce = move |_| {
-                let mac = match crate::net::Interface::by_name(&interface) {
-                    Ok(port) => port.mac,
-                    Err(e) => {
-                        tracing::warn!(resource = %name, "gratuitous ARP for {v4}: {e}");
-                        return;
-                    }
-                };
-                if let Err(e) = address::announce(&interface, v4, mac, GARP_COUNT, GARP_INTERVAL) {
-                    tracing::warn!(resource = %name, "gratuitous ARP for {v4}: {e}");
-                }
-            };
-            if let Err(e) = crew.spawn("garp", announce) {
+            let waits = announcer.clone();
+            let started = announcer.spawn("garp", move |token| {
+                announce_while_serving(&name, &interface, v4, &gate, &waits, &token)
+            });
+            if let Err(e) = started {
                 tracing::warn!(resource = %spec.name, "cannot announce {ip}: {e}");
             }
+            self.announcer = Some(announcer);
         }
         Ok(())
     }
@@ -213,8 +213,59 @@ impl ServiceGroup {
             aoe.stop();
             tracing::info!(resource = %name, "stopped serving over AoE");
         }
+        if let Some(announcer) = self.announcer.take() {
+            announcer.stop();
+        }
         if let Some((interface, ip)) = self.ip.take() {
             drop_floating_ip(name, &interface, &ip);
+        }
+    }
+}
+
+/// Gratuitous ARPs for the floating IP while this node serves: [`GARP_COUNT`] of them
+/// [`GARP_INTERVAL`] apart, then one every [`GARP_REFRESH`] (keepalived's
+/// `garp_master_refresh`) — but only while the serve gate lets the node answer, so a node
+/// whose lease ran out (frozen, cut off) claims nothing. The refresh is what corrects a
+/// neighbour that a node frozen while serving (its kernel still holds the address and answers
+/// ARP) steered back to itself, until that node wakes and drops the address.
+///
+/// From the interface's own MAC: the kernel's IP stack answers only there (the virtual MAC is
+/// joined by the AoE socket alone).
+fn announce_while_serving(
+    name: &str,
+    interface: &str,
+    ip: std::net::Ipv4Addr,
+    gate: &ServeGate,
+    waits: &Supervisor,
+    token: &tokio_util::sync::CancellationToken,
+) {
+    let mac = match crate::net::Interface::by_name(interface) {
+        Ok(port) => port.mac,
+        Err(e) => {
+            tracing::warn!(resource = %name, "gratuitous ARP for {ip}: {e}");
+            return;
+        }
+    };
+    static FAILURES: crate::ratelimit::LogLimiter =
+        crate::ratelimit::LogLimiter::new(Duration::from_secs(60), 2);
+    let mut sent = 0u32;
+    loop {
+        // The group starts before the engine opens the gate: look again soon until it does.
+        let pause = if !gate.may_answer() {
+            GATE_POLL
+        } else {
+            if let Err(e) = address::announce(interface, ip, mac, 1, Duration::ZERO) {
+                crate::warn_limited!(FAILURES, resource = %name, "gratuitous ARP for {ip}: {e}");
+            }
+            sent += 1;
+            if sent < GARP_COUNT {
+                GARP_INTERVAL
+            } else {
+                GARP_REFRESH
+            }
+        };
+        if !waits.sleep_on(token, pause) {
+            return;
         }
     }
 }
