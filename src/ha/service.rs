@@ -467,6 +467,12 @@ impl Heartbeat {
         self.shared.peer_dead_at(&st, Instant::now())
     }
 
+    /// The peer is heard on some path now (not silent for the dead time on at least one).
+    pub fn peer_heard(&self) -> bool {
+        let st = lock(&self.shared.state);
+        !st.liveness.peer_dead(Instant::now())
+    }
+
     /// What the peer last announced for `resource`; `None` if it never did or it is dead.
     pub fn peer_resource(&self, resource: &str) -> Option<PeerResource> {
         let st = lock(&self.shared.state);

@@ -268,7 +268,7 @@ impl Engine {
             self.step(Event::StoodStill { length: quiet });
         }
         let hb = &self.res.heartbeat;
-        let heard = hb.paths().iter().any(|p| !p.silent);
+        let heard = hb.peer_heard();
         let now = if heard {
             Some(Event::PeerHeard(hb.peer_resource(&self.res.spec.name).map(
                 |p| PeerSeen {
