@@ -55,6 +55,8 @@ use crate::meta::layout::{
     LayoutParams, DEFAULT_AL_EXTENTS, DEFAULT_AL_EXTENT_SHIFT, MIN_AL_EXTENTS,
 };
 use crate::wire::repl::{ChecksumAlg, Durability, ReplProtocol};
+use crate::net::address::FloatingIp;
+use crate::wire::MacAddr;
 
 /// The default configuration file.
 pub const DEFAULT_PATH: &str = "/etc/twinblade.toml";
@@ -235,8 +237,17 @@ pub struct Resource {
     /// The node that becomes primary when both are healthy (default: none; the first to have
     /// UpToDate data while the other does not).
     pub preferred_primary: Option<String>,
-    /// Also export the device over NBD on this `ADDRESS:PORT` while primary.
+    /// Also export the device over NBD on this `ADDRESS:PORT` while primary (with a floating
+    /// IP, normally that address: NBD starts after it is up and stops before it goes).
     pub nbd: Option<std::net::SocketAddr>,
+    /// The MAC the blade answers from: `"auto"` (default: a locally administered address
+    /// derived from the two node names and the shelf.slot, the same on both nodes, so the
+    /// initiators' frames follow the service), `"own"` (the interface's own MAC, as vblade),
+    /// or an address (`"02:00:5e:10:00:03"`). See [`Resource::service_mac`].
+    pub mac: Option<String>,
+    /// An address that moves with the primary, `ADDRESS/PREFIX` (`"10.77.0.100/24"`), put on
+    /// the client-facing interface while this node serves (heartbeat's `IPaddr`).
+    pub floating_ip: Option<String>,
     /// `"resource-only"` (default) or `"dont-care"` (DRBD's `fencing`; see
     /// [`crate::cluster::machine`]).
     #[serde(default = "default_fencing", deserialize_with = "fencing_word")]
@@ -379,6 +390,24 @@ impl Resource {
         }
     }
 
+
+    /// The MAC the blade answers from while served, `None` for the interface's own (checked
+    /// by [`Config::load`]). `nodes` are the cluster's two node names.
+    pub fn service_mac(&self, nodes: (&str, &str)) -> Option<MacAddr> {
+        match self.mac.as_deref() {
+            None | Some("auto") => {
+                let aoe = self.aoe_address();
+                Some(crate::export::aoe::service_mac_for(nodes, aoe.shelf, aoe.slot))
+            }
+            Some("own") => None,
+            Some(text) => text.parse().ok(),
+        }
+    }
+
+    /// The floating IP, if any (checked by [`Config::load`]).
+    pub fn floating_ip(&self) -> Option<FloatingIp> {
+        self.floating_ip.as_deref().and_then(|t| t.parse().ok())
+    }
     /// The parsed AoE address (validated at load).
     pub fn aoe_address(&self) -> AoeAddress {
         self.aoe.parse().expect("validated at load")
@@ -572,6 +601,8 @@ impl Config {
         self.validate_heartbeat_paths()?;
         let mut aoe_seen: HashMap<AoeAddress, &str> = HashMap::new();
         let mut port_seen: HashMap<u16, &str> = HashMap::new();
+        let mut mac_seen: HashMap<MacAddr, &str> = HashMap::new();
+        let mut ip_seen: HashMap<std::net::IpAddr, &str> = HashMap::new();
         for (rname, res) in &self.resources {
             let key = |k: &str| format!("resource.{rname}.{k}");
             let aoe: AoeAddress = res.aoe.parse().map_err(|e| (key("aoe"), e))?;
@@ -590,6 +621,7 @@ impl Config {
                     format!("{} is already used by resource {other}", res.port),
                 ));
             }
+            self.validate_service(rname, res, &mut mac_seen, &mut ip_seen)?;
             if let Some(al) = res.al_extents {
                 if !(MIN_AL_EXTENTS..=65534).contains(&al) {
                     return Err((
@@ -684,6 +716,63 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The service keys of one resource: its MAC and floating IP parse, are usable, and are
+    /// not another resource's.
+    fn validate_service<'a>(
+        &self,
+        rname: &'a str,
+        res: &Resource,
+        mac_seen: &mut HashMap<MacAddr, &'a str>,
+        ip_seen: &mut HashMap<std::net::IpAddr, &'a str>,
+    ) -> Result<(), (String, String)> {
+        let key = |k: &str| format!("resource.{rname}.{k}");
+        if let Some(text) = res.mac.as_deref() {
+            if !matches!(text, "auto" | "own") {
+                let mac: MacAddr = text.parse().map_err(|e| {
+                    (
+                        key("mac"),
+                        format!("{text:?} is not \"auto\", \"own\" or a MAC address: {e}"),
+                    )
+                })?;
+                crate::export::aoe::check_service_mac(mac)
+                    .map_err(|e| (key("mac"), e.to_string()))?;
+            }
+        }
+        let names = self.node_names();
+        if let Some(mac) = res.service_mac((names.0, names.1)) {
+            if let Some(other) = mac_seen.insert(mac, rname) {
+                return Err((key("mac"), format!("{mac} is already used by resource {other}")));
+            }
+        }
+        if let Some(text) = res.floating_ip.as_deref() {
+            let ip: FloatingIp = text.parse().map_err(|e: crate::net::address::FloatingIpParseError| (key("floating-ip"), e.to_string()))?;
+            if let Some(other) = ip_seen.insert(ip.address, rname) {
+                return Err((
+                    key("floating-ip"),
+                    format!("{} is already used by resource {other}", ip.address),
+                ));
+            }
+            if let Some((node, _)) = self.nodes.iter().find(|(_, n)| {
+                n.address == ip.address || n.heartbeat_addresses().contains(&ip.address)
+            }) {
+                return Err((
+                    key("floating-ip"),
+                    format!("{} is node {node}'s own address; a floating IP must be one no node holds", ip.address),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The two node names, in the file's order (checked: exactly two).
+    fn node_names(&self) -> (&str, &str) {
+        let mut it = self.nodes.keys();
+        (
+            it.next().map_or("", String::as_str),
+            it.next().map_or("", String::as_str),
+        )
     }
 
     fn validate_heartbeat_paths(&self) -> Result<(), (String, String)> {

@@ -456,6 +456,7 @@ impl Machine {
             }
             Event::WireChecked { answered } => self.wire_checked(answered, &mut out),
             Event::RivalAnswered => self.rival_answered(&mut out),
+            Event::ServiceFailed => self.service_failed(&mut out),
             Event::StoodStill { length } => self.stood_still(length, &mut out),
             Event::Tick => self.tick(now, &mut out),
         }
@@ -1287,6 +1288,25 @@ impl Machine {
         self.promote_alone = false;
         self.held_secondary = true;
         self.rival = true;
+    }
+
+    fn service_failed(&mut self, out: &mut Vec<Action>) {
+        if self.role != Role::Primary {
+            return;
+        }
+        out.push(Action::Log(
+            "the service could not start: demoting; `primary` tries again".into(),
+        ));
+        out.push(Action::Notify(Notification::Change {
+            object: "resource",
+            key: "service",
+            value: "failed".into(),
+        }));
+        self.role = Role::Secondary;
+        self.alone = false;
+        self.fencing_peer = false;
+        self.promote_alone = false;
+        self.held_secondary = true;
     }
 
     /// Emits notifications, serving edges and state messages for what changed in this step.

@@ -528,6 +528,16 @@ fn ha_text(ha: &HaSnapshot) -> String {
                 .map_or_else(|| "-".into(), |d| format!("{}us", d.as_micros()))
         );
     }
+    t += &format!(
+        "\n  service mac:{}",
+        ha.service_mac.map_or_else(|| "own".into(), |m| m.to_string())
+    );
+    if let Some((ip, held)) = &ha.floating_ip {
+        t += &format!(
+            " floating-ip:{ip} held:{}",
+            held.map_or_else(|| "unknown".into(), |h| h.to_string())
+        );
+    }
     if let Some(line) = &ha.last_failover {
         t += &format!("\n  last failover: {line}");
     }
@@ -554,7 +564,7 @@ fn ha_json(ha: &HaSnapshot) -> String {
         })
         .collect();
     format!(
-        "{{\"gate\":\"{}\",\"answering\":{},\"lease-left-ms\":{},\"lease-lapses\":{},\"outdate-request\":{},\"peer-heard\":{},\"paths\":[{}],\"last-failover\":{}}}",
+        "{{\"gate\":\"{}\",\"answering\":{},\"lease-left-ms\":{},\"lease-lapses\":{},\"outdate-request\":{},\"peer-heard\":{},\"paths\":[{}],\"last-failover\":{},\"service-mac\":{},\"floating-ip\":{},\"floating-ip-held\":{}}}",
         ha.authority.map_or("-".into(), |a| a.to_string()),
         ha.answering,
         num(ha.lease_left, |d| d.as_millis()),
@@ -564,7 +574,14 @@ fn ha_json(ha: &HaSnapshot) -> String {
         paths.join(","),
         ha.last_failover
             .as_ref()
-            .map_or_else(|| "null".into(), |l| format!("\"{}\"", esc(l)))
+            .map_or_else(|| "null".into(), |l| format!("\"{}\"", esc(l))),
+        ha.service_mac
+            .map_or_else(|| "null".into(), |m| format!("\"{m}\"")),
+        ha.floating_ip
+            .map_or_else(|| "null".into(), |(ip, _)| format!("\"{ip}\"")),
+        ha.floating_ip
+            .and_then(|(_, held)| held)
+            .map_or_else(|| "null".into(), |h| h.to_string()),
     )
 }
 
