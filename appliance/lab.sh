@@ -30,7 +30,7 @@
 #                       daemon gets SIGKILL. Then waits (unless --no-wait) until the other node
 #                       serves and prints how long that took.
 #   appliance/lab.sh kill NODE          a daemon crash on a node that stays up: SIGKILL, links stay.
-#   appliance/lab.sh heal NODE [--no-wait]   links up, SIGCONT, daemon restarted if it is gone;
+#   appliance/lab.sh heal NODE [--no-wait]   daemon restarted if it is gone, links up, SIGCONT;
 #                       waits (unless --no-wait) until both disks are UpToDate again.
 #   appliance/lab.sh cut replication|client NODE   that node's link on that network goes down
 #                       (`heal NODE` brings it back)
@@ -793,15 +793,19 @@ cmd_heal() { # NODE [--no-wait]
     local node=${1:-} wait=1 pid started=0
     need_pair "$node"
     [[ ${2:-} == --no-wait ]] && wait=0
-    ip link set "$(veth_of "tb-$node")" up
-    ip link set "$(rveth_of "tb-$node")" up
     if pid=$(node_pid "$node"); then
+        ip link set "$(veth_of "tb-$node")" up
+        ip link set "$(rveth_of "tb-$node")" up
         kill -CONT "$pid"
         echo "healed $node: links up, daemon pid $pid running (SIGCONT sent)"
     else
+        # As a machine powering on: the daemon starts (and removes a stale floating IP) while
+        # the links are still coming up.
         node_start "$node"
+        ip link set "$(veth_of "tb-$node")" up
+        ip link set "$(rveth_of "tb-$node")" up
         started=1
-        echo "healed $node: links up, daemon restarted (pid $(cat "$state_dir/$node.pid"))"
+        echo "healed $node: daemon restarted (pid $(cat "$state_dir/$node.pid")), links up"
     fi
     watch_hint "$node"
     if ((wait)); then
