@@ -687,7 +687,8 @@ cmd_status() {
                 local st
                 st=$(awk '{print $3}' "/proc/$pid/stat")
                 echo "$node: pid $pid$([[ $st == T ]] && echo ' (frozen: SIGSTOP)')" \
-                    "$(timeout 2 "$(twinblade_bin)" status --control "$state_dir/$node.sock" r0 2>/dev/null | head -1)"
+                    "$(timeout 2 "$(twinblade_bin)" status --control "$state_dir/$node.sock" r0 2>/dev/null |
+                        grep -E '^r0 |disk:|service ' | sed 's/^ *//' | tr '\n' ' ')"
             else
                 echo "$node: not running"
                 up=0
@@ -738,7 +739,7 @@ watch_hint() { # NODE: what to look at while it happens
     cat <<EOF
   watch:  $bin status --control $state_dir/$1.sock r0
           $bin events --control $state_dir/$1.sock r0     (the failover's state changes as they happen)
-          $0 status                                    (who holds the floating IP)
+          $0 status                                    (roles$([[ -n ${LAB_FLOATING_IP:-} ]] && echo ", who holds the floating IP"))
 EOF
 }
 serving() { # NODE: Primary and serving
