@@ -420,9 +420,11 @@ else
     p=$(wait_primary 30) || die "no primary before the kill -9 test"
     s=$(other "$p")
     mac_p=$(own_mac "$p") mac_s=$(own_mac "$s")
+    command -v tshark >/dev/null || die "tshark missing (the kill -9 test captures ARP with it; see .ci/run)"
     ip netns exec tb-client tshark -q -i eth0 -f arp -w "$run/arp.pcap" >/dev/null 2>&1 &
     capture_pid=$!
-    sleep 2 # tshark takes a moment before it captures
+    for _ in $(seq 50); do [[ -s $run/arp.pcap ]] && break; sleep 0.1; done
+    sleep 0.5 # tshark writes the file's header just before it captures
     kout=$("$lab" kill "$p" 2>&1)
     took=$(sed -n 's/.* is Primary and serving \([0-9.]*\) s after.*/\1/p' <<<"$kout")
     sleep 1.5 # the gratuitous ARPs: 5 x 200 ms
