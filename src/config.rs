@@ -54,8 +54,8 @@ use serde::Deserialize;
 use crate::meta::layout::{
     LayoutParams, DEFAULT_AL_EXTENTS, DEFAULT_AL_EXTENT_SHIFT, MIN_AL_EXTENTS,
 };
-use crate::wire::repl::{ChecksumAlg, Durability, ReplProtocol};
 use crate::net::address::FloatingIp;
+use crate::wire::repl::{ChecksumAlg, Durability, ReplProtocol};
 use crate::wire::MacAddr;
 
 /// The default configuration file.
@@ -390,14 +390,15 @@ impl Resource {
         }
     }
 
-
     /// The MAC the blade answers from while served, `None` for the interface's own (checked
     /// by [`Config::load`]). `nodes` are the cluster's two node names.
     pub fn service_mac(&self, nodes: (&str, &str)) -> Option<MacAddr> {
         match self.mac.as_deref() {
             None | Some("auto") => {
                 let aoe = self.aoe_address();
-                Some(crate::export::aoe::service_mac_for(nodes, aoe.shelf, aoe.slot))
+                Some(crate::export::aoe::service_mac_for(
+                    nodes, aoe.shelf, aoe.slot,
+                ))
             }
             Some("own") => None,
             Some(text) => text.parse().ok(),
@@ -408,6 +409,7 @@ impl Resource {
     pub fn floating_ip(&self) -> Option<FloatingIp> {
         self.floating_ip.as_deref().and_then(|t| t.parse().ok())
     }
+
     /// The parsed AoE address (validated at load).
     pub fn aoe_address(&self) -> AoeAddress {
         self.aoe.parse().expect("validated at load")
@@ -437,7 +439,7 @@ impl Resource {
             fencing: self.fencing,
             heartbeat_dead_time: cluster.heartbeat_dead_time(),
             wire_recheck: defaults.wire_recheck,
-            takeover_delay: defaults.takeover_delay,
+            takeover_delay: cluster.takeover_delay(),
         }
     }
 
@@ -481,6 +483,19 @@ impl Cluster {
             self.heartbeat_dead_time
                 .unwrap_or(DEFAULT_HEARTBEAT_DEAD_TIME),
         )
+    }
+
+    /// How long the wire guard listens for anyone answering a shelf.slot: a fifth of the dead
+    /// time, at most 200 ms (the default profile's; the fast profile's 0.5 s gives 100 ms).
+    pub fn wire_guard_wait(&self) -> std::time::Duration {
+        (self.heartbeat_dead_time() / 5).min(std::time::Duration::from_millis(200))
+    }
+
+    /// The head start a primary gets over its secondary in the promotion gate (see
+    /// [`crate::cluster::machine`]): half the dead time, and at least two wire-guard waits, so
+    /// that a primary that passed its own gate answers before the secondary looks.
+    pub fn takeover_delay(&self) -> std::time::Duration {
+        (self.heartbeat_dead_time() / 2).max(self.wire_guard_wait() * 2)
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
@@ -743,11 +758,18 @@ impl Config {
         let names = self.node_names();
         if let Some(mac) = res.service_mac((names.0, names.1)) {
             if let Some(other) = mac_seen.insert(mac, rname) {
-                return Err((key("mac"), format!("{mac} is already used by resource {other}")));
+                return Err((
+                    key("mac"),
+                    format!("{mac} is already used by resource {other}"),
+                ));
             }
         }
         if let Some(text) = res.floating_ip.as_deref() {
-            let ip: FloatingIp = text.parse().map_err(|e: crate::net::address::FloatingIpParseError| (key("floating-ip"), e.to_string()))?;
+            let ip: FloatingIp =
+                text.parse()
+                    .map_err(|e: crate::net::address::FloatingIpParseError| {
+                        (key("floating-ip"), e.to_string())
+                    })?;
             if let Some(other) = ip_seen.insert(ip.address, rname) {
                 return Err((
                     key("floating-ip"),
@@ -759,7 +781,10 @@ impl Config {
             }) {
                 return Err((
                     key("floating-ip"),
-                    format!("{} is node {node}'s own address; a floating IP must be one no node holds", ip.address),
+                    format!(
+                        "{} is node {node}'s own address; a floating IP must be one no node holds",
+                        ip.address
+                    ),
                 ));
             }
         }
@@ -1267,6 +1292,77 @@ meta-disk = "internal"
                 al_extents: 6433,
                 al_extent_shift: 20
             }
+        );
+    }
+
+    #[test]
+    fn service_mac_and_floating_ip() {
+        let c = Config::parse(GOOD, "/etc/twinblade.toml").unwrap();
+        let r0 = c.resource("r0").unwrap();
+        // Default: the derived MAC, the same whichever node asks.
+        let derived = crate::export::aoe::service_mac_for(("alpha", "beta"), 0, 3);
+        assert_eq!(r0.service_mac(("alpha", "beta")), Some(derived));
+        assert_eq!(r0.service_mac(("beta", "alpha")), Some(derived));
+        assert_eq!(r0.floating_ip(), None);
+        let with = |keys: &str| GOOD.replace("port = 7788\n", &format!("port = 7788\n{keys}\n"));
+        let c = Config::parse(
+            &with("mac = \"own\"\nfloating-ip = \"10.77.0.100/24\""),
+            "/etc/twinblade.toml",
+        )
+        .unwrap();
+        let r0 = c.resource("r0").unwrap();
+        assert_eq!(r0.service_mac(("alpha", "beta")), None);
+        assert_eq!(r0.floating_ip().unwrap().to_string(), "10.77.0.100/24");
+        let c = Config::parse(&with("mac = \"02:00:5e:10:00:03\""), "/etc/twinblade.toml").unwrap();
+        assert_eq!(
+            c.resource("r0")
+                .unwrap()
+                .service_mac(("alpha", "beta"))
+                .unwrap()
+                .to_string(),
+            "02:00:5e:10:00:03"
+        );
+        for (keys, expect) in [
+            (
+                "mac = \"nope\"",
+                "resource.r0.mac: \"nope\" is not \"auto\", \"own\" or a MAC address",
+            ),
+            (
+                "mac = \"01:00:5e:00:00:01\"",
+                "resource.r0.mac: 01:00:5e:00:00:01 is a multicast",
+            ),
+            (
+                "floating-ip = \"10.77.0.100\"",
+                "resource.r0.floating-ip: floating IP \"10.77.0.100\" has no prefix length",
+            ),
+            (
+                "floating-ip = \"10.77.0.300/24\"",
+                "resource.r0.floating-ip: floating IP \"10.77.0.300/24\": \"10.77.0.300\" is not",
+            ),
+            (
+                "floating-ip = \"192.168.100.1/24\"",
+                "is node alpha's own address",
+            ),
+        ] {
+            let e = err(&with(keys));
+            assert!(e.contains(expect), "{keys}: {e}");
+        }
+        // Two resources may not share a MAC or a floating IP.
+        let shared = |keys: &str| {
+            format!(
+                "{GOOD}[resource.r1]\naoe = \"e0.4\"\nport = 7789\n{keys}\n[resource.r1.on.alpha]\ndisk = \"/a\"\nmeta-disk = \"internal\"\n[resource.r1.on.beta]\ndisk = \"/b\"\nmeta-disk = \"internal\"\n"
+            )
+            .replace("port = 7788\n", &format!("port = 7788\n{keys}\n"))
+        };
+        let e = err(&shared("mac = \"02:00:5e:10:00:03\""));
+        assert!(
+            e.contains("resource.r1.mac: 02:00:5e:10:00:03 is already used by resource r0"),
+            "{e}"
+        );
+        let e = err(&shared("floating-ip = \"10.77.0.100/24\""));
+        assert!(
+            e.contains("resource.r1.floating-ip: 10.77.0.100 is already used by resource r0"),
+            "{e}"
         );
     }
 

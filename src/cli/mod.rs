@@ -55,6 +55,9 @@ pub enum Command {
     DumpMd(DumpMdArgs),
     /// Run the node: replicate, fail over, serve AoE/NBD while primary (foreground).
     Run(crate::daemon::RunArgs),
+    /// Remove this node's floating IPs a killed daemon left on its interface (a service
+    /// manager's stop hook; refused while the daemon runs).
+    ReleaseIps(crate::daemon::RunArgs),
     /// Roles, connection and disk states, out-of-sync bytes, resync progress, I/O counters.
     Status(StatusArgs),
     /// A stream of state changes, like `drbdsetup events2`.
@@ -96,6 +99,7 @@ pub fn main() -> i32 {
         Command::CreateMd(args) => md::run_create_md(args),
         Command::DumpMd(args) => md::run_dump_md(args),
         Command::Run(args) => run::run(args),
+        Command::ReleaseIps(args) => run::release_ips(args),
         Command::Status(a) => ctl::request("status", &a.res, &[("--json", a.json)]),
         Command::Events(a) => ctl::request("events", &a.res, &[("--json", a.json)]),
         Command::Primary(a) => ctl::request("primary", &a.res, &[("--force", a.force)]),

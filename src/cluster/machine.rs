@@ -1461,6 +1461,26 @@ mod tests {
     }
 
     #[test]
+    fn a_service_that_cannot_start_demotes_and_holds_until_the_operator() {
+        let now = t0();
+        let (mut m, _) = Machine::new(Config::default(), Startup::consistent(), now);
+        m.step(now, Event::Command(Command::Primary { force: true }));
+        assert!(m.status().serving);
+        let out = m.step(now, Event::ServiceFailed);
+        assert!(out.contains(&Action::StopServing), "{out:?}");
+        assert_eq!(m.status().role, Role::Secondary);
+        // Not promoted again by itself (a loop of failing starts), only by the operator.
+        let out = m.step(now, Event::Tick);
+        assert!(!out.contains(&Action::StartServing), "{out:?}");
+        assert_eq!(m.status().role, Role::Secondary);
+        let out = m.step(now, Event::Command(Command::Primary { force: false }));
+        assert!(out.contains(&Action::StartServing), "{out:?}");
+        // A secondary is not demoted by a late report.
+        let (mut s, _) = Machine::new(Config::default(), Startup::consistent(), now);
+        assert!(s.step(now, Event::ServiceFailed).is_empty());
+    }
+
+    #[test]
     fn notifications_use_drbd_words() {
         let n = Notification::Change {
             object: "resource",

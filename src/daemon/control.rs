@@ -530,7 +530,8 @@ fn ha_text(ha: &HaSnapshot) -> String {
     }
     t += &format!(
         "\n  service mac:{}",
-        ha.service_mac.map_or_else(|| "own".into(), |m| m.to_string())
+        ha.service_mac
+            .map_or_else(|| "own".into(), |m| m.to_string())
     );
     if let Some((ip, held)) = &ha.floating_ip {
         t += &format!(
@@ -794,6 +795,8 @@ mod tests {
                     "served: peer last heard 0.000s, declared lost +1.004s, first reply +1.900s"
                         .into(),
                 ),
+                service_mac: Some(crate::wire::MacAddr([0x02, 0x11, 0x22, 0x33, 0x44, 0x55])),
+                floating_ip: Some(("10.77.0.100/24".parse().unwrap(), Some(true))),
             },
         }
     }
@@ -830,6 +833,10 @@ mod tests {
             text.contains("last failover: served: peer last heard 0.000s, declared lost +1.004s"),
             "{text}"
         );
+        assert!(
+            text.contains("service mac:02:11:22:33:44:55 floating-ip:10.77.0.100/24 held:true"),
+            "{text}"
+        );
         let json = status_json("r0", &s);
         // The field names a benchmark reads.
         for field in [
@@ -844,6 +851,7 @@ mod tests {
             "\"gate\":\"lease\",\"answering\":true,\"lease-left-ms\":480,",
             "\"paths\":[{\"id\":1,\"local\":\"10.0.0.1\",\"peer\":\"10.0.0.2\",\"silent\":false,\"last-heard-ms\":120,\"rtt-us\":85}]",
             "\"last-failover\":\"served: peer last heard 0.000s,",
+            "\"service-mac\":\"02:11:22:33:44:55\",\"floating-ip\":\"10.77.0.100/24\",\"floating-ip-held\":true}",
         ] {
             assert!(json.contains(field), "{field} missing in {json}");
         }

@@ -197,6 +197,7 @@ pub fn run(args: RunArgs, cancel: CancellationToken) -> Result<(), RunError> {
             faults,
             rate: res.rate_config(),
             lease_time: config.cluster.heartbeat_dead_time() * 2 / 3,
+            wire_guard_wait: config.cluster.wire_guard_wait(),
             ping_interval: config
                 .cluster
                 .heartbeat_interval()

@@ -772,7 +772,7 @@ impl Engine {
     }
 
     /// The wire guard: asks the client network, on a thread of the crew (it waits
-    /// [`WIRE_GUARD_WAIT`]), who answers our shelf.slot; the answer comes back as an input. A
+    /// [`ResourceSpec::wire_guard_wait`]), who answers our shelf.slot; the answer comes back as an input. A
     /// guard that cannot ask (no raw socket) reports "answered": a node that cannot prove it
     /// may serve, does not.
     fn check_wire(&mut self) {
@@ -783,7 +783,7 @@ impl Engine {
                 &res.spec.interface,
                 shelf,
                 slot,
-                WIRE_GUARD_WAIT,
+                res.spec.wire_guard_wait,
                 WIRE_GUARD_QUERIES,
             ) {
                 Ok(macs) if macs.is_empty() => false,

@@ -58,7 +58,7 @@ mod applier;
 mod connector;
 mod engine;
 mod resync;
-mod service;
+pub mod service;
 mod status;
 mod verify;
 
@@ -89,14 +89,13 @@ const PROGRESS_EVENT_INTERVAL: Duration = Duration::from_secs(1);
 const MAX_VERIFY_RANGES: usize = 64;
 /// Keepalive interval while connected, at most (see [`ResourceSpec::ping_interval`]).
 pub const PING_INTERVAL: Duration = Duration::from_millis(500);
-/// How long the wire guard listens for answers to its config queries.
-const WIRE_GUARD_WAIT: Duration = Duration::from_millis(200);
 /// Config queries the wire guard sends in that time.
 const WIRE_GUARD_QUERIES: u32 = 3;
 /// A failover still not serving a client after this long is no longer timed.
 const FAILOVER_TIMEOUT: Duration = Duration::from_secs(120);
-/// Engine tick.
-const TICK: Duration = Duration::from_millis(100);
+/// Engine tick: timers of the machine (the takeover delay above all) fire on a tick, so a
+/// failover waits up to this much longer than it must.
+const TICK: Duration = Duration::from_millis(50);
 
 /// What the engine hears.
 pub enum Input {
@@ -160,6 +159,8 @@ pub struct ResourceSpec {
     /// How long an acknowledged heartbeat or replication ping keeps this node's lease (⅔ of
     /// the heartbeat dead time; see [`crate::cluster::machine`]).
     pub lease_time: Duration,
+    /// How long the wire guard listens for answers to its config queries.
+    pub wire_guard_wait: Duration,
     /// How often the replication link is pinged while connected (the heartbeat interval, at
     /// most [`PING_INTERVAL`]).
     pub ping_interval: Duration,

@@ -188,8 +188,7 @@ impl ServiceGroup {
                         return;
                     }
                 };
-                if let Err(e) = address::announce(&interface, v4, mac, GARP_COUNT, GARP_INTERVAL)
-                {
+                if let Err(e) = address::announce(&interface, v4, mac, GARP_COUNT, GARP_INTERVAL) {
                     tracing::warn!(resource = %name, "gratuitous ARP for {v4}: {e}");
                 }
             };
