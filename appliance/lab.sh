@@ -52,9 +52,9 @@
 # bridge port in the root namespace: tbv-alpha, tbv-beta, tbv-client (client network),
 # tbr-alpha, tbr-beta (replication network). `fail`/`cut` take those host ends down.
 #
-# The lab runs each daemon as its systemd unit would: when the daemon exits for any reason the
-# floating IP is removed from the node's eth0 (the unit's ExecStopPost); the daemon itself also
-# removes a stale copy when it starts.
+# The lab runs each daemon as its systemd unit (appliance/systemd/twinblade.service) would: when
+# the daemon exits for any reason, `twinblade release-ips` removes the floating IP from the node's
+# eth0 (the unit's ExecStopPost); the daemon itself also removes a stale copy when it starts.
 #
 # Environment:
 #   TWINBLADE_BIN        twinblade binary (default <repo>/target/release/twinblade; built if absent)
@@ -408,7 +408,8 @@ node_pid() { # NODE: the daemon's pid, if it is running
 }
 
 # node_start NODE: `twinblade run` in the node's namespace, under a small shell that plays the
-# systemd unit: when the daemon exits (also by SIGKILL) it removes the floating IP from eth0.
+# systemd unit (appliance/systemd/twinblade.service): when the daemon exits (also by SIGKILL) it
+# runs the unit's ExecStopPost, `twinblade release-ips`, which takes back a floating IP left on eth0.
 node_start() {
     local node=$1 bin
     bin=$(twinblade_bin)
@@ -418,17 +419,18 @@ node_start() {
         >>"$state_dir/$node.log"
     # shellcheck disable=SC2016 # the variables belong to the inner sh
     NO_COLOR=1 setsid ip netns exec "tb-$node" sh -c '
-        pidfile=$1 fip=$2
-        shift 2
-        "$@" &
+        pidfile=$1 fip=$2 bin=$3
+        shift 3
+        "$bin" run "$@" &
         echo $! >"$pidfile"
         wait $!
         rc=$?
         if [ -n "$fip" ] && ip -o addr show dev eth0 | grep -q " inet $fip "; then
-            ip addr del "$fip" dev eth0 &&
-                echo "lab: daemon exited ($rc): removed the floating IP $fip from eth0 (the unit'"'"'s ExecStopPost)"
-        fi' sh "$state_dir/$node.pid" "${LAB_FLOATING_IP:+$FLOATING_IP}" \
-        "$bin" run --config "$state_dir/pair.toml" --node "$node" --control "$state_dir/$node.sock" \
+            # release-ips is what the unit runs; plain ip if this binary predates it.
+            "$bin" release-ips "$@" || ip addr del "$fip" dev eth0
+            echo "lab: daemon exited ($rc): floating IP $fip released from eth0 (the unit'"'"'s ExecStopPost)"
+        fi' sh "$state_dir/$node.pid" "${LAB_FLOATING_IP:+$FLOATING_IP}" "$bin" \
+        --config "$state_dir/pair.toml" --node "$node" --control "$state_dir/$node.sock" \
         </dev/null >>"$state_dir/$node.log" 2>&1 &
     pair_wait 20 "$node's control socket" test -S "$state_dir/$node.sock"
 }
