@@ -786,7 +786,7 @@ cmd_kill() { # NODE: a daemon crash on a node that stays up
     pid=$(node_pid "$node") || die "$node's daemon is not running"
     t0=$(now)
     kill -KILL "$pid"
-    echo "killed $node's daemon pid $pid (SIGKILL); its links stay up, so the kernel resets its connections and $(other_node "$node") learns at once"
+    echo "killed $node's daemon pid $pid (SIGKILL); its links stay up, so the kernel resets its connections: $(other_node "$node") can learn sooner than from a power loss"
     watch_hint "$(other_node "$node")"
     echo "  restart it: $0 heal $node"
     wait_serving "$(other_node "$node")" 30 "$t0" || true
