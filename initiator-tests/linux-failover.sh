@@ -162,13 +162,16 @@ wait_primary() { # SECONDS: until a node serves; prints it
     return 1
 }
 
-# Floating IP sampler: both nodes' eth0 every 100 ms: `time alpha-state alpha-has beta-state
-# beta-has` (state from `ip -br`: UP, or LOWERLAYERDOWN when the node's link is cut).
+# Floating IP sampler: both nodes' eth0 every 100 ms, read alpha, beta, alpha again: `time
+# alpha-state alpha-has beta-state beta-has alpha-state alpha-has` (state from `ip -br`: UP, or
+# LOWERLAYERDOWN when the node's link is cut). The reads are not one instant (tens of ms apart on
+# a loaded machine, more than a switchover's handover), so a sample shows two holders only if
+# alpha held it both before and after beta was seen holding it.
 sample_fip() {
     local ns line st has out
     while :; do
         out=$(date +%s.%N)
-        for ns in tb-alpha tb-beta; do
+        for ns in tb-alpha tb-beta tb-alpha; do
             line=$(ip -n "$ns" -br -4 addr show dev eth0 2>/dev/null || echo "eth0 GONE")
             st=$(awk '{print $2}' <<<"$line")
             has=0
@@ -541,10 +544,10 @@ if [[ -n $sampler_pid ]]; then
     wait "$sampler_pid" 2>/dev/null || true
     sampler_pid=''
     read -r total live raw none < <(awk '
-        { n++; a = ($3 == 1); b = ($5 == 1)
+        NF >= 7 { n++; a = ($3 == 1 && $7 == 1); b = ($5 == 1)
           if (a && b) raw++
-          if (a && b && $2 == "UP" && $4 == "UP") live++
-          if (!(a && $2 == "UP") && !(b && $4 == "UP")) none++ }
+          if (a && b && $2 == "UP" && $4 == "UP" && $6 == "UP") live++
+          if (!($3 == 1 && $2 == "UP") && !(b && $4 == "UP")) none++ }
         END { print n + 0, live + 0, raw + 0, none + 0 }' "$fiplog")
     fig="$total samples: two holders on live links $live, two holders at all $raw, no live holder $none (samples: $fiplog)"
     if ((live == 0 && total > 0)); then
