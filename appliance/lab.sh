@@ -815,7 +815,8 @@ cmd_heal() { # NODE [--no-wait]
         local i
         for ((i = 0; i < 1200; i++)); do
             if [[ $(pair_field alpha disk) == UpToDate && $(pair_field beta disk) == UpToDate &&
-                $(pair_field alpha replication) == Established && $(pair_field beta replication) == Established ]]; then
+                $(pair_field alpha replication) == Established && $(pair_field beta replication) == Established &&
+                $(pair_field alpha out-of-sync) == 0 && $(pair_field beta out-of-sync) == 0 ]]; then
                 echo "  both disks UpToDate again after $((i / 10)).$((i % 10)) s$( ((started)) && echo " ($node resynced from $(other_node "$node"))")"
                 return 0
             fi

@@ -391,7 +391,9 @@ line=$(gline '^TB: sw done')
 errs=$(gval "$line" errors) verify=$(gval "$line" verify) gap=$(gval "$line" gap)
 pause1=$(sed -n 's/.*no node serving for \([0-9.]*\) s.*/\1/p' <<<"$sw1")
 pause2=$(sed -n 's/.*no node serving for \([0-9.]*\) s.*/\1/p' <<<"$sw2")
-fig="$p -> $(other "$p") -> $p: no-service ${pause1:-?} s and ${pause2:-?} s (lab); guest longest gap $gap s; errors $errs readback $verify"
+split1=$(sed -n 's/.*: \(demote [0-9.]* s, promote [0-9.]* s\),.*/\1/p' <<<"$sw1")
+split2=$(sed -n 's/.*: \(demote [0-9.]* s, promote [0-9.]* s\),.*/\1/p' <<<"$sw2")
+fig="$p -> $(other "$p") -> $p: no-service ${pause1:-?} s ($split1) and ${pause2:-?} s ($split2) (lab); guest longest gap $gap s; errors $errs readback $verify"
 if [[ $errs == 0 && $verify == ok && -n $pause1 && -n $pause2 ]]; then
     result "switchover and back" PASS "$fig"
 else
