@@ -260,7 +260,9 @@ write_run() {
     got=$(dd if="$dev" bs=1M skip="$off" count="$n" iflag=direct 2>/tmp/dd.err | md5sum | cut -d' ' -f1)
     if [ "$got" = "$sum" ]; then verify=ok; else verify=bad; bad=1; fi
     [ "$errs" = 0 ] || bad=1
-    say "$tag done errors=$errs verify=$verify md5=$sum off=$off n=$n gap=$gap"
+    # The driver's targets (one per MAC that answered): one, if the service MAC moved.
+    macs=$(grep -oE '^[0-9a-f]{12}:' "$dbg" 2>/dev/null | tr -d ':' | tr '\n' ',')
+    say "$tag done errors=$errs verify=$verify md5=$sum off=$off n=$n targets=${macs%,} gap=$gap"
 }
 
 # fs: ext4, 16 files synced, then 24 more written one by one (synced each) while the host cuts
@@ -365,7 +367,7 @@ for ((r = 1; r <= runs; r++)); do
     healed=ok
     [[ $got2 == "$want" ]] || healed="healed $p's disk md5 $got2, guest wrote $want"
     gaps+=("$gap")
-    fig="primary $p lost after block $LOSS_AT; blocks $NBLK errors $errs readback $verify; longest gap ${gap} s (before block $gat); rto before loss ${rto:-?} us; $s serving ${took:-?} s after the loss; survivor disk $host; healed disk $healed"
+    fig="primary $p lost after block $LOSS_AT; blocks $NBLK errors $errs readback $verify; longest gap ${gap} s (before block $gat); rto before loss ${rto:-?} us; driver targets $(gval "$line" targets); $s serving ${took:-?} s after the loss; survivor disk $host; healed disk $healed"
     if [[ $errs == 0 && $verify == ok && $host == ok && $healed == ok ]]; then
         result "dd survival run $r" PASS "$fig"
     else
