@@ -84,6 +84,9 @@ step "linux-aoe mtu 9000 ($target)" initiator-tests/linux-aoe.sh --mtu 9000 --ta
 # The same driver test against the appliance: e0.3 from the replicated pair; the host checks that
 # both nodes' disks hold what the guest wrote.
 step "linux-aoe mtu 9000 (pair)" initiator-tests/linux-aoe.sh --mtu 9000 --target pair
+# The driver through the pair's failovers (issue 14): power loss of the primary during dd and on a
+# mounted ext4, switchover and back, kill -9, NBD on the floating IP, one floating-IP holder.
+step "linux failover (pair)" initiator-tests/linux-failover.sh
 
 # --- Summary. ------------------------------------------------------------------------------------
 total=$(awk -v a="$t_all" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
