@@ -54,7 +54,9 @@ use serde::Deserialize;
 use crate::meta::layout::{
     LayoutParams, DEFAULT_AL_EXTENTS, DEFAULT_AL_EXTENT_SHIFT, MIN_AL_EXTENTS,
 };
+use crate::net::address::FloatingIp;
 use crate::wire::repl::{ChecksumAlg, Durability, ReplProtocol};
+use crate::wire::MacAddr;
 
 /// The default configuration file.
 pub const DEFAULT_PATH: &str = "/etc/twinblade.toml";
@@ -235,8 +237,17 @@ pub struct Resource {
     /// The node that becomes primary when both are healthy (default: none; the first to have
     /// UpToDate data while the other does not).
     pub preferred_primary: Option<String>,
-    /// Also export the device over NBD on this `ADDRESS:PORT` while primary.
+    /// Also export the device over NBD on this `ADDRESS:PORT` while primary (with a floating
+    /// IP, normally that address: NBD starts after it is up and stops before it goes).
     pub nbd: Option<std::net::SocketAddr>,
+    /// The MAC the blade answers from: `"auto"` (default: a locally administered address
+    /// derived from the two node names and the shelf.slot, the same on both nodes, so the
+    /// initiators' frames follow the service), `"own"` (the interface's own MAC, as vblade),
+    /// or an address (`"02:00:5e:10:00:03"`). See [`Resource::service_mac`].
+    pub mac: Option<String>,
+    /// An address that moves with the primary, `ADDRESS/PREFIX` (`"10.77.0.100/24"`), put on
+    /// the client-facing interface while this node serves (heartbeat's `IPaddr`).
+    pub floating_ip: Option<String>,
     /// `"resource-only"` (default) or `"dont-care"` (DRBD's `fencing`; see
     /// [`crate::cluster::machine`]).
     #[serde(default = "default_fencing", deserialize_with = "fencing_word")]
@@ -379,6 +390,25 @@ impl Resource {
         }
     }
 
+    /// The MAC the blade answers from while served, `None` for the interface's own (checked
+    /// by [`Config::load`]). `nodes` are the cluster's two node names.
+    pub fn service_mac(&self, nodes: (&str, &str)) -> Option<MacAddr> {
+        match self.mac.as_deref() {
+            None | Some("auto") => {
+                let aoe = self.aoe_address();
+                Some(crate::export::aoe::service_mac_for(
+                    nodes, aoe.shelf, aoe.slot,
+                ))
+            }
+            Some("own") => None,
+            Some(text) => text.parse().ok(),
+        }
+    }
+
+    /// The floating IP, if any (checked by [`Config::load`]).
+    pub fn floating_ip(&self) -> Option<FloatingIp> {
+        self.floating_ip.as_deref().and_then(|t| t.parse().ok())
+    }
     /// The parsed AoE address (validated at load).
     pub fn aoe_address(&self) -> AoeAddress {
         self.aoe.parse().expect("validated at load")
@@ -572,6 +602,8 @@ impl Config {
         self.validate_heartbeat_paths()?;
         let mut aoe_seen: HashMap<AoeAddress, &str> = HashMap::new();
         let mut port_seen: HashMap<u16, &str> = HashMap::new();
+        let mut mac_seen: HashMap<MacAddr, &str> = HashMap::new();
+        let mut ip_seen: HashMap<std::net::IpAddr, &str> = HashMap::new();
         for (rname, res) in &self.resources {
             let key = |k: &str| format!("resource.{rname}.{k}");
             let aoe: AoeAddress = res.aoe.parse().map_err(|e| (key("aoe"), e))?;
@@ -590,6 +622,7 @@ impl Config {
                     format!("{} is already used by resource {other}", res.port),
                 ));
             }
+            self.validate_service(rname, res, &mut mac_seen, &mut ip_seen)?;
             if let Some(al) = res.al_extents {
                 if !(MIN_AL_EXTENTS..=65534).contains(&al) {
                     return Err((
@@ -684,6 +717,73 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The service keys of one resource: its MAC and floating IP parse, are usable, and are
+    /// not another resource's.
+    fn validate_service<'a>(
+        &self,
+        rname: &'a str,
+        res: &Resource,
+        mac_seen: &mut HashMap<MacAddr, &'a str>,
+        ip_seen: &mut HashMap<std::net::IpAddr, &'a str>,
+    ) -> Result<(), (String, String)> {
+        let key = |k: &str| format!("resource.{rname}.{k}");
+        if let Some(text) = res.mac.as_deref() {
+            if !matches!(text, "auto" | "own") {
+                let mac: MacAddr = text.parse().map_err(|e| {
+                    (
+                        key("mac"),
+                        format!("{text:?} is not \"auto\", \"own\" or a MAC address: {e}"),
+                    )
+                })?;
+                crate::export::aoe::check_service_mac(mac)
+                    .map_err(|e| (key("mac"), e.to_string()))?;
+            }
+        }
+        let names = self.node_names();
+        if let Some(mac) = res.service_mac((names.0, names.1)) {
+            if let Some(other) = mac_seen.insert(mac, rname) {
+                return Err((
+                    key("mac"),
+                    format!("{mac} is already used by resource {other}"),
+                ));
+            }
+        }
+        if let Some(text) = res.floating_ip.as_deref() {
+            let ip: FloatingIp =
+                text.parse()
+                    .map_err(|e: crate::net::address::FloatingIpParseError| {
+                        (key("floating-ip"), e.to_string())
+                    })?;
+            if let Some(other) = ip_seen.insert(ip.address, rname) {
+                return Err((
+                    key("floating-ip"),
+                    format!("{} is already used by resource {other}", ip.address),
+                ));
+            }
+            if let Some((node, _)) = self.nodes.iter().find(|(_, n)| {
+                n.address == ip.address || n.heartbeat_addresses().contains(&ip.address)
+            }) {
+                return Err((
+                    key("floating-ip"),
+                    format!(
+                        "{} is node {node}'s own address; a floating IP must be one no node holds",
+                        ip.address
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The two node names, in the file's order (checked: exactly two).
+    fn node_names(&self) -> (&str, &str) {
+        let mut it = self.nodes.keys();
+        (
+            it.next().map_or("", String::as_str),
+            it.next().map_or("", String::as_str),
+        )
     }
 
     fn validate_heartbeat_paths(&self) -> Result<(), (String, String)> {
@@ -1178,6 +1278,77 @@ meta-disk = "internal"
                 al_extents: 6433,
                 al_extent_shift: 20
             }
+        );
+    }
+
+    #[test]
+    fn service_mac_and_floating_ip() {
+        let c = Config::parse(GOOD, "/etc/twinblade.toml").unwrap();
+        let r0 = c.resource("r0").unwrap();
+        // Default: the derived MAC, the same whichever node asks.
+        let derived = crate::export::aoe::service_mac_for(("alpha", "beta"), 0, 3);
+        assert_eq!(r0.service_mac(("alpha", "beta")), Some(derived));
+        assert_eq!(r0.service_mac(("beta", "alpha")), Some(derived));
+        assert_eq!(r0.floating_ip(), None);
+        let with = |keys: &str| GOOD.replace("port = 7788\n", &format!("port = 7788\n{keys}\n"));
+        let c = Config::parse(
+            &with("mac = \"own\"\nfloating-ip = \"10.77.0.100/24\""),
+            "/etc/twinblade.toml",
+        )
+        .unwrap();
+        let r0 = c.resource("r0").unwrap();
+        assert_eq!(r0.service_mac(("alpha", "beta")), None);
+        assert_eq!(r0.floating_ip().unwrap().to_string(), "10.77.0.100/24");
+        let c = Config::parse(&with("mac = \"02:00:5e:10:00:03\""), "/etc/twinblade.toml").unwrap();
+        assert_eq!(
+            c.resource("r0")
+                .unwrap()
+                .service_mac(("alpha", "beta"))
+                .unwrap()
+                .to_string(),
+            "02:00:5e:10:00:03"
+        );
+        for (keys, expect) in [
+            (
+                "mac = \"nope\"",
+                "resource.r0.mac: \"nope\" is not \"auto\", \"own\" or a MAC address",
+            ),
+            (
+                "mac = \"01:00:5e:00:00:01\"",
+                "resource.r0.mac: 01:00:5e:00:00:01 is a multicast",
+            ),
+            (
+                "floating-ip = \"10.77.0.100\"",
+                "resource.r0.floating-ip: floating IP \"10.77.0.100\" has no prefix length",
+            ),
+            (
+                "floating-ip = \"10.77.0.300/24\"",
+                "resource.r0.floating-ip: floating IP \"10.77.0.300/24\": \"10.77.0.300\" is not",
+            ),
+            (
+                "floating-ip = \"192.168.100.1/24\"",
+                "is node alpha's own address",
+            ),
+        ] {
+            let e = err(&with(keys));
+            assert!(e.contains(expect), "{keys}: {e}");
+        }
+        // Two resources may not share a MAC or a floating IP.
+        let shared = |keys: &str| {
+            format!(
+                "{GOOD}[resource.r1]\naoe = \"e0.4\"\nport = 7789\n{keys}\n[resource.r1.on.alpha]\ndisk = \"/a\"\nmeta-disk = \"internal\"\n[resource.r1.on.beta]\ndisk = \"/b\"\nmeta-disk = \"internal\"\n"
+            )
+            .replace("port = 7788\n", &format!("port = 7788\n{keys}\n"))
+        };
+        let e = err(&shared("mac = \"02:00:5e:10:00:03\""));
+        assert!(
+            e.contains("resource.r1.mac: 02:00:5e:10:00:03 is already used by resource r0"),
+            "{e}"
+        );
+        let e = err(&shared("floating-ip = \"10.77.0.100/24\""));
+        assert!(
+            e.contains("resource.r1.floating-ip: 10.77.0.100 is already used by resource r0"),
+            "{e}"
         );
     }
 

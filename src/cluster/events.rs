@@ -244,6 +244,9 @@ pub enum Event {
     /// While serving, another MAC answered this resource's shelf.slot: multiple-mount
     /// protection.
     RivalAnswered,
+    /// The service group (floating IP, AoE, NBD) could not be started; what it had started
+    /// was undone. A primary demotes and stays secondary until the operator promotes it.
+    ServiceFailed,
     /// The whole process stood still this long (SIGSTOP, a hung kernel, a suspended VM), as
     /// the heartbeat thread — which never sleeps longer than an interval — noticed.
     StoodStill {

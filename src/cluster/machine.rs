@@ -456,6 +456,7 @@ impl Machine {
             }
             Event::WireChecked { answered } => self.wire_checked(answered, &mut out),
             Event::RivalAnswered => self.rival_answered(&mut out),
+            Event::ServiceFailed => self.service_failed(&mut out),
             Event::StoodStill { length } => self.stood_still(length, &mut out),
             Event::Tick => self.tick(now, &mut out),
         }
@@ -1289,6 +1290,25 @@ impl Machine {
         self.rival = true;
     }
 
+    fn service_failed(&mut self, out: &mut Vec<Action>) {
+        if self.role != Role::Primary {
+            return;
+        }
+        out.push(Action::Log(
+            "the service could not start: demoting; `primary` tries again".into(),
+        ));
+        out.push(Action::Notify(Notification::Change {
+            object: "resource",
+            key: "service",
+            value: "failed".into(),
+        }));
+        self.role = Role::Secondary;
+        self.alone = false;
+        self.fencing_peer = false;
+        self.promote_alone = false;
+        self.held_secondary = true;
+    }
+
     /// Emits notifications, serving edges and state messages for what changed in this step.
     fn finish(&mut self, before: Status, out: &mut Vec<Action>) {
         let change = |object, key, value: String| {
@@ -1438,6 +1458,26 @@ mod tests {
         let pos = |a: &Action| out.iter().position(|x| x == a).unwrap();
         assert!(pos(&Action::NewCurrentUuid) < pos(&Action::StartServing));
         assert_eq!(m.status().disk, DiskState::UpToDate);
+    }
+
+    #[test]
+    fn a_service_that_cannot_start_demotes_and_holds_until_the_operator() {
+        let now = t0();
+        let (mut m, _) = Machine::new(Config::default(), Startup::consistent(), now);
+        m.step(now, Event::Command(Command::Primary { force: true }));
+        assert!(m.status().serving);
+        let out = m.step(now, Event::ServiceFailed);
+        assert!(out.contains(&Action::StopServing), "{out:?}");
+        assert_eq!(m.status().role, Role::Secondary);
+        // Not promoted again by itself (a loop of failing starts), only by the operator.
+        let out = m.step(now, Event::Tick);
+        assert!(!out.contains(&Action::StartServing), "{out:?}");
+        assert_eq!(m.status().role, Role::Secondary);
+        let out = m.step(now, Event::Command(Command::Primary { force: false }));
+        assert!(out.contains(&Action::StartServing), "{out:?}");
+        // A secondary is not demoted by a late report.
+        let (mut s, _) = Machine::new(Config::default(), Startup::consistent(), now);
+        assert!(s.step(now, Event::ServiceFailed).is_empty());
     }
 
     #[test]

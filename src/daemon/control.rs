@@ -528,6 +528,17 @@ fn ha_text(ha: &HaSnapshot) -> String {
                 .map_or_else(|| "-".into(), |d| format!("{}us", d.as_micros()))
         );
     }
+    t += &format!(
+        "\n  service mac:{}",
+        ha.service_mac
+            .map_or_else(|| "own".into(), |m| m.to_string())
+    );
+    if let Some((ip, held)) = &ha.floating_ip {
+        t += &format!(
+            " floating-ip:{ip} held:{}",
+            held.map_or_else(|| "unknown".into(), |h| h.to_string())
+        );
+    }
     if let Some(line) = &ha.last_failover {
         t += &format!("\n  last failover: {line}");
     }
@@ -554,7 +565,7 @@ fn ha_json(ha: &HaSnapshot) -> String {
         })
         .collect();
     format!(
-        "{{\"gate\":\"{}\",\"answering\":{},\"lease-left-ms\":{},\"lease-lapses\":{},\"outdate-request\":{},\"peer-heard\":{},\"paths\":[{}],\"last-failover\":{}}}",
+        "{{\"gate\":\"{}\",\"answering\":{},\"lease-left-ms\":{},\"lease-lapses\":{},\"outdate-request\":{},\"peer-heard\":{},\"paths\":[{}],\"last-failover\":{},\"service-mac\":{},\"floating-ip\":{},\"floating-ip-held\":{}}}",
         ha.authority.map_or("-".into(), |a| a.to_string()),
         ha.answering,
         num(ha.lease_left, |d| d.as_millis()),
@@ -564,7 +575,14 @@ fn ha_json(ha: &HaSnapshot) -> String {
         paths.join(","),
         ha.last_failover
             .as_ref()
-            .map_or_else(|| "null".into(), |l| format!("\"{}\"", esc(l)))
+            .map_or_else(|| "null".into(), |l| format!("\"{}\"", esc(l))),
+        ha.service_mac
+            .map_or_else(|| "null".into(), |m| format!("\"{m}\"")),
+        ha.floating_ip
+            .map_or_else(|| "null".into(), |(ip, _)| format!("\"{ip}\"")),
+        ha.floating_ip
+            .and_then(|(_, held)| held)
+            .map_or_else(|| "null".into(), |h| h.to_string()),
     )
 }
 
@@ -777,6 +795,8 @@ mod tests {
                     "served: peer last heard 0.000s, declared lost +1.004s, first reply +1.900s"
                         .into(),
                 ),
+                service_mac: Some(crate::wire::MacAddr([0x02, 0x11, 0x22, 0x33, 0x44, 0x55])),
+                floating_ip: Some(("10.77.0.100/24".parse().unwrap(), Some(true))),
             },
         }
     }
@@ -813,6 +833,10 @@ mod tests {
             text.contains("last failover: served: peer last heard 0.000s, declared lost +1.004s"),
             "{text}"
         );
+        assert!(
+            text.contains("service mac:02:11:22:33:44:55 floating-ip:10.77.0.100/24 held:true"),
+            "{text}"
+        );
         let json = status_json("r0", &s);
         // The field names a benchmark reads.
         for field in [
@@ -827,6 +851,7 @@ mod tests {
             "\"gate\":\"lease\",\"answering\":true,\"lease-left-ms\":480,",
             "\"paths\":[{\"id\":1,\"local\":\"10.0.0.1\",\"peer\":\"10.0.0.2\",\"silent\":false,\"last-heard-ms\":120,\"rtt-us\":85}]",
             "\"last-failover\":\"served: peer last heard 0.000s,",
+            "\"service-mac\":\"02:11:22:33:44:55\",\"floating-ip\":\"10.77.0.100/24\",\"floating-ip-held\":true}",
         ] {
             assert!(json.contains(field), "{field} missing in {json}");
         }

@@ -192,6 +192,8 @@ pub fn run(args: RunArgs, cancel: CancellationToken) -> Result<(), RunError> {
             durability: res.durability,
             csums: res.csums,
             nbd: res.nbd,
+            service_mac: res.service_mac((&node, &peer)),
+            floating_ip: res.floating_ip(),
             faults,
             rate: res.rate_config(),
             lease_time: config.cluster.heartbeat_dead_time() * 2 / 3,

@@ -12,8 +12,12 @@ pub(super) struct Engine {
     pub(super) res: Arc<Resource>,
     pub(super) machine: Machine,
     pub(super) link: Option<Arc<PeerLink>>,
-    pub(super) aoe: Option<AoeServer>,
-    pub(super) nbd: Option<crate::daemon::NbdHandle>,
+    /// The service group (floating IP, AoE, NBD) while serving.
+    pub(super) service: Option<ServiceGroup>,
+    /// When the floating IP went up in this step, for the failover timeline.
+    pub(super) ip_up: Option<Instant>,
+    /// The service group failed to start in this step (see `start_serving`).
+    pub(super) service_failed: bool,
     pub(super) job: Option<Job>,
     /// Shared with the copier: `pause-sync` holds it.
     pub(super) paused: Arc<AtomicBool>,
@@ -27,8 +31,16 @@ pub(super) struct Engine {
     pub(super) last_heard: Option<Event>,
     /// Pauses of the process the heartbeat reported, as far as the machine was told.
     pub(super) pauses_seen: u64,
-    /// The failover being timed, and the AoE replies counted when the gate opened.
-    pub(super) stopwatch: Option<(Stopwatch, u64)>,
+    /// The failover being timed, and the AoE replies and announces counted when the gate
+    /// opened.
+    pub(super) stopwatch: Option<(Stopwatch, Counts)>,
+}
+
+/// AoE counters the failover stopwatch compares.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Counts {
+    replies: u64,
+    announces: u64,
 }
 
 impl Engine {
@@ -82,17 +94,27 @@ impl Engine {
         }
         self.announce();
         self.time_failover(&event, &before, &actions);
+        if std::mem::take(&mut self.service_failed) {
+            self.step(Event::ServiceFailed);
+        }
         actions
     }
 
-    /// AoE replies sent so far (0 while not serving).
-    fn replies(&self) -> u64 {
-        self.aoe.as_ref().map_or(0, |aoe| {
+    /// AoE replies and announces sent so far (0 while not serving).
+    fn counts(&self) -> Counts {
+        let Some(aoe) = self.service.as_ref().and_then(ServiceGroup::aoe) else {
+            return Counts::default();
+        };
+        let sum = |f: fn(&crate::export::aoe::BladeStats) -> &AtomicU64| {
             aoe.stats()
                 .iter()
-                .map(|(_, s)| s.replies.load(Ordering::Relaxed))
+                .map(|(_, s)| f(s).load(Ordering::Relaxed))
                 .sum()
-        })
+        };
+        Counts {
+            replies: sum(|s| &s.replies),
+            announces: sum(|s| &s.announces),
+        }
     }
 
     /// The failover stopwatch: starts when the peer is declared lost (from when it was last
@@ -122,18 +144,22 @@ impl Engine {
                     .unwrap_or(now);
                 let mut watch = Stopwatch::start(since, "peer last heard");
                 watch.mark("declared lost", now);
-                self.stopwatch = Some((watch, 0));
+                self.stopwatch = Some((watch, Counts::default()));
             } else if before.conn == ConnState::Connected
                 && s.conn != ConnState::Connected
                 && before.role == Role::Primary
             {
-                self.stopwatch = Some((Stopwatch::start(now, "replication link lost"), 0));
+                self.stopwatch = Some((
+                    Stopwatch::start(now, "replication link lost"),
+                    Counts::default(),
+                ));
             } else {
                 return;
             }
         }
-        let replies = self.replies();
-        let Some((watch, replies_at_open)) = &mut self.stopwatch else {
+        let counts = self.counts();
+        let ip_up = self.ip_up.take();
+        let Some((watch, at_open)) = &mut self.stopwatch else {
             return;
         };
         for action in actions {
@@ -143,6 +169,9 @@ impl Engine {
                 Action::StartServing => watch.mark("exports started", now),
                 _ => {}
             }
+        }
+        if let Some(at) = ip_up {
+            watch.mark("floating IP up", at);
         }
         match event {
             Event::WireChecked { answered: false } => watch.mark("nobody else answers", now),
@@ -157,7 +186,7 @@ impl Engine {
         }
         if s.serving && s.authority != Authority::Closed && !watch.reached("answering") {
             watch.mark("answering", now);
-            *replies_at_open = replies;
+            *at_open = counts;
         }
         let demoted = before.role == Role::Primary && s.role != Role::Primary;
         let back = matches!(event, Event::PeerHeard(_))
@@ -175,14 +204,21 @@ impl Engine {
         }
     }
 
-    /// A timed failover is over once a client request was answered after the gate opened.
+    /// Marks the first announce from the service MAC after the gate opened; a timed failover
+    /// is over once a client request was answered after that.
     fn watch_first_reply(&mut self) {
-        let replies = self.replies();
+        let counts = self.counts();
         let now = Instant::now();
-        let Some((watch, replies_at_open)) = &mut self.stopwatch else {
+        let Some((watch, at_open)) = &mut self.stopwatch else {
             return;
         };
-        if watch.reached("answering") && replies > *replies_at_open {
+        if watch.reached("answering")
+            && counts.announces > at_open.announces
+            && !watch.reached("MAC announced")
+        {
+            watch.mark("MAC announced", now);
+        }
+        if watch.reached("answering") && counts.replies > at_open.replies {
             watch.mark("first reply", now);
             self.finish_failover("served");
         } else if watch.elapsed(now) > FAILOVER_TIMEOUT {
@@ -769,57 +805,45 @@ impl Engine {
         }
     }
 
+    /// Starts the service group in order (floating IP, AoE, NBD); a step that fails undoes
+    /// the others and the machine demotes.
     pub(super) fn start_serving(&mut self) {
-        if self.aoe.is_some() {
+        if self.service.is_some() {
             return;
         }
-        let (shelf, slot) = self.res.spec.aoe;
-        let gate = self.res.gate.clone();
         // Multiple-mount protection: another MAC answering our shelf.slot stops us.
         let guard = {
             let res = self.res.clone();
             crate::export::aoe::RivalAlarm::new(move |mac| res.send(Input::Rival(mac)))
         };
-        let export = Export {
-            config: BladeConfig::new(shelf, slot),
-            device: self.res.device.clone(),
-            interfaces: vec![self.res.spec.interface.clone()],
-            gate: gate.clone(),
-            guard: Some(guard),
-            service_mac: None,
-        };
-        match AoeServer::start(vec![export], self.res.crew.group("aoe")) {
-            Ok(server) => {
-                tracing::info!(resource = %self.res.spec.name, "serving e{shelf}.{slot} on {}", self.res.spec.interface);
-                self.aoe = Some(server);
+        match ServiceGroup::start(
+            &self.res.service,
+            self.res.device.clone(),
+            self.res.gate.clone(),
+            guard,
+            &self.res.crew,
+        ) {
+            Ok(started) => {
+                self.ip_up = started.ip_up;
+                self.service = Some(started.group);
             }
             Err(e) => {
-                tracing::error!(resource = %self.res.spec.name, error = %e, "cannot serve over AoE")
-            }
-        }
-        if let Some(addr) = self.res.spec.nbd {
-            match crate::daemon::NbdHandle::start(
-                addr,
-                &self.res.spec.name,
-                self.res.device.clone(),
-                gate,
-                self.res.crew.group("nbd"),
-            ) {
-                Ok(server) => self.nbd = Some(server),
-                Err(e) => {
-                    tracing::error!(resource = %self.res.spec.name, error = %e, "cannot serve over NBD")
-                }
+                tracing::error!(resource = %self.res.spec.name, "cannot serve: {e}; what had started was stopped");
+                self.res.publish(format!(
+                    "alarm name:{} service-failed: {}",
+                    self.res.spec.name,
+                    e.to_string().replace(' ', "_")
+                ));
+                // Not from inside the step that started it: `step` feeds it next.
+                self.service_failed = true;
             }
         }
     }
 
+    /// Stops the service group in reverse order: NBD, AoE, floating IP.
     pub(super) fn stop_serving(&mut self) {
-        // Reverse start order: NBD, then AoE.
-        if let Some(nbd) = self.nbd.take() {
-            nbd.stop();
-        }
-        if let Some(aoe) = self.aoe.take() {
-            aoe.stop();
+        if let Some(service) = self.service.take() {
+            service.stop(&self.res.spec.name);
             tracing::info!(resource = %self.res.spec.name, "stopped serving");
         }
     }

@@ -36,8 +36,6 @@ use crate::cluster::{
     Action, Authority, Command, ConnState, DiskState, Event, Machine, Notification, PeerSeen,
     ReplState, Role, Startup, SyncDirection, Terms,
 };
-use crate::export::aoe::blade::BladeConfig;
-use crate::export::aoe::server::{AoeServer, Export};
 use crate::meta::store::MetaStore;
 use crate::ratelimit::LogLimiter;
 use crate::repl::device::{barrier_reply, DeviceEvent, ReplicatedDevice};
@@ -60,11 +58,13 @@ mod applier;
 mod connector;
 mod engine;
 mod resync;
+pub mod service;
 mod status;
 mod verify;
 
 use applier::checksums_of;
 use engine::Engine;
+use service::{ServiceGroup, ServiceSpec};
 pub use status::{HaSnapshot, PathSnapshot, ResyncFigures, Snapshot, VerifySnapshot};
 
 /// Resync pushes carry this bit in their id, so the receiver can tell them from answers to
@@ -149,6 +149,10 @@ pub struct ResourceSpec {
     pub csums: ChecksumAlg,
     /// NBD export address while primary.
     pub nbd: Option<SocketAddr>,
+    /// The MAC the blade answers from while served (`None`: the interface's own).
+    pub service_mac: Option<crate::wire::MacAddr>,
+    /// The address that moves with the service.
+    pub floating_ip: Option<crate::net::address::FloatingIp>,
     /// The test-only fault layer under the data disk (see [`super::TEST_FAULTS_ENV`]).
     pub faults: Option<super::TestFaults>,
     /// The resync rate controller's settings.
@@ -293,6 +297,8 @@ pub struct Resource {
     heartbeat: Heartbeat,
     /// The last failover's timeline, for `status`.
     pub last_failover: Mutex<Option<String>>,
+    /// What the service group serves and where.
+    service: ServiceSpec,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -339,6 +345,11 @@ impl Resource {
             crashed_primary: sb.flags & flags::CRASHED_PRIMARY != 0,
             degraded: sb.flags & flags::PEER_OUTDATED != 0,
         };
+        // A copy of the floating IP that a daemon killed while serving left behind: nothing may
+        // answer there before this node serves again.
+        if let Some(ip) = &spec.floating_ip {
+            service::drop_floating_ip(&spec.name, &spec.interface, ip);
+        }
         let now = Instant::now();
         let (machine, actions) = Machine::new(machine_config, startup, now);
         let listener = TcpListener::bind(spec.listen)?;
@@ -351,6 +362,14 @@ impl Resource {
             heartbeat: heartbeat.clone(),
             last_failover: Mutex::new(None),
             lease_lapses: AtomicU64::new(0),
+            service: ServiceSpec {
+                name: spec.name.clone(),
+                aoe: spec.aoe,
+                interface: spec.interface.clone(),
+                service_mac: spec.service_mac,
+                floating_ip: spec.floating_ip,
+                nbd: spec.nbd,
+            },
             spec,
             meta,
             device,
@@ -387,8 +406,9 @@ impl Resource {
             res: res.clone(),
             machine,
             link: None,
-            aoe: None,
-            nbd: None,
+            service: None,
+            ip_up: None,
+            service_failed: false,
             job: None,
             paused: Arc::new(AtomicBool::new(false)),
             source_at_start: None,

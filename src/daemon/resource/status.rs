@@ -104,6 +104,11 @@ impl Resource {
             peer_heard: status.peer_heard,
             paths: self.heartbeat_paths(),
             last_failover: lock(&self.last_failover).clone(),
+            service_mac: self.service.service_mac,
+            floating_ip: self.service.floating_ip.map(|ip| {
+                let held = crate::net::address::holds(&self.service.interface, &ip);
+                (ip, held.ok())
+            }),
         }
     }
 
@@ -296,6 +301,11 @@ pub struct HaSnapshot {
     pub paths: Vec<PathSnapshot>,
     /// The last failover's timeline (how it ended, then each milestone).
     pub last_failover: Option<String>,
+    /// The MAC the blade answers from while served (`None`: the interface's own).
+    pub service_mac: Option<crate::wire::MacAddr>,
+    /// The floating IP, and whether this node's interface holds it now (`None`: could not
+    /// ask).
+    pub floating_ip: Option<(crate::net::address::FloatingIp, Option<bool>)>,
 }
 
 /// One heartbeat path, for `status`.

@@ -20,5 +20,5 @@ pub mod stats;
 pub use blade::{Blade, BladeConfig, Outcome, Port, PreparedTransfer};
 pub use probe::{responders, RivalAlarm};
 pub use server::{AoeServer, Export, StartError};
-pub use service_mac::{service_mac_for, ServiceMacError};
+pub use service_mac::{check_service_mac, service_mac_for, ServiceMacError};
 pub use stats::{BladeStats, DropReason};

@@ -1,0 +1,234 @@
+//! The service group: what a client reaches while this node serves the resource, started in
+//! one order and stopped in exactly the reverse — floating IP → AoE (announced from the
+//! service MAC) → NBD (on the floating IP) — so that nothing is offered on an address that is
+//! not there yet, and the address goes last. A step that fails undoes the steps before it and
+//! says which one failed and why; the engine then demotes.
+//!
+//! This module owns the group's parts while they run. When to start or stop the group is the
+//! cluster machine's decision (`StartServing`/`StopServing`), and whether a started part may
+//! answer is the serve gate's.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::block::BlockDevice;
+use crate::export::aoe::blade::BladeConfig;
+use crate::export::aoe::server::{AoeServer, Export};
+use crate::export::aoe::RivalAlarm;
+use crate::ha::gate::ServeGate;
+use crate::net::address::{self, Added, FloatingIp, Removed};
+use crate::supervisor::Supervisor;
+use crate::wire::MacAddr;
+
+/// Gratuitous ARPs sent when the floating IP comes up (heartbeat's IPaddr2: 5 × 200 ms).
+const GARP_COUNT: u32 = 5;
+/// Time between them.
+const GARP_INTERVAL: Duration = Duration::from_millis(200);
+
+/// What the group serves and where.
+pub struct ServiceSpec {
+    /// Resource name (export name of NBD, log field).
+    pub name: String,
+    /// AoE shelf and slot.
+    pub aoe: (u16, u8),
+    /// Client-facing interface: AoE and the floating IP.
+    pub interface: String,
+    /// The MAC the blade answers from; `None` for the interface's own.
+    pub service_mac: Option<MacAddr>,
+    /// The address that moves with the service.
+    pub floating_ip: Option<FloatingIp>,
+    /// NBD listen address.
+    pub nbd: Option<std::net::SocketAddr>,
+}
+
+/// The step of the group that failed to start.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    /// The floating IP could not be added.
+    #[error("floating IP {ip} on {interface}: {source}")]
+    FloatingIp {
+        /// The address.
+        ip: FloatingIp,
+        /// The interface.
+        interface: String,
+        /// Why.
+        source: address::AddressError,
+    },
+    /// The AoE blade could not be served.
+    #[error("AoE e{shelf}.{slot}: {source}")]
+    Aoe {
+        /// Shelf.
+        shelf: u16,
+        /// Slot.
+        slot: u8,
+        /// Why.
+        source: crate::export::aoe::StartError,
+    },
+    /// The NBD export could not listen.
+    #[error("NBD on {addr}: {source}")]
+    Nbd {
+        /// Listen address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The running group. Dropping it without [`ServiceGroup::stop`] leaves the floating IP on
+/// the interface: stop it.
+pub struct ServiceGroup {
+    ip: Option<(String, FloatingIp)>,
+    aoe: Option<AoeServer>,
+    nbd: Option<crate::daemon::NbdHandle>,
+}
+
+/// A started group and what each step took, for the failover timeline.
+pub struct Started {
+    /// The group.
+    pub group: ServiceGroup,
+    /// The floating IP went up (if there is one).
+    pub ip_up: Option<std::time::Instant>,
+}
+
+impl ServiceGroup {
+    /// Starts the group in order; on failure stops what it started, in reverse, and says which
+    /// step failed.
+    pub fn start(
+        spec: &ServiceSpec,
+        device: Arc<dyn BlockDevice>,
+        gate: Arc<ServeGate>,
+        guard: RivalAlarm,
+        crew: &Supervisor,
+    ) -> Result<Started, GroupError> {
+        let mut group = ServiceGroup {
+            ip: None,
+            aoe: None,
+            nbd: None,
+        };
+        let mut ip_up = None;
+        if let Some(ip) = spec.floating_ip {
+            if let Err(e) = group.raise_ip(spec, ip, crew) {
+                group.stop(&spec.name);
+                return Err(e);
+            }
+            ip_up = Some(std::time::Instant::now());
+        }
+        let (shelf, slot) = spec.aoe;
+        let export = Export {
+            config: BladeConfig::new(shelf, slot),
+            device: device.clone(),
+            interfaces: vec![spec.interface.clone()],
+            gate: gate.clone(),
+            guard: Some(guard),
+            service_mac: spec.service_mac,
+        };
+        match AoeServer::start(vec![export], crew.group("aoe")) {
+            Ok(server) => {
+                let at = match spec.service_mac {
+                    Some(mac) => format!("service MAC {mac}"),
+                    None => "the interface's own MAC".to_string(),
+                };
+                tracing::info!(resource = %spec.name, "serving e{shelf}.{slot} on {} at {at}", spec.interface);
+                group.aoe = Some(server);
+            }
+            Err(source) => {
+                group.stop(&spec.name);
+                return Err(GroupError::Aoe {
+                    shelf,
+                    slot,
+                    source,
+                });
+            }
+        }
+        if let Some(addr) = spec.nbd {
+            match crate::daemon::NbdHandle::start(addr, &spec.name, device, gate, crew.group("nbd"))
+            {
+                Ok(server) => group.nbd = Some(server),
+                Err(source) => {
+                    group.stop(&spec.name);
+                    return Err(GroupError::Nbd { addr, source });
+                }
+            }
+        }
+        Ok(Started { group, ip_up })
+    }
+
+    /// Adds the floating IP (a stale copy left by a killed daemon counts as added) and
+    /// announces it: the first gratuitous ARP now, the rest from a thread of the crew.
+    fn raise_ip(
+        &mut self,
+        spec: &ServiceSpec,
+        ip: FloatingIp,
+        crew: &Supervisor,
+    ) -> Result<(), GroupError> {
+        let failed = |source| GroupError::FloatingIp {
+            ip,
+            interface: spec.interface.clone(),
+            source,
+        };
+        match address::add(&spec.interface, &ip).map_err(failed)? {
+            Added::Added => {}
+            Added::AlreadyThere => {
+                tracing::info!(resource = %spec.name, "floating IP {ip} was already on {}", spec.interface)
+            }
+        }
+        self.ip = Some((spec.interface.clone(), ip));
+        tracing::info!(resource = %spec.name, "floating IP {ip} up on {}", spec.interface);
+        if let IpAddr::V4(v4) = ip.address {
+            // From the interface's own MAC: the kernel's IP stack answers only there (the
+            // service MAC is joined by the AoE socket alone).
+            let interface = spec.interface.clone();
+            let name = spec.name.clone();
+            let announce = move |_| {
+                let mac = match crate::net::Interface::by_name(&interface) {
+                    Ok(port) => port.mac,
+                    Err(e) => {
+                        tracing::warn!(resource = %name, "gratuitous ARP for {v4}: {e}");
+                        return;
+                    }
+                };
+                if let Err(e) = address::announce(&interface, v4, mac, GARP_COUNT, GARP_INTERVAL) {
+                    tracing::warn!(resource = %name, "gratuitous ARP for {v4}: {e}");
+                }
+            };
+            if let Err(e) = crew.spawn("garp", announce) {
+                tracing::warn!(resource = %spec.name, "cannot announce {ip}: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The AoE server, while it runs.
+    pub fn aoe(&self) -> Option<&AoeServer> {
+        self.aoe.as_ref()
+    }
+
+    /// Stops in reverse start order: NBD, AoE, floating IP.
+    pub fn stop(mut self, name: &str) {
+        if let Some(nbd) = self.nbd.take() {
+            nbd.stop();
+        }
+        if let Some(aoe) = self.aoe.take() {
+            aoe.stop();
+            tracing::info!(resource = %name, "stopped serving over AoE");
+        }
+        if let Some((interface, ip)) = self.ip.take() {
+            drop_floating_ip(name, &interface, &ip);
+        }
+    }
+}
+
+/// Takes `ip` off `interface` if it is there (at start-up: a copy a killed daemon left), and
+/// logs what it did.
+pub fn drop_floating_ip(name: &str, interface: &str, ip: &FloatingIp) {
+    match address::remove(interface, ip) {
+        Ok(Removed::Removed) => {
+            tracing::info!(resource = %name, "floating IP {ip} removed from {interface}")
+        }
+        Ok(Removed::WasNotThere) => {}
+        Err(e) => {
+            tracing::error!(resource = %name, "cannot remove floating IP {ip} from {interface}: {e}")
+        }
+    }
+}
