@@ -34,11 +34,13 @@
 #   restore     service restoration: from the primary's power loss (links dark, then kill -9)
 #               until a write is acknowledged again (the client resending every 100 ms), at
 #               the MAC it knew; --repeat (5) runs each for the default heartbeat profile
-#               (interval 0.2 s, dead time 1.0 s), the fast one (0.1 s, 0.5 s) and a vblade
-#               baseline (Debian's vblade 25, else `twinblade vblade`: the target's power loss,
-#               and at that instant another started on the other node's namespace on the same
-#               file, from that node's MAC). Prints one table, median and worst; figures only,
-#               the checks are the usual correctness ones
+#               (interval 0.2 s, dead time 1.0 s), the fast one (0.1 s, 0.5 s) and two vblade
+#               baselines (Debian's vblade 25, else `twinblade vblade`: the target's power
+#               loss, and another started in the other node's namespace on the same file, from
+#               that node's MAC, at once: a failover with no detection at all; or 1.0 s later:
+#               what a manager with the default dead time and nothing else to do could reach).
+#               Prints one table, median and worst; figures only, the checks are the usual
+#               correctness ones
 #   soak        --soak-seconds (600) of client load on a busy machine (CPU hogs on every
 #               core): no role change on either node, no "lease lapsed", never two answers
 #
@@ -395,8 +397,9 @@ restored() {
         }
         { prev = t; pmac = $4 }
         END { if (!found) print "none - - -" }' "$work/$1.acklog")
-    read -r restored restored_mac _ _ <<<"$out"
-    restored_detail=$out
+    local before after
+    read -r restored restored_mac before after <<<"$out"
+    restored_detail="$restored_mac ($before before, $after after)"
 }
 restore_run() { # PROFILE RUN: the client writing, the primary's power loss, the figure
     local profile=$1 r=$2 prim sec name=restore.$1.$2
@@ -420,36 +423,38 @@ restore_run() { # PROFILE RUN: the client writing, the primary's power loss, the
     power_back "$prim"
     heal_checks restore "$profile run $r: $prim back" || return 1
 }
-restore_vblade() { # the baseline: a plain target's power loss, another started elsewhere at once
-    local r from=alpha to=beta img=$work/vblade.img vb name cmd=()
+restore_vblade() { # LABEL DELAY: the baseline: a plain target's power loss, another started elsewhere DELAY s later
+    local label=$1 delay=$2 r from=alpha to=beta img=$work/vblade.img vb name cmd=()
     if [[ -x /usr/sbin/vblade ]]; then cmd=(/usr/sbin/vblade); else cmd=("$tb" vblade); fi
     log "vblade baseline with: ${cmd[*]}"
     info restore "vblade baseline target" "${cmd[*]} ($(
         [[ ${cmd[0]} == /usr/sbin/vblade ]] && dpkg-query -W -f='Debian vblade ${Version}' vblade 2>/dev/null
     ))"
+    rm -f "$img"
     truncate -s $((64 << 20)) "$img"
     vblade_start "$(ns_of $from)" "$img" "${cmd[@]}"
     vb=$vbpid
     sleep 0.5
     for r in $(seq "$repeat"); do
-        name=restore.vblade.$r
+        name=restore.$label.$r
         clients_start "$name"
         sleep 2
-        log "vblade run $r: power loss of the target in $from, another started in $to"
+        log "$label run $r: power loss of the target in $from, another started in $to ${delay}s later"
         : >"$work/off.$from"
         loss_ms=$(date +%s%3N)
         link $from client down
         kill -9 "$vb"
         wait "$vb" 2>/dev/null || true
+        sleep "$delay"
         vblade_start "$(ns_of $to)" "$img" "${cmd[@]}"
         vb=$vbpid
         sleep 3
         clients_stop
         restored "$name"
-        echo "vblade $restored $restored_mac" >>"$work/restore.tsv"
-        info restore "vblade run $r" "restored after $restored ms, MAC $restored_detail"
-        check restore "vblade run $r: the client got every write acknowledged (exit $vrc)" client_ok
-        check restore "vblade run $r: every acknowledged version on the file" verify_versions "$name"
+        echo "$label $restored $restored_mac" >>"$work/restore.tsv"
+        info restore "$label run $r" "restored after $restored ms, MAC $restored_detail"
+        check restore "$label run $r: the client got every write acknowledged (exit $vrc)" client_ok
+        check restore "$label run $r: every acknowledged version on the file" verify_versions "$name"
         link $from client up
         rm -f "$work/off.$from"
         from=$to to=$(other "$to")
@@ -474,17 +479,19 @@ sc_restore() {
         kill -9 "${pid[$n]:-}" 2>/dev/null || true
         wait "${pid[$n]:-}" 2>/dev/null || true
     done
-    restore_vblade
+    restore_vblade vblade 0
+    restore_vblade vblade-dead 1.0
     info restore "machine load at the end" "$(cut -d' ' -f1-3 /proc/loadavg)"
     printf '\nservice restoration: from the primary'"'"'s power loss to the first write acknowledged again\n'
     printf '(the project'"'"'s initiator writing continuously, resending every 100 ms; load %s)\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
     printf '  %-34s %5s %10s %10s  %s\n' "target" "runs" "median ms" "worst ms" "at the MAC the client knew"
     local label
-    for profile in default fast vblade; do
+    for profile in default fast vblade vblade-dead; do
         case $profile in
         default) label="twinblade pair, default (0.2/1.0 s)" ;;
         fast) label="twinblade pair, fast (0.1/0.5 s)" ;;
-        vblade) label="vblade baseline (moved at once)" ;;
+        vblade) label="vblade restarted elsewhere at once" ;;
+        vblade-dead) label="vblade restarted after 1.0 s" ;;
         esac
         awk -v p="$profile" -v label="$label" '
             $1 == p && $2 != "none" { v[++n] = $2; if ($3 == "same") same++ }
