@@ -106,7 +106,7 @@ fn one_node_at_the_shared_mac_answers_each_probe_once() {
     let lab = lab();
     let mac = shared_mac();
     let device: Arc<dyn BlockDevice> =
-        Arc::new(FileDevice::open(&lab.backing_file("disk.img", 1 << 20, 0)).unwrap());
+        Arc::new(FileDevice::open(lab.backing_file("disk.img", 1 << 20, 0)).unwrap());
     let (_root, server) = serve_in(&lab.target_ns, device, mac);
 
     let samples = probes_from_client(&lab, 5);
@@ -134,7 +134,7 @@ fn two_nodes_at_one_shared_mac_are_two_answers_to_each_probe() {
     let lab = lab();
     let mac = shared_mac();
     let device: Arc<dyn BlockDevice> =
-        Arc::new(FileDevice::open(&lab.backing_file("disk.img", 1 << 20, 0)).unwrap());
+        Arc::new(FileDevice::open(lab.backing_file("disk.img", 1 << 20, 0)).unwrap());
     let (_root_a, server_a) = serve_in(&lab.target_ns, device.clone(), mac);
     let (_root_b, server_b) = serve_in(&lab.extra_target_ns[0], device, mac);
 
