@@ -173,7 +173,10 @@ fip_start() {
     pids+=("$fippid")
 }
 fip_stop() { kill "$fippid" 2>/dev/null || true; wait "$fippid" 2>/dev/null || true; }
-fip_doubles() { awk '$2 + $3 > 1 { n++ } END { print n + 0 }' "$work/fip.log"; }
+# fip_doubles [FROM [TO]]: samples with two holders (between the epoch seconds FROM and TO)
+fip_doubles() {
+    awk -v from="${1:-0}" -v to="${2:-1e12}" '$1 >= from && $1 <= to && $2 + $3 > 1 { n++ } END { print n + 0 }' "$work/fip.log"
+}
 fip_nobody() { awk '$2 + $3 == 0 { n++ } END { print n + 0 }' "$work/fip.log"; }
 fip_samples() { wc -l <"$work/fip.log"; }
 fip_single() { [[ $(fip_doubles) == 0 ]]; }

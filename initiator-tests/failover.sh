@@ -274,7 +274,7 @@ sc_power_loss() {
 
 # --- freeze ------------------------------------------------------------------------------------------
 sc_freeze() {
-    local sc=freeze d prim sec now_primary
+    local sc=freeze d prim sec now_primary woke
     pair_fresh
     for d in $freeze_list; do
         prim=$(primary_node)
@@ -288,11 +288,19 @@ sc_freeze() {
         kill -STOP "${pid[$prim]}"
         sleep "$d"
         kill -CONT "${pid[$prim]}"
+        woke=$(date +%s.%N)
         sleep 5
         clients_stop
         roles_stop
         fip_stop
+        # The frozen daemon cannot remove the address its kernel holds: the doubles while it
+        # is stopped and those after it woke are told apart.
         fip_checks $sc "${d}s"
+        if ((SERVICE_KEYS)); then
+            info $sc "${d}s: two holders of the floating IP" "$(fip_doubles 0 "$woke") samples while $prim was stopped, $(fip_doubles "$woke") after it woke"
+            check $sc "${d}s: the woken $prim gave the floating IP up ($(fip_doubles "$woke") samples with two holders after the wake)" \
+                [ "$(fip_doubles "$woke")" == 0 ]
+        fi
         now_primary=$(primary_node)
         stall $sc "${d}s freeze"
         info $sc "${d}s: primary after the wake" "${now_primary:-none} (was $prim)"
@@ -419,6 +427,8 @@ restore_run() { # PROFILE RUN: the client writing, the primary's power loss, the
     restored "$name"
     echo "$profile $restored $restored_mac" >>"$work/restore.tsv"
     info restore "$profile run $r" "restored after $restored ms, MAC $restored_detail"
+    info restore "$profile run $r: $sec's failover timeline" "$(grep -h 'failover timeline' "$work/$sec.log" |
+        tail -1 | sed 's/.*failover timeline[^:]*: //; s/ resource=.*//')"
     client_checks restore "$name"
     power_back "$prim"
     heal_checks restore "$profile run $r: $prim back" || return 1
@@ -443,8 +453,7 @@ restore_vblade() { # LABEL DELAY: the baseline: a plain target's power loss, ano
         : >"$work/off.$from"
         loss_ms=$(date +%s%3N)
         link $from client down
-        kill -9 "$vb"
-        wait "$vb" 2>/dev/null || true
+        { kill -9 "$vb" && wait "$vb"; } 2>/dev/null || true
         sleep "$delay"
         vblade_start "$(ns_of $to)" "$img" "${cmd[@]}"
         vb=$vbpid
@@ -459,7 +468,7 @@ restore_vblade() { # LABEL DELAY: the baseline: a plain target's power loss, ano
         rm -f "$work/off.$from"
         from=$to to=$(other "$to")
     done
-    kill -9 "$vb" 2>/dev/null || true
+    { kill -9 "$vb" && wait "$vb"; } 2>/dev/null || true
 }
 sc_restore() {
     local profile n
