@@ -153,7 +153,8 @@ power_back() { # NODE: it boots without the addresses its kernel had (the floati
 
 # --- the floating IP ----------------------------------------------------------------------------
 holds_fip() { # NODE: its namespace has the floating IP on a node not powered off
-    [[ ! -e $work/off.$1 ]] && ip -n "$(ns_of "$1")" -4 -o addr show 2>/dev/null | grep -q " $FIP/"
+    # (No `| grep -q`: with pipefail, ip's SIGPIPE after grep's early exit would read as "no".)
+    [[ ! -e $work/off.$1 && $(ip -n "$(ns_of "$1")" -4 -o addr show 2>/dev/null) == *" $FIP/"* ]]
 }
 # fip_start: samples `ip -n NS -4 addr` of both nodes every 100 ms into $work/fip.log
 # (`seconds alpha beta`, 1 for a holder); fip_stop ends it; fip_doubles: samples with both.
