@@ -4,7 +4,8 @@
 //! else on the wire.
 //!
 //! Building and recognising frames is pure ([`config_query`], [`responder`]); only
-//! [`responders`] touches a socket. [`RivalAlarm`] is what a serving blade calls when it hears
+//! [`responders`] and [`responders_counted`] (which also counts the answers to each query: two
+//! nodes at one shared service MAC answer one query twice) touch a socket. [`RivalAlarm`] is what a serving blade calls when it hears
 //! a rival, at most once a second per rival.
 
 use crate::net::{Interface, PacketSocket};
