@@ -401,18 +401,20 @@ sc_rogue() {
 
 # --- restore -----------------------------------------------------------------------------------------
 # restored NAME: from $loss_ms to the end of the client's outage: the first acknowledgement
-# after the first gap of over 100 ms between acknowledgements that began after (or just
-# before) the loss; sets $restored (ms, or "none") and $restored_mac (same|new: from the MAC
+# after the first gap of 50 ms or more between acknowledgements that began after (or just
+# before) the loss (else the first acknowledgement after the loss: the client writes without
+# gaps of more than a few ms otherwise); sets $restored (ms, or "none") and $restored_mac (same|new: from the MAC
 # the client wrote to before the loss, or another) and $restored_detail.
 restored() {
     local out
     out=$(awk -v start="$vstarted" -v loss="$loss_ms" '
         { t = start + $1 }
-        NR > 1 && t > loss && prev >= loss - 1000 && t - prev > 100 {
+        NR > 1 && t > loss && prev >= loss - 1000 && t - prev >= 50 {
             printf "%d %s %s %s\n", t - loss, ($4 == pmac ? "same" : "new"), pmac, $4; found = 1; exit
         }
+        t > loss && first == "" { first = sprintf("%d %s %s %s", t - loss, ($4 == pmac ? "same" : "new"), pmac, $4) }
         { prev = t; pmac = $4 }
-        END { if (!found) print "none - - -" }' "$work/$1.acklog")
+        END { if (!found) print (first != "" ? first : "none - - -") }' "$work/$1.acklog")
     local before after
     read -r restored restored_mac before after <<<"$out"
     restored_detail="$restored_mac ($before before, $after after)"
