@@ -14,7 +14,15 @@
 #
 # The configuration carries the heartbeat keys ([cluster] heartbeat-port/-interval/-dead-time,
 # [node.X] heartbeat = [replication address, client address]) unless HB_KEYS=0: a binary
-# without the heartbeat refuses them, and HB_KEYS=0 lets the tooling be tried on it.
+# without the heartbeat refuses them, and HB_KEYS=0 lets the tooling be tried on it. The
+# heartbeat's interval and dead time are $HB_INTERVAL and $HB_DEAD (0.2 and 1.0 s; the fast
+# profile is 0.1 and 0.5).
+#
+# The service keys ([resource.r0] floating-ip = "$FIP/24" on the client network and
+# mac = "$AOE_MAC", default "auto": the blade answers from a MAC shared by both nodes) are
+# written when SERVICE_KEYS=1 (the default); SERVICE_KEYS=0 leaves them out, for a binary
+# without them. fip_start samples who holds the floating IP every 100 ms (fip_doubles: samples
+# with two holders); serving_mac NODE is the MAC the blade answers from on NODE.
 #
 # The client side: clients_start NAME runs `aoe-init versioned` and `aoe-init probe` in the
 # client namespace in the background; clients_stop ends them (SIGTERM) and sets $acked,
@@ -27,8 +35,13 @@ source "$(dirname "${BASH_SOURCE[0]}")/lab-lib.sh"
 
 HB_KEYS=${HB_KEYS:-1}
 HB_PORT=7790
+HB_INTERVAL=${HB_INTERVAL:-0.2}
+HB_DEAD=${HB_DEAD:-1.0}
+SERVICE_KEYS=${SERVICE_KEYS:-1}
+AOE_MAC=${AOE_MAC:-auto}
 CNET=10.77.$NET   # the client network
 RNET=192.168.$NET # the replication network
+FIP=$CNET.100     # the floating IP (with SERVICE_KEYS=1)
 
 # --- the network (replaces lab-lib's) -----------------------------------------------------------
 net_down() {
@@ -74,13 +87,22 @@ mac_of() { ip -n "$(ns_of "$1")" -o link show eth0 | sed -n 's/.*link\/ether \([
 replication_address() { [[ $1 == alpha ]] && echo "$RNET.1" || echo "$RNET.2"; }
 cluster_options() {
     ((HB_KEYS)) || return 0
-    printf 'heartbeat-port = %s\nheartbeat-interval = 0.2\nheartbeat-dead-time = 1.0\n' "$HB_PORT"
+    printf 'heartbeat-port = %s\nheartbeat-interval = %s\nheartbeat-dead-time = %s\n' \
+        "$HB_PORT" "$HB_INTERVAL" "$HB_DEAD"
 }
 node_options() { # the heartbeat on both networks: the replication link and the client network
     ((HB_KEYS)) || return 0
     local i
     i=$([[ $1 == alpha ]] && echo 1 || echo 2)
     echo "heartbeat = [\"$RNET.$i\", \"$CNET.$i\"]"
+}
+
+# lab-lib's [resource.r0] lines, then the service keys.
+eval "lab_$(declare -f resource_options)"
+resource_options() {
+    lab_resource_options
+    ((SERVICE_KEYS)) || return 0
+    printf 'floating-ip = "%s/24"\nmac = "%s"\n' "$FIP" "$AOE_MAC"
 }
 
 # --- faults -------------------------------------------------------------------------------------
@@ -111,16 +133,64 @@ EOF
 hb_unblock() { ip netns exec "$(ns_of "$1")" nft delete table inet tbf_hb 2>/dev/null || true; }
 # power_loss NODE: its links go dark from the host side (nothing more leaves or arrives, no
 # FIN or RST), then kill -9: what a power loss looks like to the peer and the client.
+# Sets $loss_ms (the moment the links went dark, ms since the epoch); $work/off.NODE marks the
+# node powered off (it holds nothing, whatever its namespace still has).
 power_loss() {
+    : >"$work/off.$1"
+    loss_ms=$(date +%s%3N)
     link "$1" client down
     link "$1" repl down
     kill -9 "${pid[$1]}"
     wait "${pid[$1]}" 2>/dev/null || true
 }
-power_back() { # NODE: links up, the daemon restarts
+power_back() { # NODE: it boots without the addresses its kernel had (the floating IP), links up, the daemon restarts
+    ip -n "$(ns_of "$1")" addr del "$FIP/24" dev eth0 2>/dev/null || true
     link "$1" client up
     link "$1" repl up
+    rm -f "$work/off.$1"
     start "$1"
+}
+
+# --- the floating IP ----------------------------------------------------------------------------
+holds_fip() { # NODE: its namespace has the floating IP on a node not powered off
+    # (No `| grep -q`: with pipefail, ip's SIGPIPE after grep's early exit would read as "no".)
+    [[ ! -e $work/off.$1 && $(ip -n "$(ns_of "$1")" -4 -o addr show 2>/dev/null) == *" $FIP/"* ]]
+}
+# fip_start: samples `ip -n NS -4 addr` of both nodes every 100 ms into $work/fip.log
+# (`seconds alpha beta`, 1 for a holder); fip_stop ends it; fip_doubles: samples with both.
+fip_start() {
+    : >"$work/fip.log"
+    (
+        local a b
+        while :; do
+            a=0 b=0
+            holds_fip alpha && a=1
+            holds_fip beta && b=1
+            printf '%s %s %s\n' "$(date +%s.%N)" "$a" "$b"
+            sleep 0.1
+        done
+    ) >>"$work/fip.log" 2>/dev/null &
+    fippid=$!
+    pids+=("$fippid")
+}
+fip_stop() { kill "$fippid" 2>/dev/null || true; wait "$fippid" 2>/dev/null || true; }
+# fip_doubles [FROM [TO]]: samples with two holders (between the epoch seconds FROM and TO)
+fip_doubles() {
+    awk -v from="${1:-0}" -v to="${2:-1e12}" '$1 >= from && $1 <= to && $2 + $3 > 1 { n++ } END { print n + 0 }' "$work/fip.log"
+}
+fip_nobody() { awk '$2 + $3 == 0 { n++ } END { print n + 0 }' "$work/fip.log"; }
+fip_samples() { wc -l <"$work/fip.log"; }
+fip_single() { [[ $(fip_doubles) == 0 ]]; }
+# fip_checks SCENARIO WHAT: no sample with two holders (with SERVICE_KEYS=1)
+fip_checks() {
+    ((SERVICE_KEYS)) || return 0
+    check "$1" "$2: never two holders of the floating IP ($(fip_doubles) of $(fip_samples) samples; nobody in $(fip_nobody))" fip_single
+}
+serving_mac() { # NODE: the MAC its blade answers from (status service-mac=, else its interface's)
+    local m
+    m=$(field "$1" service-mac 2>/dev/null || true)
+    [[ $m =~ ^[0-9a-f]{2}(:[0-9a-f]{2}){5}$ ]] || m=$(mac_of "$1")
+    echo "$m"
 }
 
 # --- state that must not hang on a stopped node -----------------------------------------------
@@ -183,11 +253,13 @@ event_role_changes() { # NODE: `change ... role:` lines in its event stream
 # --- the client side ----------------------------------------------------------------------------
 VBLOCKS=${VBLOCKS:-256}
 VOFFSET=${VOFFSET:-1M}
-# clients_start NAME: versioned writes and probes, in the background.
+RETRANSMIT_MS=${RETRANSMIT_MS:-200}
+# clients_start NAME: versioned writes (every acknowledgement logged in $work/NAME.acklog,
+# resent after $RETRANSMIT_MS) and probes, in the background.
 clients_start() {
     cl=$work/$1
     ip netns exec "$P-c" "$init" -i eth0 versioned "$BLADE" --blocks "$VBLOCKS" --offset "$VOFFSET" \
-        --acks "$cl.acks" >"$cl.versioned" 2>&1 &
+        --retransmit-ms "$RETRANSMIT_MS" --acks "$cl.acks" --ack-log "$cl.acklog" >"$cl.versioned" 2>&1 &
     vpid=$!
     pids+=("$vpid")
     ip netns exec "$P-c" "$init" -i eth0 probe "$BLADE" --log "$cl.probes" >"$cl.probe" 2>&1 &
@@ -208,11 +280,15 @@ clients_stop() {
     stall_p50=$(kv "$cl.versioned" stall_p50_ms)
     gaps=$(kv "$cl.versioned" gaps_over_500ms)
     errors=$(kv "$cl.versioned" errors)
+    vdouble=$(kv "$cl.versioned" double_answers)
+    vstarted=$(kv "$cl.versioned" started_unix_ms)
     probes=$(kv "$cl.probe" probes)
     two=$(kv "$cl.probe" two)
+    two_macs=$(kv "$cl.probe" two_macs)
+    same_mac=$(kv "$cl.probe" same_mac)
     log "client: $(grep -h 'acked=' "$cl.versioned" | cut -c1-300)"
     log "probe: $(grep -h 'probes=' "$cl.probe")"
-    [[ -n $acked && -n $two ]] || fail "no summary from the clients: $(tail -3 "$cl.versioned" "$cl.probe")"
+    [[ -n $acked && -n $two && -n $vdouble ]] || fail "no summary from the clients: $(tail -3 "$cl.versioned" "$cl.probe")"
 }
 # verify_versions NAME: the device (whichever node answers) holds every acknowledged version.
 verify_versions() {
@@ -221,6 +297,16 @@ verify_versions() {
     local rc=$?
     log "verify: $(head -1 "$work/$1.verify")"
     return "$rc"
+}
+# restoration NAME LOSS-MS: from LOSS-MS (ms since the epoch) to the first write acknowledged
+# after it, in ms, and whether it came from the MAC of the last acknowledgement before it:
+# `MS same|new MAC-BEFORE MAC-AFTER`, or `none` if nothing was acknowledged after the loss.
+restoration() {
+    awk -v start="$vstarted" -v loss="$2" '
+        { t = start + $1 }
+        t <= loss { before = $4; next }
+        { printf "%d %s %s %s\n", t - loss, ($4 == before ? "same" : "new"), (before == "" ? "-" : before), $4; found = 1; exit }
+        END { if (!found) print "none" }' "$work/$1.acklog"
 }
 disks_identical() { cmp -n "$usable" "$work/alpha.img" "$work/beta.img"; }
 

@@ -2,15 +2,22 @@
 # Failover without split brain (issue 13): real `twinblade run` nodes in namespaces on two
 # networks (failover-lib.sh: a client network with AoE and a separate replication network, a
 # heartbeat on both), a client that writes versioned blocks over every MAC answering the blade
-# as the Linux driver does (`aoe-init versioned`), and a probe counting the moments two MACs
-# answer (`aoe-init probe`). Every fault scenario ends with: no probe answered by two MACs,
-# every acknowledged version on the device (`aoe-init verify-versions`), the pair reconnected
-# and resynced by itself, both disks identical in the data area.
+# as the Linux driver does (`aoe-init versioned`), and a probe counting the moments two nodes
+# answer (`aoe-init probe`: answers per query, each query sent once with a tag of its own, so
+# two nodes at one shared service MAC count as two). The blade answers from the MAC both nodes
+# share (`mac = "auto"`) and the pair has a floating IP on the client network (SERVICE_KEYS=0
+# leaves both keys out). Every fault scenario ends with: no probe (nor the client's
+# discovery) answered twice, every acknowledged version on the device (`aoe-init
+# verify-versions`), the pair reconnected and resynced by itself, both disks identical in the
+# data area; link_cut, power_loss and freeze also sample both nodes' addresses every 100 ms:
+# never two holders of the floating IP.
 #
 #   tools       the client tooling against `twinblade vblade`: one target, two targets on one
 #               file (two answers seen, writes spread over both), a target that moves (the
-#               stall), blocks zeroed or damaged behind its back (verify-versions fails)
-#   baseline    the pair without faults: one MAC answers, every version there, disks identical
+#               stall), blocks zeroed or damaged behind its back (verify-versions fails);
+#               two answers from one shared MAC are tests/probe_shared_mac.rs's (cargo test)
+#   baseline    the pair without faults: alpha's serving MAC (the shared one) alone answers,
+#               once per probe, every version there, disks identical, alpha holds the IP
 #   link_cut    replication link down for --cut-seconds (30): alpha keeps serving, beta is
 #               Outdated and never primary; after the heal a resync without admin action
 #   power_loss  the primary's links go dark, then kill -9; the survivor serves; --repeat (5)
@@ -24,6 +31,16 @@
 #               guard keeps beta from a second primary
 #   rogue       a rogue `twinblade vblade` answering the same blade on the client network:
 #               alpha stops serving and logs "multiple-mount"
+#   restore     service restoration: from the primary's power loss (links dark, then kill -9)
+#               until a write is acknowledged again (the client resending every 100 ms), at
+#               the MAC it knew; --repeat (5) runs each for the default heartbeat profile
+#               (interval 0.2 s, dead time 1.0 s), the fast one (0.1 s, 0.5 s) and two vblade
+#               baselines (Debian's vblade 25, else `twinblade vblade`: the target's power
+#               loss, and another started in the other node's namespace on the same file, from
+#               that node's MAC, at once: a failover with no detection at all; or 1.0 s later:
+#               what a manager with the default dead time and nothing else to do could reach).
+#               Prints one table, median and worst; figures only, the checks are the usual
+#               correctness ones
 #   soak        --soak-seconds (600) of client load on a busy machine (CPU hogs on every
 #               core): no role change on either node, no "lease lapsed", never two answers
 #
@@ -38,7 +55,7 @@ set -euo pipefail
 
 P=tbf NET=93 TAG=failover BLADE=e9.3
 repeat=5 soak_seconds=600 cut_seconds=30 freeze_list="3 15 30"
-all=(tools baseline link_cut power_loss freeze path_cut rogue soak)
+all=(tools baseline link_cut power_loss freeze path_cut rogue restore soak)
 scenarios=()
 keep=0
 while (($#)); do
@@ -70,6 +87,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/failover-lib.sh"
 lab_up
 top=$work
 ((HB_KEYS)) || log "HB_KEYS=0: the configuration leaves the heartbeat keys out"
+((SERVICE_KEYS)) || log "SERVICE_KEYS=0: the configuration leaves floating-ip and mac out"
 summary=$top/summary.tsv
 : >"$summary"
 shelf=${BLADE#e} slot=${BLADE##*.}
@@ -92,13 +110,13 @@ pair_rebuild() { # after a failure that left the pair unusable: both killed, a n
     log "rebuilding the pair"
     pair_fresh
 }
-no_two_answers() { [[ $two == 0 ]]; }
+no_two_answers() { [[ $two == 0 && $vdouble == 0 ]]; }
 client_ok() { [[ $vrc == 0 ]]; }
 served_something() { ((acked > 0)); }
 stall() { info "$1" "stall${2:+ ($2)}" "max ${stall_max} ms, p50 ${stall_p50} ms, gaps over 500 ms ${gaps}, acked ${acked}, errors ${errors}"; }
 # the client's usual end checks: no two answers, the client never gave up, every version there
 client_checks() { # SCENARIO NAME
-    check "$1" "$2: no probe answered by two MACs ($two of $probes)" no_two_answers
+    check "$1" "$2: no probe answered twice ($two of $probes; two MACs $two_macs, one MAC twice $same_mac; client discoveries $vdouble)" no_two_answers
     check "$1" "$2: the client got every write acknowledged (exit $vrc)" client_ok
     check "$1" "$2: every acknowledged version on the device" verify_versions "$2"
 }
@@ -109,8 +127,11 @@ heal_checks() { # SCENARIO WHAT: reconnect and resync by themselves, disks ident
 }
 
 # --- tools: the client tooling against plain targets ---------------------------------------------
-vblade_start() { # NAMESPACE FILE: a `twinblade vblade` for the blade; sets $vbpid
-    ip netns exec "$1" "$tb" vblade "$shelf" "$slot" eth0 "$2" >>"$work/vblade-$1.log" 2>&1 &
+vblade_start() { # NAMESPACE FILE [COMMAND...]: a `twinblade vblade` (or COMMAND) for the blade; sets $vbpid
+    local ns=$1 file=$2
+    shift 2
+    (($#)) || set -- "$tb" vblade
+    ip netns exec "$ns" "$@" "$shelf" "$slot" eth0 "$file" >>"$work/vblade-$ns.log" 2>&1 &
     vbpid=$!
     pids+=("$vbpid")
 }
@@ -125,7 +146,12 @@ sc_tools() {
     clients_stop
     client_checks $sc one
     check $sc "one: acknowledged writes ($acked)" served_something
-    check $sc "one: every probe answered by one MAC" [ "$(kv "$work/one.probe" one)" == "$probes" ]
+    # Once per answered probe (client_checks) and always by the same MAC; a probe the busy
+    # machine left unanswered within its window is no second server.
+    local macs_one
+    macs_one=$(kv "$work/one.probe" macs)
+    check $sc "one: one MAC answered the probes ($macs_one; $(kv "$work/one.probe" one) of $probes answered)" \
+        eval '[[ -n $macs_one && $macs_one != *,* ]] && (($(kv "$work/one.probe" one) > 0))'
     # A second target on the same file: two answers, writes spread over both MACs.
     vblade_start "$P-a" "$img"
     vb2=$vbpid
@@ -133,7 +159,9 @@ sc_tools() {
     clients_start two
     sleep 3
     clients_stop
-    check $sc "two: probes saw two MACs ($two of $probes)" [ "$two" -gt 0 ]
+    check $sc "two: probes answered twice ($two of $probes)" [ "$two" -gt 0 ]
+    check $sc "two: ... by two MACs ($two_macs)" [ "$two_macs" -gt 0 ]
+    check $sc "two: the client's discovery saw it too ($vdouble)" [ "$vdouble" -gt 0 ]
     n=$(kv "$work/two.versioned" acked_by | tr ',' '\n' | grep -c .)
     check $sc "two: the client's writes were acknowledged by both MACs ($n)" [ "$n" == 2 ]
     check $sc "two: every acknowledged version on the (shared) file" verify_versions two
@@ -173,7 +201,13 @@ sc_baseline() {
     clients_stop
     client_checks $sc baseline
     check $sc "acknowledged writes ($acked)" served_something
-    check $sc "only alpha's MAC answered" [ "$(kv "$work/baseline.probe" macs)" == "$(mac_of alpha)" ]
+    local amac
+    amac=$(serving_mac alpha)
+    check $sc "only alpha's serving MAC answered ($amac)" [ "$(kv "$work/baseline.probe" macs)" == "$amac" ]
+    if ((SERVICE_KEYS)); then
+        check $sc "alpha answers from the shared MAC, not its interface's" [ "$amac" != "$(mac_of alpha)" ]
+        check $sc "alpha holds the floating IP, beta not" eval 'holds_fip alpha && ! holds_fip beta'
+    fi
     heal_checks $sc baseline
 }
 
@@ -183,6 +217,7 @@ sc_link_cut() {
     pair_fresh
     events_start
     roles_start
+    fip_start
     clients_start link_cut
     sleep 2
     log "replication link down for ${cut_seconds}s"
@@ -193,11 +228,16 @@ sc_link_cut() {
     check $sc "beta marked Outdated (status disk)" seen beta disk Outdated
     log "healing the replication link"
     repl_heal
-    heal_checks $sc "after the heal"
+    # Resynced with the client still writing; the disks are compared once it stopped (a write
+    # in flight lands on one disk an instant before the other).
+    wait_check $sc 60 "after the heal: reconnected and resynced without admin action" settled || true
     clients_stop
     roles_stop
+    fip_stop
+    check $sc "after the heal: both disks identical in the data area" disks_identical
     stall $sc
     client_checks $sc link_cut
+    fip_checks $sc link_cut
     info $sc "role changes (sampled)" "alpha $(role_changes alpha), beta $(role_changes beta)"
 }
 
@@ -209,12 +249,14 @@ sc_power_loss() {
         prim=$(primary_node)
         [[ -n $prim ]] || { check $sc "run $r: a primary to cut" false; return; }
         sec=$(other "$prim")
+        fip_start
         clients_start "power_loss.$r"
         sleep 2
         log "run $r: power loss of $prim"
         power_loss "$prim"
         if ! wait_check $sc 30 "run $r: $sec serves after $prim's power loss" state_is "$sec" role Primary; then
             clients_stop
+            fip_stop
             return
         fi
         sleep 3
@@ -222,8 +264,13 @@ sc_power_loss() {
         stalls+=("$stall_max")
         stall $sc "run $r"
         client_checks $sc "power_loss.$r"
+        if ((SERVICE_KEYS)); then
+            check $sc "run $r: $sec holds the floating IP" holds_fip "$sec"
+        fi
         power_back "$prim"
-        heal_checks $sc "run $r: $prim back" || return
+        heal_checks $sc "run $r: $prim back" || { fip_stop; return; }
+        fip_stop
+        fip_checks $sc "run $r (through $prim's return and resync)"
     done
     local sorted median worst
     sorted=$(printf '%s\n' "${stalls[@]}" | sort -n)
@@ -235,22 +282,33 @@ sc_power_loss() {
 
 # --- freeze ------------------------------------------------------------------------------------------
 sc_freeze() {
-    local sc=freeze d prim sec now_primary
+    local sc=freeze d prim sec now_primary woke
     pair_fresh
     for d in $freeze_list; do
         prim=$(primary_node)
         [[ -n $prim ]] || { check $sc "${d}s: a primary to freeze" false; pair_rebuild; prim=alpha; }
         sec=$(other "$prim")
         roles_start
+        fip_start
         clients_start "freeze.$d"
         sleep 2
         log "SIGSTOP $prim for ${d}s"
         kill -STOP "${pid[$prim]}"
         sleep "$d"
         kill -CONT "${pid[$prim]}"
+        woke=$(date +%s.%N)
         sleep 5
         clients_stop
         roles_stop
+        fip_stop
+        # The frozen daemon cannot remove the address its kernel holds: the doubles while it
+        # is stopped and those after it woke are told apart.
+        fip_checks $sc "${d}s"
+        if ((SERVICE_KEYS)); then
+            info $sc "${d}s: two holders of the floating IP" "$(fip_doubles 0 "$woke") samples while $prim was stopped, $(fip_doubles "$woke") after it woke"
+            check $sc "${d}s: the woken $prim gave the floating IP up ($(fip_doubles "$woke") samples with two holders after the wake)" \
+                [ "$(fip_doubles "$woke")" == 0 ]
+        fi
         now_primary=$(primary_node)
         stall $sc "${d}s freeze"
         info $sc "${d}s: primary after the wake" "${now_primary:-none} (was $prim)"
@@ -313,14 +371,13 @@ sc_path_cut() {
 }
 
 # --- rogue -------------------------------------------------------------------------------------------
-alpha_silent() { # the last 5 probes did not hear alpha's MAC
-    local amac
-    amac=$(mac_of alpha)
+alpha_silent() { # the last 5 probes did not hear alpha's serving MAC ($amac)
     [[ $(tail -5 "$work/rogue.probes" | wc -l) == 5 ]] && ! tail -5 "$work/rogue.probes" | grep -q "$amac"
 }
 sc_rogue() {
-    local sc=rogue rogue
+    local sc=rogue rogue amac
     pair_fresh
+    amac=$(serving_mac alpha)
     truncate -s "$usable" "$work/rogue.img"
     clients_start rogue
     sleep 2
@@ -340,6 +397,132 @@ sc_rogue() {
     else
         info $sc "versions" "$(head -1 "$work/rogue.verify") (writes the rogue acknowledged are not on the pair)"
     fi
+}
+
+# --- restore -----------------------------------------------------------------------------------------
+# restored NAME: from $loss_ms to the end of the client's outage: the first acknowledgement
+# after the first gap of 50 ms or more between acknowledgements that began after (or just
+# before) the loss (else the first acknowledgement after the loss: the client writes without
+# gaps of more than a few ms otherwise); sets $restored (ms, or "none") and $restored_mac (same|new: from the MAC
+# the client wrote to before the loss, or another) and $restored_detail.
+restored() {
+    local out
+    out=$(awk -v start="$vstarted" -v loss="$loss_ms" '
+        { t = start + $1 }
+        NR > 1 && t > loss && prev >= loss - 1000 && t - prev >= 50 {
+            printf "%d %s %s %s\n", t - loss, ($4 == pmac ? "same" : "new"), pmac, $4; found = 1; exit
+        }
+        t > loss && first == "" { first = sprintf("%d %s %s %s", t - loss, ($4 == pmac ? "same" : "new"), pmac, $4) }
+        { prev = t; pmac = $4 }
+        END { if (!found) print (first != "" ? first : "none - - -") }' "$work/$1.acklog")
+    local before after
+    read -r restored restored_mac before after <<<"$out"
+    restored_detail="$restored_mac ($before before, $after after)"
+}
+restore_run() { # PROFILE RUN: the client writing, the primary's power loss, the figure
+    local profile=$1 r=$2 prim sec name=restore.$1.$2
+    prim=$(primary_node)
+    [[ -n $prim ]] || { check restore "$profile run $r: a primary to cut" false; return 1; }
+    sec=$(other "$prim")
+    clients_start "$name"
+    sleep 2
+    log "$profile run $r: power loss of $prim"
+    power_loss "$prim"
+    if ! wait_check restore 30 "$profile run $r: $sec serves after $prim's power loss" state_is "$sec" role Primary; then
+        clients_stop
+        return 1
+    fi
+    sleep 2
+    clients_stop
+    restored "$name"
+    echo "$profile $restored $restored_mac" >>"$work/restore.tsv"
+    info restore "$profile run $r" "restored after $restored ms, MAC $restored_detail"
+    info restore "$profile run $r: $sec's failover timeline" "$(grep -h 'failover timeline' "$work/$sec.log" |
+        tail -1 | sed 's/.*failover timeline[^:]*: //; s/ resource=.*//')"
+    client_checks restore "$name"
+    power_back "$prim"
+    heal_checks restore "$profile run $r: $prim back" || return 1
+}
+restore_vblade() { # LABEL DELAY: the baseline: a plain target's power loss, another started elsewhere DELAY s later
+    local label=$1 delay=$2 r from=alpha to=beta img=$work/vblade.img vb name cmd=()
+    if [[ -x /usr/sbin/vblade ]]; then cmd=(/usr/sbin/vblade); else cmd=("$tb" vblade); fi
+    log "vblade baseline with: ${cmd[*]}"
+    info restore "vblade baseline target" "${cmd[*]} ($(
+        [[ ${cmd[0]} == /usr/sbin/vblade ]] && dpkg-query -W -f='Debian vblade ${Version}' vblade 2>/dev/null
+    ))"
+    rm -f "$img"
+    truncate -s $((64 << 20)) "$img"
+    vblade_start "$(ns_of $from)" "$img" "${cmd[@]}"
+    vb=$vbpid
+    sleep 0.5
+    for r in $(seq "$repeat"); do
+        name=restore.$label.$r
+        clients_start "$name"
+        sleep 2
+        log "$label run $r: power loss of the target in $from, another started in $to ${delay}s later"
+        : >"$work/off.$from"
+        loss_ms=$(date +%s%3N)
+        link $from client down
+        { kill -9 "$vb" && wait "$vb"; } 2>/dev/null || true
+        sleep "$delay"
+        vblade_start "$(ns_of $to)" "$img" "${cmd[@]}"
+        vb=$vbpid
+        sleep 3
+        clients_stop
+        restored "$name"
+        echo "$label $restored $restored_mac" >>"$work/restore.tsv"
+        info restore "$label run $r" "restored after $restored ms, MAC $restored_detail"
+        check restore "$label run $r: the client got every write acknowledged (exit $vrc)" client_ok
+        check restore "$label run $r: every acknowledged version on the file" verify_versions "$name"
+        link $from client up
+        rm -f "$work/off.$from"
+        from=$to to=$(other "$to")
+    done
+    { kill -9 "$vb" && wait "$vb"; } 2>/dev/null || true
+}
+sc_restore() {
+    local profile n
+    : >"$work/restore.tsv"
+    info restore "machine load at the start" "$(cut -d' ' -f1-3 /proc/loadavg) (1/5/15 min, $(nproc) cores)"
+    for profile in default fast; do
+        if [[ $profile == fast ]]; then HB_INTERVAL=0.1 HB_DEAD=0.5; else HB_INTERVAL=0.2 HB_DEAD=1.0; fi
+        RETRANSMIT_MS=100
+        log "restore: the $profile profile (heartbeat-interval $HB_INTERVAL, heartbeat-dead-time $HB_DEAD)"
+        if [[ -n ${pid[alpha]:-} ]]; then pair_rebuild; else pair_fresh; fi
+        for n in $(seq "$repeat"); do
+            restore_run $profile "$n" || { pair_rebuild; continue; }
+        done
+    done
+    for n in alpha beta; do
+        kill -CONT "${pid[$n]:-}" 2>/dev/null || true
+        kill -9 "${pid[$n]:-}" 2>/dev/null || true
+        wait "${pid[$n]:-}" 2>/dev/null || true
+    done
+    restore_vblade vblade 0
+    restore_vblade vblade-dead 1.0
+    info restore "machine load at the end" "$(cut -d' ' -f1-3 /proc/loadavg)"
+    printf '\nservice restoration: from the primary'"'"'s power loss to the first write acknowledged again\n'
+    printf '(the project'"'"'s initiator writing continuously, resending every 100 ms; load %s)\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
+    printf '  %-34s %5s %10s %10s  %s\n' "target" "runs" "median ms" "worst ms" "at the MAC the client knew"
+    local label
+    for profile in default fast vblade vblade-dead; do
+        case $profile in
+        default) label="twinblade pair, default (0.2/1.0 s)" ;;
+        fast) label="twinblade pair, fast (0.1/0.5 s)" ;;
+        vblade) label="vblade restarted elsewhere at once" ;;
+        vblade-dead) label="vblade restarted after 1.0 s" ;;
+        esac
+        awk -v p="$profile" -v label="$label" '
+            $1 == p && $2 != "none" { v[++n] = $2; if ($3 == "same") same++ }
+            $1 == p && $2 == "none" { lost++ }
+            END {
+                if (n == 0) { printf "  %-34s %5d %10s %10s  %s\n", label, 0, "-", "-", (lost ? lost " never restored" : "-"); exit }
+                for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (v[j] < v[i]) { t = v[i]; v[i] = v[j]; v[j] = t }
+                med = (n % 2) ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+                printf "  %-34s %5d %10d %10d  %d of %d%s\n", label, n, med, v[n], same + 0, n, (lost ? ", " lost " never restored" : "")
+            }' "$work/restore.tsv" | tee -a "$work/restore.table"
+    done
+    while read -r line; do info restore "table" "$line"; done <"$work/restore.table"
 }
 
 # --- soak --------------------------------------------------------------------------------------------

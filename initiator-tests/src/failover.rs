@@ -106,13 +106,55 @@ pub fn decode_block(block: u64, data: &[u8]) -> BlockState {
     BlockState::Version(version)
 }
 
-/// What one probe saw.
-#[derive(Debug, Clone)]
+/// What one probe saw: the answers to one config query, sent once with a tag of its own.
+///
+/// Answers are counted per query, not per MAC: two nodes sharing a service MAC answer from
+/// the same MAC, and only the second answer carrying the query's tag shows the second node.
+/// A node with several ports on the client's segment would answer once per port (the test
+/// networks give each node one port there).
+#[derive(Debug, Clone, Default)]
 pub struct ProbeSample {
     /// Since the start of the run.
     pub at: Duration,
-    /// Distinct source MACs that answered, sorted.
-    pub macs: Vec<MacAddr>,
+    /// Each MAC that answered and how many times, sorted by MAC.
+    pub answers: Vec<(MacAddr, usize)>,
+}
+
+impl ProbeSample {
+    /// Answers in all.
+    pub fn count(&self) -> usize {
+        self.answers.iter().map(|(_, n)| n).sum()
+    }
+
+    /// Distinct MACs that answered, sorted.
+    pub fn macs(&self) -> Vec<MacAddr> {
+        self.answers.iter().map(|(mac, _)| *mac).collect()
+    }
+
+    /// Counts one answer from `mac`.
+    pub fn heard(&mut self, mac: MacAddr) {
+        match self.answers.binary_search_by_key(&mac, |(m, _)| *m) {
+            Ok(i) => self.answers[i].1 += 1,
+            Err(i) => self.answers.insert(i, (mac, 1)),
+        }
+    }
+
+    /// The probe log's form: `-` for none, else `mac[,mac]` with `*N` after a MAC that
+    /// answered N > 1 times.
+    pub fn answers_text(&self) -> String {
+        if self.answers.is_empty() {
+            return "-".into();
+        }
+        let each: Vec<String> = self
+            .answers
+            .iter()
+            .map(|(mac, n)| match n {
+                1 => mac.to_string(),
+                n => format!("{mac}*{n}"),
+            })
+            .collect();
+        each.join(",")
+    }
 }
 
 /// What `probe` should do.
@@ -137,10 +179,17 @@ pub struct ProbeSummary {
     pub probes: u64,
     /// Probes nobody answered.
     pub none: u64,
-    /// Probes exactly one MAC answered.
+    /// Probes answered exactly once.
     pub one: u64,
-    /// Probes two or more MACs answered.
+    /// Probes answered two or more times: two nodes answering, from two MACs or one shared.
     pub two: u64,
+    /// Probes two or more distinct MACs answered (a subset of `two`).
+    pub two_macs: u64,
+    /// Probes one MAC answered two or more times (a subset of `two`): two nodes at one
+    /// shared service MAC.
+    pub same_mac: u64,
+    /// The most answers one probe got.
+    pub most: usize,
     /// Every MAC seen answering, sorted.
     pub macs: Vec<MacAddr>,
 }
@@ -149,12 +198,20 @@ impl ProbeSummary {
     /// Counts one sample.
     pub fn add(&mut self, sample: &ProbeSample) {
         self.probes += 1;
-        match sample.macs.len() {
+        let count = sample.count();
+        match count {
             0 => self.none += 1,
             1 => self.one += 1,
             _ => self.two += 1,
         }
-        for mac in &sample.macs {
+        if sample.answers.len() > 1 {
+            self.two_macs += 1;
+        }
+        if sample.answers.iter().any(|(_, n)| *n > 1) {
+            self.same_mac += 1;
+        }
+        self.most = self.most.max(count);
+        for (mac, _) in &sample.answers {
             if !self.macs.contains(mac) {
                 self.macs.push(*mac);
                 self.macs.sort();
@@ -169,13 +226,13 @@ fn config_query(init: &mut Initiator, shelf: u16, slot: u8) -> (u32, Vec<u8>) {
 }
 
 impl Initiator {
-    /// One probe: a config query for `shelf.slot` with a tag of its own; the distinct MACs
-    /// that answer it within `window`, sorted.
-    pub fn probe_once(&mut self, shelf: u16, slot: u8, window: Duration) -> Result<Vec<MacAddr>> {
+    /// One probe: a config query for `shelf.slot` with a tag of its own, sent once; every
+    /// answer carrying that tag within `window`, counted per source MAC (see [`ProbeSample`]).
+    pub fn probe_once(&mut self, shelf: u16, slot: u8, window: Duration) -> Result<ProbeSample> {
         let (tag, frame) = config_query(self, shelf, slot);
         self.socket.send(&frame)?;
         let deadline = Instant::now() + window;
-        let mut macs = Vec::new();
+        let mut sample = ProbeSample::default();
         let mut buf = vec![0u8; 65536];
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             let Some(len) = self.socket.recv(&mut buf, left)? else {
@@ -189,13 +246,11 @@ impl Initiator {
                 && view.tag() == tag
                 && view.shelf() == shelf
                 && view.slot() == slot
-                && !macs.contains(&view.src())
             {
-                macs.push(view.src());
+                sample.heard(view.src());
             }
         }
-        macs.sort();
-        Ok(macs)
+        Ok(sample)
     }
 
     /// Probes as `plan` says until its duration passes or `stop` is set, calling `each` with
@@ -227,8 +282,8 @@ impl Initiator {
                 next = now + every; // fell behind (a busy machine): no burst to catch up
             }
             let at = now.duration_since(started);
-            let macs = self.probe_once(shelf, slot, window)?;
-            let sample = ProbeSample { at, macs };
+            let mut sample = self.probe_once(shelf, slot, window)?;
+            sample.at = at;
             each(&sample)?;
             summary.add(&sample);
         }
@@ -288,6 +343,9 @@ pub struct VersionedReport {
     pub acked_by: Vec<MacAddr>,
     /// Every MAC that answered a config query.
     pub macs_seen: Vec<MacAddr>,
+    /// Discovery queries (each sent once, with a tag of its own) answered two or more times:
+    /// two nodes answering, even from one shared service MAC.
+    pub double_answers: u64,
     /// A write went unacknowledged for the give-up time.
     pub gave_up: bool,
     /// Per block, whether a write was still unfinished at the end (after the drain): such a
@@ -295,6 +353,9 @@ pub struct VersionedReport {
     pub unfinished: Vec<bool>,
     /// Wall time.
     pub elapsed: Duration,
+    /// When the run started (the origin of the ack log's `t_ms`), in milliseconds since the
+    /// Unix epoch: lets a script place an event it timed with the clock among the acks.
+    pub started_unix_ms: u64,
 }
 
 impl VersionedReport {
@@ -425,10 +486,15 @@ impl Initiator {
             next: 0,
             seen: Vec::new(),
         };
-        let mut discovery_tags: Vec<u32> = Vec::new();
+        // The last discovery queries' tags and how many answers each got.
+        let mut discovery_tags: Vec<(u32, usize)> = Vec::new();
         let mut last_discovery: Option<Instant> = None;
         let mut cursor = 0usize;
         let started = Instant::now();
+        report.started_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
         let mut last_ack = started;
         let mut stopping_since: Option<Instant> = None;
         let batch = 64usize;
@@ -453,7 +519,7 @@ impl Initiator {
             if last_discovery.is_none_or(|t| now.duration_since(t) >= plan.rediscover_every) {
                 let (tag, frame) = config_query(self, plan.shelf, plan.slot);
                 self.socket.send(&frame)?;
-                discovery_tags.push(tag);
+                discovery_tags.push((tag, 0));
                 if discovery_tags.len() > 16 {
                     discovery_tags.remove(0);
                 }
@@ -514,7 +580,15 @@ impl Initiator {
                 }
                 if view.command() == Command::Config {
                     // Answers to our queries, and announcements (tag 0).
-                    if view.tag() == 0 || discovery_tags.contains(&view.tag()) {
+                    if view.tag() == 0 {
+                        paths.heard(view.src(), now);
+                    } else if let Some(entry) =
+                        discovery_tags.iter_mut().find(|(t, _)| *t == view.tag())
+                    {
+                        entry.1 += 1;
+                        if entry.1 == 2 {
+                            report.double_answers += 1;
+                        }
                         paths.heard(view.src(), now);
                     }
                     continue;
@@ -896,17 +970,33 @@ mod tests {
     }
 
     #[test]
-    fn probe_summary_counts() {
+    fn probe_summary_counts_answers_per_query_not_macs() {
         let mac = |b| MacAddr([2, 0, 0, 0, 0, b]);
         let mut s = ProbeSummary::default();
-        for macs in [vec![], vec![mac(1)], vec![mac(1), mac(2)], vec![mac(2)]] {
-            s.add(&ProbeSample {
-                at: Duration::ZERO,
-                macs,
-            });
+        let heard = [
+            vec![],
+            vec![mac(1)],
+            vec![mac(2), mac(1)],
+            vec![mac(2)],
+            vec![mac(3), mac(3)], // two nodes at one shared MAC
+            vec![mac(3), mac(1), mac(3)],
+        ];
+        let mut texts = Vec::new();
+        for answers in heard {
+            let mut sample = ProbeSample::default();
+            for m in answers {
+                sample.heard(m);
+            }
+            texts.push(sample.answers_text());
+            s.add(&sample);
         }
-        assert_eq!((s.probes, s.none, s.one, s.two), (4, 1, 2, 1));
-        assert_eq!(s.macs, vec![mac(1), mac(2)]);
+        assert_eq!((s.probes, s.none, s.one, s.two), (6, 1, 2, 3));
+        assert_eq!((s.two_macs, s.same_mac, s.most), (2, 2, 3));
+        assert_eq!(s.macs, vec![mac(1), mac(2), mac(3)]);
+        assert_eq!(texts[0], "-");
+        assert_eq!(texts[2], format!("{},{}", mac(1), mac(2)));
+        assert_eq!(texts[4], format!("{}*2", mac(3)));
+        assert_eq!(texts[5], format!("{},{}*2", mac(1), mac(3)));
     }
 
     #[test]

@@ -183,6 +183,18 @@ pub fn write_pattern_into(
     Ok(())
 }
 
+/// Where an initiator's tags start: apart from every other initiator's on the machine. Two
+/// initiators on one interface (a test's writer and its probe) share its MAC, so each hears
+/// the other's answers: had both started at the same tag, one's config query would be counted
+/// answered twice by the other.
+fn first_tag() -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    (std::process::id().wrapping_mul(0x9E37_79B9) ^ nanos.rotate_left(16)) & 0x7FFF_FFFF
+}
+
 /// An initiator bound to one interface.
 pub struct Initiator {
     socket: PacketSocket,
@@ -206,13 +218,17 @@ impl Initiator {
         Ok(Initiator {
             socket,
             mac: iface.mac,
-            next_tag: 1,
+            next_tag: first_tag(),
         })
     }
 
     fn tag(&mut self) -> u32 {
-        // Bit 31 clear: the Linux driver reserves it for its own config queries.
+        // Sequential from a start of its own (see `first_tag`). Bit 31 clear: the Linux driver
+        // reserves it for its own config queries. Never 0: that is an announce's.
         self.next_tag = (self.next_tag + 1) & 0x7FFF_FFFF;
+        if self.next_tag == 0 {
+            self.next_tag = 1;
+        }
         self.next_tag
     }
 

@@ -58,9 +58,12 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
-    /// Count who answers a blade: every --every-ms a config query with a tag of its own, the
-    /// distinct MACs answering within --window-ms. Until --seconds or SIGTERM/SIGINT; then
-    /// `probes=N none=A one=B two=C macs=...` (two: probes that two or more MACs answered).
+    /// Count who answers a blade: every --every-ms a config query with a tag of its own, sent
+    /// once; the answers carrying that tag within --window-ms, counted per query (two nodes
+    /// at one shared service MAC answer from one MAC, twice). Until --seconds or
+    /// SIGTERM/SIGINT; then `probes=N none=A one=B two=C two_macs=D same_mac=E most=F
+    /// macs=...` (two: probes answered two or more times, whatever the MACs; two_macs: by two
+    /// or more MACs; same_mac: one MAC answered twice or more; most: most answers to a probe).
     Probe {
         /// Blade, e.g. e0.3.
         target: String,
@@ -73,7 +76,8 @@ enum Cmd {
         /// Run this long (default: until SIGTERM or SIGINT).
         #[arg(long)]
         seconds: Option<f64>,
-        /// One line per probe: `t_ms count macs`.
+        /// One line per probe: `t_ms answers macs` (macs: `-`, or `mac[,mac]`, with `*N`
+        /// after a MAC that answered N > 1 times).
         #[arg(long)]
         log: Option<std::path::PathBuf>,
     },
@@ -81,7 +85,9 @@ enum Cmd {
     /// blade (rediscovered at start, every second and after a timeout), round-robin, and writes
     /// numbered 4 KiB blocks with increasing versions; each write is resent (new tag, next MAC)
     /// until acknowledged. Until --seconds or SIGTERM; then the acknowledged versions go to
-    /// --acks and `acked=N stall_max_ms=... stall_p50_ms=... gaps_over_500ms=[...]` is printed.
+    /// --acks and `acked=N stall_max_ms=... stall_p50_ms=... gaps_over_500ms=[...]` is printed
+    /// (and `double_answers=N`: discovery queries answered twice or more, from one MAC or
+    /// several: two nodes serving).
     /// Exit status 1 if a write went unacknowledged for --give-up-s.
     Versioned {
         /// Blade, e.g. e0.3.
@@ -334,7 +340,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     .join(",")
             };
             println!(
-                "target={target} acked={} seconds={:.1} stall_max_ms={:.0} stall_p50_ms={:.1} gaps_over_500ms=[{}] tail_ms={:.0} retransmits={} errors={} unfinished={} sectors_per_frame={spf} macs_seen={} acked_by={} base={version_base}{}",
+                "target={target} acked={} seconds={:.1} stall_max_ms={:.0} stall_p50_ms={:.1} gaps_over_500ms=[{}] tail_ms={:.0} retransmits={} errors={} unfinished={} sectors_per_frame={spf} macs_seen={} acked_by={} double_answers={} started_unix_ms={} base={version_base}{}",
                 report.acked,
                 report.elapsed.as_secs_f64(),
                 ms(report.stall_max()),
@@ -346,6 +352,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 report.unfinished.iter().filter(|&&u| u).count(),
                 macs(&report.macs_seen),
                 macs(&report.acked_by),
+                report.double_answers,
+                report.started_unix_ms,
                 if report.gave_up { " gave_up=1" } else { "" },
             );
             if report.gave_up {
@@ -495,28 +503,26 @@ fn probe(
     };
     let summary = init.probe(&plan, stop, |sample| {
         if let Some(log) = log.as_mut() {
-            let macs: Vec<String> = sample.macs.iter().map(|m| m.to_string()).collect();
             writeln!(
                 log,
                 "{} {} {}",
                 sample.at.as_millis(),
-                sample.macs.len(),
-                if macs.is_empty() {
-                    "-".into()
-                } else {
-                    macs.join(",")
-                }
+                sample.count(),
+                sample.answers_text()
             )?;
         }
         Ok(())
     })?;
     let macs: Vec<String> = summary.macs.iter().map(|m| m.to_string()).collect();
     println!(
-        "target={target} probes={} none={} one={} two={} macs={}",
+        "target={target} probes={} none={} one={} two={} two_macs={} same_mac={} most={} macs={}",
         summary.probes,
         summary.none,
         summary.one,
         summary.two,
+        summary.two_macs,
+        summary.same_mac,
+        summary.most,
         macs.join(",")
     );
     Ok(())

@@ -4,7 +4,8 @@
 //! else on the wire.
 //!
 //! Building and recognising frames is pure ([`config_query`], [`responder`]); only
-//! [`responders`] touches a socket. [`RivalAlarm`] is what a serving blade calls when it hears
+//! [`responders`] and [`responders_counted`] (which also counts the answers to each query: two
+//! nodes at one shared service MAC answer one query twice) touch a socket. [`RivalAlarm`] is what a serving blade calls when it hears
 //! a rival, at most once a second per rival.
 
 use crate::net::{Interface, PacketSocket};
@@ -117,9 +118,42 @@ pub fn responder(frame: &[u8], shelf: u16, slot: u8, own: MacAddr) -> Option<Mac
     (src != own).then_some(src)
 }
 
+/// What the wire said about one `eS.L` ([`responders_counted`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Responders {
+    /// The MACs (other than the interface's own) heard answering for the address, each once,
+    /// in the order first heard: answers to our queries, announces, any other response.
+    pub macs: Vec<MacAddr>,
+    /// Responses for the address heard from those MACs, all kinds together. Never 0 while
+    /// `macs` is not empty.
+    pub answers: usize,
+    /// The most answers any single one of our queries got (each query has a tag of its own
+    /// and goes out once). 2 or more: two nodes answer, even when both answer from one shared
+    /// service MAC, which `macs` cannot tell apart.
+    pub most_per_query: usize,
+}
+
+impl Responders {
+    /// Nobody answered.
+    pub fn is_empty(&self) -> bool {
+        self.answers == 0
+    }
+}
+
+/// Tags of the queries [`responders_counted`] sends: bit 31 set as [`PROBE_TAG`]'s, then 15
+/// bits that differ from call to call (so a late answer to an earlier call's query, heard on
+/// this call's socket, is not taken for an answer to this one's), then the attempt.
+fn query_tag(call: u32, attempt: u32) -> u32 {
+    0x8000_0000 | (call & 0x7FFF) << 16 | (attempt & 0xFFFF)
+}
+
 /// Broadcasts a Query Config for `shelf.slot` on `interface` `attempts` times, spread over
 /// `wait`, and returns the MACs (other than the interface's own) that answered for that
 /// address, each once, in the order first heard. Empty: nobody serves it on this wire.
+///
+/// A blade at a service MAC shared by two nodes answers from one MAC whichever node serves:
+/// two nodes answering at once show here as one MAC, which is still "answered";
+/// [`responders_counted`] tells how many answered.
 ///
 /// Needs CAP_NET_RAW. Waits the whole of `wait` (it cannot know that nobody else will answer).
 pub fn responders(
@@ -129,21 +163,40 @@ pub fn responders(
     wait: Duration,
     attempts: u32,
 ) -> Result<Vec<MacAddr>, io::Error> {
+    responders_counted(interface, shelf, slot, wait, attempts).map(|found| found.macs)
+}
+
+/// [`responders`], counting: every query carries a tag of its own and is sent once, so two
+/// answers carrying one query's tag are two answering nodes whatever their source MACs (a
+/// shared service MAC included).
+pub fn responders_counted(
+    interface: &str,
+    shelf: u16,
+    slot: u8,
+    wait: Duration,
+    attempts: u32,
+) -> Result<Responders, io::Error> {
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let call = CALLS
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        .wrapping_add(std::process::id());
     let iface = Interface::by_name(interface)?;
     let socket = PacketSocket::open(&iface, aoe::ETHERTYPE)?;
-    let query = config_query(iface.mac, shelf, slot);
-    let attempts = attempts.max(1);
+    let mut query = config_query(iface.mac, shelf, slot);
+    let attempts = attempts.clamp(1, 0xFFFF);
     let started = Instant::now();
     let deadline = started + wait;
     let spacing = wait / attempts;
     let mut sent = 0;
-    let mut found: Vec<MacAddr> = Vec::new();
+    let mut found = Responders::default();
+    let mut per_query = vec![0usize; attempts as usize];
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let now = Instant::now();
         // Each attempt goes out at its share of `wait`, so a responder that missed one query
         // (a full queue, a link flapping) has later ones to answer.
         if sent < attempts && now >= started + spacing * sent {
+            Frame::new_unchecked(&mut query[..]).set_tag(query_tag(call, sent));
             socket.send(&query)?;
             sent += 1;
             continue;
@@ -159,13 +212,49 @@ pub fn responders(
         let Some(len) = socket.recv(&mut buf, left.min(next_send))? else {
             continue;
         };
-        if let Some(mac) = responder(&buf[..len], shelf, slot, iface.mac) {
-            if !found.contains(&mac) {
-                found.push(mac);
-            }
-        }
+        count_response(
+            &buf[..len],
+            shelf,
+            slot,
+            iface.mac,
+            call,
+            sent,
+            &mut found,
+            &mut per_query,
+        );
     }
     Ok(found)
+}
+
+/// Counts `frame` into `found` if it is a rival's response for `shelf.slot`, and into
+/// `per_query` if it answers one of the `sent` queries of call `call`.
+#[allow(clippy::too_many_arguments)]
+fn count_response(
+    frame: &[u8],
+    shelf: u16,
+    slot: u8,
+    own: MacAddr,
+    call: u32,
+    sent: u32,
+    found: &mut Responders,
+    per_query: &mut [usize],
+) {
+    let Some(mac) = responder(frame, shelf, slot, own) else {
+        return;
+    };
+    found.answers += 1;
+    if !found.macs.contains(&mac) {
+        found.macs.push(mac);
+    }
+    let view = Frame::new_unchecked(frame);
+    if view.command() != Command::Config {
+        return;
+    }
+    let tag = view.tag();
+    if let Some(n) = (0..sent).find(|&n| query_tag(call, n) == tag) {
+        per_query[n as usize] += 1;
+        found.most_per_query = found.most_per_query.max(per_query[n as usize]);
+    }
 }
 
 #[cfg(test)]
@@ -242,5 +331,68 @@ mod tests {
             "a request"
         );
         assert_eq!(responder(&[0u8; 10], 7, 3, OURS), None, "truncated");
+    }
+
+    fn answer_to(src: MacAddr, tag: u32) -> Vec<u8> {
+        let mut frame = answer_from(src, 7, 3);
+        Frame::new_unchecked(&mut frame[..]).set_tag(tag);
+        frame
+    }
+
+    #[test]
+    fn query_tags_differ_per_attempt_and_per_call_and_keep_bit_31() {
+        let tags: Vec<u32> = (0..3)
+            .flat_map(|call| (0..3).map(move |n| query_tag(call, n)))
+            .collect();
+        for (i, a) in tags.iter().enumerate() {
+            assert_eq!(a & 0x8000_0000, 0x8000_0000);
+            assert!(tags[i + 1..].iter().all(|b| b != a), "{a:#x} repeats");
+        }
+    }
+
+    #[test]
+    fn two_answers_to_one_query_from_one_mac_are_two_responders() {
+        // Two nodes at one shared service MAC both answer the second query.
+        let mut found = Responders::default();
+        let mut per_query = vec![0; 3];
+        for frame in [
+            answer_to(RIVAL, query_tag(9, 0)),
+            answer_to(RIVAL, query_tag(9, 1)),
+            answer_to(RIVAL, query_tag(9, 1)),
+        ] {
+            count_response(&frame, 7, 3, OURS, 9, 3, &mut found, &mut per_query);
+        }
+        assert_eq!(found.macs, vec![RIVAL]);
+        assert_eq!((found.answers, found.most_per_query), (3, 2));
+        assert!(!found.is_empty());
+    }
+
+    #[test]
+    fn announces_and_stale_answers_count_as_answers_not_per_query() {
+        let mut found = Responders::default();
+        let mut per_query = vec![0; 2];
+        let other = MacAddr([2, 0, 0, 0, 0, 3]);
+        for frame in [
+            answer_to(RIVAL, 0),               // an announce
+            answer_to(other, query_tag(8, 0)), // an earlier call's query
+            answer_to(RIVAL, query_tag(9, 1)), // a query not sent yet
+            answer_to(OURS, query_tag(9, 0)),  // our own MAC
+            answer_from(RIVAL, 7, 4),          // another slot
+        ] {
+            count_response(&frame, 7, 3, OURS, 9, 1, &mut found, &mut per_query);
+        }
+        assert_eq!(found.macs, vec![RIVAL, other]);
+        assert_eq!((found.answers, found.most_per_query), (3, 0));
+        // One answer each from two MACs to one query.
+        let mut found = Responders::default();
+        let mut per_query = vec![0; 1];
+        for frame in [
+            answer_to(RIVAL, query_tag(9, 0)),
+            answer_to(other, query_tag(9, 0)),
+        ] {
+            count_response(&frame, 7, 3, OURS, 9, 1, &mut found, &mut per_query);
+        }
+        assert_eq!((found.macs.len(), found.most_per_query), (2, 2));
+        assert!(Responders::default().is_empty());
     }
 }
