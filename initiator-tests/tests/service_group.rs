@@ -1,7 +1,7 @@
 //! The service group against a real kernel, in a namespace: it starts floating IP → AoE at
 //! the service MAC → NBD on the floating IP, stops in reverse leaving nothing behind, a step
 //! that fails undoes the steps before it, and the floating IP is announced (a burst, then a
-//! refresh) only while the serve gate is open.
+//! refresh) and kept (its kernel lifetime renewed) only while the serve gate is open.
 
 mod common;
 
@@ -191,7 +191,7 @@ fn garps_heard(lab: &Lab, window: Duration) -> usize {
 }
 
 #[test]
-fn the_floating_ip_is_announced_only_while_the_gate_is_open() {
+fn the_floating_ip_is_announced_and_kept_only_while_the_gate_is_open() {
     let lab = lab();
     let gate = ServeGate::new(LeaseClock::new());
     let (root, group) = start_gated(&lab, spec(NBD_PORT + 1), gate.clone());

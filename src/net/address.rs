@@ -25,9 +25,9 @@ use crate::wire::arp::{self, ArpRepr};
 use crate::wire::MacAddr;
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
-    NLM_F_REQUEST,
+    NLM_F_REPLACE, NLM_F_REQUEST,
 };
-use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
+use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope, CacheInfo};
 use netlink_packet_route::link::{LinkAttribute, LinkMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -289,6 +289,39 @@ pub fn add(interface: &str, ip: &FloatingIp) -> Result<Added, AddressError> {
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(Added::AlreadyThere),
         Err(e) => Err(attempt.error(e)),
     }
+}
+
+/// Puts `ip` on `interface` for `lifetime` from now (rounded up to whole seconds, the
+/// kernel's unit): the kernel removes it by itself unless it is renewed in time — an address
+/// that lives only as long as its holder keeps saying so, even if the holder freezes.
+/// Replaces the lifetime of an address already there (one added by [`add`] becomes
+/// temporary), and adds it again if it had expired.
+pub fn renew(interface: &str, ip: &FloatingIp, lifetime: Duration) -> Result<(), AddressError> {
+    let attempt = Attempt {
+        operation: "renew",
+        interface,
+        address: ip.address,
+    };
+    let index = interface_index(interface).map_err(|e| attempt.error(e))?;
+    let mut message = address_message(index, ip);
+    if let Some(broadcast) = ip.broadcast() {
+        message
+            .attributes
+            .push(AddressAttribute::Broadcast(broadcast));
+    }
+    let seconds = u32::try_from(lifetime.as_millis().div_ceil(1000))
+        .unwrap_or(u32::MAX - 1)
+        .max(1);
+    let mut cache = CacheInfo::default();
+    cache.ifa_preferred = seconds;
+    cache.ifa_valid = seconds;
+    message.attributes.push(AddressAttribute::CacheInfo(cache));
+    transact(
+        RouteNetlinkMessage::NewAddress(message),
+        NLM_F_CREATE | NLM_F_REPLACE,
+    )
+    .map(|_| ())
+    .map_err(|e| attempt.error(e))
 }
 
 /// Removes `ip` (address and prefix length) from `interface`. Idempotent: an address that is

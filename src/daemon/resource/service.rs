@@ -29,6 +29,13 @@ const GARP_INTERVAL: Duration = Duration::from_millis(200);
 const GARP_REFRESH: Duration = Duration::from_secs(1);
 /// How often a closed gate is looked at again.
 const GATE_POLL: Duration = Duration::from_millis(20);
+/// The floating IP's lifetime in the kernel, renewed every [`IP_RENEW`] while the serve gate is
+/// open: a node that froze while serving (its kernel still holds the address and answers ARP
+/// for it) loses the address by itself within about this long, before its peer takes over
+/// (the peer waits the dead time and more). The kernel counts in whole seconds.
+const IP_LIFETIME: Duration = Duration::from_secs(1);
+/// How often the lifetime is renewed.
+const IP_RENEW: Duration = Duration::from_millis(200);
 
 /// What the group serves and where.
 pub struct ServiceSpec {
@@ -181,21 +188,30 @@ impl ServiceGroup {
                 tracing::info!(resource = %spec.name, "floating IP {ip} was already on {}", spec.interface)
             }
         }
+        // Until the announcer renews it (once the gate opens), it lives one lifetime.
+        if let Err(e) = address::renew(&spec.interface, &ip, IP_LIFETIME) {
+            let _ = address::remove(&spec.interface, &ip);
+            return Err(failed(e));
+        }
         self.ip = Some((spec.interface.clone(), ip));
         tracing::info!(resource = %spec.name, "floating IP {ip} up on {}", spec.interface);
-        if let IpAddr::V4(v4) = ip.address {
-            let announcer = crew.group("garp");
-            let interface = spec.interface.clone();
-            let name = spec.name.clone();
-            let waits = announcer.clone();
-            let started = announcer.spawn("garp", move |token| {
-                announce_while_serving(&name, &interface, v4, &gate, &waits, &token)
-            });
-            if let Err(e) = started {
-                tracing::warn!(resource = %spec.name, "cannot announce {ip}: {e}");
-            }
-            self.announcer = Some(announcer);
+        let announcer = crew.group("floating-ip");
+        let interface = spec.interface.clone();
+        let name = spec.name.clone();
+        let waits = announcer.clone();
+        let started = announcer.spawn("floating-ip", move |token| {
+            announce_while_serving(&name, &interface, ip, &gate, &waits, &token)
+        });
+        if let Err(e) = started {
+            let _ = address::remove(&spec.interface, &ip);
+            return Err(failed(address::AddressError::Kernel {
+                operation: "announce",
+                interface: spec.interface.clone(),
+                address: ip.address,
+                source: std::io::Error::other(e.to_string()),
+            }));
         }
+        self.announcer = Some(announcer);
         Ok(())
     }
 
@@ -222,19 +238,18 @@ impl ServiceGroup {
     }
 }
 
-/// Gratuitous ARPs for the floating IP while this node serves: [`GARP_COUNT`] of them
-/// [`GARP_INTERVAL`] apart, then one every [`GARP_REFRESH`] (keepalived's
-/// `garp_master_refresh`) — but only while the serve gate lets the node answer, so a node
-/// whose lease ran out (frozen, cut off) claims nothing. The refresh is what corrects a
-/// neighbour that a node frozen while serving (its kernel still holds the address and answers
-/// ARP) steered back to itself, until that node wakes and drops the address.
+/// Keeps the floating IP while this node serves: renews its kernel lifetime every [`IP_RENEW`]
+/// and sends gratuitous ARPs — [`GARP_COUNT`] of them [`GARP_INTERVAL`] apart, then one every
+/// [`GARP_REFRESH`] (keepalived's `garp_master_refresh`) — but only while the serve gate lets
+/// the node answer. A node whose lease ran out (frozen, cut off) claims nothing, and its
+/// address expires within [`IP_LIFETIME`].
 ///
-/// From the interface's own MAC: the kernel's IP stack answers only there (the virtual MAC is
-/// joined by the AoE socket alone).
+/// ARPs leave from the interface's own MAC: the kernel's IP stack answers only there (the
+/// virtual MAC is joined by the AoE socket alone).
 fn announce_while_serving(
     name: &str,
     interface: &str,
-    ip: std::net::Ipv4Addr,
+    ip: FloatingIp,
     gate: &ServeGate,
     waits: &Supervisor,
     token: &tokio_util::sync::CancellationToken,
@@ -242,27 +257,36 @@ fn announce_while_serving(
     let mac = match crate::net::Interface::by_name(interface) {
         Ok(port) => port.mac,
         Err(e) => {
-            tracing::warn!(resource = %name, "gratuitous ARP for {ip}: {e}");
+            tracing::warn!(resource = %name, "announcing {ip}: {e}");
             return;
         }
     };
     static FAILURES: crate::ratelimit::LogLimiter =
         crate::ratelimit::LogLimiter::new(Duration::from_secs(60), 2);
     let mut sent = 0u32;
+    let mut next_garp = std::time::Instant::now();
     loop {
         // The group starts before the engine opens the gate: look again soon until it does.
         let pause = if !gate.may_answer() {
             GATE_POLL
         } else {
-            if let Err(e) = address::announce(interface, ip, mac, 1, Duration::ZERO) {
-                crate::warn_limited!(FAILURES, resource = %name, "gratuitous ARP for {ip}: {e}");
+            if let Err(e) = address::renew(interface, &ip, IP_LIFETIME) {
+                crate::warn_limited!(FAILURES, resource = %name, "floating IP {ip}: {e}");
             }
-            sent += 1;
-            if sent < GARP_COUNT {
-                GARP_INTERVAL
-            } else {
-                GARP_REFRESH
+            let now = std::time::Instant::now();
+            if let (IpAddr::V4(v4), true) = (ip.address, now >= next_garp) {
+                if let Err(e) = address::announce(interface, v4, mac, 1, Duration::ZERO) {
+                    crate::warn_limited!(FAILURES, resource = %name, "gratuitous ARP for {v4}: {e}");
+                }
+                sent += 1;
+                next_garp = now
+                    + if sent < GARP_COUNT {
+                        GARP_INTERVAL
+                    } else {
+                        GARP_REFRESH
+                    };
             }
+            IP_RENEW
         };
         if !waits.sleep_on(token, pause) {
             return;
