@@ -72,6 +72,7 @@ impl Engine {
 
     pub(super) fn step(&mut self, event: Event) -> Vec<Action> {
         let before = self.machine.status();
+        let decided = Instant::now();
         let actions = self.machine.step(Instant::now(), event);
         // A gate closes before the actions run (failing writes over to dirty bits completes
         // them: their replies must find the gate shut); it opens only after them, once what
@@ -93,7 +94,7 @@ impl Engine {
             self.res.linked.store(false, Ordering::Release);
         }
         self.announce();
-        self.time_failover(&event, &before, &actions);
+        self.time_failover(&event, &before, &actions, decided);
         if std::mem::take(&mut self.service_failed) {
             self.step(Event::ServiceFailed);
         }
@@ -126,6 +127,7 @@ impl Engine {
         event: &Event,
         before: &crate::cluster::Status,
         actions: &[Action],
+        decided: Instant,
     ) {
         let now = Instant::now();
         let s = self.machine.status();
@@ -162,27 +164,31 @@ impl Engine {
         let Some((watch, at_open)) = &mut self.stopwatch else {
             return;
         };
+        // In the order it happened: what this step heard and decided (at `decided`), then
+        // what carrying it out brought up (the floating IP, the exports: by `now`).
+        match event {
+            Event::WireChecked { answered: false } => watch.mark("nobody else answers", decided),
+            Event::PeerHeard(Some(p)) if p.outdated => watch.mark("peer outdated", decided),
+            _ => {}
+        }
+        if s.outdate_request {
+            watch.mark("asked the peer to step aside", decided);
+        }
+        if before.role != Role::Primary && s.role == Role::Primary {
+            watch.mark("promoted", decided);
+        }
         for action in actions {
             match action {
-                Action::CheckWire => watch.mark("wire guard asked", now),
-                Action::NewCurrentUuid => watch.mark("new generation", now),
-                Action::StartServing => watch.mark("exports started", now),
+                Action::CheckWire => watch.mark("wire guard asked", decided),
+                Action::NewCurrentUuid => watch.mark("new generation", decided),
                 _ => {}
             }
         }
         if let Some(at) = ip_up {
             watch.mark("floating IP up", at);
         }
-        match event {
-            Event::WireChecked { answered: false } => watch.mark("nobody else answers", now),
-            Event::PeerHeard(Some(p)) if p.outdated => watch.mark("peer outdated", now),
-            _ => {}
-        }
-        if s.outdate_request {
-            watch.mark("asked the peer to step aside", now);
-        }
-        if before.role != Role::Primary && s.role == Role::Primary {
-            watch.mark("promoted", now);
+        if actions.contains(&Action::StartServing) {
+            watch.mark("exports started", now);
         }
         if s.serving && s.authority != Authority::Closed && !watch.reached("answering") {
             watch.mark("answering", now);
