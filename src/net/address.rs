@@ -275,12 +275,7 @@ pub fn add(interface: &str, ip: &FloatingIp) -> Result<Added, AddressError> {
         address: ip.address,
     };
     let index = interface_index(interface).map_err(|e| attempt.error(e))?;
-    let mut message = address_message(index, ip);
-    if let Some(broadcast) = ip.broadcast() {
-        message
-            .attributes
-            .push(AddressAttribute::Broadcast(broadcast));
-    }
+    let message = new_address_message(index, ip);
     // EXCL makes "already there" an answer (EEXIST) instead of a silent replace that could
     // change flags or lifetimes of an address someone else configured.
     let request = RouteNetlinkMessage::NewAddress(message);
@@ -303,12 +298,7 @@ pub fn renew(interface: &str, ip: &FloatingIp, lifetime: Duration) -> Result<(),
         address: ip.address,
     };
     let index = interface_index(interface).map_err(|e| attempt.error(e))?;
-    let mut message = address_message(index, ip);
-    if let Some(broadcast) = ip.broadcast() {
-        message
-            .attributes
-            .push(AddressAttribute::Broadcast(broadcast));
-    }
+    let mut message = new_address_message(index, ip);
     let seconds = u32::try_from(lifetime.as_millis().div_ceil(1000))
         .unwrap_or(u32::MAX - 1)
         .max(1);
@@ -417,6 +407,18 @@ fn address_message(index: u32, ip: &FloatingIp) -> AddressMessage {
         AddressAttribute::Local(ip.address),
         AddressAttribute::Address(ip.address),
     ];
+    message
+}
+
+/// The request body that puts `ip` on interface `index`: [`address_message`] with the subnet's
+/// broadcast address, where it has one.
+fn new_address_message(index: u32, ip: &FloatingIp) -> AddressMessage {
+    let mut message = address_message(index, ip);
+    if let Some(broadcast) = ip.broadcast() {
+        message
+            .attributes
+            .push(AddressAttribute::Broadcast(broadcast));
+    }
     message
 }
 
