@@ -7,7 +7,8 @@ use std::io::{self, IoSlice};
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use super::server::BUF_CHUNK;
+/// Size of a fresh input or output buffer (the connection's input buffer grows by it too).
+pub(super) const BUF_CHUNK: usize = 256 << 10;
 
 /// One buffer of queued reply bytes.
 ///

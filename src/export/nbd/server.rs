@@ -66,7 +66,7 @@ use tokio_util::sync::CancellationToken;
 use super::acl::Acl;
 use super::export::{gate_opens, Export, ExportError, ExportState};
 use super::handshake::{negotiate, HandshakeError};
-use super::outq::{write_some, OutQueue};
+use super::outq::{write_some, OutQueue, BUF_CHUNK};
 use crate::block::order::{Access, Ticket};
 use crate::block::{check_range, BlockDevice, BlockError};
 use crate::ratelimit::LogLimiter;
@@ -80,8 +80,6 @@ pub const MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
 /// Queued reply bytes beyond which a connection writes before parsing more requests.
 pub const OUT_HIGH_WATER: usize = 4 << 20;
 
-/// Size of a fresh input or output buffer.
-pub(super) const BUF_CHUNK: usize = 256 << 10;
 /// A plain read or write slower than this (plus 1 ns per byte) counts as slow.
 pub const SLOW_OP: Duration = Duration::from_micros(100);
 /// Consecutive slow inline requests that mark the device slow. One slow request proves
