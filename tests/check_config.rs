@@ -68,7 +68,11 @@ meta-disk = "internal"
 /// A directory with alpha's disks, and the configuration written into it as `name`.
 fn setup(text: impl FnOnce(&Path) -> String) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
-    for (name, size) in [("r0.img", 64 << 20), ("r1.img", 32 << 20), ("r1.md", 1 << 20)] {
+    for (name, size) in [
+        ("r0.img", 64 << 20),
+        ("r1.img", 32 << 20),
+        ("r1.md", 1 << 20),
+    ] {
         std::fs::File::create(dir.path().join(name))
             .unwrap()
             .set_len(size)
@@ -115,7 +119,9 @@ fn a_good_file_prints_the_effective_settings_and_touches_nothing() {
     assert!(!r.stdout.contains(SECRET) && !r.stderr.contains(SECRET));
     // One heartbeat path each: a warning, not an error.
     assert!(
-        r.stderr.contains("warning: ") && r.stderr.contains(": node.alpha.heartbeat: one heartbeat path"),
+        r.stderr.contains("warning: ")
+            && r.stderr
+                .contains(": node.alpha.heartbeat: one heartbeat path"),
         "{}",
         r.stderr
     );
@@ -126,7 +132,11 @@ fn a_good_file_prints_the_effective_settings_and_touches_nothing() {
     assert_eq!(r2.code, 0, "{}", r2.stderr);
     assert!(r2.stdout.is_empty());
     std::fs::remove_file(&again).unwrap();
-    assert_eq!(listing(dir.path()), before, "check-config changed the directory");
+    assert_eq!(
+        listing(dir.path()),
+        before,
+        "check-config changed the directory"
+    );
 }
 
 #[test]
@@ -164,11 +174,19 @@ fn each_broken_file_names_the_key_and_the_problem() {
         let before = listing(dir.path());
         let r = check_config(&["-c", conf.to_str().unwrap(), "--node", "alpha"]);
         assert_eq!(r.code, *code, "{to}: {}", r.stderr);
-        assert!(r.stderr.contains(says), "{to}: {says:?} not in {}", r.stderr);
+        assert!(
+            r.stderr.contains(says),
+            "{to}: {says:?} not in {}",
+            r.stderr
+        );
         assert!(r.stderr.contains("error: "), "{}", r.stderr);
         assert!(r.stdout.is_empty(), "no dump with errors: {}", r.stdout);
         assert!(!r.stderr.contains(SECRET));
-        assert_eq!(listing(dir.path()), before, "{to}: check-config changed the directory");
+        assert_eq!(
+            listing(dir.path()),
+            before,
+            "{to}: check-config changed the directory"
+        );
     }
     // A tiny internal disk: the meta-data does not fit.
     let (dir, conf) = setup(pair);
@@ -181,17 +199,26 @@ fn each_broken_file_names_the_key_and_the_problem() {
     let r = check_config(&["-c", conf.to_str().unwrap(), "--node", "alpha"]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(
-        r.stderr.contains(": resource.r0.on.alpha.meta-disk: device of 16384 bytes is too small"),
+        r.stderr
+            .contains(": resource.r0.on.alpha.meta-disk: device of 16384 bytes is too small"),
         "{}",
         r.stderr
     );
     // Not a node here, a file that is not there.
     let r = check_config(&["-c", conf.to_str().unwrap(), "--node", "gamma"]);
     assert_eq!(r.code, 2);
-    assert!(r.stderr.contains(": node: --node gives \"gamma\""), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(": node: --node gives \"gamma\""),
+        "{}",
+        r.stderr
+    );
     let r = check_config(&["-c", "/nonexistent/twinblade.toml"]);
     assert_eq!(r.code, 2);
-    assert!(r.stderr.starts_with("error: /nonexistent/twinblade.toml: "), "{}", r.stderr);
+    assert!(
+        r.stderr.starts_with("error: /nonexistent/twinblade.toml: "),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -209,7 +236,10 @@ fn a_secret_file_must_be_private_and_is_never_printed() {
         let r = check_config(&["-c", conf.to_str().unwrap(), "--node", "alpha"]);
         assert_eq!(r.code, 1, "{mode:o}: {}", r.stderr);
         assert!(
-            r.stderr.contains(&format!(": cluster.shared-secret-file: {}/secret has mode {mode:04o}", dir.path().display())),
+            r.stderr.contains(&format!(
+                ": cluster.shared-secret-file: {}/secret has mode {mode:04o}",
+                dir.path().display()
+            )),
             "{}",
             r.stderr
         );
@@ -245,7 +275,12 @@ fn every_example_configuration_is_valid() {
         for node in ["alpha", "beta"] {
             let r = check_config(&["-c", file.to_str().unwrap(), "--node", node, "--offline"]);
             assert_eq!(r.code, 0, "{} for {node}: {}", file.display(), r.stderr);
-            assert!(!r.stderr.contains("warning: "), "{}: {}", file.display(), r.stderr);
+            assert!(
+                !r.stderr.contains("warning: "),
+                "{}: {}",
+                file.display(),
+                r.stderr
+            );
             assert!(r.stdout.contains(&format!("[node.{node}]  # this node")));
         }
     }

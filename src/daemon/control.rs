@@ -837,8 +837,8 @@ mod tests {
         // As permissive as a umask gets, so the mode below is the server's doing.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
         let path = dir.path().join("control.sock");
-        let root = crate::supervisor::Root::new("control-test", CancellationToken::new(), 1)
-            .unwrap();
+        let root =
+            crate::supervisor::Root::new("control-test", CancellationToken::new(), 1).unwrap();
         let server = ControlServer::start(&path, Vec::new(), root.group("control")).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "control socket mode {mode:o}");
