@@ -437,6 +437,59 @@ fn quoted(s: impl std::fmt::Display) -> String {
     out
 }
 
+/// Names every field of every section, so that a key added to the file fails to compile
+/// until [`dump`] writes it too (then list it here).
+fn keys_are_all_dumped(config: &Config) {
+    let super::Cluster {
+        shared_secret: _,
+        shared_secret_file: _,
+        file_secret: _,
+        heartbeat_port: _,
+        heartbeat_interval: _,
+        heartbeat_dead_time: _,
+    } = &config.cluster;
+    for n in config.nodes.values() {
+        let super::Node {
+            address: _,
+            interface: _,
+            heartbeat: _,
+        } = n;
+    }
+    for r in config.resources.values() {
+        let super::Resource {
+            aoe: _,
+            port: _,
+            protocol: _,
+            durability: _,
+            csums: _,
+            al_extents: _,
+            al_extent_kib: _,
+            wfc_timeout: _,
+            degr_wfc_timeout: _,
+            dead_time: _,
+            timeout: _,
+            ko_count: _,
+            auto_promote: _,
+            preferred_primary: _,
+            nbd: _,
+            mac: _,
+            floating_ip: _,
+            fencing: _,
+            resync_rate_max: _,
+            resync_rate_min: _,
+            resync_fill_target: _,
+            resync_plan_ahead: _,
+            on,
+        } = r;
+        for o in on.values() {
+            let super::OnNode {
+                disk: _,
+                meta_disk: _,
+            } = o;
+        }
+    }
+}
+
 /// The dump being written: lines `key = value`, each followed by its note or fact.
 struct Dump<'a> {
     out: String,
@@ -481,6 +534,7 @@ pub fn dump(config: &Config, node: Option<&str>, facts: &BTreeMap<String, String
         facts,
         table: String::new(),
     };
+    keys_are_all_dumped(config);
     let c = &config.cluster;
     d.table("cluster".into(), "");
     match &c.shared_secret_file {
