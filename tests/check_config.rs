@@ -125,6 +125,19 @@ fn a_good_file_prints_the_effective_settings_and_touches_nothing() {
         "{}",
         r.stderr
     );
+    // Without --node, the node comes from where `run` takes it: $TWINBLADE_NODE here.
+    let out = Command::new(env!("CARGO_BIN_EXE_twinblade"))
+        .args(["check-config", "-q", "-c", conf.to_str().unwrap()])
+        .env("TWINBLADE_NODE", "alpha")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("valid for node alpha on this machine"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
     // The dump is a configuration again.
     let again = dir.path().join("again.toml");
     std::fs::write(&again, &r.stdout).unwrap();
