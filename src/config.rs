@@ -3,6 +3,7 @@
 //! ```toml
 //! [cluster]
 //! shared-secret = "change-me"          # authenticates every peer connection and heartbeat
+//!                                      # or: shared-secret-file = "/etc/twinblade/secret" (mode 0600)
 //! heartbeat-port = 7790                # optional: UDP port of the heartbeat on every path
 //! heartbeat-interval = 0.2             # optional: seconds between heartbeats (heartbeat's keepalive)
 //! heartbeat-dead-time = 1.0            # optional: silence on every path that makes the peer dead
@@ -51,6 +52,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub mod check;
+pub mod secret;
+
+pub use secret::Secret;
+
 use crate::meta::layout::{
     LayoutParams, DEFAULT_AL_EXTENTS, DEFAULT_AL_EXTENT_SHIFT, MIN_AL_EXTENTS,
 };
@@ -91,8 +97,13 @@ pub enum ConfigError {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Cluster {
-    /// Authenticates every peer connection and every heartbeat.
-    pub shared_secret: String,
+    /// Authenticates every peer connection and every heartbeat (or `shared-secret-file`).
+    pub shared_secret: Option<Secret>,
+    /// A file holding the secret instead (mode 0600 or stricter; see [`secret`]).
+    pub shared_secret_file: Option<PathBuf>,
+    /// The secret [`Config::load`] read from `shared-secret-file`.
+    #[serde(skip)]
+    pub file_secret: Option<Secret>,
     /// UDP port of the heartbeat on every path (default [`DEFAULT_HEARTBEAT_PORT`]).
     pub heartbeat_port: Option<u16>,
     /// Seconds between heartbeats on each path (default 0.2).
@@ -499,9 +510,7 @@ impl Cluster {
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
-        if self.shared_secret.is_empty() {
-            return Err(("cluster.shared-secret".into(), "must not be empty".into()));
-        }
+        self.validate_secret_keys()?;
         if self.heartbeat_port == Some(0) {
             return Err(("cluster.heartbeat-port".into(), "must not be 0".into()));
         }
@@ -555,7 +564,9 @@ impl Config {
             file: path.to_path_buf(),
             source,
         })?;
-        Self::parse(&text, path)
+        let mut config = Self::parse(&text, path)?;
+        config.read_secret_file()?;
+        Ok(config)
     }
 
     /// Parses and validates `text`; `path` is only used in errors.

@@ -3,7 +3,8 @@
 
 use tokio_util::sync::CancellationToken;
 
-/// Process exit codes.
+/// Process exit codes. `check-config` uses them so: 0 valid, 1 the file is valid but this
+/// machine does not fit it (an interface, address, disk or secret file), 2 the file is invalid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(i32)]
 pub enum ExitCode {

@@ -7,10 +7,12 @@
 //! * [`nbd`]: `nbd`, a qemu-nbd-like NBD front end.
 //! * [`md`]: `create-md` and `dump-md`, a resource's meta-data.
 //! * [`run`]: `run`, the daemon in the foreground.
+//! * [`check`]: `check-config`, the configuration validated without running it.
 //! * [`ctl`]: the verbs a running daemon answers (`status`, `primary`, `connect`, …).
 //! * [`exit`]: the exit codes they all return.
 
 pub mod aoe;
+pub mod check;
 pub mod ctl;
 pub mod exit;
 pub mod md;
@@ -55,6 +57,10 @@ pub enum Command {
     DumpMd(DumpMdArgs),
     /// Run the node: replicate, fail over, serve AoE/NBD while primary (foreground).
     Run(crate::daemon::RunArgs),
+    /// Validate the configuration for this node and its peer and print the effective settings,
+    /// like `drbdadm dump` / `keepalived -t`; starts and changes nothing. Exit status: 0 valid,
+    /// 1 this machine does not fit it, 2 the file is invalid.
+    CheckConfig(check::CheckConfigArgs),
     /// Remove this node's floating IPs a killed daemon left on its interface (a service
     /// manager's stop hook; refused while the daemon runs).
     ReleaseIps(crate::daemon::RunArgs),
@@ -99,6 +105,7 @@ pub fn main() -> i32 {
         Command::CreateMd(args) => md::run_create_md(args),
         Command::DumpMd(args) => md::run_dump_md(args),
         Command::Run(args) => run::run(args),
+        Command::CheckConfig(args) => check::run(args),
         Command::ReleaseIps(args) => run::release_ips(args),
         Command::Status(a) => ctl::request("status", &a.res, &[("--json", a.json)]),
         Command::Events(a) => ctl::request("events", &a.res, &[("--json", a.json)]),

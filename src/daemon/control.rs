@@ -6,6 +6,7 @@
 //! run on one machine.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -65,6 +66,11 @@ impl ControlServer {
         }
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
+        // Root-only (the owner's): every verb can demote, invalidate or cut the power. Set
+        // before the first accept; a client that connected in between is refused by
+        // `may_control` below.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))?;
+        let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(path)?);
         listener.set_nonblocking(true)?;
         let listener = {
             let _runtime = group.runtime().enter();
@@ -78,7 +84,19 @@ impl ControlServer {
                     _ = token.cancelled() => return,
                     accepted = listener.accept() => accepted,
                 };
-                let stream = match accepted.and_then(|(s, _)| s.into_std()) {
+                let stream = match accepted {
+                    Ok((s, _)) if !may_control(&s, owner) => {
+                        crate::warn_limited!(
+                            LIMIT,
+                            "control socket: refused a client of another user ({:?})",
+                            s.peer_cred().map(|c| c.uid()).ok()
+                        );
+                        continue;
+                    }
+                    Ok((s, _)) => s.into_std(),
+                    Err(e) => Err(e),
+                };
+                let stream = match stream {
                     Ok(s) => s,
                     Err(e) => {
                         crate::warn_limited!(LIMIT, "control socket: {e}");
@@ -106,6 +124,18 @@ impl ControlServer {
         self.group.stop();
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// The control socket's mode: read and write for its owner (root, as the daemon runs) only.
+pub const SOCKET_MODE: u32 = 0o600;
+
+/// Whether the client at the other end of `stream` may use the control socket: root, or
+/// `owner`, the socket's owner (the user the daemon runs as). The mode already keeps others
+/// out; this covers a client that connected between `bind` and the `chmod`.
+fn may_control(stream: &tokio::net::UnixStream, owner: u32) -> bool {
+    stream
+        .peer_cred()
+        .is_ok_and(|c| c.uid() == 0 || c.uid() == owner)
 }
 
 fn serve(stream: UnixStream, resources: &[Arc<Resource>], client: &Client) {
@@ -799,6 +829,28 @@ mod tests {
                 floating_ip: Some(("10.77.0.100/24".parse().unwrap(), Some(true))),
             },
         }
+    }
+
+    #[test]
+    fn the_socket_is_for_its_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        // As permissive as a umask gets, so the mode below is the server's doing.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let path = dir.path().join("control.sock");
+        let root =
+            crate::supervisor::Root::new("control-test", CancellationToken::new(), 1).unwrap();
+        let server = ControlServer::start(&path, Vec::new(), root.group("control")).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "control socket mode {mode:o}");
+        // Its owner still gets answers.
+        let mut client = UnixStream::connect(&path).unwrap();
+        writeln!(client, "status").unwrap();
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut client, &mut answer).unwrap();
+        assert!(answer.lines().any(|l| l == ".OK"), "{answer:?}");
+        server.stop();
+        root.stop();
+        assert!(!path.exists());
     }
 
     #[test]

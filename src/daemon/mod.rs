@@ -186,7 +186,7 @@ pub fn run(args: RunArgs, cancel: CancellationToken) -> Result<(), RunError> {
             identity: peer::Identity {
                 local: node.clone(),
                 peer: peer.clone(),
-                secret: config.cluster.shared_secret.as_bytes().to_vec(),
+                secret: config.cluster.secret().to_vec(),
             },
             protocol: res.protocol,
             durability: res.durability,
@@ -262,7 +262,7 @@ fn start_heartbeat(
         port: config.cluster.heartbeat_port(),
         interval: config.cluster.heartbeat_interval(),
         dead_time: config.cluster.heartbeat_dead_time(),
-        ..HeartbeatSettings::new(node, peer, config.cluster.shared_secret.as_bytes(), paths)
+        ..HeartbeatSettings::new(node, peer, config.cluster.secret(), paths)
     };
     let heartbeat = Heartbeat::start(settings.clone(), group)
         .map_err(|e| std::io::Error::other(format!("heartbeat: {e}")))?;
