@@ -11,6 +11,7 @@
 //! address = "192.168.100.1"            # replication link
 //! interface = "eth0"                   # client-facing: AoE (later also the floating IP)
 //! heartbeat = ["192.168.100.1", "10.0.0.181"] # optional: one address per heartbeat path
+//! metrics = "127.0.0.1:9942"          # optional: serve GET /metrics (Prometheus) here
 //! [node.beta]
 //! address = "192.168.100.2"
 //! interface = "eth0"
@@ -133,6 +134,8 @@ pub struct Node {
     /// The local addresses the heartbeat uses, one per path; path `i` of one node talks to
     /// path `i` of the other (default: `[address]`, the replication link alone).
     pub heartbeat: Option<Vec<IpAddr>>,
+    /// Where `GET /metrics` (Prometheus text format) is served (default: not served).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl Node {
@@ -1037,6 +1040,28 @@ meta-disk = "/dev/loop0"
         Config::parse(text, "/etc/twinblade.toml")
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn metrics_is_off_by_default_and_a_bad_address_names_the_key() {
+        let c = Config::parse(GOOD, "/etc/twinblade.toml").unwrap();
+        assert_eq!(c.nodes["alpha"].metrics, None);
+        let on = GOOD.replace(
+            "interface = \"eth0\"\n[node.beta]",
+            "interface = \"eth0\"\nmetrics = \"127.0.0.1:9942\"\n[node.beta]",
+        );
+        let c = Config::parse(&on, "/etc/twinblade.toml").unwrap();
+        assert_eq!(
+            c.nodes["alpha"].metrics,
+            Some("127.0.0.1:9942".parse().unwrap())
+        );
+        assert_eq!(c.nodes["beta"].metrics, None);
+        let bad = on.replace("127.0.0.1:9942", "localhost");
+        let e = err(&bad);
+        assert!(
+            e.starts_with("/etc/twinblade.toml: node.alpha.metrics: "),
+            "{e}"
+        );
     }
 
     #[test]

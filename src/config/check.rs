@@ -453,6 +453,7 @@ fn keys_are_all_dumped(config: &Config) {
             address: _,
             interface: _,
             heartbeat: _,
+            metrics: _,
         } = n;
     }
     for r in config.resources.values() {
@@ -577,6 +578,10 @@ pub fn dump(config: &Config, node: Option<&str>, facts: &BTreeMap<String, String
         d.kv("interface", quoted(&n.interface), None);
         let hb: Vec<String> = n.heartbeat_addresses().iter().map(quoted).collect();
         d.kv("heartbeat", format!("[{}]", hb.join(", ")), None);
+        match n.metrics {
+            Some(a) => d.kv("metrics", quoted(a), None),
+            None => d.none("metrics", "not served"),
+        }
     }
     let names = config.node_names();
     for (rname, r) in &config.resources {
