@@ -126,6 +126,30 @@ impl ControlServer {
     }
 }
 
+/// Asks the control socket at `path` for `status` and reads the answer to its last line: `Ok`
+/// once the daemon answers there (what `READY=1` waits for).
+pub fn probe(path: &Path, timeout: Duration) -> std::io::Result<()> {
+    let mut stream = UnixStream::connect(path)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    writeln!(stream, "status")?;
+    let mut last = String::new();
+    for line in BufReader::new(stream).lines() {
+        last = line?;
+        if last.starts_with(".OK") || last.starts_with(".ERR") {
+            break;
+        }
+    }
+    if last == ".OK" {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "{}: status answered {last:?}",
+            path.display()
+        )))
+    }
+}
+
 /// The control socket's mode: read and write for its owner (root, as the daemon runs) only.
 pub const SOCKET_MODE: u32 = 0o600;
 

@@ -14,8 +14,13 @@
 //! * [`resource`]: one resource's engine, connector, reader and resync copier.
 //! * [`peer`]: the connection handshake (Hello, HMAC challenge-response, parameters).
 //! * [`control`]: the control socket and the verbs `status`, `events`, `primary`, ….
+//! * [`notify`]: systemd's `READY=1`, `WATCHDOG=1` (only while every engine goes round its
+//!   loop), `STOPPING=1` and `STATUS=`; nothing without `$NOTIFY_SOCKET`.
+//! * [`metrics`]: `GET /metrics` (Prometheus text format) when the node sets `metrics`.
 
 pub mod control;
+pub mod metrics;
+pub mod notify;
 pub mod peer;
 pub mod resource;
 
@@ -112,6 +117,9 @@ pub fn power_cut(args: &[&str], group: &Supervisor) -> Result<String, String> {
     ))
 }
 
+/// How long `READY=1` waits for the control socket's answer to `status`.
+const CONTROL_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The default control socket.
 pub const DEFAULT_CONTROL: &str = "/run/twinblade/control.sock";
 /// The environment variable that overrides it.
@@ -164,6 +172,16 @@ pub fn run(args: RunArgs, cancel: CancellationToken) -> Result<(), RunError> {
         .peer_of(&node)
         .expect("validated: two nodes")
         .to_string();
+    let notifier = notify::Notifier::from_env().map(Arc::new);
+    let tell = |state: &str| {
+        if let Some(n) = &notifier {
+            n.tell(state);
+        }
+    };
+    tell(&format!(
+        "STATUS=node {node}: attaching {} resource(s)",
+        config.resources.len()
+    ));
     // Its own token, not the signal's: the stop below goes group by group, in reverse order.
     let root = Root::new("twinblade", CancellationToken::new(), 2)?;
     // First up, last down: the peer hears this node for as long as any resource runs.
@@ -214,16 +232,47 @@ pub fn run(args: RunArgs, cancel: CancellationToken) -> Result<(), RunError> {
         )?);
         groups.push(group);
     }
-    let control = control::ControlServer::start(
-        &control_path(args.control),
-        resources.clone(),
-        root.group("control"),
-    )?;
+    let control_at = control_path(args.control);
+    let control =
+        control::ControlServer::start(&control_at, resources.clone(), root.group("control"))?;
+    let metrics = match config.nodes[&node].metrics {
+        Some(addr) => Some(metrics::MetricsServer::start(
+            addr,
+            resources.clone(),
+            root.group("metrics"),
+        )?),
+        None => None,
+    };
+    let watchdog_group = root.group("watchdog");
+    if let Some(n) = &notifier {
+        // Ready means answering: the control socket served a `status` request.
+        control::probe(&control_at, CONTROL_PROBE_TIMEOUT).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("control socket does not answer: {e}"))
+        })?;
+        let watchdog = notify::watchdog_interval();
+        n.tell(&format!(
+            "READY=1\nSTATUS=running; {}",
+            notify::status_line(&resources)
+        ));
+        notify::start_watchdog(n.clone(), watchdog, resources.clone(), &watchdog_group)?;
+        if let Some(w) = watchdog {
+            tracing::info!(
+                "systemd watchdog: {w:?}; pinging every {:?} while every resource engine runs",
+                w / 2
+            );
+        }
+    }
     tracing::info!(node = %node, "running; {} resource(s)", resources.len());
     root.runtime().block_on(cancel.cancelled());
     tracing::info!("stopping");
-    // Reverse start order: the control socket, then each resource (its connector, then its
-    // engine's orderly stop: NBD, AoE, peer connection, data flushed, meta-data marked clean).
+    tell("STOPPING=1\nSTATUS=stopping: NBD, AoE, peer connection, flush, meta-data clean");
+    // Reverse start order: the watchdog, metrics, the control socket, then each resource (its
+    // connector, then its engine's orderly stop: NBD, AoE, peer connection, data flushed,
+    // meta-data marked clean).
+    watchdog_group.stop();
+    if let Some(m) = metrics {
+        m.stop();
+    }
     control.stop();
     for group in groups.iter().rev() {
         group.stop();
@@ -371,6 +420,8 @@ fn attach(config: &Config, name: &str, node: &str) -> Result<Attached, RunError>
 /// server tracks its connections itself and waits for them when it stops).
 pub struct NbdHandle {
     group: Supervisor,
+    /// The server's counters (for the metrics).
+    pub stats: Arc<crate::export::nbd::ServerStats>,
 }
 
 impl NbdHandle {
@@ -394,13 +445,14 @@ impl NbdHandle {
                 ..Export::new(name, device)
             })
             .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let stats = server.stats();
         tracing::info!("serving {name} over NBD on {addr}");
         group.spawn_task(format!("nbd-{name}"), move |token| async move {
             if let Err(e) = server.serve(listener, token).await {
                 tracing::error!("NBD server failed: {e}");
             }
         });
-        Ok(NbdHandle { group })
+        Ok(NbdHandle { group, stats })
     }
 
     /// Stops serving and waits.

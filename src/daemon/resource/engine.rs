@@ -55,6 +55,7 @@ impl Engine {
     /// The engine loop: inputs and ticks until the token is cancelled, then the orderly stop.
     pub(super) fn run(mut self, rx: Receiver<Input>, token: CancellationToken) {
         while !token.is_cancelled() {
+            self.res.ops.beat(self.res.now_ms());
             match rx.recv_timeout(TICK) {
                 Ok(input) => {
                     // What the heartbeat knows (a pause above all) goes in before anything
@@ -236,6 +237,13 @@ impl Engine {
         let Some((watch, _)) = self.stopwatch.take() else {
             return;
         };
+        let (counted, served_in) = match outcome {
+            "served" => (FailoverOutcome::Served, watch.to("first reply")),
+            "demoted" => (FailoverOutcome::Demoted, None),
+            "the peer is heard again" => (FailoverOutcome::PeerBack, None),
+            _ => (FailoverOutcome::TimedOut, None),
+        };
+        self.res.ops.failover(counted, served_in);
         let name = &self.res.spec.name;
         tracing::info!(resource = %name, "failover timeline ({outcome}): {watch}");
         let line = format!("{outcome}: {watch}");
@@ -411,6 +419,10 @@ impl Engine {
                 }
             }
             Input::Heartbeat => self.listen(),
+            Input::Stall(d) => {
+                tracing::warn!(resource = %self.res.spec.name, "test hook: the engine stands still for {d:?}");
+                std::thread::sleep(d);
+            }
             Input::WireChecked(answered) => {
                 self.step(Event::WireChecked { answered });
             }
@@ -831,6 +843,7 @@ impl Engine {
         ) {
             Ok(started) => {
                 self.ip_up = started.ip_up;
+                self.res.ops.serving(started.group.counters());
                 self.service = Some(started.group);
             }
             Err(e) => {

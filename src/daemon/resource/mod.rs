@@ -57,6 +57,7 @@ use crate::repl::plan::{classify_blocks, classify_zero, BlockKind};
 mod applier;
 mod connector;
 mod engine;
+mod ops;
 mod resync;
 pub mod service;
 mod status;
@@ -64,6 +65,7 @@ mod verify;
 
 use applier::checksums_of;
 use engine::Engine;
+pub use ops::{AoeTotals, ExportCounters, FailoverOutcome, NbdTotals, OpsSnapshot};
 use service::{ServiceGroup, ServiceSpec};
 pub use status::{HaSnapshot, PathSnapshot, ResyncFigures, Snapshot, VerifySnapshot};
 
@@ -121,6 +123,9 @@ pub enum Input {
     Rival(crate::wire::MacAddr),
     /// The heartbeat's view of the peer changed.
     Heartbeat,
+    /// Test hook (`fault RES engine-stall-ms=N`): the engine stands still this long, as a
+    /// hung engine would — what the watchdog must notice.
+    Stall(Duration),
 }
 
 /// Static facts about the resource.
@@ -300,6 +305,8 @@ pub struct Resource {
     pub last_failover: Mutex<Option<String>>,
     /// What the service group serves and where.
     service: ServiceSpec,
+    /// The engine's loop beat, failover outcomes and export counters (watchdog, metrics).
+    ops: ops::Ops,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -388,6 +395,7 @@ impl Resource {
             progress: Progress::default(),
             verify: VerifyState::default(),
             started: now,
+            ops: ops::Ops::default(),
         });
         tracing::info!(resource = %res.spec.name, ?startup, "attached");
         res.heartbeat
@@ -466,6 +474,21 @@ impl Resource {
         if let Some((&"power-cut", args)) = specs.split_first() {
             return super::power_cut(args, &self.crew);
         }
+        if let [stall] = specs {
+            if let Some(ms) = stall.strip_prefix("engine-stall-ms=") {
+                let ms: u64 = ms
+                    .parse()
+                    .map_err(|e| format!("engine-stall-ms: bad number {ms:?}: {e}"))?;
+                if self.spec.faults.is_none() {
+                    return Err(format!(
+                        "fault injection is off (start the daemon with {}=1)",
+                        super::TEST_FAULTS_ENV
+                    ));
+                }
+                self.send(Input::Stall(Duration::from_millis(ms)));
+                return Ok(format!("engine stalls for {ms} ms"));
+            }
+        }
         let faults = self.spec.faults.as_ref().ok_or_else(|| {
             format!(
                 "fault injection is off (start the daemon with {}=1)",
@@ -484,7 +507,7 @@ impl Resource {
                     match (ms("write-delay-ms="), ms("read-delay-ms=")) {
                         (Some(Ok(n)), _) => config.write_delay = Duration::from_millis(n),
                         (_, Some(Ok(n))) => config.read_delay = Duration::from_millis(n),
-                        _ => return Err(format!("unknown fault {other:?} (write-delay-ms=N, read-delay-ms=N, write-error, read-error, flush-error, clear, power-cut [keep-subset SEED])")),
+                        _ => return Err(format!("unknown fault {other:?} (write-delay-ms=N, read-delay-ms=N, write-error, read-error, flush-error, clear, engine-stall-ms=N, power-cut [keep-subset SEED])")),
                     }
                 }
             }

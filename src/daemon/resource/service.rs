@@ -220,6 +220,18 @@ impl ServiceGroup {
         self.aoe.as_ref()
     }
 
+    /// The counters of its exports (shared, not copied: they keep counting).
+    pub fn counters(&self) -> super::ExportCounters {
+        super::ExportCounters {
+            aoe: self
+                .aoe
+                .iter()
+                .flat_map(|a| a.stats().iter().map(|(_, s)| s.clone()))
+                .collect(),
+            nbd: self.nbd.as_ref().map(|n| n.stats.clone()),
+        }
+    }
+
     /// Stops in reverse start order: NBD, AoE, floating IP.
     pub fn stop(mut self, name: &str) {
         if let Some(nbd) = self.nbd.take() {
