@@ -171,6 +171,9 @@ fn float(v: f64) -> String {
     }
 }
 
+/// Reads one state of a resource (for a state set).
+type Getter<'a, S> = &'a dyn Fn(&ResourceView) -> S;
+
 /// The text being built, one family at a time (a family's samples stay together).
 struct Text(String);
 
@@ -206,12 +209,10 @@ impl Text {
     fn state_set<S: Copy + PartialEq>(
         &mut self,
         views: &[ResourceView],
-        name: &str,
-        help: &str,
-        label: &str,
+        (name, help, label): (&str, &str, &str),
         all: &[S],
         text: impl Fn(S) -> &'static str,
-        extra: &[(&str, &dyn Fn(&ResourceView) -> S)],
+        extra: &[(&str, Getter<'_, S>)],
     ) {
         let mut samples = Vec::new();
         for r in views {
@@ -256,54 +257,58 @@ pub fn render(views: &[ResourceView], paths: &[PathSnapshot]) -> String {
     let mut t = Text(String::new());
     t.state_set(
         views,
-        "twinblade_role",
-        "This node's role for the resource (1 for the current one).",
-        "role",
+        (
+            "twinblade_role",
+            "This node's role for the resource (1 for the current one).",
+            "role",
+        ),
         Role::ALL,
         Role::as_str,
         &[("", &|r| r.role)],
     );
     t.state_set(
         views,
-        "twinblade_peer_role",
-        "The peer's role as last known (1 for the current one).",
-        "role",
+        (
+            "twinblade_peer_role",
+            "The peer's role as last known (1 for the current one).",
+            "role",
+        ),
         Role::ALL,
         Role::as_str,
         &[("", &|r| r.peer_role)],
     );
     t.state_set(
         views,
-        "twinblade_connection_state",
-        "The replication connection's state (1 for the current one).",
-        "state",
+        (
+            "twinblade_connection_state",
+            "The replication connection's state (1 for the current one).",
+            "state",
+        ),
         ConnState::ALL,
         ConnState::as_str,
         &[("", &|r| r.conn)],
     );
     t.state_set(
         views,
-        "twinblade_replication_state",
-        "The replication state (1 for the current one).",
-        "state",
+        (
+            "twinblade_replication_state",
+            "The replication state (1 for the current one).",
+            "state",
+        ),
         ReplState::ALL,
         ReplState::as_str,
         &[("", &|r| r.repl)],
     );
     t.state_set(
         views,
-        "twinblade_disk_state",
-        "Disk state of this node (disk=\"local\") and of the peer (disk=\"peer\"), 1 for the current one.",
-        "state",
+        ("twinblade_disk_state", "Disk state of this node (disk=\"local\") and of the peer (disk=\"peer\"), 1 for the current one.", "state"),
         DiskState::ALL,
         DiskState::as_str,
         &[("local", &|r| r.disk), ("peer", &|r| r.peer_disk)],
     );
     t.state_set(
         views,
-        "twinblade_serve_authority",
-        "On what grounds this node may answer clients: closed, lease or open (1 for the current one).",
-        "authority",
+        ("twinblade_serve_authority", "On what grounds this node may answer clients: closed, lease or open (1 for the current one).", "authority"),
         &[Authority::Closed, Authority::Lease, Authority::Open],
         authority_str,
         &[("", &|r| r.authority)],
@@ -757,7 +762,7 @@ pub fn lint(text: &str) -> Result<(), String> {
             return at("empty line".into());
         }
         let name_end = line
-            .find(|c: char| c == '{' || c == ' ')
+            .find(['{', ' '])
             .ok_or_else(|| format!("line {}: no value: {line:?}", i + 1))?;
         let name = &line[..name_end];
         if !name_ok(name, true) {
