@@ -8,7 +8,10 @@
 //!   (`fault r0 engine-stall-ms=N`) stops the pings until it moves again; `STOPPING=1` at
 //!   SIGTERM, and an orderly exit.
 //! * Prometheus: `GET /metrics` from the same daemon, checked by the crate's format lint
-//!   (and by `promtool check metrics` when it is installed), with this node's states.
+//!   (and by `promtool check metrics` when it is installed), with this node's states; and from
+//!   a pair (alpha on 127.0.0.1, beta on 127.0.0.2, both on `lo`) during a full sync (rate and
+//!   ETA) and after a failover (kill -9 of the primary; the survivor answers an AoE query sent
+//!   on `lo`, and counts a served failover with its duration).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
@@ -344,4 +347,275 @@ fn promtool(dir: &Path, body: &str) {
         ),
         Err(e) => eprintln!("cannot run sh for promtool: {e}"),
     }
+}
+
+/// One node of a pair on the loopback interface (alpha on 127.0.0.1, beta on 127.0.0.2).
+struct Node {
+    child: Child,
+    control: PathBuf,
+    metrics: String,
+    log: PathBuf,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Node {
+    fn scrape(&self) -> String {
+        let Ok(mut s) = TcpStream::connect(&self.metrics) else {
+            return String::new();
+        };
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        write!(s, "GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        twinblade::daemon::metrics::lint(body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+        body.to_string()
+    }
+
+    /// Scrapes until `ok` accepts a scrape (panics with the last one after [`PATIENCE`]).
+    fn scrape_until(&self, what: &str, ok: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let body = self.scrape();
+            if ok(&body) {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: never {what}; last scrape:\n{body}\nlog:\n{}",
+                self.metrics,
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The value of the series `series` (name and labels, exactly as printed).
+fn value(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// A broadcast AoE config query for `e9.8` on `lo`: a client's request the new primary answers.
+fn query_blade(socket: &twinblade::net::PacketSocket) {
+    let mut f = vec![0u8; 60];
+    f[0..6].copy_from_slice(&[0xff; 6]);
+    f[6..12].copy_from_slice(&[0x02, 0, 0, 0x12, 0x34, 0x56]);
+    f[12..14].copy_from_slice(&[0x88, 0xa2]);
+    f[14] = 0x10;
+    f[16..18].copy_from_slice(&9u16.to_be_bytes());
+    f[18] = 8;
+    f[19] = 1;
+    f[20..24].copy_from_slice(&[0x80, 0, 0, 7]);
+    socket.send(&f).unwrap();
+}
+
+#[test]
+fn metrics_follow_a_resync_and_a_failover() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (hb, port) = (free_udp_port(), free_tcp_port());
+    let metrics = [
+        format!("127.0.0.1:{}", free_tcp_port()),
+        format!("127.0.0.2:{}", free_tcp_port()),
+    ];
+    for n in ["alpha", "beta"] {
+        std::fs::File::create(d.join(format!("{n}.img")))
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+    }
+    let config = d.join("twinblade.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[cluster]
+shared-secret = "{SECRET}"
+heartbeat-port = {hb}
+[node.alpha]
+address = "127.0.0.1"
+interface = "lo"
+metrics = "{m0}"
+[node.beta]
+address = "127.0.0.2"
+interface = "lo"
+metrics = "{m1}"
+[resource.r0]
+aoe = "e9.8"
+port = {port}
+mac = "own"
+resync-rate-max = "2M"
+[resource.r0.on.alpha]
+disk = "{d}/alpha.img"
+meta-disk = "internal"
+[resource.r0.on.beta]
+disk = "{d}/beta.img"
+meta-disk = "internal"
+"#,
+            m0 = metrics[0],
+            m1 = metrics[1],
+            d = d.display()
+        ),
+    )
+    .unwrap();
+    let start = |name: &str, metrics: &str| {
+        let out = twinblade()
+            .args(["create-md", "r0", "--node", name, "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "create-md: {out:?}");
+        let control = d.join(format!("{name}.sock"));
+        let log = d.join(format!("{name}.log"));
+        let child = twinblade()
+            .args(["run", "--node", name, "--config"])
+            .arg(&config)
+            .arg("--control")
+            .arg(&control)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Node {
+            child,
+            control,
+            metrics: metrics.to_string(),
+            log,
+        }
+    };
+    let mut alpha = start("alpha", &metrics[0]);
+    let beta = start("beta", &metrics[1]);
+    let connected = r#"twinblade_connection_state{resource="r0",state="Connected"}"#;
+    alpha.scrape_until("connected", |b| value(b, connected) == Some(1.0));
+
+    let out = twinblade()
+        .args(["primary", "r0", "--force", "--control"])
+        .arg(&alpha.control)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "primary --force: {out:?}");
+
+    // During the full sync, rate limited to 2 MiB/s: 16 MiB take about 8 s.
+    let during = alpha.scrape_until("resyncing with a rate and an ETA", |b| {
+        value(
+            b,
+            r#"twinblade_replication_state{resource="r0",state="SyncSource"}"#,
+        ) == Some(1.0)
+            && value(
+                b,
+                r#"twinblade_resync_rate_bytes_per_second{resource="r0"}"#,
+            )
+            .is_some_and(|r| r > 0.0)
+            && value(b, r#"twinblade_resync_eta_seconds{resource="r0"}"#).is_some_and(|e| e > 0.0)
+    });
+    assert_eq!(
+        value(&during, r#"twinblade_role{resource="r0",role="Primary"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&during, r#"twinblade_resync_running{resource="r0"}"#),
+        Some(1.0)
+    );
+    assert!(
+        value(&during, r#"twinblade_out_of_sync_bytes{resource="r0"}"#).unwrap() > 0.0,
+        "{during}"
+    );
+    assert_eq!(
+        value(
+            &during,
+            r#"twinblade_disk_state{resource="r0",disk="peer",state="Inconsistent"}"#
+        ),
+        Some(1.0),
+        "{during}"
+    );
+    let target = beta.scrape();
+    assert_eq!(
+        value(
+            &target,
+            r#"twinblade_replication_state{resource="r0",state="SyncTarget"}"#
+        ),
+        Some(1.0),
+        "{target}"
+    );
+    assert_eq!(
+        value(&target, r#"twinblade_role{resource="r0",role="Secondary"}"#),
+        Some(1.0)
+    );
+
+    let after = alpha.scrape_until("in sync", |b| {
+        value(
+            b,
+            r#"twinblade_disk_state{resource="r0",disk="peer",state="UpToDate"}"#,
+        ) == Some(1.0)
+    });
+    assert_eq!(
+        value(&after, r#"twinblade_out_of_sync_bytes{resource="r0"}"#),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(&after, r#"twinblade_resync_running{resource="r0"}"#),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(&after, r#"twinblade_resync_eta_seconds{resource="r0"}"#),
+        Some(0.0)
+    );
+    beta.scrape_until("up to date", |b| {
+        value(
+            b,
+            r#"twinblade_disk_state{resource="r0",disk="local",state="UpToDate"}"#,
+        ) == Some(1.0)
+    });
+
+    // Failover: alpha dies; beta takes over and answers a client's query.
+    let _ = alpha.child.kill();
+    let _ = alpha.child.wait();
+    let lo = twinblade::net::Interface::by_name("lo").unwrap();
+    let socket = twinblade::net::PacketSocket::open(&lo, 0x88a2).unwrap();
+    let served = r#"twinblade_failovers_total{resource="r0",outcome="served"}"#;
+    let took_over = beta.scrape_until("served after a failover", |b| {
+        query_blade(&socket);
+        value(b, served) == Some(1.0)
+    });
+    assert_eq!(
+        value(
+            &took_over,
+            r#"twinblade_role{resource="r0",role="Primary"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&took_over, r#"twinblade_serving{resource="r0"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &took_over,
+            r#"twinblade_connection_state{resource="r0",state="Connected"}"#
+        ),
+        Some(0.0)
+    );
+    assert!(
+        value(
+            &took_over,
+            r#"twinblade_last_failover_seconds{resource="r0"}"#
+        )
+        .is_some_and(|s| s > 0.0),
+        "{took_over}"
+    );
+    assert!(
+        value(&took_over, r#"twinblade_aoe_replies_total{resource="r0"}"#)
+            .is_some_and(|n| n >= 1.0),
+        "{took_over}"
+    );
+    assert!(!took_over.contains(SECRET));
+    promtool(d, &took_over);
 }
