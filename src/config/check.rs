@@ -795,6 +795,19 @@ meta-disk = "/dev/loop0"
             r.service_mac(("alpha", "beta")),
             s.service_mac(("alpha", "beta"))
         );
+        // The metrics address: written when set, a comment when not; loads again.
+        assert!(text.contains("# metrics: not served"), "{text}");
+        let with = text.replacen("# metrics: not served", "metrics = \"127.0.0.1:9942\"", 1);
+        let again = Config::parse(&with, "/etc/twinblade.toml").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(dump(&again, None, &BTreeMap::new()), with);
+        assert_eq!(
+            again
+                .nodes
+                .values()
+                .filter_map(|n| n.metrics)
+                .collect::<Vec<_>>(),
+            vec!["127.0.0.1:9942".parse().unwrap()]
+        );
         let file = FILE.replace(
             "shared-secret = \"the-real-secret-42\"",
             "shared-secret-file = \"/etc/twinblade/secret\"",
