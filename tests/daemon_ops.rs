@@ -619,3 +619,57 @@ meta-disk = "internal"
     assert!(!took_over.contains(SECRET));
     promtool(d, &took_over);
 }
+
+#[test]
+fn a_taken_metrics_port_stops_the_start_before_any_disk_is_attached() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let config = d.join("twinblade.toml");
+    // No disk at all: the metrics address is refused first.
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[cluster]
+shared-secret = "{SECRET}"
+heartbeat-port = {hb}
+[node.alpha]
+address = "127.0.0.1"
+interface = "lo"
+metrics = "{m}"
+[node.beta]
+address = "127.0.0.2"
+interface = "lo"
+[resource.r0]
+aoe = "e9.7"
+port = {port}
+[resource.r0.on.alpha]
+disk = "{d}/missing.img"
+meta-disk = "internal"
+[resource.r0.on.beta]
+disk = "/dev/sdb"
+meta-disk = "internal"
+"#,
+            hb = free_udp_port(),
+            m = taken.local_addr().unwrap(),
+            port = free_tcp_port(),
+            d = d.display()
+        ),
+    )
+    .unwrap();
+    let out = twinblade()
+        .args(["run", "--node", "alpha", "--config"])
+        .arg(&config)
+        .arg("--control")
+        .arg(d.join("control.sock"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("metrics on {}", taken.local_addr().unwrap())),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("missing.img"), "{stderr}");
+}

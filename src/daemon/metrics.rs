@@ -604,16 +604,27 @@ pub struct MetricsServer {
 }
 
 impl MetricsServer {
-    /// Binds `addr` and serves `GET /metrics` for `resources` until stopped.
+    /// Binds `addr` (before anything else starts, so that a taken port stops the daemon before
+    /// it attached a disk).
+    pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+        let listener = std::net::TcpListener::bind(addr)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("metrics on {addr}: {e}")))?;
+        listener.set_nonblocking(true)?;
+        Ok(listener)
+    }
+
+    /// Serves `GET /metrics` for `resources` on `listener` (from [`MetricsServer::bind`]) until
+    /// stopped.
     pub fn start(
-        addr: SocketAddr,
+        listener: std::net::TcpListener,
         resources: Vec<Arc<Resource>>,
         group: Supervisor,
     ) -> std::io::Result<MetricsServer> {
-        let listener = group
-            .runtime()
-            .block_on(tokio::net::TcpListener::bind(addr))
-            .map_err(|e| std::io::Error::new(e.kind(), format!("metrics on {addr}: {e}")))?;
+        let addr = listener.local_addr()?;
+        let listener = {
+            let _runtime = group.runtime().enter();
+            tokio::net::TcpListener::from_std(listener)?
+        };
         tracing::info!("serving metrics on http://{addr}/metrics");
         group.spawn_task("metrics", move |token| async move {
             static LIMIT: crate::ratelimit::LogLimiter =

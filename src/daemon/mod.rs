@@ -182,6 +182,10 @@ pub fn run(args: RunArgs, cancel: CancellationToken) -> Result<(), RunError> {
         "STATUS=node {node}: attaching {} resource(s)",
         config.resources.len()
     ));
+    let metrics_listener = config.nodes[&node]
+        .metrics
+        .map(metrics::MetricsServer::bind)
+        .transpose()?;
     // Its own token, not the signal's: the stop below goes group by group, in reverse order.
     let root = Root::new("twinblade", CancellationToken::new(), 2)?;
     // First up, last down: the peer hears this node for as long as any resource runs.
@@ -235,35 +239,47 @@ pub fn run(args: RunArgs, cancel: CancellationToken) -> Result<(), RunError> {
     let control_at = control_path(args.control);
     let control =
         control::ControlServer::start(&control_at, resources.clone(), root.group("control"))?;
-    let metrics = match config.nodes[&node].metrics {
-        Some(addr) => Some(metrics::MetricsServer::start(
-            addr,
+    let metrics = match metrics_listener {
+        Some(listener) => Some(metrics::MetricsServer::start(
+            listener,
             resources.clone(),
             root.group("metrics"),
         )?),
         None => None,
     };
     let watchdog_group = root.group("watchdog");
+    // A daemon that cannot say it is ready stops in order (meta-data marked clean) and fails.
+    let mut failed = None;
     if let Some(n) = &notifier {
         // Ready means answering: the control socket served a `status` request.
-        control::probe(&control_at, CONTROL_PROBE_TIMEOUT).map_err(|e| {
-            std::io::Error::new(e.kind(), format!("control socket does not answer: {e}"))
-        })?;
-        let watchdog = notify::watchdog_interval();
-        n.tell(&format!(
-            "READY=1\nSTATUS=running; {}",
-            notify::status_line(&resources)
-        ));
-        notify::start_watchdog(n.clone(), watchdog, resources.clone(), &watchdog_group)?;
-        if let Some(w) = watchdog {
-            tracing::info!(
-                "systemd watchdog: {w:?}; pinging every {:?} while every resource engine runs",
-                w / 2
-            );
-        }
+        let ready = control::probe(&control_at, CONTROL_PROBE_TIMEOUT)
+            .map_err(|e| {
+                std::io::Error::new(e.kind(), format!("control socket does not answer: {e}"))
+            })
+            .and_then(|()| {
+                let watchdog = notify::watchdog_interval();
+                notify::start_watchdog(n.clone(), watchdog, resources.clone(), &watchdog_group)?;
+                n.tell(&format!(
+                    "READY=1\nSTATUS=running; {}",
+                    notify::status_line(&resources)
+                ));
+                if let Some(w) = watchdog {
+                    tracing::info!(
+                        "systemd watchdog: {w:?}; pinging every {:?} while every resource engine runs",
+                        w / 2
+                    );
+                }
+                Ok(())
+            });
+        failed = ready.err();
     }
-    tracing::info!(node = %node, "running; {} resource(s)", resources.len());
-    root.runtime().block_on(cancel.cancelled());
+    match &failed {
+        None => {
+            tracing::info!(node = %node, "running; {} resource(s)", resources.len());
+            root.runtime().block_on(cancel.cancelled());
+        }
+        Some(e) => tracing::error!("cannot start: {e}"),
+    }
     tracing::info!("stopping");
     tell("STOPPING=1\nSTATUS=stopping: NBD, AoE, peer connection, flush, meta-data clean");
     // Reverse start order: the watchdog, metrics, the control socket, then each resource (its
@@ -281,7 +297,10 @@ pub fn run(args: RunArgs, cancel: CancellationToken) -> Result<(), RunError> {
     drop(resources);
     root.stop();
     tracing::info!("stopped");
-    Ok(())
+    match failed {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
 }
 
 /// Starts the heartbeat on every path of this node's `heartbeat` list and says plainly what a
