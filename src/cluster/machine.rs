@@ -553,6 +553,12 @@ impl Machine {
         )));
         out.push(Action::Detach);
         self.disk = DiskState::Diskless;
+        self.stop_resync_without_a_disk();
+    }
+
+    /// A resync needs both disks: once one is gone, the pair is just Established (what is
+    /// still out of sync stays marked for the next one).
+    pub(super) fn stop_resync_without_a_disk(&mut self) {
         if matches!(
             self.repl,
             ReplState::SyncSource
