@@ -9,6 +9,7 @@
 //! * [`run`]: `run`, the daemon in the foreground.
 //! * [`check`]: `check-config`, the configuration validated without running it.
 //! * [`ctl`]: the verbs a running daemon answers (`status`, `primary`, `connect`, …).
+//! * [`witness`]: `witness`, the third vote on another machine, and `witness-ask`.
 //! * [`exit`]: the exit codes they all return.
 
 pub mod aoe;
@@ -18,6 +19,7 @@ pub mod exit;
 pub mod md;
 pub mod nbd;
 pub mod run;
+pub mod witness;
 
 use clap::{Parser, Subcommand};
 
@@ -92,6 +94,12 @@ pub enum Command {
     /// node's power (`power-cut [keep-subset SEED]`); needs TWINBLADE_TEST_POWER_CUT=1.
     #[command(hide = true)]
     Fault(FaultArgs),
+    /// Run a witness for one or more pairs (on a third machine): grants the right to serve a
+    /// resource alone to at most one node per data generation, and remembers it.
+    Witness(witness::WitnessArgs),
+    /// Ask a witness who holds a resource's grant for a generation (`--claim` claims it).
+    /// Exit status: 0 granted or free, 1 held by another node or no answer.
+    WitnessAsk(witness::WitnessAskArgs),
 }
 
 /// Parses the process arguments, runs the subcommand and returns the exit code.
@@ -123,6 +131,8 @@ pub fn main() -> i32 {
         Command::ResumeSync(a) => ctl::request("resume-sync", &a.res, &[("--wait", a.wait)]),
         Command::Verify(a) => ctl::request("verify", &a.res, &[("--wait", a.wait)]),
         Command::Fault(a) => ctl::fault(a),
+        Command::Witness(a) => witness::run(a),
+        Command::WitnessAsk(a) => witness::ask_once(a),
     }
 }
 
