@@ -593,6 +593,7 @@ fence_run() { # MODE EXIT: a power loss of the primary with the fence command in
     [[ -n $prim ]] || { check $sc "$mode: a primary to cut" false; return 1; }
     sec=$(other "$prim")
     echo "$mode" >"$work/fence.mode"
+    : >"$work/fence.calls"
     : >"$work/roles.log"
     roles_start
     started=$(date +%s%3N)
