@@ -906,6 +906,22 @@ meta-disk = "/dev/loop0"
             errors(&secret, &host),
             ["cluster.shared-secret-file: /etc/twinblade/secret has mode 0644: …"]
         );
+        // A fence command that is not there.
+        let fence = FILE.replace(
+            "shared-secret = \"the-real-secret-42\"",
+            "shared-secret = \"the-real-secret-42\"\nfence-peer = \"/nonexistent/fence-peer\"",
+        );
+        let e = errors(&fence, &Fake::alpha());
+        assert!(
+            e.len() == 1 && e[0].starts_with("cluster.fence-peer: /nonexistent/fence-peer: "),
+            "{e:?}"
+        );
+        let text = dump(&parse(&fence), Some("alpha"), &BTreeMap::new());
+        assert!(
+            text.contains("fence-peer = \"/nonexistent/fence-peer\"")
+                && text.contains("fence-timeout = 10"),
+            "{text}"
+        );
         // Several problems: every one reported.
         let mut host = Fake::alpha();
         host.interfaces.clear();
