@@ -84,6 +84,10 @@ pub enum Command {
     InvalidateRemote(ResArgs),
     /// Pause a running resync.
     PauseSync(ResArgs),
+    /// Persist Outdated on a Secondary not connected to a Primary (like `drbdadm outdate`): it
+    /// will not promote itself until it resyncs from the peer. What a peer's fence command
+    /// (appliance/fence/fence-peer-ask) asks for over another path. Refused on a Primary.
+    Outdate(ResArgs),
     /// Resume a paused resync; `--wait` shows its progress (done, MB/s, ETA) until it ends.
     ResumeSync(WaitArgs),
     /// Online verify: compare the crc32c of every 4 KiB block with the peer's, report the
@@ -128,6 +132,7 @@ pub fn main() -> i32 {
         Command::Invalidate(a) => ctl::request("invalidate", &a, &[]),
         Command::InvalidateRemote(a) => ctl::request("invalidate-remote", &a, &[]),
         Command::PauseSync(a) => ctl::request("pause-sync", &a, &[]),
+        Command::Outdate(a) => ctl::request("outdate", &a, &[]),
         Command::ResumeSync(a) => ctl::request("resume-sync", &a.res, &[("--wait", a.wait)]),
         Command::Verify(a) => ctl::request("verify", &a.res, &[("--wait", a.wait)]),
         Command::Fault(a) => ctl::fault(a),
