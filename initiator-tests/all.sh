@@ -76,6 +76,9 @@ step "chaos model" initiator-tests/chaos.sh ${TWINBLADE_CHAOS_SEED:+--seed "$TWI
 # writes versioned blocks over every answering MAC, a probe counting two-answer moments; link
 # cut, power loss, freeze, heartbeat path cuts, a rogue responder and a soak on a busy machine.
 step "failover" initiator-tests/failover.sh --soak-seconds "${TWINBLADE_SOAK_SECONDS:-600}"
+# The Pacemaker resource agent on a real pair (no cluster): ocf-tester, monitor 0/7/8, promote
+# refused unless UpToDate, promotion scores only for UpToDate data (a stub crm_attribute).
+step "ocf agent" initiator-tests/ocf.sh
 
 # --- Real Linux aoe driver in a VM, at both MTUs. ------------------------------------------------
 step "vm build" initiator-tests/vm/build.sh
