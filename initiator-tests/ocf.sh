@@ -70,6 +70,7 @@ node_options() { # the heartbeat on both networks
 eval "lab_$(declare -f cleanup)"
 cleanup() {
     local rc=$? p
+    set +e
     if [[ -n ${work:-} && -r $work/alpha.pid ]]; then
         p=$(cat "$work/alpha.pid")
         [[ -z $p ]] || kill -9 "$p" 2>/dev/null || true
@@ -77,6 +78,16 @@ cleanup() {
     [[ -z ${radir:-} ]] || rm -rf "$radir"
     (exit "$rc")
     lab_cleanup
+}
+
+# running NODE: alpha's daemon is the agent's (its pid file) unless lab-lib started it.
+running() {
+    local p
+    if [[ $1 == alpha && -z ${pid[alpha]:-} ]]; then
+        p=$(cat "$work/alpha.pid" 2>/dev/null) && [[ -n $p ]] && kill -0 "$p" 2>/dev/null
+    else
+        kill -0 "${pid[$1]}" 2>/dev/null
+    fi
 }
 
 command -v ocf-tester >/dev/null || { log "FAIL: ocf-tester not installed (package resource-agents)"; exit 1; }
@@ -105,7 +116,7 @@ crm_node=$(uname -n)
 ra() {
     local action=$1 rc=0
     shift
-    ip netns exec "$P-a" env PATH="$work/stubs:$PATH" OCF_ROOT=/usr/lib/ocf \
+    ip netns exec "$P-a" env PATH="$work/stubs:$PATH" OCF_ROOT=/usr/lib/ocf HA_LOGFACILITY=none \
         OCF_RESOURCE_INSTANCE=tb-r0:0 OCF_RESKEY_CRM_meta_timeout=60000 \
         OCF_RESKEY_config="$cfg" OCF_RESKEY_resource=r0 OCF_RESKEY_node=alpha \
         OCF_RESKEY_binary="$tb" OCF_RESKEY_control="$work/alpha.sock" \
