@@ -9,7 +9,8 @@
 #   2. monitor is 7 before start; start runs the daemon, Secondary: monitor 0
 #   3. fresh (Inconsistent) data: promote is refused (1), alpha stays Secondary, and no score
 #      is set (only removed)
-#   4. after the initial sync (beta `primary --force`, then `secondary`): monitor sets a score
+#   4. a resync target (paused): promote refused, no score — though `twinblade primary` itself
+#      would accept it; after the initial sync (beta `primary --force`, then `secondary`): monitor sets a score
 #      (master-RESOURCE, lifetime reboot, on this node); promote: monitor 8 and alpha Primary;
 #      demote: monitor 0 and alpha Secondary
 #   5. restarted without its peer, the data is only Consistent: promote refused, no score; stop
@@ -24,7 +25,12 @@
 # tbo-a, tbo-b and bridges tbobr0 (client network), tbobr1 (replication network), nothing else.
 set -euo pipefail
 
-P=tbo NET=88 TAG=ocf BLADE=e8.8 EXTRA_RESOURCE="auto-promote = false"
+# The initial sync is slowed down (4 MiB/s over 32 MiB of random data), so a resync target
+# can be caught mid-way.
+P=tbo NET=88 TAG=ocf BLADE=e8.8 EXTRA_RESOURCE='auto-promote = false
+resync-rate-max = "4M"
+resync-rate-min = "1M"'
+
 # shellcheck source=initiator-tests/lab-lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lab-lib.sh"
 
@@ -96,6 +102,7 @@ command -v xmllint >/dev/null || { log "FAIL: xmllint not installed (package lib
 lab_up
 write_config
 create_md $((32 << 20))
+head -c "$usable" /dev/urandom >"$work/beta.img" # beta's data counts (external meta-data)
 
 # The agent, where ocf-tester's permission check (meta-data as user nobody) can reach it.
 radir=$(mktemp -d /tmp/tbo-ra.XXXXXX)
@@ -192,11 +199,25 @@ no_score_since "$m" "Inconsistent data"
 score_removed
 log "PASS Inconsistent: promote refused (1), no score"
 
-# --- 4. UpToDate: score, promote, demote ----------------------------------------------------------
+# A resync target, which `twinblade primary` would promote (reading from its UpToDate peer), is
+# not promoted by the cluster either.
 ctl beta primary r0 --force >/dev/null || fail "primary --force on beta refused"
-wait_for 30 "initial sync" settled
+wait_for 10 "alpha a resync target" state_is alpha replication SyncTarget
+ctl alpha pause-sync r0 >/dev/null || fail "pause-sync refused"
 ctl beta secondary r0 >/dev/null || fail "beta refused to demote"
 wait_for 5 "beta Secondary" state_is beta role Secondary
+m=$(mark)
+expect 1 promote
+grep -q 'Inconsistent, not UpToDate' "$work/ra.out" || fail "promote of a resync target: $(cat "$work/ra.out")"
+state_is alpha role Secondary || fail "alpha was promoted as a resync target"
+expect 0 monitor
+no_score_since "$m" "a resync target"
+score_removed
+ctl alpha resume-sync r0 >/dev/null || fail "resume-sync refused"
+log "PASS resync target: promote refused (1), no score"
+
+# --- 4. UpToDate: score, promote, demote ----------------------------------------------------------
+wait_for 60 "initial sync" settled
 expect 0 monitor
 score_is 10000
 expect 0 promote
@@ -209,6 +230,18 @@ state_is alpha role Secondary || fail "alpha is not Secondary after demote"
 expect 0 monitor
 expect 0 demote
 log "PASS UpToDate: score 10000, promote (monitor 8), demote (monitor 0)"
+
+# --- 4b. failed promoted: alpha Primary, its disk fails while beta has nothing usable ------------
+expect 0 promote
+ctl alpha fault r0 read-error >/dev/null || fail "fault injection refused"
+ctl beta invalidate r0 >/dev/null || fail "invalidate on beta refused" # alpha must read it all
+wait_for 20 "alpha's disk detached" state_is alpha disk Diskless
+expect 9 monitor
+log "PASS Primary without usable data: monitor 9"
+ctl alpha fault r0 clear >/dev/null || fail "fault clear refused"
+expect 0 stop # a restart attaches the disk again
+expect 0 start
+wait_for 60 "resync after the detach" settled
 
 # --- 5. Consistent (the peer unknown): no promotion, no score; stop removes it -------------------
 stop beta
