@@ -9,10 +9,12 @@
 #   2. monitor is 7 before start; start runs the daemon, Secondary: monitor 0
 #   3. fresh (Inconsistent) data: promote is refused (1), alpha stays Secondary, and no score
 #      is set (only removed)
-#   4. a resync target (paused): promote refused, no score — though `twinblade primary` itself
-#      would accept it; after the initial sync (beta `primary --force`, then `secondary`): monitor sets a score
-#      (master-RESOURCE, lifetime reboot, on this node); promote: monitor 8 and alpha Primary;
-#      demote: monitor 0 and alpha Secondary
+#   4. a resync target (paused; beta `primary --force`, then `secondary`): promote refused, no
+#      score, though `twinblade primary` itself would accept it; after the initial sync, monitor
+#      sets a score (master-RESOURCE, lifetime reboot, this node); promote: monitor 8 and alpha
+#      Primary; demote: monitor 0 and alpha Secondary
+#  4b. alpha Primary, its disk fails (reads) while beta, invalidated, pulls everything: alpha is
+#      Diskless with no UpToDate peer: monitor 9 (failed promoted); a stop and start reattach it
 #   5. restarted without its peer, the data is only Consistent: promote refused, no score; stop
 #      removes the score; with the peer back, UpToDate and scored again
 #   6. ocf-tester (resource-agents) passes: meta-data, validate-all, start, monitor, notify,
