@@ -33,46 +33,8 @@ P=tbo NET=88 TAG=ocf BLADE=e8.8 EXTRA_RESOURCE='auto-promote = false
 resync-rate-max = "4M"
 resync-rate-min = "1M"'
 
-# shellcheck source=initiator-tests/lab-lib.sh
-source "$(dirname "${BASH_SOURCE[0]}")/lab-lib.sh"
-
-CNET=10.78.$NET RNET=192.168.$NET
-# --- the network: alpha and beta on a client and a replication bridge (replaces lab-lib's) -----
-net_down() {
-    local ns i
-    for ns in "$P-a" "$P-b"; do ip netns del "$ns" 2>/dev/null || true; done
-    for i in v1 v2 r1 r2; do ip link del "${P}$i" 2>/dev/null || true; done
-    ip link del "${P}br0" 2>/dev/null || true
-    ip link del "${P}br1" 2>/dev/null || true
-}
-veth() { # NAMESPACE HOST-END INSIDE-NAME BRIDGE ADDRESS
-    ip link add "$2" type veth peer name "$3" netns "$1"
-    ip link set "$2" master "$4" up
-    ip -n "$1" link set "$3" up
-    ip -n "$1" addr add "$5/24" dev "$3"
-}
-net_up() {
-    net_down
-    local br ns
-    for br in "${P}br0" "${P}br1"; do
-        ip link add "$br" type bridge
-        ip link set "$br" up
-    done
-    for ns in "$P-a" "$P-b"; do
-        ip netns add "$ns"
-        ip -n "$ns" link set lo up
-    done
-    veth "$P-a" "${P}v1" eth0 "${P}br0" "$CNET.1"
-    veth "$P-b" "${P}v2" eth0 "${P}br0" "$CNET.2"
-    veth "$P-a" "${P}r1" eth1 "${P}br1" "$RNET.1"
-    veth "$P-b" "${P}r2" eth1 "${P}br1" "$RNET.2"
-}
-replication_address() { [[ $1 == alpha ]] && echo "$RNET.1" || echo "$RNET.2"; }
-node_options() { # the heartbeat on both networks
-    local i
-    i=$([[ $1 == alpha ]] && echo 1 || echo 2)
-    echo "heartbeat = [\"$RNET.$i\", \"$CNET.$i\"]"
-}
+# shellcheck source=initiator-tests/ocf-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/ocf-lib.sh"
 
 # The daemon the agent started is not in lab-lib's pids: end it too (by its pid file).
 eval "lab_$(declare -f cleanup)"
