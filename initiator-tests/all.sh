@@ -79,6 +79,9 @@ step "failover" initiator-tests/failover.sh --soak-seconds "${TWINBLADE_SOAK_SEC
 # The Pacemaker resource agent on a real pair (no cluster): ocf-tester, monitor 0/7/8, promote
 # refused unless UpToDate, promotion scores only for UpToDate data (a stub crm_attribute).
 step "ocf agent" initiator-tests/ocf.sh
+# The same agent under a real two-node Pacemaker + Corosync cluster in namespaces: one Primary,
+# then a power loss of its node and the promotion of the survivor, decided by Pacemaker.
+step "ocf cluster" initiator-tests/ocf-cluster.sh
 
 # --- Real Linux aoe driver in a VM, at both MTUs. ------------------------------------------------
 step "vm build" initiator-tests/vm/build.sh
