@@ -43,6 +43,16 @@
 #               correctness ones
 #   soak        --soak-seconds (600) of client load on a busy machine (CPU hogs on every
 #               core): no role change on either node, no "lease lapsed", never two answers
+#   fence       a fence command ([cluster] fence-peer = a test script, fence-timeout = 2) that
+#               exits 4, 7, 5, 1 with garbage on stdout, or hangs past the timeout, at the
+#               primary's power loss: the survivor promotes exactly for 4 and 7 (its log names
+#               the exit); otherwise it stays Secondary, retries, and no probe hears anybody
+#               until the old primary is back and promoted by hand; the usual client checks
+#               (every acknowledged version there once it serves). Then appliance/fence/
+#               fence-peer-ask with the prefix `ip netns exec <peer namespace>`: both
+#               heartbeat paths blocked in alpha's namespace and the replication link cut
+#               (only the client network left): alpha asks beta to `outdate` through the
+#               namespace and serves again; beta's status says Outdated
 #
 # Usage: initiator-tests/failover.sh [--keep] [--repeat N] [--soak-seconds S] [--cut-seconds S]
 #                                    [--freeze "S..."] [SCENARIO...]   (default: all, in order)
@@ -55,7 +65,7 @@ set -euo pipefail
 
 P=tbf NET=93 TAG=failover BLADE=e9.3
 repeat=5 soak_seconds=600 cut_seconds=30 freeze_list="3 15 30"
-all=(tools baseline link_cut power_loss freeze path_cut rogue restore soak)
+all=(tools baseline link_cut power_loss freeze path_cut rogue restore soak fence)
 scenarios=()
 keep=0
 while (($#)); do
@@ -551,6 +561,136 @@ sc_soak() {
     check $sc "no lease lapsed ($lapses)" [ "$lapses" == 0 ]
     client_checks $sc soak
     heal_checks $sc soak
+}
+
+# --- fence: the fence command as a condition of the promotion gate ---------------------------------
+FENCE_TIMEOUT=2
+# fence_script: $work/fence-peer, the command both nodes run: it logs its environment to
+# $work/fence.calls, then execs $work/fence.exec if that exists, else does what
+# $work/fence.mode says (an exit code, garbage, hang).
+fence_script() {
+    cat >"$work/fence-peer" <<EOF
+#!/bin/sh
+echo "\$(date +%s.%N) node=\$TWINBLADE_NODE peer=\$TWINBLADE_PEER resource=\$TWINBLADE_RESOURCE drbd=\$DRBD_RESOURCE/\$DRBD_PEER addresses=\$TWINBLADE_PEER_ADDRESSES mode=\$(cat $work/fence.mode)" >>$work/fence.calls
+[ -x $work/fence.exec ] && exec $work/fence.exec
+case \$(cat $work/fence.mode) in
+hang) sleep 60; exit 7 ;;
+garbage) echo "garbage from the fence command"; exit 1 ;;
+*) exit \$(cat $work/fence.mode) ;;
+esac
+EOF
+    chmod +x "$work/fence-peer"
+}
+fence_calls() { grep -c "node=$1 " "$work/fence.calls" 2>/dev/null || true; } # NODE
+# nobody_answered_after AT-MS: no probe logged after AT-MS (ms since the probe started) heard
+# an answer
+nobody_answered_after() { [[ $(awk -v t="$1" '$1 > t && $2 > 0' "$cl.probes" | wc -l) == 0 ]]; }
+logged() { grep -q -- "$2" "$work/$1.log"; } # NODE REGEX
+fence_run() { # MODE EXIT: a power loss of the primary with the fence command in MODE
+    local sc=fence mode=$1 code=$2 prim sec name=fence.$1 started loss_at vouches=0 expect
+    [[ $code == 4 || $code == 7 ]] && vouches=1
+    prim=$(primary_node)
+    [[ -n $prim ]] || { check $sc "$mode: a primary to cut" false; return 1; }
+    sec=$(other "$prim")
+    echo "$mode" >"$work/fence.mode"
+    : >"$work/fence.calls"
+    : >"$work/roles.log"
+    roles_start
+    started=$(date +%s%3N)
+    clients_start "$name"
+    sleep 2
+    log "$mode: power loss of $prim"
+    power_loss "$prim"
+    loss_at=$((loss_ms - started + 300))
+    if ((vouches)); then
+        wait_check $sc 20 "$mode: $sec promotes after $prim's power loss" state_is "$sec" role Primary || true
+        sleep 2
+    else
+        # Dead time, takeover delay, the command (up to its timeout) and at least one retry.
+        sleep $((4 * FENCE_TIMEOUT + 3))
+        check $sc "$mode: $sec stays Secondary" state_is "$sec" role Secondary
+        check $sc "$mode: $sec was never Primary (sampled)" eval "! seen $sec role Primary"
+        check $sc "$mode: no probe heard anybody after the power loss" nobody_answered_after "$loss_at"
+        check $sc "$mode: $sec ran the command again after the back-off ($(fence_calls "$sec") runs)" \
+            [ "$(fence_calls "$sec")" -ge 2 ]
+    fi
+    roles_stop
+    case $mode in
+    hang) expect="fence-peer timed out" ;;
+    *) expect="fence-peer exit $code" ;;
+    esac
+    check $sc "$mode: $sec ran the fence command with the contract's environment" \
+        grep -q "node=$sec peer=$prim resource=r0 drbd=r0/$prim addresses=$(replication_address "$prim") " "$work/fence.calls"
+    if ((vouches)); then
+        check $sc "$mode: $sec's log names the vouch (auto-promote: ... $expect)" logged "$sec" "auto-promote: .*$expect"
+    else
+        check $sc "$mode: $sec's log names the refusal ($expect ...: not serving alone)" logged "$sec" "$expect.*: not serving alone"
+        [[ $mode != garbage ]] || check $sc "$mode: the command's output is in the log" logged "$sec" "fence command stdout: garbage from the fence command"
+        check $sc "$mode: status shows the last fence result" eval "\"$tb\" status --control \"$work/$sec.sock\" r0 | grep -q 'last fence-peer: .*refused'"
+    fi
+    power_back "$prim"
+    if ! ((vouches)); then
+        # Nobody serves: the old primary, back and reconnected, is promoted by hand.
+        wait_for 30 "$prim and $sec reconnected" state_is "$prim" connection Connected
+        sleep 1
+        if [[ -z $(primary_node) ]]; then
+            ctl "$prim" primary r0 >/dev/null || check $sc "$mode: $prim promoted by hand after its return" false
+        fi
+        sleep 2
+    fi
+    clients_stop
+    client_checks $sc "$name"
+    heal_checks $sc "$mode: $prim back" || return 1
+}
+fence_ask() { # fence-peer-ask through `ip netns exec`: the peer outdates itself
+    local sc=fence prim sec
+    cat >"$work/fence.exec" <<EOF
+#!/bin/sh
+# The sample, reaching the peer's namespace instead of its ssh (one script for both nodes).
+case \$TWINBLADE_PEER in alpha) ns=$P-a ;; *) ns=$P-b ;; esac
+FENCE_ASK_PREFIX="ip netns exec \$ns" FENCE_ASK_COMMAND="$tb outdate --control $work/\$TWINBLADE_PEER.sock" FENCE_ASK_CONF=/dev/null
+export FENCE_ASK_PREFIX FENCE_ASK_COMMAND FENCE_ASK_CONF
+exec $repo/appliance/fence/fence-peer-ask
+EOF
+    chmod +x "$work/fence.exec"
+    echo ask >"$work/fence.mode"
+    prim=$(primary_node)
+    [[ -n $prim ]] || { check $sc "ask: a primary" false; return 1; }
+    sec=$(other "$prim")
+    clients_start fence.ask
+    sleep 2
+    log "ask: both heartbeat paths blocked in $prim's namespace and the replication link cut"
+    hb_block "$prim" eth0 eth1
+    repl_cut
+    wait_check $sc 20 "ask: $sec persisted Outdated (its status)" state_is "$sec" disk Outdated || true
+    wait_check $sc 10 "ask: $prim answers again" eval "\"$tb\" status --control \"$work/$prim.sock\" r0 | grep -q 'answering:true'" || true
+    check $sc "ask: $prim's fence command (fence-peer-ask) exited 4" logged "$prim" "fence-peer exit 4 (peer outdated)"
+    check $sc "ask: $prim serves without the peer by that vouch" logged "$prim" "serving without the peer: .*fence-peer exit 4"
+    check $sc "ask: $sec stayed Secondary" state_is "$sec" role Secondary
+    sleep 2
+    clients_stop
+    client_checks $sc fence.ask
+    info $sc "ask: what $prim's fence command said" "$(grep -h 'fence command stderr' "$work/$prim.log" | sed 's/.*fence command stderr: //' | tr '\n' ';' | cut -c1-300)"
+    rm -f "$work/fence.exec"
+    hb_unblock "$prim"
+    repl_heal
+    heal_checks $sc "ask: after the heal" || return 1
+}
+sc_fence() {
+    eval "hb_$(declare -f cluster_options)"
+    # shellcheck disable=SC2317 # called by write_config
+    cluster_options() {
+        hb_cluster_options
+        printf 'fence-peer = "%s"\nfence-timeout = %s\n' "$work/fence-peer" "$FENCE_TIMEOUT"
+    }
+    fence_script
+    pair_fresh
+    local run
+    for run in "4 4" "7 7" "5 5" "garbage 1" "hang -"; do
+        # shellcheck disable=SC2086
+        fence_run $run || pair_rebuild
+    done
+    fence_ask
 }
 
 # --- running them ------------------------------------------------------------------------------------

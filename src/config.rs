@@ -7,6 +7,8 @@
 //! heartbeat-port = 7790                # optional: UDP port of the heartbeat on every path
 //! heartbeat-interval = 0.2             # optional: seconds between heartbeats (heartbeat's keepalive)
 //! heartbeat-dead-time = 1.0            # optional: silence on every path that makes the peer dead
+//! fence-peer = "/etc/twinblade/fence-peer" # optional: fence command (DRBD's fence-peer handler)
+//! fence-timeout = 10.0                 # optional: seconds before the fence command is killed
 //! [node.alpha]
 //! address = "192.168.100.1"            # replication link
 //! interface = "eth0"                   # client-facing: AoE (later also the floating IP)
@@ -111,6 +113,11 @@ pub struct Cluster {
     /// Seconds of silence on every heartbeat path (and the replication link) after which the
     /// peer is declared gone (default 1.0; at least three intervals).
     pub heartbeat_dead_time: Option<f64>,
+    /// The fence command (an absolute path, run directly, DRBD's fence-peer handler contract):
+    /// one more condition of the promotion gate. See [`crate::daemon::fence`].
+    pub fence_peer: Option<PathBuf>,
+    /// Seconds the fence command may run before its process group is killed (default 10).
+    pub fence_timeout: Option<f64>,
 }
 
 /// The heartbeat's UDP port unless `[cluster] heartbeat-port` says otherwise.
@@ -119,6 +126,8 @@ pub const DEFAULT_HEARTBEAT_PORT: u16 = 7790;
 pub const DEFAULT_HEARTBEAT_INTERVAL: f64 = 0.2;
 /// Default heartbeat dead time, seconds.
 pub const DEFAULT_HEARTBEAT_DEAD_TIME: f64 = 1.0;
+/// Default seconds the fence command may run.
+pub const DEFAULT_FENCE_TIMEOUT: f64 = 10.0;
 /// Most heartbeat paths a node may list.
 pub const MAX_HEARTBEAT_PATHS: usize = 4;
 
@@ -451,6 +460,8 @@ impl Resource {
             heartbeat_dead_time: cluster.heartbeat_dead_time(),
             wire_recheck: defaults.wire_recheck,
             takeover_delay: cluster.takeover_delay(),
+            fence_peer: cluster.fence_peer.is_some(),
+            fence_retry: cluster.fence_retry(),
         }
     }
 
@@ -509,7 +520,56 @@ impl Cluster {
         (self.heartbeat_dead_time() / 2).max(self.wire_guard_wait() * 2)
     }
 
+    /// How long the fence command may run.
+    pub fn fence_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.fence_timeout.unwrap_or(DEFAULT_FENCE_TIMEOUT))
+    }
+
+    /// How long a fence command that did not vouch holds off the next try: its own timeout,
+    /// at least 2 s and at most 30 s.
+    pub fn fence_retry(&self) -> std::time::Duration {
+        self.fence_timeout().clamp(
+            std::time::Duration::from_secs(2),
+            std::time::Duration::from_secs(30),
+        )
+    }
+
+    /// What only the node that runs the fence command can check, at its start: the file
+    /// exists and is executable.
+    pub fn check_fence_peer(&self) -> Result<(), (String, String)> {
+        use std::os::unix::fs::PermissionsExt;
+        let Some(path) = &self.fence_peer else {
+            return Ok(());
+        };
+        let key = || "cluster.fence-peer".to_string();
+        let meta =
+            std::fs::metadata(path).map_err(|e| (key(), format!("{}: {e}", path.display())))?;
+        if !meta.is_file() {
+            return Err((key(), format!("{} is not a file", path.display())));
+        }
+        if meta.permissions().mode() & 0o111 == 0 {
+            return Err((key(), format!("{} is not executable", path.display())));
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<(), (String, String)> {
+        if let Some(path) = &self.fence_peer {
+            if !path.is_absolute() {
+                return Err((
+                    "cluster.fence-peer".into(),
+                    format!("{} is not an absolute path", path.display()),
+                ));
+            }
+        }
+        if let Some(t) = self.fence_timeout {
+            if !t.is_finite() || t <= 0.0 || t > 3600.0 {
+                return Err((
+                    "cluster.fence-timeout".into(),
+                    format!("{t} is not a number of seconds in (0, 3600]"),
+                ));
+            }
+        }
         self.validate_secret_keys()?;
         if self.heartbeat_port == Some(0) {
             return Err(("cluster.heartbeat-port".into(), "must not be 0".into()));
@@ -865,6 +925,18 @@ impl Config {
             .into_iter()
             .zip(theirs.heartbeat_addresses())
             .collect()
+    }
+
+    /// Checks what only the local node can (at the daemon's start): the fence command exists
+    /// and is executable.
+    pub fn check_local_files(&self) -> Result<(), ConfigError> {
+        self.cluster
+            .check_fence_peer()
+            .map_err(|(key, problem)| ConfigError::Invalid {
+                file: self.path.clone(),
+                key,
+                problem,
+            })
     }
 
     /// The resource called `name`.
@@ -1240,6 +1312,90 @@ meta-disk = "/dev/loop0"
         );
         let bad = GOOD.replace("port = 7788", "port = 7788\nfencing = \"stonith\"");
         assert!(err(&bad).contains("resource.r0.fencing"), "{}", err(&bad));
+    }
+
+    #[test]
+    fn fence_keys() {
+        use std::os::unix::fs::PermissionsExt;
+        let c = Config::parse(GOOD, "f").unwrap();
+        assert_eq!(c.cluster.fence_peer, None);
+        assert_eq!(
+            c.cluster.fence_timeout(),
+            std::time::Duration::from_secs(10)
+        );
+        assert!(
+            !c.resources["r0"]
+                .machine_config("alpha", &c.cluster)
+                .fence_peer
+        );
+        assert!(
+            c.check_local_files().is_ok(),
+            "nothing to check without the key"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("fence");
+        std::fs::write(&script, "#!/bin/sh\nexit 7\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let with = |lines: &str| {
+            GOOD.replace(
+                "shared-secret = \"s3cret\"",
+                &format!("shared-secret = \"s3cret\"\n{lines}"),
+            )
+        };
+        let text = with(&format!(
+            "fence-peer = \"{}\"\nfence-timeout = 2.5",
+            script.display()
+        ));
+        let c = Config::parse(&text, "f").unwrap();
+        assert_eq!(
+            c.cluster.fence_timeout(),
+            std::time::Duration::from_millis(2500)
+        );
+        let m = c.resources["r0"].machine_config("alpha", &c.cluster);
+        assert!(m.fence_peer);
+        assert_eq!(m.fence_retry, std::time::Duration::from_millis(2500));
+        c.check_local_files().unwrap();
+        // Errors name the key: a relative path and a bad timeout at parse time, ...
+        let e = err(&with("fence-peer = \"fence.sh\""));
+        assert_eq!(
+            e,
+            "/etc/twinblade.toml: cluster.fence-peer: fence.sh is not an absolute path"
+        );
+        for t in ["0", "-1", "0.0", "nan", "inf", "4000"] {
+            let e = err(&with(&format!("fence-timeout = {t}")));
+            assert!(
+                e.starts_with("/etc/twinblade.toml: cluster.fence-timeout: "),
+                "{t}: {e}"
+            );
+        }
+        let e = err(&with("fence-timeout = \"10s\""));
+        assert!(e.contains("cluster.fence-timeout: invalid type"), "{e}");
+        // ... a missing or not executable file at the daemon's start.
+        let missing = dir.path().join("nope");
+        let c = Config::parse(
+            &with(&format!("fence-peer = \"{}\"", missing.display())),
+            "f",
+        )
+        .unwrap();
+        let e = c.check_local_files().unwrap_err().to_string();
+        assert!(
+            e.starts_with("f: cluster.fence-peer: ") && e.contains("nope"),
+            "{e}"
+        );
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let c = Config::parse(&text, "f").unwrap();
+        let e = c.check_local_files().unwrap_err().to_string();
+        assert!(
+            e.ends_with("is not executable") && e.contains("cluster.fence-peer"),
+            "{e}"
+        );
+        let c = Config::parse(
+            &with(&format!("fence-peer = \"{}\"", dir.path().display())),
+            "f",
+        )
+        .unwrap();
+        let e = c.check_local_files().unwrap_err().to_string();
+        assert!(e.ends_with("is not a file"), "{e}");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! * [`run`]: `run`, the daemon in the foreground.
 //! * [`check`]: `check-config`, the configuration validated without running it.
 //! * [`ctl`]: the verbs a running daemon answers (`status`, `primary`, `connect`, …).
+//! * [`witness`]: `witness`, the third vote on another machine, and `witness-ask`.
 //! * [`exit`]: the exit codes they all return.
 
 pub mod aoe;
@@ -18,6 +19,7 @@ pub mod exit;
 pub mod md;
 pub mod nbd;
 pub mod run;
+pub mod witness;
 
 use clap::{Parser, Subcommand};
 
@@ -82,6 +84,10 @@ pub enum Command {
     InvalidateRemote(ResArgs),
     /// Pause a running resync.
     PauseSync(ResArgs),
+    /// Persist Outdated on a Secondary not connected to a Primary (like `drbdadm outdate`): it
+    /// will not promote itself until it resyncs from the peer. What a peer's fence command
+    /// (appliance/fence/fence-peer-ask) asks for over another path. Refused on a Primary.
+    Outdate(ResArgs),
     /// Resume a paused resync; `--wait` shows its progress (done, MB/s, ETA) until it ends.
     ResumeSync(WaitArgs),
     /// Online verify: compare the crc32c of every 4 KiB block with the peer's, report the
@@ -92,6 +98,12 @@ pub enum Command {
     /// node's power (`power-cut [keep-subset SEED]`); needs TWINBLADE_TEST_POWER_CUT=1.
     #[command(hide = true)]
     Fault(FaultArgs),
+    /// Run a witness for one or more pairs (on a third machine): grants the right to serve a
+    /// resource alone to at most one node per data generation, and remembers it.
+    Witness(witness::WitnessArgs),
+    /// Ask a witness who holds a resource's grant for a generation (`--claim` claims it).
+    /// Exit status: 0 granted or free, 1 held by another node or no answer.
+    WitnessAsk(witness::WitnessAskArgs),
 }
 
 /// Parses the process arguments, runs the subcommand and returns the exit code.
@@ -120,9 +132,12 @@ pub fn main() -> i32 {
         Command::Invalidate(a) => ctl::request("invalidate", &a, &[]),
         Command::InvalidateRemote(a) => ctl::request("invalidate-remote", &a, &[]),
         Command::PauseSync(a) => ctl::request("pause-sync", &a, &[]),
+        Command::Outdate(a) => ctl::request("outdate", &a, &[]),
         Command::ResumeSync(a) => ctl::request("resume-sync", &a.res, &[("--wait", a.wait)]),
         Command::Verify(a) => ctl::request("verify", &a.res, &[("--wait", a.wait)]),
         Command::Fault(a) => ctl::fault(a),
+        Command::Witness(a) => witness::run(a),
+        Command::WitnessAsk(a) => witness::ask_once(a),
     }
 }
 

@@ -37,6 +37,11 @@ pub struct Config {
     /// How much longer than a primary a secondary waits, once the peer is silent, before it
     /// asks the wire guard (see [`super::machine`]): longer than one wire-guard check.
     pub takeover_delay: Duration,
+    /// A fence command is configured (`[cluster] fence-peer`): one more condition of the
+    /// promotion gate under [`Fencing::ResourceOnly`] (see [`super::machine`]'s `vouch`).
+    pub fence_peer: bool,
+    /// How long a fence command that did not vouch for the peer holds off the next try.
+    pub fence_retry: Duration,
 }
 
 /// What a node must know before it serves without its peer (DRBD's `fencing` policy).
@@ -77,6 +82,8 @@ impl Default for Config {
             heartbeat_dead_time: Duration::from_secs(1),
             wire_recheck: Duration::from_secs(2),
             takeover_delay: Duration::from_millis(500),
+            fence_peer: false,
+            fence_retry: Duration::from_secs(5),
         }
     }
 }
@@ -139,6 +146,10 @@ pub enum Command {
     PauseSync,
     /// `resume-sync`.
     ResumeSync,
+    /// `outdate`: persist `Outdated` on a Secondary that is not connected to a Primary (DRBD's
+    /// `drbdadm outdate`): this node will not promote itself until it resyncs from the peer.
+    /// What a peer's fence command asks for over another path.
+    Outdate,
 }
 
 impl fmt::Display for Command {
@@ -158,6 +169,7 @@ impl fmt::Display for Command {
             Command::InvalidateRemote => f.write_str("invalidate-remote"),
             Command::PauseSync => f.write_str("pause-sync"),
             Command::ResumeSync => f.write_str("resume-sync"),
+            Command::Outdate => f.write_str("outdate"),
         }
     }
 }
@@ -253,8 +265,65 @@ pub enum Event {
         /// How long.
         length: Duration,
     },
+    /// The fence command ([`Action::FencePeer`]) finished.
+    FenceResult {
+        /// How it ended.
+        outcome: FenceOutcome,
+    },
     /// Time passed.
     Tick,
+}
+
+/// How a fence command ended (DRBD's fence-peer handler contract).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FenceOutcome {
+    /// It exited with this code: 4 (peer outdated) and 7 (peer fenced, powered off) vouch
+    /// for the peer; 5 is "peer unreachable"; any other code failed.
+    Exit(i32),
+    /// A signal ended it.
+    Signal(i32),
+    /// It ran past `fence-timeout` and its process group was killed.
+    TimedOut,
+    /// It could not be started at all.
+    CouldNotRun,
+}
+
+impl FenceOutcome {
+    /// Exit 4 or 7: the peer cannot serve (it persisted Outdated, or it is powered off).
+    pub fn vouches(&self) -> bool {
+        matches!(self, FenceOutcome::Exit(4) | FenceOutcome::Exit(7))
+    }
+
+    /// A short word for `events` and status: `exit-7`, `signal-9`, `timeout`, `not-run`.
+    pub fn word(&self) -> String {
+        match self {
+            FenceOutcome::Exit(c) => format!("exit-{c}"),
+            FenceOutcome::Signal(s) => format!("signal-{s}"),
+            FenceOutcome::TimedOut => "timeout".into(),
+            FenceOutcome::CouldNotRun => "not-run".into(),
+        }
+    }
+}
+
+impl fmt::Display for FenceOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FenceOutcome::Exit(c) => {
+                let meaning = match c {
+                    3 => "peer already outdated: not trusted, 4 or 7 expected",
+                    4 => "peer outdated",
+                    5 => "peer unreachable",
+                    6 => "peer is primary",
+                    7 => "peer fenced",
+                    _ => "failed",
+                };
+                write!(f, "fence-peer exit {c} ({meaning})")
+            }
+            FenceOutcome::Signal(s) => write!(f, "fence-peer killed by signal {s}"),
+            FenceOutcome::TimedOut => f.write_str("fence-peer timed out (process group killed)"),
+            FenceOutcome::CouldNotRun => f.write_str("fence-peer could not be started"),
+        }
+    }
 }
 
 /// What the peer's heartbeat says about one resource.
@@ -502,6 +571,9 @@ pub enum Action {
     /// Ask the client network whether any other MAC answers this resource's shelf.slot (the
     /// wire guard); the answer comes back as [`Event::WireChecked`].
     CheckWire,
+    /// Run the fence command (`[cluster] fence-peer`) against the peer, off the engine
+    /// thread; its outcome comes back as [`Event::FenceResult`].
+    FencePeer,
     /// An `events` line.
     Notify(Notification),
     /// A log line.

@@ -90,8 +90,8 @@
 //! promotes (or goes on serving) at once, DRBD's default.
 
 pub use super::events::{
-    Action, Command, Config, Event, Fencing, Notification, PeerRefusal, PeerSeen, Refusal,
-    SharedSettings, Startup, Terms,
+    Action, Command, Config, Event, FenceOutcome, Fencing, Notification, PeerRefusal, PeerSeen,
+    Refusal, SharedSettings, Startup, Terms,
 };
 use super::{ConnState, DisconnectReason, DiskState, ReplState, Role, SyncDecision, SyncDirection};
 pub use crate::ha::gate::Authority;
@@ -99,6 +99,7 @@ pub use crate::ha::gate::Authority;
 mod command;
 mod fencing;
 mod handshake;
+mod vouch;
 use crate::repl::uuid::UuidFlags;
 use crate::wire::ondisk::flags;
 use std::time::Instant;
@@ -189,6 +190,8 @@ pub struct Machine {
     /// silence and an empty wire prove nothing. No serving alone through the gate until a
     /// handshake with the peer or the operator's `primary`.
     may_have_been_replaced: bool,
+    /// The fence command's vouch for serving alone (see `vouch`).
+    vouch: vouch::Vouch,
     /// The time of the step being taken.
     now: Instant,
 }
@@ -270,6 +273,7 @@ impl Machine {
             marked_without_generation: false,
             could_serve_alone_since: None,
             may_have_been_replaced: false,
+            vouch: vouch::Vouch::Unasked,
             now,
         };
         let actions = vec![
@@ -462,6 +466,7 @@ impl Machine {
             Event::RivalAnswered => self.rival_answered(&mut out),
             Event::ServiceFailed => self.service_failed(&mut out),
             Event::StoodStill { length } => self.stood_still(length, &mut out),
+            Event::FenceResult { outcome } => self.fence_result(outcome, &mut out),
             Event::Tick => self.tick(now, &mut out),
         }
         self.fence(&mut out);
@@ -553,6 +558,12 @@ impl Machine {
         )));
         out.push(Action::Detach);
         self.disk = DiskState::Diskless;
+        self.stop_resync_without_a_disk();
+    }
+
+    /// A resync needs both disks: once one is gone, the pair is just Established (what is
+    /// still out of sync stays marked for the next one).
+    pub(super) fn stop_resync_without_a_disk(&mut self) {
         if matches!(
             self.repl,
             ReplState::SyncSource
@@ -685,13 +696,7 @@ impl Machine {
                 }
             }
             ConnState::Connecting if self.promote_alone && !self.gate_passed() => return,
-            ConnState::Connecting if self.promote_alone => {
-                if self.config.fencing == Fencing::ResourceOnly {
-                    "the peer is silent on every path and nobody answers its shelf.slot"
-                } else {
-                    "no peer, UpToDate data"
-                }
-            }
+            ConnState::Connecting if self.promote_alone => return self.auto_promote_alone(out),
             ConnState::Connecting => return,
             ConnState::Handshaking | ConnState::StandAlone => return,
         };

@@ -50,6 +50,13 @@
 //! * [`Pair::stall_writes`]: heartbeats answer but a node's disk never completes a write.
 //! * [`Pair::restore`] heals the link; [`Pair::heal`] heals every network fault.
 //!
+//! # The fence command
+//!
+//! Each node has a scripted fence command ([`Pair::set_fence`]): [`Action::FencePeer`] ends,
+//! after the scripted time, in the scripted [`FenceOutcome`]. What exits 4 and 7 claim is made
+//! true when the peer runs: exit 4 outdates it (the `outdate` command, as `fence-peer-ask`
+//! does), exit 7 cuts its power (as `fence-peer-poweroff` does). Other outcomes change nothing.
+//!
 //! # Client writes and the two safety properties
 //!
 //! [`Pair::write`] acknowledges a write only if the node answers and the write is complete:
@@ -59,7 +66,8 @@
 //! answers holds every acknowledged write ([`Pair::missing_acked_write`]).
 
 use super::machine::{
-    Action, Authority, Command, Config, Event, Machine, PeerSeen, Startup, Status, Terms,
+    Action, Authority, Command, Config, Event, FenceOutcome, Machine, PeerSeen, Startup, Status,
+    Terms,
 };
 use super::persist::{self, Keeper, SourceStarted};
 use super::{ConnState, DiskState, ReplState, Role, SyncDirection};
@@ -127,6 +135,12 @@ pub struct Node {
     held: Vec<Event>,
     /// Both of this node's heartbeat paths are dropped.
     pub heartbeat_blocked: bool,
+    /// What this node's fence command does: its outcome, and how long it runs.
+    pub fence: (FenceOutcome, Duration),
+    /// A fence command runs and ends at this time.
+    fence_due: Option<Instant>,
+    /// How many times the fence command was started.
+    pub fence_runs: usize,
 }
 
 impl Keeper for Node {
@@ -192,6 +206,9 @@ impl Node {
                 frozen_at: None,
                 held: Vec::new(),
                 heartbeat_blocked: false,
+                fence: (FenceOutcome::Exit(1), Duration::ZERO),
+                fence_due: None,
+                fence_runs: 0,
             },
             actions,
         )
@@ -380,6 +397,7 @@ impl Pair {
                 }
             }
             self.heartbeat();
+            self.finish_fence_commands();
             for n in 0..2 {
                 if self.nodes[n].up && !self.nodes[n].frozen {
                     self.queue.push_back((n, Event::Tick));
@@ -389,6 +407,36 @@ impl Pair {
             self.try_connect();
             self.run_resync(STEP);
             self.pump();
+        }
+    }
+
+    /// Scripts node `n`'s fence command: it runs for `takes`, then ends in `outcome`.
+    pub fn set_fence(&mut self, n: usize, outcome: FenceOutcome, takes: Duration) {
+        self.nodes[n].fence = (outcome, takes);
+    }
+
+    /// Ends the fence commands whose time has come, making exits 4 and 7 true first.
+    fn finish_fence_commands(&mut self) {
+        for n in 0..2 {
+            let node = &self.nodes[n];
+            if !node.up || node.fence_due.is_none_or(|due| due > self.now) {
+                continue;
+            }
+            self.nodes[n].fence_due = None;
+            let outcome = self.nodes[n].fence.0;
+            let peer = 1 - n;
+            if self.nodes[peer].up {
+                match outcome {
+                    FenceOutcome::Exit(4) => {
+                        self.queue
+                            .push_back((peer, Event::Command(Command::Outdate)));
+                        self.pump();
+                    }
+                    FenceOutcome::Exit(7) => self.power_loss(peer),
+                    _ => {}
+                }
+            }
+            self.queue.push_back((n, Event::FenceResult { outcome }));
         }
     }
 
@@ -619,6 +667,7 @@ impl Pair {
         node.held.clear();
         node.serving = false;
         node.wants_connect = false;
+        node.fence_due = None;
     }
 
     /// Starts node `n` again with a new machine; its disk and UUIDs are what it had.
@@ -633,6 +682,8 @@ impl Pair {
         self.nodes[n].terms = old.terms;
         // A firewall rule outlives the process.
         self.nodes[n].heartbeat_blocked = old.heartbeat_blocked;
+        // So does the fence command's script.
+        self.nodes[n].fence = old.fence;
         self.execute(n, actions);
         self.pump();
     }
@@ -867,6 +918,10 @@ impl Pair {
                 Action::CheckWire => {
                     let answered = self.client_net_up && self.nodes[peer].answers(self.now);
                     self.queue.push_back((n, Event::WireChecked { answered }));
+                }
+                Action::FencePeer => {
+                    self.nodes[n].fence_runs += 1;
+                    self.nodes[n].fence_due = Some(self.now + self.nodes[n].fence.1);
                 }
                 Action::Notify(_) | Action::Log(_) | Action::Refuse { .. } => {}
             }

@@ -11,7 +11,8 @@
 //! * on this machine, for this node only ([`Host`]): the client interface exists; the
 //!   replication and heartbeat addresses and a fixed NBD address can be bound; each disk and
 //!   external meta-disk exists and is a regular file or block device, and its size holds the
-//!   meta-data (the usable size is reported); a `shared-secret-file` is private and readable.
+//!   meta-data (the usable size is reported); a `shared-secret-file` is private and readable;
+//!   a `fence-peer` command exists and is executable.
 //!
 //! It opens no disk: sizes come from `stat` and, for block devices, sysfs. Nothing is created
 //! or written. [`dump`] renders the effective settings as TOML that loads again, the secret as
@@ -287,6 +288,9 @@ fn check_host(config: &Config, node: &str, host: &dyn Host, out: &mut Checked) {
             Err(e) => out.add(HostError, "cluster.shared-secret-file", e),
         }
     }
+    if let Err((key, problem)) = config.cluster.check_fence_peer() {
+        out.add(HostError, key, problem);
+    }
     for (rname, res) in &config.resources {
         if let Some(nbd) = res.nbd {
             let floating = res.floating_ip().map(|f| f.address);
@@ -447,6 +451,8 @@ fn keys_are_all_dumped(config: &Config) {
         heartbeat_port: _,
         heartbeat_interval: _,
         heartbeat_dead_time: _,
+        fence_peer: _,
+        fence_timeout: _,
     } = &config.cluster;
     for n in config.nodes.values() {
         let super::Node {
@@ -566,6 +572,14 @@ pub fn dump(config: &Config, node: Option<&str>, facts: &BTreeMap<String, String
             c.takeover_delay().as_millis()
         )),
     );
+    if let Some(path) = &c.fence_peer {
+        d.kv(
+            "fence-peer",
+            quoted(path.display()),
+            Some("exit 4 (peer outdated) or 7 (peer fenced) lets a node serve alone".into()),
+        );
+        d.kv("fence-timeout", secs(Some(c.fence_timeout())), None);
+    }
     for (name, n) in &config.nodes {
         let role = match node {
             Some(me) if me == name => "  # this node",
@@ -891,6 +905,22 @@ meta-disk = "/dev/loop0"
         assert_eq!(
             errors(&secret, &host),
             ["cluster.shared-secret-file: /etc/twinblade/secret has mode 0644: …"]
+        );
+        // A fence command that is not there.
+        let fence = FILE.replace(
+            "shared-secret = \"the-real-secret-42\"",
+            "shared-secret = \"the-real-secret-42\"\nfence-peer = \"/nonexistent/fence-peer\"",
+        );
+        let e = errors(&fence, &Fake::alpha());
+        assert!(
+            e.len() == 1 && e[0].starts_with("cluster.fence-peer: /nonexistent/fence-peer: "),
+            "{e:?}"
+        );
+        let text = dump(&parse(&fence), Some("alpha"), &BTreeMap::new());
+        assert!(
+            text.contains("fence-peer = \"/nonexistent/fence-peer\"")
+                && text.contains("fence-timeout = 10"),
+            "{text}"
         );
         // Several problems: every one reported.
         let mut host = Fake::alpha();

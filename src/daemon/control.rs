@@ -264,6 +264,7 @@ fn handle(
         "invalidate" => Command::Invalidate,
         "invalidate-remote" => Command::InvalidateRemote,
         "pause-sync" => Command::PauseSync,
+        "outdate" => Command::Outdate,
         "resume-sync" => {
             known(&["--wait"])?;
             if flags.contains(&"--wait") {
@@ -572,6 +573,9 @@ fn ha_text(ha: &HaSnapshot) -> String {
     if let Some(line) = &ha.last_failover {
         t += &format!("\n  last failover: {line}");
     }
+    if let Some(line) = &ha.last_fence {
+        t += &format!("\n  last fence-peer: {line}");
+    }
     t
 }
 
@@ -595,7 +599,7 @@ fn ha_json(ha: &HaSnapshot) -> String {
         })
         .collect();
     format!(
-        "{{\"gate\":\"{}\",\"answering\":{},\"lease-left-ms\":{},\"lease-lapses\":{},\"outdate-request\":{},\"peer-heard\":{},\"paths\":[{}],\"last-failover\":{},\"service-mac\":{},\"floating-ip\":{},\"floating-ip-held\":{}}}",
+        "{{\"gate\":\"{}\",\"answering\":{},\"lease-left-ms\":{},\"lease-lapses\":{},\"outdate-request\":{},\"peer-heard\":{},\"paths\":[{}],\"last-failover\":{},\"last-fence-peer\":{},\"service-mac\":{},\"floating-ip\":{},\"floating-ip-held\":{}}}",
         ha.authority.map_or("-".into(), |a| a.to_string()),
         ha.answering,
         num(ha.lease_left, |d| d.as_millis()),
@@ -604,6 +608,9 @@ fn ha_json(ha: &HaSnapshot) -> String {
         ha.peer_heard,
         paths.join(","),
         ha.last_failover
+            .as_ref()
+            .map_or_else(|| "null".into(), |l| format!("\"{}\"", esc(l))),
+        ha.last_fence
             .as_ref()
             .map_or_else(|| "null".into(), |l| format!("\"{}\"", esc(l))),
         ha.service_mac
@@ -825,6 +832,7 @@ mod tests {
                     "served: peer last heard 0.000s, declared lost +1.004s, first reply +1.900s"
                         .into(),
                 ),
+                last_fence: Some("fence-peer exit 7 (peer fenced) (vouched), 3.2s ago".into()),
                 service_mac: Some(crate::wire::MacAddr([0x02, 0x11, 0x22, 0x33, 0x44, 0x55])),
                 floating_ip: Some(("10.77.0.100/24".parse().unwrap(), Some(true))),
             },
@@ -889,6 +897,10 @@ mod tests {
             text.contains("service mac:02:11:22:33:44:55 floating-ip:10.77.0.100/24 held:true"),
             "{text}"
         );
+        assert!(
+            text.contains("last fence-peer: fence-peer exit 7 (peer fenced) (vouched), 3.2s ago"),
+            "{text}"
+        );
         let json = status_json("r0", &s);
         // The field names a benchmark reads.
         for field in [
@@ -903,6 +915,7 @@ mod tests {
             "\"gate\":\"lease\",\"answering\":true,\"lease-left-ms\":480,",
             "\"paths\":[{\"id\":1,\"local\":\"10.0.0.1\",\"peer\":\"10.0.0.2\",\"silent\":false,\"last-heard-ms\":120,\"rtt-us\":85}]",
             "\"last-failover\":\"served: peer last heard 0.000s,",
+            "\"last-fence-peer\":\"fence-peer exit 7 (peer fenced) (vouched), 3.2s ago\"",
             "\"service-mac\":\"02:11:22:33:44:55\",\"floating-ip\":\"10.77.0.100/24\",\"floating-ip-held\":true}",
         ] {
             assert!(json.contains(field), "{field} missing in {json}");

@@ -14,8 +14,10 @@
 //! * [`resource`]: one resource's engine, connector, reader and resync copier.
 //! * [`peer`]: the connection handshake (Hello, HMAC challenge-response, parameters).
 //! * [`control`]: the control socket and the verbs `status`, `events`, `primary`, ….
+//! * [`fence`]: the fence command (`[cluster] fence-peer`), run off the engine thread.
 
 pub mod control;
+pub mod fence;
 pub mod peer;
 pub mod resource;
 
@@ -159,6 +161,7 @@ pub enum RunError {
 /// Runs the daemon until `cancel` fires; returns after an orderly stop.
 pub fn run(args: RunArgs, cancel: CancellationToken) -> Result<(), RunError> {
     let config = Config::load(&args.config)?;
+    config.check_local_files()?;
     let node = config.this_node(args.node.as_deref())?.to_string();
     let peer = config
         .peer_of(&node)
@@ -202,6 +205,22 @@ pub fn run(args: RunArgs, cancel: CancellationToken) -> Result<(), RunError> {
                 .cluster
                 .heartbeat_interval()
                 .min(resource::PING_INTERVAL),
+            fence: config.cluster.fence_peer.as_ref().map(|command| {
+                let mut peer_addresses = vec![peer_node.address];
+                for a in peer_node.heartbeat_addresses() {
+                    if !peer_addresses.contains(&a) {
+                        peer_addresses.push(a);
+                    }
+                }
+                Arc::new(fence::FenceSpec {
+                    command: command.clone(),
+                    timeout: config.cluster.fence_timeout(),
+                    resource: name.clone(),
+                    node: node.clone(),
+                    peer: peer.clone(),
+                    peer_addresses,
+                })
+            }),
         };
         let group = root.group(format!("resource-{name}"));
         resources.push(Resource::start(

@@ -1,6 +1,6 @@
 //! High availability: deciding whether the peer is alive from heartbeats on several
 //! independent paths, exchanging per-resource state over them, and holding the lease that lets
-//! a primary answer clients. Not wired into the daemon yet.
+//! a primary answer clients; and the witness, a third vote on another machine.
 //!
 //! The pure parts (no sockets; time passed in or read through [`clock`]):
 //!
@@ -9,7 +9,8 @@
 //! * [`clock`]: the monotonic clock and the shared lease expiry.
 //! * [`gate`]: what the exports consult before every reply.
 //!
-//! The I/O part: [`service`], the heartbeat thread and its sockets, built on the above.
+//! The I/O part: [`service`], the heartbeat thread and its sockets, built on the above;
+//! [`witness`], the witness service and the node's client of it.
 //!
 //! The datagram itself is [`crate::wire::heartbeat`].
 
@@ -19,3 +20,4 @@ pub mod liveness;
 pub mod replay;
 pub mod service;
 pub mod stopwatch;
+pub mod witness;

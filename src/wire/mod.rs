@@ -19,6 +19,7 @@ pub mod heartbeat;
 pub mod nbd;
 pub mod ondisk;
 pub mod repl;
+pub mod witness;
 
 use std::fmt;
 use std::str::FromStr;

@@ -129,6 +129,7 @@ impl Machine {
                 };
                 out.push(Action::PauseResync);
             }
+            Command::Outdate => self.outdate(c, out),
             Command::ResumeSync => {
                 self.repl = match self.repl {
                     ReplState::PausedSyncS => ReplState::SyncSource,

@@ -10,8 +10,8 @@ use super::*;
 impl Machine {
     /// Under resource-only fencing: may this node serve without its peer right now? The peer
     /// is silent on every path for the dead time and the wire guard found nobody else
-    /// answering the shelf.slot. (Later vouches — a witness, a fence command — are further
-    /// conditions here.)
+    /// answering the shelf.slot, and — with a fence command configured — it vouched for the
+    /// peer (exit 4 or 7; see `vouch`). (A witness would be a further condition here.)
     pub(super) fn gate_passed(&self) -> bool {
         match self.config.fencing {
             Fencing::DontCare => true,
@@ -20,6 +20,7 @@ impl Machine {
                     && !self.may_have_been_replaced
                     && self.peer_silent()
                     && self.wire == Wire::Clear
+                    && self.fence_vouched()
             }
         }
     }
@@ -44,6 +45,7 @@ impl Machine {
         if self.config.fencing != Fencing::ResourceOnly {
             return;
         }
+        self.renew_vouch();
         if self.fencing_peer && self.may_have_been_replaced {
             // Our data may be older than what the peer acknowledged while we stood still:
             // asking it to step aside could throw its writes away. The handshake decides.
@@ -61,10 +63,8 @@ impl Machine {
                 return self.serve_alone("the peer persisted Outdated", out);
             }
             if self.gate_passed() {
-                return self.serve_alone(
-                    "the peer is silent on every path and nobody else answers",
-                    out,
-                );
+                let why = self.gate_reason();
+                return self.serve_alone(&why, out);
             }
         }
         if !(self.peer_silent() && self.wants_to_serve_alone()) {
@@ -95,6 +95,8 @@ impl Machine {
             self.wire = Wire::Checking;
             out.push(Action::CheckWire);
         }
+        // Nobody else answers: with a fence command, it decides.
+        self.ask_fence(out);
     }
 
     /// A primary whose peer is fenced (or gone) serves alone: a new generation first.

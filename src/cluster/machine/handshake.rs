@@ -182,15 +182,7 @@ impl Machine {
         }
         if disk == DiskState::Diskless && self.peer_disk != DiskState::Diskless {
             out.push(Action::Log("the peer detached its disk".into()));
-            if matches!(
-                self.repl,
-                ReplState::SyncSource
-                    | ReplState::PausedSyncS
-                    | ReplState::SyncTarget
-                    | ReplState::PausedSyncT
-            ) {
-                self.repl = ReplState::Established;
-            }
+            self.stop_resync_without_a_disk();
             if self.role == Role::Primary && self.disk != DiskState::Diskless {
                 out.push(Action::MarkOutOfSync);
                 out.push(Action::NewCurrentUuid);

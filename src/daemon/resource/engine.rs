@@ -169,6 +169,10 @@ impl Engine {
         match event {
             Event::WireChecked { answered: false } => watch.mark("nobody else answers", decided),
             Event::PeerHeard(Some(p)) if p.outdated => watch.mark("peer outdated", decided),
+            Event::FenceResult { outcome } if outcome.vouches() => {
+                watch.mark("fence-peer vouched", decided)
+            }
+            Event::FenceResult { .. } => watch.mark("fence-peer refused", decided),
             _ => {}
         }
         if s.outdate_request {
@@ -180,6 +184,7 @@ impl Engine {
         for action in actions {
             match action {
                 Action::CheckWire => watch.mark("wire guard asked", decided),
+                Action::FencePeer => watch.mark("fence-peer started", decided),
                 Action::NewCurrentUuid => watch.mark("new generation", decided),
                 _ => {}
             }
@@ -413,6 +418,10 @@ impl Engine {
             Input::Heartbeat => self.listen(),
             Input::WireChecked(answered) => {
                 self.step(Event::WireChecked { answered });
+            }
+            Input::FenceDone(outcome) => {
+                *lock(&self.res.last_fence) = Some((outcome, Instant::now()));
+                self.step(Event::FenceResult { outcome });
             }
             Input::Rival(mac) => {
                 tracing::error!(resource = %self.res.spec.name, "another MAC ({mac}) answers e{}.{}: multiple-mount protection", self.res.spec.aoe.0, self.res.spec.aoe.1);
@@ -753,6 +762,7 @@ impl Engine {
             }
             Action::Detach => self.res.device.detach(),
             Action::CheckWire => self.check_wire(),
+            Action::FencePeer => self.fence_peer(),
             Action::Notify(n) => {
                 // drbdsetup events2 style: `change <object> name:<res> <key>:<value>`.
                 let line = match &n {
@@ -808,6 +818,29 @@ impl Engine {
         if let Err(e) = started {
             tracing::error!(resource = %self.res.spec.name, error = %e, "cannot start the wire guard");
             self.step(Event::WireChecked { answered: true });
+        }
+    }
+
+    /// The fence command, on a thread of the crew (it may run for its whole timeout); the
+    /// outcome comes back as an input. One that cannot be started did not vouch.
+    fn fence_peer(&mut self) {
+        let Some(spec) = self.res.spec.fence.clone() else {
+            tracing::error!(resource = %self.res.spec.name, "no fence command configured");
+            self.step(Event::FenceResult {
+                outcome: crate::cluster::FenceOutcome::CouldNotRun,
+            });
+            return;
+        };
+        let res = self.res.clone();
+        let started = self.res.crew.spawn("fence-peer", move |token| {
+            let outcome = crate::daemon::fence::run(&spec, &token);
+            res.send(Input::FenceDone(outcome));
+        });
+        if let Err(e) = started {
+            tracing::error!(resource = %self.res.spec.name, error = %e, "cannot start the fence command");
+            let outcome = crate::cluster::FenceOutcome::CouldNotRun;
+            *lock(&self.res.last_fence) = Some((outcome, Instant::now()));
+            self.step(Event::FenceResult { outcome });
         }
     }
 

@@ -119,6 +119,8 @@ pub enum Input {
     WireChecked(bool),
     /// While serving, another MAC answered our shelf.slot.
     Rival(crate::wire::MacAddr),
+    /// The fence command finished.
+    FenceDone(crate::cluster::FenceOutcome),
     /// The heartbeat's view of the peer changed.
     Heartbeat,
 }
@@ -164,6 +166,8 @@ pub struct ResourceSpec {
     /// How often the replication link is pinged while connected (the heartbeat interval, at
     /// most [`PING_INTERVAL`]).
     pub ping_interval: Duration,
+    /// The fence command (`[cluster] fence-peer`), if one is configured.
+    pub fence: Option<Arc<super::fence::FenceSpec>>,
 }
 
 /// Resync progress, for status. Reset when a resync starts, kept after it ends (the last
@@ -298,6 +302,8 @@ pub struct Resource {
     heartbeat: Heartbeat,
     /// The last failover's timeline, for `status`.
     pub last_failover: Mutex<Option<String>>,
+    /// The fence command's last outcome and when it came, for `status`.
+    pub last_fence: Mutex<Option<(crate::cluster::FenceOutcome, Instant)>>,
     /// What the service group serves and where.
     service: ServiceSpec,
 }
@@ -362,6 +368,7 @@ impl Resource {
             gate: ServeGate::new(crate::ha::clock::LeaseClock::new()),
             heartbeat: heartbeat.clone(),
             last_failover: Mutex::new(None),
+            last_fence: Mutex::new(None),
             lease_lapses: AtomicU64::new(0),
             service: ServiceSpec {
                 name: spec.name.clone(),

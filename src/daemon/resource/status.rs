@@ -104,6 +104,17 @@ impl Resource {
             peer_heard: status.peer_heard,
             paths: self.heartbeat_paths(),
             last_failover: lock(&self.last_failover).clone(),
+            last_fence: lock(&self.last_fence).map(|(outcome, at)| {
+                format!(
+                    "{outcome} ({}), {:.1}s ago",
+                    if outcome.vouches() {
+                        "vouched"
+                    } else {
+                        "refused"
+                    },
+                    at.elapsed().as_secs_f64()
+                )
+            }),
             service_mac: self.service.service_mac,
             floating_ip: self.service.floating_ip.map(|ip| {
                 let held = crate::net::address::holds(&self.service.interface, &ip);
@@ -301,6 +312,8 @@ pub struct HaSnapshot {
     pub paths: Vec<PathSnapshot>,
     /// The last failover's timeline (how it ended, then each milestone).
     pub last_failover: Option<String>,
+    /// The fence command's last outcome, whether it vouched, and how long ago.
+    pub last_fence: Option<String>,
     /// The MAC the blade answers from while served (`None`: the interface's own).
     pub service_mac: Option<crate::wire::MacAddr>,
     /// The floating IP, and whether this node's interface holds it now (`None`: could not
