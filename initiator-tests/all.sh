@@ -76,6 +76,12 @@ step "chaos model" initiator-tests/chaos.sh ${TWINBLADE_CHAOS_SEED:+--seed "$TWI
 # writes versioned blocks over every answering MAC, a probe counting two-answer moments; link
 # cut, power loss, freeze, heartbeat path cuts, a rogue responder and a soak on a busy machine.
 step "failover" initiator-tests/failover.sh --soak-seconds "${TWINBLADE_SOAK_SECONDS:-600}"
+# The Pacemaker resource agent on a real pair (no cluster): ocf-tester, monitor 0/7/8, promote
+# refused unless UpToDate, promotion scores only for UpToDate data (a stub crm_attribute).
+step "ocf agent" initiator-tests/ocf.sh
+# The same agent under a real two-node Pacemaker + Corosync cluster in namespaces: one Primary,
+# then a power loss of its node and the promotion of the survivor, decided by Pacemaker.
+step "ocf cluster" initiator-tests/ocf-cluster.sh
 
 # --- Real Linux aoe driver in a VM, at both MTUs. ------------------------------------------------
 step "vm build" initiator-tests/vm/build.sh
