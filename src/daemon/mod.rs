@@ -15,11 +15,13 @@
 //! * [`peer`]: the connection handshake (Hello, HMAC challenge-response, parameters).
 //! * [`control`]: the control socket and the verbs `status`, `events`, `primary`, ….
 //! * [`fence`]: the fence command (`[cluster] fence-peer`), run off the engine thread.
+//! * [`witness`]: claims at the witness (`[cluster] witness`), off the engine thread.
 
 pub mod control;
 pub mod fence;
 pub mod peer;
 pub mod resource;
+pub mod witness;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -219,6 +221,16 @@ pub fn run(args: RunArgs, cancel: CancellationToken) -> Result<(), RunError> {
                     node: node.clone(),
                     peer: peer.clone(),
                     peer_addresses,
+                })
+            }),
+            witness: config.cluster.witness_addr().map(|addr| {
+                Arc::new(witness::WitnessSpec {
+                    addr,
+                    pair: config.pair_name(),
+                    node: node.clone(),
+                    secret: config.cluster.secret().to_vec(),
+                    per_try: config.cluster.witness_timeout(),
+                    tries: crate::config::WITNESS_TRIES,
                 })
             }),
         };

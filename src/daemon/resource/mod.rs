@@ -121,6 +121,8 @@ pub enum Input {
     Rival(crate::wire::MacAddr),
     /// The fence command finished.
     FenceDone(crate::cluster::FenceOutcome),
+    /// The witness answered a claim for this generation (or did not).
+    WitnessDone(u64, crate::cluster::WitnessVerdict),
     /// The heartbeat's view of the peer changed.
     Heartbeat,
 }
@@ -168,6 +170,8 @@ pub struct ResourceSpec {
     pub ping_interval: Duration,
     /// The fence command (`[cluster] fence-peer`), if one is configured.
     pub fence: Option<Arc<super::fence::FenceSpec>>,
+    /// The witness (`[cluster] witness`), if one is configured.
+    pub witness: Option<Arc<super::witness::WitnessSpec>>,
 }
 
 /// Resync progress, for status. Reset when a resync starts, kept after it ends (the last
@@ -304,6 +308,10 @@ pub struct Resource {
     pub last_failover: Mutex<Option<String>>,
     /// The fence command's last outcome and when it came, for `status`.
     pub last_fence: Mutex<Option<(crate::cluster::FenceOutcome, Instant)>>,
+    /// The witness's last verdict (generation, verdict) and when it came, for `status`.
+    pub last_witness: Mutex<Option<(u64, crate::cluster::WitnessVerdict, Instant)>>,
+    /// When the witness was last unreachable, for `status` (a warning).
+    pub witness_unreachable: Mutex<Option<Instant>>,
     /// What the service group serves and where.
     service: ServiceSpec,
 }
@@ -369,6 +377,8 @@ impl Resource {
             heartbeat: heartbeat.clone(),
             last_failover: Mutex::new(None),
             last_fence: Mutex::new(None),
+            last_witness: Mutex::new(None),
+            witness_unreachable: Mutex::new(None),
             lease_lapses: AtomicU64::new(0),
             service: ServiceSpec {
                 name: spec.name.clone(),
