@@ -1392,6 +1392,65 @@ meta-disk = "/dev/loop0"
     }
 
     #[test]
+    fn witness_keys() {
+        let with = |lines: &str| {
+            GOOD.replace(
+                "shared-secret = \"s3cret\"",
+                &format!("shared-secret = \"s3cret\"\n{lines}"),
+            )
+        };
+        let c = Config::parse(GOOD, "f").unwrap();
+        assert_eq!(c.pair_name(), "alpha-beta");
+        assert_eq!(c.cluster.witness_addr(), None);
+        let m = c.resources["r0"].machine_config("alpha", &c.cluster);
+        assert!(!m.witness);
+        let c = Config::parse(
+            &with("name = \"lab\"\nwitness = \"10.0.0.9:7791\"\nwitness-timeout = 0.25"),
+            "f",
+        )
+        .unwrap();
+        assert_eq!(c.pair_name(), "lab");
+        assert_eq!(
+            c.cluster.witness_addr(),
+            Some("10.0.0.9:7791".parse().unwrap())
+        );
+        assert_eq!(
+            c.cluster.witness_timeout(),
+            std::time::Duration::from_millis(250)
+        );
+        let m = c.resources["r0"].machine_config("beta", &c.cluster);
+        assert!(m.witness);
+        assert_eq!(m.witness_retry, std::time::Duration::from_secs(1));
+        // An address alone gets the default port.
+        let c = Config::parse(&with("witness = \"10.0.0.9\""), "f").unwrap();
+        assert_eq!(
+            c.cluster.witness_addr(),
+            Some("10.0.0.9:7791".parse().unwrap())
+        );
+        for bad in [
+            "witness = \"witness.lan:7791\"",
+            "witness = \"10.0.0.9:port\"",
+            "witness = \"\"",
+        ] {
+            let e = err(&with(bad));
+            assert!(
+                e.starts_with("/etc/twinblade.toml: cluster.witness: "),
+                "{e}"
+            );
+        }
+        for bad in ["0", "-1", "100", "nan"] {
+            let e = err(&with(&format!("witness-timeout = {bad}")));
+            assert!(e.contains("cluster.witness-timeout"), "{e}");
+        }
+        for bad in ["", "a b", "tab\\there"] {
+            let e = err(&with(&format!("name = \"{bad}\"")));
+            assert!(e.starts_with("/etc/twinblade.toml: cluster.name: "), "{e}");
+        }
+        let e = err(&with(&format!("name = \"{}\"", "x".repeat(65))));
+        assert!(e.contains("cluster.name"), "{e}");
+    }
+
+    #[test]
     fn fence_keys() {
         use std::os::unix::fs::PermissionsExt;
         let c = Config::parse(GOOD, "f").unwrap();

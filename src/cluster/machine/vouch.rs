@@ -484,6 +484,118 @@ mod tests {
         assert_eq!(m.status().role, Role::Primary);
     }
 
+    /// A Secondary with a witness (and no fence command) whose primary was just lost: the
+    /// wire guard is clear and the claim is out.
+    fn lost_primary_with_a_witness() -> (Machine, Instant) {
+        let now = Instant::now();
+        let config = Config {
+            witness: true,
+            ..Config::default()
+        };
+        let (mut m, _) = Machine::new(config, Startup::consistent(), now);
+        m.step(now, Event::PeerConnected);
+        m.step(
+            now,
+            Event::Handshake {
+                decision: Some(SyncDecision::NoSync {
+                    rule: crate::repl::uuid::Rule {
+                        number: 40,
+                        adjustment: None,
+                    },
+                }),
+                peer_role: Role::Primary,
+                peer_disk: DiskState::UpToDate,
+            },
+        );
+        m.step(now, Event::PeerHeard(None));
+        m.step(now, Event::PeerLost);
+        let now = now + Duration::from_secs(1);
+        m.step(now, Event::PeerSilent);
+        let now = now + Duration::from_secs(1);
+        m.step(now, Event::Tick);
+        let out = m.step(now, Event::WireChecked { answered: false });
+        assert!(out.contains(&Action::AskWitness), "{out:?}");
+        assert!(!out.contains(&Action::FencePeer), "{out:?}");
+        assert_eq!(m.status().role, Role::Secondary, "not before the grant");
+        (m, now)
+    }
+
+    #[test]
+    fn the_witness_decides_granted_held_or_unreachable() {
+        let answered = |verdict| {
+            let (mut m, now) = lost_primary_with_a_witness();
+            let out = m.step(
+                now,
+                Event::WitnessAnswered {
+                    generation: 0x1A2B,
+                    verdict,
+                },
+            );
+            (m, now, out)
+        };
+        let (m, _, out) = answered(WitnessVerdict::Granted);
+        assert_eq!(m.status().role, Role::Primary);
+        assert!(out.contains(&Action::NewCurrentUuid), "{out:?}");
+        assert!(out.iter().any(|a| matches!(a, Action::Log(l)
+            if l.starts_with("auto-promote: ") && l.ends_with("witness granted generation 0000000000001A2B"))), "{out:?}");
+
+        let (mut m, now, out) = answered(WitnessVerdict::Held(NodeName::new("alpha")));
+        assert_eq!(m.status().role, Role::Secondary);
+        assert_eq!(m.status().disk, DiskState::Outdated);
+        assert!(out.contains(&Action::Log(
+            "witness: generation 0000000000001A2B held by alpha: not serving alone".into()
+        )));
+        // Never again from that generation: nothing more is asked.
+        let out = m.step(now + Duration::from_secs(30), Event::Tick);
+        assert!(!out.contains(&Action::AskWitness) && !out.contains(&Action::CheckWire));
+
+        let (mut m, now, _) = answered(WitnessVerdict::Unreachable);
+        assert_eq!(m.status().role, Role::Secondary);
+        let retry = m.config().witness_retry;
+        let out = m.step(now + retry / 2, Event::Tick);
+        assert!(!out.contains(&Action::AskWitness) && !out.contains(&Action::CheckWire));
+        let later = now + retry;
+        let out = m.step(later, Event::Tick);
+        assert!(
+            out.contains(&Action::CheckWire),
+            "the wire guard first: {out:?}"
+        );
+        let out = m.step(later, Event::WireChecked { answered: false });
+        assert!(out.contains(&Action::AskWitness), "{out:?}");
+        m.step(
+            later,
+            Event::WitnessAnswered {
+                generation: 0x1A2B,
+                verdict: WitnessVerdict::Granted,
+            },
+        );
+        assert_eq!(m.status().role, Role::Primary);
+    }
+
+    #[test]
+    fn a_grant_after_the_peer_was_heard_is_not_used() {
+        let (mut m, now) = lost_primary_with_a_witness();
+        m.step(now, Event::PeerHeard(None));
+        m.step(
+            now,
+            Event::WitnessAnswered {
+                generation: 1,
+                verdict: WitnessVerdict::Granted,
+            },
+        );
+        assert_eq!(m.status().role, Role::Secondary);
+        let out = m.step(
+            now,
+            Event::WitnessAnswered {
+                generation: 1,
+                verdict: WitnessVerdict::Granted,
+            },
+        );
+        assert!(out
+            .iter()
+            .any(|a| matches!(a, Action::Log(l) if l.contains("not asked for"))));
+    }
+
     #[test]
     fn outdate_on_a_disconnected_secondary_only() {
         let now = Instant::now();
