@@ -48,6 +48,22 @@ pub fn claim(spec: &WitnessSpec, resource: &str, generation: u64, claim: bool) -
     }
 }
 
+/// How often an idle node asks the witness (a query, which changes nothing there), so that
+/// status shows whether it is reachable before a failure needs it.
+pub const POLL: Duration = Duration::from_secs(5);
+
+/// A query for `generation`: whether the witness answered at all.
+pub fn reachable(spec: &WitnessSpec, resource: &str, generation: u64) -> bool {
+    let request = Request {
+        claim: false,
+        pair: &spec.pair,
+        node: &spec.node,
+        resource,
+        generation,
+    };
+    ask(spec.addr, &spec.secret, &request, spec.per_try, spec.tries).is_ok()
+}
+
 /// A verdict as status shows it.
 pub fn describe(generation: u64, verdict: WitnessVerdict) -> String {
     match verdict {

@@ -353,6 +353,7 @@ impl Engine {
         }
         self.listen();
         self.step(Event::Tick);
+        self.poll_witness();
         self.watch_lease();
         self.watch_first_reply();
         self.publish_progress(false);
@@ -855,6 +856,40 @@ impl Engine {
             let outcome = crate::cluster::FenceOutcome::CouldNotRun;
             *lock(&self.res.last_fence) = Some((outcome, Instant::now()));
             self.step(Event::FenceResult { outcome });
+        }
+    }
+
+    /// Every [`crate::daemon::witness::POLL`], a query at the witness on a thread of the crew
+    /// (one at a time): status shows whether it is reachable before a failure needs it.
+    fn poll_witness(&mut self) {
+        let Some(spec) = self.res.spec.witness.clone() else {
+            return;
+        };
+        {
+            let mut poll = lock(&self.res.witness_poll);
+            if poll
+                .1
+                .is_some_and(|at| at.elapsed() < crate::daemon::witness::POLL)
+                || self.res.witness_polling.load(Ordering::Acquire)
+            {
+                return;
+            }
+            poll.1 = Some(Instant::now());
+        }
+        self.res.witness_polling.store(true, Ordering::Release);
+        let generation = self.res.meta.uuids().current;
+        let res = self.res.clone();
+        let started = self.res.crew.spawn("witness-query", move |_token| {
+            let reachable = crate::daemon::witness::reachable(&spec, &res.spec.name, generation);
+            let now = Instant::now();
+            if !reachable {
+                *lock(&res.witness_unreachable) = Some(now);
+            }
+            lock(&res.witness_poll).0 = Some((reachable, now));
+            res.witness_polling.store(false, Ordering::Release);
+        });
+        if started.is_err() {
+            self.res.witness_polling.store(false, Ordering::Release);
         }
     }
 

@@ -260,6 +260,10 @@ struct Job {
     copier_started: bool,
 }
 
+/// The periodic witness query: its last result (reachable) and when it came, and when the
+/// last one started.
+pub type WitnessPoll = (Option<(bool, Instant)>, Option<Instant>);
+
 /// What the engine last published of its machine, for the roles that only read it.
 #[derive(Debug, Clone, Copy)]
 struct Published {
@@ -312,6 +316,10 @@ pub struct Resource {
     pub last_witness: Mutex<Option<(u64, crate::cluster::WitnessVerdict, Instant)>>,
     /// When the witness was last unreachable, for `status` (a warning).
     pub witness_unreachable: Mutex<Option<Instant>>,
+    /// The periodic query's last result (reachable) and when it came; when the last started.
+    pub witness_poll: Mutex<WitnessPoll>,
+    /// A periodic query is running.
+    witness_polling: AtomicBool,
     /// What the service group serves and where.
     service: ServiceSpec,
 }
@@ -379,6 +387,8 @@ impl Resource {
             last_fence: Mutex::new(None),
             last_witness: Mutex::new(None),
             witness_unreachable: Mutex::new(None),
+            witness_poll: Mutex::new((None, None)),
+            witness_polling: AtomicBool::new(false),
             lease_lapses: AtomicU64::new(0),
             service: ServiceSpec {
                 name: spec.name.clone(),

@@ -89,7 +89,18 @@ impl Resource {
                     line += " (warning: a node that loses its peer will not serve alone)";
                 }
             }
-            None => line += ", not asked yet",
+            None => line += ", no claim yet",
+        }
+        if let (Some((reachable, at)), _) = *lock(&self.witness_poll) {
+            line += &format!(
+                "; {} at the last query {:.1}s ago",
+                if reachable {
+                    "reachable"
+                } else {
+                    "unreachable (warning: a node that loses its peer will not serve alone)"
+                },
+                at.elapsed().as_secs_f64()
+            );
         }
         if let Some(at) = *lock(&self.witness_unreachable) {
             line += &format!("; last unreachable {:.1}s ago", at.elapsed().as_secs_f64());
