@@ -223,9 +223,17 @@ impl Machine {
                     "witness granted generation {generation:016X}: this node may serve alone"
                 )));
             }
+            WitnessVerdict::Held(holder) if stale => {
+                // The peer was heard since: the handshake or the heartbeat settles it; the
+                // next silence claims again and hears the same.
+                self.witness = Witness::Unasked;
+                out.push(Action::Log(format!(
+                    "witness: generation {generation:016X} held by {holder}; the peer was heard meanwhile"
+                )));
+            }
             WitnessVerdict::Held(holder) => {
-                // Final for this generation, whenever it was asked: the holder serves (or
-                // served) without us, and whatever it acknowledged we lack.
+                // Final for this generation: the holder serves (or served) without us, and
+                // whatever it acknowledged we lack.
                 self.witness = Witness::Unasked;
                 out.push(Action::Log(format!(
                     "witness: generation {generation:016X} held by {holder}: not serving alone"
