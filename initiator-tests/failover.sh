@@ -53,6 +53,13 @@
 #               heartbeat paths blocked in alpha's namespace and the replication link cut
 #               (only the client network left): alpha asks beta to `outdate` through the
 #               namespace and serves again; beta's status says Outdated
+#   witness     `twinblade witness` in the spare namespace (tbf-r, $CNET.20 on the client
+#               network), the pair configured with it ([cluster] name, witness,
+#               witness-timeout = 0.3): the primary's power loss with the witness up: the survivor
+#               promotes with the grant (its log names it, status shows the verdict); then with
+#               the witness stopped: the survivor stays Secondary, status warns the witness is
+#               unreachable, no probe hears anybody; the witness started again (same book): it
+#               promotes. Never two answers
 #
 # Usage: initiator-tests/failover.sh [--keep] [--repeat N] [--soak-seconds S] [--cut-seconds S]
 #                                    [--freeze "S..."] [SCENARIO...]   (default: all, in order)
@@ -65,7 +72,7 @@ set -euo pipefail
 
 P=tbf NET=93 TAG=failover BLADE=e9.3
 repeat=5 soak_seconds=600 cut_seconds=30 freeze_list="3 15 30"
-all=(tools baseline link_cut power_loss freeze path_cut rogue restore soak fence)
+all=(tools baseline link_cut power_loss freeze path_cut rogue restore soak fence witness)
 scenarios=()
 keep=0
 while (($#)); do
@@ -691,6 +698,74 @@ sc_fence() {
         fence_run $run || pair_rebuild
     done
     fence_ask
+}
+
+# --- witness: the third vote as a condition of the promotion gate -----------------------------------
+WITNESS=$CNET.20:7791
+witness_start() { # the witness in the spare namespace, on the client network; sets $wpid
+    ip netns exec "$P-r" "$tb" witness -c "$work/witness.toml" >>"$work/witness.log" 2>&1 &
+    wpid=$!
+    pids+=("$wpid")
+    sleep 0.5
+}
+witness_stop() { kill "$wpid" 2>/dev/null || true; wait "$wpid" 2>/dev/null || true; }
+witness_run() { # up|down: the primary's power loss with the witness running or stopped
+    local sc=witness mode=$1 prim sec started loss_at
+    prim=$(primary_node)
+    [[ -n $prim ]] || { check $sc "$mode: a primary to cut" false; return 1; }
+    sec=$(other "$prim")
+    : >"$work/roles.log"
+    [[ $mode == up ]] || witness_stop
+    roles_start
+    started=$(date +%s%3N)
+    clients_start "witness.$mode"
+    sleep 2
+    log "$mode: power loss of $prim (witness $mode)"
+    power_loss "$prim"
+    loss_at=$((loss_ms - started + 300))
+    if [[ $mode == up ]]; then
+        wait_check $sc 20 "up: $sec promotes after $prim's power loss" state_is "$sec" role Primary || true
+        sleep 2
+    else
+        # Dead time, takeover delay, the tries (0.9 s) and a retry or more.
+        sleep 8
+        check $sc "down: $sec stays Secondary" state_is "$sec" role Secondary
+        check $sc "down: $sec was never Primary (sampled)" eval "! seen $sec role Primary"
+        check $sc "down: no probe heard anybody after the power loss" nobody_answered_after "$loss_at"
+        check $sc "down: $sec's log names the refusal" logged "$sec" "witness unreachable: not serving alone"
+        check $sc "down: status warns that the witness is unreachable" \
+            eval "ctl $sec status r0 | grep -q 'witness: .*unreachable.*warning'"
+        log "down: the witness starts again"
+        witness_start
+        wait_check $sc 20 "down: $sec promotes once the witness answers" state_is "$sec" role Primary || true
+        sleep 2
+    fi
+    roles_stop
+    check $sc "$mode: $sec's log names the grant (auto-promote: ... witness granted generation)" \
+        logged "$sec" "auto-promote: .*witness granted generation"
+    check $sc "$mode: status shows the witness's verdict" \
+        eval "ctl $sec status r0 | grep -q 'witness: $WITNESS as tbf-lab/$sec, last verdict: granted generation'"
+    clients_stop
+    client_checks $sc "witness.$mode"
+    power_back "$prim"
+    heal_checks $sc "$mode: $prim back" || return 1
+}
+sc_witness() {
+    eval "hb_$(declare -f cluster_options)"
+    # shellcheck disable=SC2317 # called by write_config
+    cluster_options() {
+        hb_cluster_options
+        printf 'name = "tbf-lab"\nwitness = "%s"\nwitness-timeout = 0.3\n' "$WITNESS"
+    }
+    ip -n "$P-r" addr add "$CNET.20/24" dev eth0
+    printf 'listen = "%s"\nstate = "%s"\n[pair.tbf-lab]\nshared-secret = "%s"\n' \
+        "$WITNESS" "$work/witness.book" "${SECRET:-pair-secret}" >"$work/witness.toml"
+    witness_start
+    pair_fresh
+    witness_run up || pair_rebuild
+    witness_run down
+    info witness "the book" "$(tr '\n' ';' <"$work/witness.book")"
+    witness_stop
 }
 
 # --- running them ------------------------------------------------------------------------------------

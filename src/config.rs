@@ -9,6 +9,9 @@
 //! heartbeat-dead-time = 1.0            # optional: silence on every path that makes the peer dead
 //! fence-peer = "/etc/twinblade/fence-peer" # optional: fence command (DRBD's fence-peer handler)
 //! fence-timeout = 10.0                 # optional: seconds before the fence command is killed
+//! name = "lab"                         # optional: the pair's name at the witness (default: node names sorted, "-")
+//! witness = "10.0.0.9:7791"            # optional: the witness (`twinblade witness` on a third machine)
+//! witness-timeout = 0.5                # optional: seconds per try (3 tries) before it is unreachable
 //! [node.alpha]
 //! address = "192.168.100.1"            # replication link
 //! interface = "eth0"                   # client-facing: AoE (later also the floating IP)
@@ -119,7 +122,19 @@ pub struct Cluster {
     pub fence_peer: Option<PathBuf>,
     /// Seconds the fence command may run before its process group is killed (default 10).
     pub fence_timeout: Option<f64>,
+    /// The pair's name at the witness (default: the two node names, sorted, joined by "-").
+    pub name: Option<String>,
+    /// The witness, `ADDR:PORT` (see [`crate::ha::witness`]): its grant is one more condition
+    /// of the promotion gate.
+    pub witness: Option<String>,
+    /// Seconds to wait for the witness's answer per try (default 0.5; [`WITNESS_TRIES`] tries).
+    pub witness_timeout: Option<f64>,
 }
+
+/// Default seconds per try at the witness.
+pub const DEFAULT_WITNESS_TIMEOUT: f64 = 0.5;
+/// Claims sent to the witness before it counts as unreachable.
+pub const WITNESS_TRIES: u32 = 3;
 
 /// The heartbeat's UDP port unless `[cluster] heartbeat-port` says otherwise.
 pub const DEFAULT_HEARTBEAT_PORT: u16 = 7790;
@@ -465,6 +480,8 @@ impl Resource {
             takeover_delay: cluster.takeover_delay(),
             fence_peer: cluster.fence_peer.is_some(),
             fence_retry: cluster.fence_retry(),
+            witness: cluster.witness.is_some(),
+            witness_retry: cluster.witness_retry(),
         }
     }
 
@@ -537,6 +554,28 @@ impl Cluster {
         )
     }
 
+    /// The witness's address, if one is configured (and parses: `validate` made sure).
+    pub fn witness_addr(&self) -> Option<std::net::SocketAddr> {
+        let text = self.witness.as_deref()?;
+        text.parse().ok().or_else(|| {
+            let ip: IpAddr = text.parse().ok()?;
+            Some((ip, crate::ha::witness::DEFAULT_PORT).into())
+        })
+    }
+
+    /// How long one try at the witness waits for its answer.
+    pub fn witness_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.witness_timeout.unwrap_or(DEFAULT_WITNESS_TIMEOUT))
+    }
+
+    /// How long an unreachable witness holds off the next claim: its tries' time, 1..30 s.
+    pub fn witness_retry(&self) -> std::time::Duration {
+        (self.witness_timeout() * WITNESS_TRIES).clamp(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(30),
+        )
+    }
+
     /// What only the node that runs the fence command can check, at its start: the file
     /// exists and is executable.
     pub fn check_fence_peer(&self) -> Result<(), (String, String)> {
@@ -562,6 +601,23 @@ impl Cluster {
                 return Err((
                     "cluster.fence-peer".into(),
                     format!("{} is not an absolute path", path.display()),
+                ));
+            }
+        }
+        if self.witness.is_some() && self.witness_addr().is_none() {
+            return Err((
+                "cluster.witness".into(),
+                format!(
+                    "{:?} is not ADDRESS:PORT (or an address)",
+                    self.witness.as_deref().unwrap_or_default()
+                ),
+            ));
+        }
+        if let Some(t) = self.witness_timeout {
+            if !t.is_finite() || !(0.01..=30.0).contains(&t) {
+                return Err((
+                    "cluster.witness-timeout".into(),
+                    format!("{t} is not a number of seconds in 0.01..30"),
                 ));
             }
         }
@@ -661,6 +717,18 @@ impl Config {
 
     fn validate(&self) -> Result<(), (String, String)> {
         self.cluster.validate()?;
+        let pair = self.pair_name();
+        if !crate::ha::witness::book::is_book_name(&pair) {
+            let key = if self.cluster.name.is_some() {
+                "cluster.name"
+            } else {
+                "node"
+            };
+            return Err((
+                key.into(),
+                format!("the pair's name {pair:?} must be 1..64 bytes without spaces or control characters"),
+            ));
+        }
         if self.nodes.len() != 2 {
             let names: Vec<&str> = self.nodes.keys().map(String::as_str).collect();
             return Err((
@@ -866,6 +934,15 @@ impl Config {
     }
 
     /// The two node names, in the file's order (checked: exactly two).
+    /// The pair's name at the witness: `[cluster] name`, else the node names sorted and joined
+    /// by "-".
+    pub fn pair_name(&self) -> String {
+        self.cluster.name.clone().unwrap_or_else(|| {
+            let (a, b) = self.node_names();
+            format!("{a}-{b}")
+        })
+    }
+
     fn node_names(&self) -> (&str, &str) {
         let mut it = self.nodes.keys();
         (
@@ -1337,6 +1414,65 @@ meta-disk = "/dev/loop0"
         );
         let bad = GOOD.replace("port = 7788", "port = 7788\nfencing = \"stonith\"");
         assert!(err(&bad).contains("resource.r0.fencing"), "{}", err(&bad));
+    }
+
+    #[test]
+    fn witness_keys() {
+        let with = |lines: &str| {
+            GOOD.replace(
+                "shared-secret = \"s3cret\"",
+                &format!("shared-secret = \"s3cret\"\n{lines}"),
+            )
+        };
+        let c = Config::parse(GOOD, "f").unwrap();
+        assert_eq!(c.pair_name(), "alpha-beta");
+        assert_eq!(c.cluster.witness_addr(), None);
+        let m = c.resources["r0"].machine_config("alpha", &c.cluster);
+        assert!(!m.witness);
+        let c = Config::parse(
+            &with("name = \"lab\"\nwitness = \"10.0.0.9:7791\"\nwitness-timeout = 0.25"),
+            "f",
+        )
+        .unwrap();
+        assert_eq!(c.pair_name(), "lab");
+        assert_eq!(
+            c.cluster.witness_addr(),
+            Some("10.0.0.9:7791".parse().unwrap())
+        );
+        assert_eq!(
+            c.cluster.witness_timeout(),
+            std::time::Duration::from_millis(250)
+        );
+        let m = c.resources["r0"].machine_config("beta", &c.cluster);
+        assert!(m.witness);
+        assert_eq!(m.witness_retry, std::time::Duration::from_secs(1));
+        // An address alone gets the default port.
+        let c = Config::parse(&with("witness = \"10.0.0.9\""), "f").unwrap();
+        assert_eq!(
+            c.cluster.witness_addr(),
+            Some("10.0.0.9:7791".parse().unwrap())
+        );
+        for bad in [
+            "witness = \"witness.lan:7791\"",
+            "witness = \"10.0.0.9:port\"",
+            "witness = \"\"",
+        ] {
+            let e = err(&with(bad));
+            assert!(
+                e.starts_with("/etc/twinblade.toml: cluster.witness: "),
+                "{e}"
+            );
+        }
+        for bad in ["0", "-1", "100", "nan"] {
+            let e = err(&with(&format!("witness-timeout = {bad}")));
+            assert!(e.contains("cluster.witness-timeout"), "{e}");
+        }
+        for bad in ["", "a b", "tab\\there"] {
+            let e = err(&with(&format!("name = \"{bad}\"")));
+            assert!(e.starts_with("/etc/twinblade.toml: cluster.name: "), "{e}");
+        }
+        let e = err(&with(&format!("name = \"{}\"", "x".repeat(65))));
+        assert!(e.contains("cluster.name"), "{e}");
     }
 
     #[test]

@@ -8,11 +8,16 @@
 //!   everything is healed the pair is back together (or waits for the operator after a split
 //!   brain the handshake found) and both nodes hold every acknowledged write. A failure prints
 //!   the seed and the schedule.
+//! * The same with a witness, each node's way to it cut and restored at random and the witness
+//!   restarting: here the faults may take every channel between the nodes away (the case only
+//!   a third vote decides), and the safety properties still hold at every step.
 
 use proptest::prelude::*;
 use std::time::Duration;
 use twinblade::cluster::sim::{Pair, BLOCKS, STEP};
-use twinblade::cluster::{Config, ConnState, ReplState};
+use twinblade::cluster::{Config, ConnState, ReplState, Startup};
+use twinblade::ha::witness::Book;
+use twinblade::repl::uuid::UuidSet;
 
 #[derive(Debug, Clone, Copy)]
 enum Op {
@@ -84,6 +89,8 @@ enum Fault {
     Crash(usize),
     Restart(usize),
     Heal,
+    WitnessReach(usize, bool),
+    WitnessRestart,
 }
 
 /// The seeded generator of the schedules (xorshift64, like the simulator's).
@@ -106,8 +113,15 @@ impl Xorshift {
     }
 }
 
-fn random_fault(rng: &mut Xorshift) -> Fault {
+fn random_fault(rng: &mut Xorshift, witness: bool) -> Fault {
     let n = rng.below(2) as usize;
+    if witness && rng.below(4) == 0 {
+        return match rng.below(5) {
+            0 => Fault::WitnessRestart,
+            1 | 2 => Fault::WitnessReach(n, false),
+            _ => Fault::WitnessReach(n, true),
+        };
+    }
     match rng.below(15) {
         0 => Fault::Cut,
         1 => Fault::DropLink,
@@ -126,16 +140,17 @@ fn random_fault(rng: &mut Xorshift) -> Fault {
     }
 }
 
-fn config(n: usize) -> Config {
+fn config(n: usize, witness: bool) -> Config {
     Config {
         preferred_primary: n == 0,
+        witness,
         ..Config::default()
     }
 }
 
 /// Applies `fault`; a network fault that would leave the two nodes no channel to each other
 /// (see [`Pair::nodes_keep_a_channel`]) is taken back. Returns whether it was applied.
-fn inject(pair: &mut Pair, fault: Fault) -> bool {
+fn inject(pair: &mut Pair, fault: Fault, witness: bool) -> bool {
     match fault {
         Fault::Cut => pair.cut(),
         Fault::DropLink => pair.drop_traffic(),
@@ -150,11 +165,13 @@ fn inject(pair: &mut Pair, fault: Fault) -> bool {
             if pair.nodes[n].up {
                 return false;
             }
-            pair.restart_from_disk(n, config(n));
+            pair.restart_from_disk(n, config(n, witness));
         }
         Fault::Heal => pair.heal(),
+        Fault::WitnessReach(n, up) => pair.set_witness_reachable(n, up),
+        Fault::WitnessRestart => pair.restart_witness(),
     }
-    if pair.nodes_keep_a_channel() {
+    if witness || pair.nodes_keep_a_channel() {
         return true;
     }
     match fault {
@@ -185,16 +202,31 @@ fn safety_violation(pair: &Pair) -> Option<String> {
 
 /// One seeded schedule: 60 s of faults and client writes (to whichever node answers), then
 /// everything healed. Returns the faults injected, or a violation of a safety property.
-fn run_schedule(seed: u64, schedule: &mut Vec<(Duration, Fault)>) -> Result<(), String> {
+fn run_schedule(
+    seed: u64,
+    witness: bool,
+    schedule: &mut Vec<(Duration, Fault)>,
+) -> Result<(), String> {
     let mut rng = Xorshift::new(seed);
-    let mut pair = Pair::healthy();
+    let mut pair = Pair::new(
+        [config(0, witness), config(1, witness)],
+        [Startup::consistent(); 2],
+        [UuidSet {
+            current: 0x1000,
+            ..Default::default()
+        }; 2],
+    );
+    if witness {
+        let book = std::sync::Arc::new(std::sync::Mutex::new(Book::default()));
+        pair.set_witness(book, "lab", ["alpha", "beta"]);
+    }
     pair.advance(Duration::from_secs(1));
     let start = pair.now;
     let steps = Duration::from_secs(60).as_millis() / STEP.as_millis();
     for _ in 0..steps {
         if rng.below(12) == 0 {
-            let fault = random_fault(&mut rng);
-            if inject(&mut pair, fault) {
+            let fault = random_fault(&mut rng, witness);
+            if inject(&mut pair, fault, witness) {
                 schedule.push((pair.now - start, fault));
             }
             if let Some(v) = safety_violation(&pair) {
@@ -216,8 +248,9 @@ fn run_schedule(seed: u64, schedule: &mut Vec<(Duration, Fault)>) -> Result<(), 
     pair.heal();
     for n in 0..2 {
         pair.thaw(n);
+        pair.set_witness_reachable(n, true);
         if !pair.nodes[n].up {
-            pair.restart_from_disk(n, config(n));
+            pair.restart_from_disk(n, config(n, witness));
         }
     }
     for _ in 0..(Duration::from_secs(90).as_millis() / STEP.as_millis()) {
@@ -250,10 +283,19 @@ fn run_schedule(seed: u64, schedule: &mut Vec<(Duration, Fault)>) -> Result<(), 
 
 #[test]
 fn seeded_fault_schedules_keep_both_safety_properties() {
+    seeded_schedules(false);
+}
+
+#[test]
+fn seeded_fault_schedules_with_a_witness_keep_both_safety_properties() {
+    seeded_schedules(true);
+}
+
+fn seeded_schedules(witness: bool) {
     for seed in 0..300 {
         let mut schedule = Vec::new();
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run_schedule(seed, &mut schedule)
+            run_schedule(seed, witness, &mut schedule)
         }));
         let failure = match outcome {
             Ok(Ok(())) => continue,

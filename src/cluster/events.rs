@@ -42,6 +42,11 @@ pub struct Config {
     pub fence_peer: bool,
     /// How long a fence command that did not vouch for the peer holds off the next try.
     pub fence_retry: Duration,
+    /// A witness is configured (`[cluster] witness`): its grant is one more condition of the
+    /// promotion gate under [`Fencing::ResourceOnly`] (see [`super::machine`]'s `vouch`).
+    pub witness: bool,
+    /// How long an unreachable witness holds off the next claim.
+    pub witness_retry: Duration,
 }
 
 /// What a node must know before it serves without its peer (DRBD's `fencing` policy).
@@ -84,6 +89,8 @@ impl Default for Config {
             takeover_delay: Duration::from_millis(500),
             fence_peer: false,
             fence_retry: Duration::from_secs(5),
+            witness: false,
+            witness_retry: Duration::from_secs(2),
         }
     }
 }
@@ -270,8 +277,68 @@ pub enum Event {
         /// How it ended.
         outcome: FenceOutcome,
     },
+    /// The witness answered a claim ([`Action::AskWitness`]) for `generation`, this node's
+    /// current data generation when it was sent (or did not answer in time).
+    WitnessAnswered {
+        /// The generation claimed.
+        generation: u64,
+        /// What the witness said.
+        verdict: WitnessVerdict,
+    },
     /// Time passed.
     Tick,
+}
+
+/// The witness's answer to a claim, as the machine sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WitnessVerdict {
+    /// This node holds the grant for the generation: it may serve alone from it.
+    Granted,
+    /// Another node (named) holds it: never serve alone from it.
+    Held(NodeName),
+    /// No verdict within the timeout and tries.
+    Unreachable,
+}
+
+/// A node name small enough to copy (a witness's names are at most 64 bytes; longer ones are
+/// cut on a character boundary).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct NodeName {
+    len: u8,
+    bytes: [u8; 64],
+}
+
+impl NodeName {
+    /// `name`, cut to 64 bytes.
+    pub fn new(name: &str) -> NodeName {
+        let mut end = name.len().min(64);
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut bytes = [0; 64];
+        bytes[..end].copy_from_slice(&name.as_bytes()[..end]);
+        NodeName {
+            len: end as u8,
+            bytes,
+        }
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or("?")
+    }
+}
+
+impl fmt::Display for NodeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for NodeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
 }
 
 /// How a fence command ended (DRBD's fence-peer handler contract).
@@ -574,6 +641,10 @@ pub enum Action {
     /// Run the fence command (`[cluster] fence-peer`) against the peer, off the engine
     /// thread; its outcome comes back as [`Event::FenceResult`].
     FencePeer,
+    /// Claim the right to serve alone from this node's current data generation at the witness
+    /// (`[cluster] witness`), off the engine thread; the verdict comes back as
+    /// [`Event::WitnessAnswered`].
+    AskWitness,
     /// An `events` line.
     Notify(Notification),
     /// A log line.

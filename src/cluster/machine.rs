@@ -77,6 +77,10 @@
 //!    answer knows that somebody serves without it: its data is Outdated from then on, so it
 //!    cannot pass the gate later, once that node is gone, without the writes it acknowledged.
 //!
+//! With a third vote — a fence command or a witness (`vouch`) — the gate has one more
+//! condition each, and the cases below are covered: a witness grants one generation to one
+//! node, so two halves that both reach it never both serve alone.
+//!
 //! What this cannot prevent without a third vote (a witness or a fence command): the client
 //! network split in two halves while the replication link is also cut. Each half then sees
 //! only its own node, both are silent to each other on every path, and each passes its gate.
@@ -90,8 +94,8 @@
 //! promotes (or goes on serving) at once, DRBD's default.
 
 pub use super::events::{
-    Action, Command, Config, Event, FenceOutcome, Fencing, Notification, PeerRefusal, PeerSeen,
-    Refusal, SharedSettings, Startup, Terms,
+    Action, Command, Config, Event, FenceOutcome, Fencing, NodeName, Notification, PeerRefusal,
+    PeerSeen, Refusal, SharedSettings, Startup, Terms, WitnessVerdict,
 };
 use super::{ConnState, DisconnectReason, DiskState, ReplState, Role, SyncDecision, SyncDirection};
 pub use crate::ha::gate::Authority;
@@ -192,6 +196,8 @@ pub struct Machine {
     may_have_been_replaced: bool,
     /// The fence command's vouch for serving alone (see `vouch`).
     vouch: vouch::Vouch,
+    /// The witness's vouch for serving alone (see `vouch`).
+    witness: vouch::Witness,
     /// The time of the step being taken.
     now: Instant,
 }
@@ -274,6 +280,7 @@ impl Machine {
             could_serve_alone_since: None,
             may_have_been_replaced: false,
             vouch: vouch::Vouch::Unasked,
+            witness: vouch::Witness::Unasked,
             now,
         };
         let actions = vec![
@@ -467,6 +474,10 @@ impl Machine {
             Event::ServiceFailed => self.service_failed(&mut out),
             Event::StoodStill { length } => self.stood_still(length, &mut out),
             Event::FenceResult { outcome } => self.fence_result(outcome, &mut out),
+            Event::WitnessAnswered {
+                generation,
+                verdict,
+            } => self.witness_answered(generation, verdict, &mut out),
             Event::Tick => self.tick(now, &mut out),
         }
         self.fence(&mut out);

@@ -43,7 +43,8 @@ pub mod state;
 
 pub use crate::repl::uuid::{SyncDecision, SyncDirection};
 pub use machine::{
-    Action, Authority, Command, Config, Event, FenceOutcome, Fencing, Machine, Notification,
-    PeerRefusal, PeerSeen, Refusal, SharedSettings, Startup, Status, Terms,
+    Action, Authority, Command, Config, Event, FenceOutcome, Fencing, Machine, NodeName,
+    Notification, PeerRefusal, PeerSeen, Refusal, SharedSettings, Startup, Status, Terms,
+    WitnessVerdict,
 };
 pub use state::{ConnState, DisconnectReason, DiskState, ReplState, Role};

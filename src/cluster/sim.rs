@@ -57,6 +57,16 @@
 //! true when the peer runs: exit 4 outdates it (the `outdate` command, as `fence-peer-ask`
 //! does), exit 7 cuts its power (as `fence-peer-poweroff` does). Other outcomes change nothing.
 //!
+//! # The witness
+//!
+//! [`Pair::set_witness`] gives the pair a witness: a [`Book`] that may be shared with other
+//! pairs, and the pair's and nodes' names at it. [`Action::AskWitness`] claims the node's
+//! current generation: the verdict comes after the node's answer delay
+//! ([`Pair::set_witness_delay`]) if the node reaches the witness then
+//! ([`Pair::set_witness_reachable`]), and as "unreachable" after [`WITNESS_GIVES_UP`]
+//! otherwise. [`Pair::restart_witness`] reads the book back from its text, as the witness does
+//! at its start.
+//!
 //! # Client writes and the two safety properties
 //!
 //! [`Pair::write`] acknowledges a write only if the node answers and the write is complete:
@@ -66,20 +76,27 @@
 //! answers holds every acknowledged write ([`Pair::missing_acked_write`]).
 
 use super::machine::{
-    Action, Authority, Command, Config, Event, FenceOutcome, Machine, PeerSeen, Startup, Status,
-    Terms,
+    Action, Authority, Command, Config, Event, FenceOutcome, Machine, NodeName, PeerSeen, Startup,
+    Status, Terms, WitnessVerdict,
 };
 use super::persist::{self, Keeper, SourceStarted};
 use super::{ConnState, DiskState, ReplState, Role, SyncDirection};
+use crate::ha::witness::Book;
 use crate::repl::uuid::{decide, HandshakeContext, UuidSet};
 use crate::wire::repl::{ChecksumAlg, Durability, ReplProtocol};
+use crate::wire::witness::Verdict;
 use std::collections::{BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Number of blocks on each simulated disk.
 pub const BLOCKS: usize = 16;
 /// Granularity of [`Pair::advance`].
 pub const STEP: Duration = Duration::from_millis(100);
+/// How long a node waits for a witness it cannot reach (three tries of 0.5 s).
+pub const WITNESS_GIVES_UP: Duration = Duration::from_millis(1500);
+/// The resource's name at the witness.
+pub const RESOURCE: &str = "r0";
 
 /// One simulated node.
 #[derive(Debug)]
@@ -141,6 +158,14 @@ pub struct Node {
     fence_due: Option<Instant>,
     /// How many times the fence command was started.
     pub fence_runs: usize,
+    /// This node reaches the witness.
+    pub witness_reachable: bool,
+    /// How long the witness's verdict takes to arrive here.
+    pub witness_delay: Duration,
+    /// A claim in flight: when its verdict (or the give-up) is due, and the generation.
+    witness_due: Option<(Instant, u64)>,
+    /// How many claims this node sent.
+    pub witness_asks: usize,
 }
 
 impl Keeper for Node {
@@ -209,6 +234,10 @@ impl Node {
                 fence: (FenceOutcome::Exit(1), Duration::ZERO),
                 fence_due: None,
                 fence_runs: 0,
+                witness_reachable: true,
+                witness_delay: Duration::ZERO,
+                witness_due: None,
+                witness_asks: 0,
             },
             actions,
         )
@@ -303,6 +332,10 @@ pub struct Pair {
     next_value: u64,
     /// The last acknowledged version of every block (0: none acknowledged yet).
     pub acked: [u64; BLOCKS],
+    /// The witness's book (shared with other pairs), if the pair has one.
+    witness: Option<Arc<Mutex<Book>>>,
+    /// The pair's name and the nodes' names at the witness.
+    names: (String, [String; 2]),
 }
 
 impl Pair {
@@ -327,6 +360,8 @@ impl Pair {
             rng: 0x9e37_79b9_7f4a_7c15,
             next_value: 1,
             acked: [0; BLOCKS],
+            witness: None,
+            names: ("alpha-beta".into(), ["alpha".into(), "beta".into()]),
         };
         pair.execute(0, a0);
         pair.execute(1, a1);
@@ -398,6 +433,7 @@ impl Pair {
             }
             self.heartbeat();
             self.finish_fence_commands();
+            self.finish_witness_claims();
             for n in 0..2 {
                 if self.nodes[n].up && !self.nodes[n].frozen {
                     self.queue.push_back((n, Event::Tick));
@@ -407,6 +443,70 @@ impl Pair {
             self.try_connect();
             self.run_resync(STEP);
             self.pump();
+        }
+    }
+
+    /// Gives the pair a witness: `book` (shared with any other pair that uses it), and the
+    /// pair's and its nodes' names there. Configure the machines with `witness: true`.
+    pub fn set_witness(&mut self, book: Arc<Mutex<Book>>, pair: &str, nodes: [&str; 2]) {
+        self.witness = Some(book);
+        self.names = (pair.into(), nodes.map(String::from));
+    }
+
+    /// Whether node `n` reaches the witness (cut or restored).
+    pub fn set_witness_reachable(&mut self, n: usize, reachable: bool) {
+        self.nodes[n].witness_reachable = reachable;
+    }
+
+    /// How long the witness's verdict takes to reach node `n`.
+    pub fn set_witness_delay(&mut self, n: usize, delay: Duration) {
+        self.nodes[n].witness_delay = delay;
+    }
+
+    /// The witness restarts: its book is what it reads back from its file.
+    pub fn restart_witness(&mut self) {
+        if let Some(book) = &self.witness {
+            let mut book = book.lock().unwrap_or_else(|e| e.into_inner());
+            let text = book.to_text();
+            *book = Book::from_text(&text).expect("the witness reads back its book");
+        }
+    }
+
+    /// Node `n`'s name at the witness.
+    pub fn name(&self, n: usize) -> &str {
+        &self.names.1[n]
+    }
+
+    /// Delivers the witness's verdicts whose time has come.
+    fn finish_witness_claims(&mut self) {
+        for n in 0..2 {
+            let node = &self.nodes[n];
+            let Some((due, generation)) = node.witness_due else {
+                continue;
+            };
+            if !node.up || due > self.now {
+                continue;
+            }
+            let reachable = node.witness_reachable;
+            let verdict = match (&self.witness, reachable) {
+                (Some(book), true) => {
+                    let mut book = book.lock().unwrap_or_else(|e| e.into_inner());
+                    let outcome = book.claim(&self.names.0, RESOURCE, &self.names.1[n], generation);
+                    match outcome.verdict {
+                        Verdict::Granted => WitnessVerdict::Granted,
+                        _ => WitnessVerdict::Held(NodeName::new(&outcome.holder)),
+                    }
+                }
+                _ => WitnessVerdict::Unreachable,
+            };
+            self.nodes[n].witness_due = None;
+            self.queue.push_back((
+                n,
+                Event::WitnessAnswered {
+                    generation,
+                    verdict,
+                },
+            ));
         }
     }
 
@@ -668,6 +768,7 @@ impl Pair {
         node.serving = false;
         node.wants_connect = false;
         node.fence_due = None;
+        node.witness_due = None;
     }
 
     /// Starts node `n` again with a new machine; its disk and UUIDs are what it had.
@@ -682,8 +783,10 @@ impl Pair {
         self.nodes[n].terms = old.terms;
         // A firewall rule outlives the process.
         self.nodes[n].heartbeat_blocked = old.heartbeat_blocked;
-        // So does the fence command's script.
+        // So does the fence command's script, and the way to the witness.
         self.nodes[n].fence = old.fence;
+        self.nodes[n].witness_reachable = old.witness_reachable;
+        self.nodes[n].witness_delay = old.witness_delay;
         self.execute(n, actions);
         self.pump();
     }
@@ -922,6 +1025,16 @@ impl Pair {
                 Action::FencePeer => {
                     self.nodes[n].fence_runs += 1;
                     self.nodes[n].fence_due = Some(self.now + self.nodes[n].fence.1);
+                }
+                Action::AskWitness => {
+                    let node = &mut self.nodes[n];
+                    node.witness_asks += 1;
+                    let wait = if node.witness_reachable {
+                        node.witness_delay
+                    } else {
+                        WITNESS_GIVES_UP
+                    };
+                    node.witness_due = Some((self.now + wait, node.uuids.current));
                 }
                 Action::Notify(_) | Action::Log(_) | Action::Refuse { .. } => {}
             }

@@ -453,6 +453,9 @@ fn keys_are_all_dumped(config: &Config) {
         heartbeat_dead_time: _,
         fence_peer: _,
         fence_timeout: _,
+        name: _,
+        witness: _,
+        witness_timeout: _,
     } = &config.cluster;
     for n in config.nodes.values() {
         let super::Node {
@@ -580,6 +583,23 @@ pub fn dump(config: &Config, node: Option<&str>, facts: &BTreeMap<String, String
             Some("exit 4 (peer outdated) or 7 (peer fenced) lets a node serve alone".into()),
         );
         d.kv("fence-timeout", secs(Some(c.fence_timeout())), None);
+    }
+    d.kv(
+        "name",
+        quoted(config.pair_name()),
+        Some("the pair's name at the witness".into()),
+    );
+    if let Some(addr) = c.witness_addr() {
+        d.kv(
+            "witness",
+            quoted(addr),
+            Some("its grant of our generation lets a node serve alone".into()),
+        );
+        d.kv(
+            "witness-timeout",
+            secs(Some(c.witness_timeout())),
+            Some(format!("{} tries", super::WITNESS_TRIES)),
+        );
     }
     for (name, n) in &config.nodes {
         let role = match node {

@@ -600,6 +600,9 @@ fn ha_text(ha: &HaSnapshot) -> String {
     if let Some(line) = &ha.last_fence {
         t += &format!("\n  last fence-peer: {line}");
     }
+    if let Some(line) = &ha.witness {
+        t += &format!("\n  witness: {line}");
+    }
     t
 }
 
@@ -623,7 +626,7 @@ fn ha_json(ha: &HaSnapshot) -> String {
         })
         .collect();
     format!(
-        "{{\"gate\":\"{}\",\"answering\":{},\"lease-left-ms\":{},\"lease-lapses\":{},\"outdate-request\":{},\"peer-heard\":{},\"paths\":[{}],\"last-failover\":{},\"last-fence-peer\":{},\"service-mac\":{},\"floating-ip\":{},\"floating-ip-held\":{}}}",
+        "{{\"gate\":\"{}\",\"answering\":{},\"lease-left-ms\":{},\"lease-lapses\":{},\"outdate-request\":{},\"peer-heard\":{},\"paths\":[{}],\"last-failover\":{},\"last-fence-peer\":{},\"witness\":{},\"service-mac\":{},\"floating-ip\":{},\"floating-ip-held\":{}}}",
         ha.authority.map_or("-".into(), |a| a.to_string()),
         ha.answering,
         num(ha.lease_left, |d| d.as_millis()),
@@ -635,6 +638,9 @@ fn ha_json(ha: &HaSnapshot) -> String {
             .as_ref()
             .map_or_else(|| "null".into(), |l| format!("\"{}\"", esc(l))),
         ha.last_fence
+            .as_ref()
+            .map_or_else(|| "null".into(), |l| format!("\"{}\"", esc(l))),
+        ha.witness
             .as_ref()
             .map_or_else(|| "null".into(), |l| format!("\"{}\"", esc(l))),
         ha.service_mac
@@ -857,6 +863,7 @@ mod tests {
                         .into(),
                 ),
                 last_fence: Some("fence-peer exit 7 (peer fenced) (vouched), 3.2s ago".into()),
+                witness: None,
                 service_mac: Some(crate::wire::MacAddr([0x02, 0x11, 0x22, 0x33, 0x44, 0x55])),
                 floating_ip: Some(("10.77.0.100/24".parse().unwrap(), Some(true))),
             },

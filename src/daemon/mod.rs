@@ -18,6 +18,7 @@
 //! * [`notify`]: systemd's `READY=1`, `WATCHDOG=1` (only while every engine goes round its
 //!   loop), `STOPPING=1` and `STATUS=`; nothing without `$NOTIFY_SOCKET`.
 //! * [`metrics`]: `GET /metrics` (Prometheus text format) when the node sets `metrics`.
+//! * [`witness`]: claims at the witness (`[cluster] witness`), off the engine thread.
 
 pub mod control;
 pub mod fence;
@@ -25,6 +26,7 @@ pub mod metrics;
 pub mod notify;
 pub mod peer;
 pub mod resource;
+pub mod witness;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -241,6 +243,16 @@ pub fn run(args: RunArgs, cancel: CancellationToken) -> Result<(), RunError> {
                     node: node.clone(),
                     peer: peer.clone(),
                     peer_addresses,
+                })
+            }),
+            witness: config.cluster.witness_addr().map(|addr| {
+                Arc::new(witness::WitnessSpec {
+                    addr,
+                    pair: config.pair_name(),
+                    node: node.clone(),
+                    secret: config.cluster.secret().to_vec(),
+                    per_try: config.cluster.witness_timeout(),
+                    tries: crate::config::WITNESS_TRIES,
                 })
             }),
         };

@@ -11,16 +11,17 @@ impl Machine {
     /// Under resource-only fencing: may this node serve without its peer right now? The peer
     /// is silent on every path for the dead time and the wire guard found nobody else
     /// answering the shelf.slot, and — with a fence command configured — it vouched for the
-    /// peer (exit 4 or 7; see `vouch`). (A witness would be a further condition here.)
+    /// peer (exit 4 or 7), and — with a witness — it granted our generation (see `vouch`).
     pub(super) fn gate_passed(&self) -> bool {
         match self.config.fencing {
             Fencing::DontCare => true,
             Fencing::ResourceOnly => {
                 !self.rival
-                    && !self.may_have_been_replaced
+                    && !self.replaced_unknown()
                     && self.peer_silent()
                     && self.wire == Wire::Clear
                     && self.fence_vouched()
+                    && self.witness_granted()
             }
         }
     }
@@ -46,7 +47,7 @@ impl Machine {
             return;
         }
         self.renew_vouch();
-        if self.fencing_peer && self.may_have_been_replaced {
+        if self.fencing_peer && self.replaced_unknown() {
             // Our data may be older than what the peer acknowledged while we stood still:
             // asking it to step aside could throw its writes away. The handshake decides.
             out.push(Action::Log(
@@ -95,8 +96,9 @@ impl Machine {
             self.wire = Wire::Checking;
             out.push(Action::CheckWire);
         }
-        // Nobody else answers: with a fence command, it decides.
+        // Nobody else answers: with a fence command, it decides; then a witness.
         self.ask_fence(out);
+        self.ask_witness(out);
     }
 
     /// A primary whose peer is fenced (or gone) serves alone: a new generation first.

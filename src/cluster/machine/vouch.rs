@@ -19,8 +19,40 @@
 //! rather than fenced. A vouch holds only for the silence it was obtained in: once the peer is
 //! heard (on a path or the link), it is forgotten, and a result that arrives after that is
 //! ignored. Under `fencing = dont-care` none of this applies.
+//!
+//! # The witness (`[cluster] witness`)
+//!
+//! The same pattern, one condition later: once the other conditions hold (and the fence
+//! command, if configured, vouched), the node claims the resource from its current data
+//! generation at the witness ([`Action::AskWitness`]) and serves alone only when it is
+//! *granted*. Held (another node holds that generation) is final for that generation: the
+//! holder serves, or served, without us; our data is Outdated until we resync from it (a
+//! primary demotes), logged with the holder's name. Unreachable refuses, and the claim is sent
+//! again after [`Config::witness_retry`] while the need lasts (the wire guard first). A grant
+//! belongs to the silence it was obtained in, like the fence command's vouch; a claim again
+//! for the same generation is granted again, so forgetting it costs nothing. Because every node
+//! that would serve alone must hold the grant for the generation it serves from, a node that
+//! stood still (SIGSTOP) need not wait for the handshake: a grant proves that nobody served
+//! alone from its generation meanwhile; a refusal tells it somebody did.
 
 use super::*;
+
+/// Where the claim at the witness stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Witness {
+    /// Not claimed in this silence of the peer.
+    Unasked,
+    /// Sent; `stale` once the peer was heard meanwhile (its verdict then counts for nothing
+    /// but a refusal).
+    Asking {
+        /// The peer was heard since the claim went out.
+        stale: bool,
+    },
+    /// This generation is ours to serve alone from.
+    Granted(u64),
+    /// No verdict, at this time: claimed again after the back-off.
+    Unreachable(Instant),
+}
 
 /// Where the fence command stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,17 +77,37 @@ impl Machine {
         !self.config.fence_peer || matches!(self.vouch, Vouch::Vouched(_))
     }
 
+    /// The witness's condition of the promotion gate: met when none is configured, or when it
+    /// granted our generation in this silence.
+    pub(super) fn witness_granted(&self) -> bool {
+        !self.config.witness || matches!(self.witness, Witness::Granted(_))
+    }
+
+    /// Standing still leaves it open whether the peer served meanwhile — unless a witness is
+    /// configured: then its verdict on our generation answers exactly that.
+    pub(super) fn replaced_unknown(&self) -> bool {
+        self.may_have_been_replaced && !self.config.witness
+    }
+
     /// What let this node through the gate, for the log: the silence, the wire guard and, with
-    /// a fence command, its exit.
+    /// a fence command, its exit; with a witness, its grant.
     pub(super) fn gate_reason(&self) -> String {
         if self.config.fencing == Fencing::DontCare {
             return "no peer, UpToDate data".into();
         }
-        let base = "the peer is silent on every path and nobody answers its shelf.slot";
-        match self.vouch {
-            Vouch::Vouched(outcome) if self.config.fence_peer => format!("{base}; {outcome}"),
-            _ => base.into(),
+        let mut why =
+            String::from("the peer is silent on every path and nobody answers its shelf.slot");
+        if let Vouch::Vouched(outcome) = self.vouch {
+            if self.config.fence_peer {
+                why += &format!("; {outcome}");
+            }
         }
+        if let Witness::Granted(generation) = self.witness {
+            if self.config.witness {
+                why += &format!("; witness granted generation {generation:016X}");
+            }
+        }
+        why
     }
 
     /// A Secondary promotes through the gate (failover).
@@ -76,7 +128,19 @@ impl Machine {
                 Vouch::Running { .. } => Vouch::Running { stale: true },
                 _ => Vouch::Unasked,
             };
+            self.witness = match self.witness {
+                Witness::Asking { .. } => Witness::Asking { stale: true },
+                _ => Witness::Unasked,
+            };
             return;
+        }
+        if let Witness::Unreachable(at) = self.witness {
+            if self.now.saturating_duration_since(at) >= self.config.witness_retry {
+                self.witness = Witness::Unasked;
+                if self.wire == Wire::Clear {
+                    self.wire = Wire::Unasked;
+                }
+            }
         }
         if let Vouch::Refused(_, at) = self.vouch {
             if self.now.saturating_duration_since(at) >= self.config.fence_retry {
@@ -95,7 +159,7 @@ impl Machine {
             || self.vouch != Vouch::Unasked
             || self.wire != Wire::Clear
             || self.rival
-            || self.may_have_been_replaced
+            || self.replaced_unknown()
         {
             return;
         }
@@ -104,6 +168,104 @@ impl Machine {
         ));
         self.vouch = Vouch::Running { stale: false };
         out.push(Action::FencePeer);
+    }
+
+    /// The wire guard found nobody else answering, the fence command (if any) vouched, and
+    /// this node would serve alone: claim our generation at the witness.
+    pub(super) fn ask_witness(&mut self, out: &mut Vec<Action>) {
+        if !self.config.witness
+            || self.witness != Witness::Unasked
+            || self.wire != Wire::Clear
+            || !self.fence_vouched()
+            || self.rival
+        {
+            return;
+        }
+        out.push(Action::Log(
+            "the peer is silent on every path and nobody answers its shelf.slot: claiming our generation at the witness".into(),
+        ));
+        self.witness = Witness::Asking { stale: false };
+        out.push(Action::AskWitness);
+    }
+
+    pub(super) fn witness_answered(
+        &mut self,
+        generation: u64,
+        verdict: WitnessVerdict,
+        out: &mut Vec<Action>,
+    ) {
+        let Witness::Asking { stale } = self.witness else {
+            out.push(Action::Log(format!(
+                "witness: a verdict on generation {generation:016X} ignored, not asked for"
+            )));
+            return;
+        };
+        let word = match verdict {
+            WitnessVerdict::Granted => "granted".to_string(),
+            WitnessVerdict::Held(holder) => format!("held-by-{holder}"),
+            WitnessVerdict::Unreachable => "unreachable".to_string(),
+        };
+        out.push(Action::Notify(Notification::Change {
+            object: "resource",
+            key: "witness",
+            value: format!("{word}:{generation:016X}"),
+        }));
+        match verdict {
+            WitnessVerdict::Granted if stale => {
+                self.witness = Witness::Unasked;
+                out.push(Action::Log(format!(
+                    "witness granted generation {generation:016X}: not used, the peer was heard meanwhile"
+                )));
+            }
+            WitnessVerdict::Granted => {
+                self.witness = Witness::Granted(generation);
+                out.push(Action::Log(format!(
+                    "witness granted generation {generation:016X}: this node may serve alone"
+                )));
+            }
+            WitnessVerdict::Held(holder) if stale => {
+                // The peer was heard since: the handshake or the heartbeat settles it; the
+                // next silence claims again and hears the same.
+                self.witness = Witness::Unasked;
+                out.push(Action::Log(format!(
+                    "witness: generation {generation:016X} held by {holder}; the peer was heard meanwhile"
+                )));
+            }
+            WitnessVerdict::Held(holder) => {
+                // Final for this generation: the holder serves (or served) without us, and
+                // whatever it acknowledged we lack.
+                self.witness = Witness::Unasked;
+                out.push(Action::Log(format!(
+                    "witness: generation {generation:016X} held by {holder}: not serving alone"
+                )));
+                if matches!(self.disk, DiskState::UpToDate | DiskState::Consistent) {
+                    out.push(Action::Log(format!(
+                        "{holder} serves this resource without us: data Outdated until we resync from it"
+                    )));
+                    self.disk = DiskState::Outdated;
+                }
+                self.promote_alone = false;
+                if self.role == Role::Primary && self.conn != ConnState::Connected {
+                    out.push(Action::Log(format!(
+                        "{holder} holds the witness's grant and this node cannot prove it may serve: demoting"
+                    )));
+                    self.role = Role::Secondary;
+                    self.alone = false;
+                    self.fencing_peer = false;
+                }
+            }
+            WitnessVerdict::Unreachable => {
+                self.witness = if stale {
+                    Witness::Unasked
+                } else {
+                    Witness::Unreachable(self.now)
+                };
+                out.push(Action::Log(format!(
+                    "witness unreachable: not serving alone; trying again in {:?} while the peer stays silent",
+                    self.config.witness_retry
+                )));
+            }
+        }
     }
 
     pub(super) fn fence_result(&mut self, outcome: FenceOutcome, out: &mut Vec<Action>) {
@@ -328,6 +490,118 @@ mod tests {
         let out = m.step(now + Duration::from_secs(2), Event::Tick);
         assert!(!out.contains(&Action::FencePeer), "{out:?}");
         assert_eq!(m.status().role, Role::Primary);
+    }
+
+    /// A Secondary with a witness (and no fence command) whose primary was just lost: the
+    /// wire guard is clear and the claim is out.
+    fn lost_primary_with_a_witness() -> (Machine, Instant) {
+        let now = Instant::now();
+        let config = Config {
+            witness: true,
+            ..Config::default()
+        };
+        let (mut m, _) = Machine::new(config, Startup::consistent(), now);
+        m.step(now, Event::PeerConnected);
+        m.step(
+            now,
+            Event::Handshake {
+                decision: Some(SyncDecision::NoSync {
+                    rule: crate::repl::uuid::Rule {
+                        number: 40,
+                        adjustment: None,
+                    },
+                }),
+                peer_role: Role::Primary,
+                peer_disk: DiskState::UpToDate,
+            },
+        );
+        m.step(now, Event::PeerHeard(None));
+        m.step(now, Event::PeerLost);
+        let now = now + Duration::from_secs(1);
+        m.step(now, Event::PeerSilent);
+        let now = now + Duration::from_secs(1);
+        m.step(now, Event::Tick);
+        let out = m.step(now, Event::WireChecked { answered: false });
+        assert!(out.contains(&Action::AskWitness), "{out:?}");
+        assert!(!out.contains(&Action::FencePeer), "{out:?}");
+        assert_eq!(m.status().role, Role::Secondary, "not before the grant");
+        (m, now)
+    }
+
+    #[test]
+    fn the_witness_decides_granted_held_or_unreachable() {
+        let answered = |verdict| {
+            let (mut m, now) = lost_primary_with_a_witness();
+            let out = m.step(
+                now,
+                Event::WitnessAnswered {
+                    generation: 0x1A2B,
+                    verdict,
+                },
+            );
+            (m, now, out)
+        };
+        let (m, _, out) = answered(WitnessVerdict::Granted);
+        assert_eq!(m.status().role, Role::Primary);
+        assert!(out.contains(&Action::NewCurrentUuid), "{out:?}");
+        assert!(out.iter().any(|a| matches!(a, Action::Log(l)
+            if l.starts_with("auto-promote: ") && l.ends_with("witness granted generation 0000000000001A2B"))), "{out:?}");
+
+        let (mut m, now, out) = answered(WitnessVerdict::Held(NodeName::new("alpha")));
+        assert_eq!(m.status().role, Role::Secondary);
+        assert_eq!(m.status().disk, DiskState::Outdated);
+        assert!(out.contains(&Action::Log(
+            "witness: generation 0000000000001A2B held by alpha: not serving alone".into()
+        )));
+        // Never again from that generation: nothing more is asked.
+        let out = m.step(now + Duration::from_secs(30), Event::Tick);
+        assert!(!out.contains(&Action::AskWitness) && !out.contains(&Action::CheckWire));
+
+        let (mut m, now, _) = answered(WitnessVerdict::Unreachable);
+        assert_eq!(m.status().role, Role::Secondary);
+        let retry = m.config().witness_retry;
+        let out = m.step(now + retry / 2, Event::Tick);
+        assert!(!out.contains(&Action::AskWitness) && !out.contains(&Action::CheckWire));
+        let later = now + retry;
+        let out = m.step(later, Event::Tick);
+        assert!(
+            out.contains(&Action::CheckWire),
+            "the wire guard first: {out:?}"
+        );
+        let out = m.step(later, Event::WireChecked { answered: false });
+        assert!(out.contains(&Action::AskWitness), "{out:?}");
+        m.step(
+            later,
+            Event::WitnessAnswered {
+                generation: 0x1A2B,
+                verdict: WitnessVerdict::Granted,
+            },
+        );
+        assert_eq!(m.status().role, Role::Primary);
+    }
+
+    #[test]
+    fn a_grant_after_the_peer_was_heard_is_not_used() {
+        let (mut m, now) = lost_primary_with_a_witness();
+        m.step(now, Event::PeerHeard(None));
+        m.step(
+            now,
+            Event::WitnessAnswered {
+                generation: 1,
+                verdict: WitnessVerdict::Granted,
+            },
+        );
+        assert_eq!(m.status().role, Role::Secondary);
+        let out = m.step(
+            now,
+            Event::WitnessAnswered {
+                generation: 1,
+                verdict: WitnessVerdict::Granted,
+            },
+        );
+        assert!(out
+            .iter()
+            .any(|a| matches!(a, Action::Log(l) if l.contains("not asked for"))));
     }
 
     #[test]

@@ -174,6 +174,11 @@ impl Engine {
                 watch.mark("fence-peer vouched", decided)
             }
             Event::FenceResult { .. } => watch.mark("fence-peer refused", decided),
+            Event::WitnessAnswered {
+                verdict: crate::cluster::WitnessVerdict::Granted,
+                ..
+            } => watch.mark("witness granted", decided),
+            Event::WitnessAnswered { .. } => watch.mark("witness refused", decided),
             _ => {}
         }
         if s.outdate_request {
@@ -186,6 +191,7 @@ impl Engine {
             match action {
                 Action::CheckWire => watch.mark("wire guard asked", decided),
                 Action::FencePeer => watch.mark("fence-peer started", decided),
+                Action::AskWitness => watch.mark("witness asked", decided),
                 Action::NewCurrentUuid => watch.mark("new generation", decided),
                 _ => {}
             }
@@ -355,6 +361,7 @@ impl Engine {
         }
         self.listen();
         self.step(Event::Tick);
+        self.poll_witness();
         self.watch_lease();
         self.watch_first_reply();
         self.publish_progress(false);
@@ -434,6 +441,13 @@ impl Engine {
             Input::FenceDone(outcome) => {
                 *lock(&self.res.last_fence) = Some((outcome, Instant::now()));
                 self.step(Event::FenceResult { outcome });
+            }
+            Input::WitnessDone(generation, verdict) => {
+                self.res.note_witness(generation, verdict);
+                self.step(Event::WitnessAnswered {
+                    generation,
+                    verdict,
+                });
             }
             Input::Rival(mac) => {
                 tracing::error!(resource = %self.res.spec.name, "another MAC ({mac}) answers e{}.{}: multiple-mount protection", self.res.spec.aoe.0, self.res.spec.aoe.1);
@@ -775,6 +789,7 @@ impl Engine {
             Action::Detach => self.res.device.detach(),
             Action::CheckWire => self.check_wire(),
             Action::FencePeer => self.fence_peer(),
+            Action::AskWitness => self.ask_witness(),
             Action::Notify(n) => {
                 // drbdsetup events2 style: `change <object> name:<res> <key>:<value>`.
                 let line = match &n {
@@ -853,6 +868,69 @@ impl Engine {
             let outcome = crate::cluster::FenceOutcome::CouldNotRun;
             *lock(&self.res.last_fence) = Some((outcome, Instant::now()));
             self.step(Event::FenceResult { outcome });
+        }
+    }
+
+    /// Every [`crate::daemon::witness::POLL`], a query at the witness on a thread of the crew
+    /// (one at a time): status shows whether it is reachable before a failure needs it.
+    fn poll_witness(&mut self) {
+        let Some(spec) = self.res.spec.witness.clone() else {
+            return;
+        };
+        {
+            let mut poll = lock(&self.res.witness_poll);
+            if poll
+                .1
+                .is_some_and(|at| at.elapsed() < crate::daemon::witness::POLL)
+                || self.res.witness_polling.load(Ordering::Acquire)
+            {
+                return;
+            }
+            poll.1 = Some(Instant::now());
+        }
+        self.res.witness_polling.store(true, Ordering::Release);
+        let generation = self.res.meta.uuids().current;
+        let res = self.res.clone();
+        let started = self.res.crew.spawn("witness-query", move |_token| {
+            let reachable = crate::daemon::witness::reachable(&spec, &res.spec.name, generation);
+            let now = Instant::now();
+            if !reachable {
+                *lock(&res.witness_unreachable) = Some(now);
+            }
+            lock(&res.witness_poll).0 = Some((reachable, now));
+            res.witness_polling.store(false, Ordering::Release);
+        });
+        if started.is_err() {
+            self.res.witness_polling.store(false, Ordering::Release);
+        }
+    }
+
+    /// A claim at the witness for our current data generation, on a thread of the crew (it
+    /// may wait for all its tries); the verdict comes back as an input. One that cannot be
+    /// started is "unreachable".
+    fn ask_witness(&mut self) {
+        let generation = self.res.meta.uuids().current;
+        let unreachable = crate::cluster::WitnessVerdict::Unreachable;
+        let Some(spec) = self.res.spec.witness.clone() else {
+            tracing::error!(resource = %self.res.spec.name, "no witness configured");
+            self.step(Event::WitnessAnswered {
+                generation,
+                verdict: unreachable,
+            });
+            return;
+        };
+        let res = self.res.clone();
+        let started = self.res.crew.spawn("witness-claim", move |_token| {
+            let verdict = crate::daemon::witness::claim(&spec, &res.spec.name, generation, true);
+            res.send(Input::WitnessDone(generation, verdict));
+        });
+        if let Err(e) = started {
+            tracing::error!(resource = %self.res.spec.name, error = %e, "cannot ask the witness");
+            self.res.note_witness(generation, unreachable);
+            self.step(Event::WitnessAnswered {
+                generation,
+                verdict: unreachable,
+            });
         }
     }
 

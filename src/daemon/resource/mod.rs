@@ -123,6 +123,8 @@ pub enum Input {
     Rival(crate::wire::MacAddr),
     /// The fence command finished.
     FenceDone(crate::cluster::FenceOutcome),
+    /// The witness answered a claim for this generation (or did not).
+    WitnessDone(u64, crate::cluster::WitnessVerdict),
     /// The heartbeat's view of the peer changed.
     Heartbeat,
     /// Test hook (`fault RES engine-stall-ms=N`): the engine stands still this long, as a
@@ -173,6 +175,8 @@ pub struct ResourceSpec {
     pub ping_interval: Duration,
     /// The fence command (`[cluster] fence-peer`), if one is configured.
     pub fence: Option<Arc<super::fence::FenceSpec>>,
+    /// The witness (`[cluster] witness`), if one is configured.
+    pub witness: Option<Arc<super::witness::WitnessSpec>>,
 }
 
 /// Resync progress, for status. Reset when a resync starts, kept after it ends (the last
@@ -261,6 +265,10 @@ struct Job {
     copier_started: bool,
 }
 
+/// The periodic witness query: its last result (reachable) and when it came, and when the
+/// last one started.
+pub type WitnessPoll = (Option<(bool, Instant)>, Option<Instant>);
+
 /// What the engine last published of its machine, for the roles that only read it.
 #[derive(Debug, Clone, Copy)]
 struct Published {
@@ -309,6 +317,14 @@ pub struct Resource {
     pub last_failover: Mutex<Option<String>>,
     /// The fence command's last outcome and when it came, for `status`.
     pub last_fence: Mutex<Option<(crate::cluster::FenceOutcome, Instant)>>,
+    /// The witness's last verdict (generation, verdict) and when it came, for `status`.
+    pub last_witness: Mutex<Option<(u64, crate::cluster::WitnessVerdict, Instant)>>,
+    /// When the witness was last unreachable, for `status` (a warning).
+    pub witness_unreachable: Mutex<Option<Instant>>,
+    /// The periodic query's last result (reachable) and when it came; when the last started.
+    pub witness_poll: Mutex<WitnessPoll>,
+    /// A periodic query is running.
+    witness_polling: AtomicBool,
     /// What the service group serves and where.
     service: ServiceSpec,
     /// The engine's loop beat, failover outcomes and export counters (watchdog, metrics).
@@ -376,6 +392,10 @@ impl Resource {
             heartbeat: heartbeat.clone(),
             last_failover: Mutex::new(None),
             last_fence: Mutex::new(None),
+            last_witness: Mutex::new(None),
+            witness_unreachable: Mutex::new(None),
+            witness_poll: Mutex::new((None, None)),
+            witness_polling: AtomicBool::new(false),
             lease_lapses: AtomicU64::new(0),
             service: ServiceSpec {
                 name: spec.name.clone(),

@@ -63,6 +63,51 @@ impl Engine {
 }
 
 impl Resource {
+    /// Records the witness's verdict for `status`.
+    pub(super) fn note_witness(&self, generation: u64, verdict: crate::cluster::WitnessVerdict) {
+        let now = Instant::now();
+        if verdict == crate::cluster::WitnessVerdict::Unreachable {
+            *lock(&self.witness_unreachable) = Some(now);
+        }
+        *lock(&self.last_witness) = Some((generation, verdict, now));
+    }
+
+    /// The witness's line in `status`: where it is, its last verdict and how long ago, and
+    /// when it was last unreachable (a warning while that is the last word).
+    fn witness_line(&self) -> Option<String> {
+        let spec = self.spec.witness.as_ref()?;
+        let mut line = format!("{} as {}/{}", spec.addr, spec.pair, spec.node);
+        let last = *lock(&self.last_witness);
+        match last {
+            Some((generation, verdict, at)) => {
+                line += &format!(
+                    ", last verdict: {}, {:.1}s ago",
+                    crate::daemon::witness::describe(generation, verdict),
+                    at.elapsed().as_secs_f64()
+                );
+                if verdict == crate::cluster::WitnessVerdict::Unreachable {
+                    line += " (warning: a node that loses its peer will not serve alone)";
+                }
+            }
+            None => line += ", no claim yet",
+        }
+        if let (Some((reachable, at)), _) = *lock(&self.witness_poll) {
+            line += &format!(
+                "; {} at the last query {:.1}s ago",
+                if reachable {
+                    "reachable"
+                } else {
+                    "unreachable (warning: a node that loses its peer will not serve alone)"
+                },
+                at.elapsed().as_secs_f64()
+            );
+        }
+        if let Some(at) = *lock(&self.witness_unreachable) {
+            line += &format!("; last unreachable {:.1}s ago", at.elapsed().as_secs_f64());
+        }
+        Some(line)
+    }
+
     /// The machine's status plus what status shows beside it.
     pub fn snapshot(&self) -> Snapshot {
         let published = self.published();
@@ -115,6 +160,7 @@ impl Resource {
                     at.elapsed().as_secs_f64()
                 )
             }),
+            witness: self.witness_line(),
             service_mac: self.service.service_mac,
             floating_ip: self.service.floating_ip.map(|ip| {
                 let held = crate::net::address::holds(&self.service.interface, &ip);
@@ -314,6 +360,9 @@ pub struct HaSnapshot {
     pub last_failover: Option<String>,
     /// The fence command's last outcome, whether it vouched, and how long ago.
     pub last_fence: Option<String>,
+    /// The witness's last verdict and its age, and when it was last unreachable (`None`: no
+    /// witness configured).
+    pub witness: Option<String>,
     /// The MAC the blade answers from while served (`None`: the interface's own).
     pub service_mac: Option<crate::wire::MacAddr>,
     /// The floating IP, and whether this node's interface holds it now (`None`: could not
