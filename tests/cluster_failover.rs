@@ -3,6 +3,8 @@
 //! writing to whichever node answers. After every step the two safety properties are checked:
 //! never two nodes answering, and the node that answers holds every acknowledged write.
 
+mod common;
+use common::check_safety;
 use std::time::Duration;
 use twinblade::cluster::sim::{Pair, BLOCKS, STEP};
 use twinblade::cluster::{
@@ -46,19 +48,6 @@ impl Trace {
     /// The last step at which node `n` answered.
     fn last_answer_by(&self, n: usize) -> Option<usize> {
         self.answering.iter().rposition(|a| *a == Some(n))
-    }
-}
-
-/// Checks both safety properties now.
-fn check_safety(pair: &Pair, context: &str) {
-    assert!(
-        pair.answering_count() <= 1,
-        "{context}: both nodes answer ({:?} / {:?})",
-        pair.nodes[0].status(),
-        pair.nodes[1].status()
-    );
-    if let Some((n, block, acked, served)) = pair.missing_acked_write() {
-        panic!("{context}: node {n} answers with block {block} at version {served}, but version {acked} was acknowledged");
     }
 }
 

@@ -61,6 +61,58 @@ impl Drop for Daemon {
     }
 }
 
+/// What a test changes in [`loopback_pair`]'s configuration.
+struct LoopbackPair<'a> {
+    aoe: &'a str,
+    /// Extra keys of `[node.alpha]` and `[node.beta]`.
+    alpha: &'a str,
+    beta: &'a str,
+    /// Extra keys of `[resource.r0]`.
+    resource: &'a str,
+    alpha_disk: &'a Path,
+    beta_disk: &'a Path,
+    /// The heartbeat's UDP port and the resource's TCP port.
+    ports: (u16, u16),
+}
+
+/// A pair on the loopback interface (alpha 127.0.0.1, beta 127.0.0.2), one resource `r0` with
+/// internal meta-data.
+fn loopback_pair(p: LoopbackPair<'_>) -> String {
+    format!(
+        r#"
+[cluster]
+shared-secret = "{SECRET}"
+heartbeat-port = {hb}
+[node.alpha]
+address = "127.0.0.1"
+interface = "lo"
+{alpha}
+[node.beta]
+address = "127.0.0.2"
+interface = "lo"
+{beta}
+[resource.r0]
+aoe = "{aoe}"
+port = {port}
+{resource}
+[resource.r0.on.alpha]
+disk = "{alpha_disk}"
+meta-disk = "internal"
+[resource.r0.on.beta]
+disk = "{beta_disk}"
+meta-disk = "internal"
+"#,
+        hb = p.ports.0,
+        port = p.ports.1,
+        alpha = p.alpha,
+        beta = p.beta,
+        aoe = p.aoe,
+        resource = p.resource,
+        alpha_disk = p.alpha_disk.display(),
+        beta_disk = p.beta_disk.display(),
+    )
+}
+
 fn twinblade() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_twinblade"));
     c.env_remove("TWINBLADE_NODE")
@@ -80,36 +132,16 @@ impl Daemon {
             .unwrap();
         let metrics = format!("127.0.0.1:{}", free_tcp_port());
         let config = d.join("twinblade.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-[cluster]
-shared-secret = "{SECRET}"
-heartbeat-port = {hb}
-[node.alpha]
-address = "127.0.0.1"
-interface = "lo"
-metrics = "{metrics}"
-[node.beta]
-address = "127.0.0.2"
-interface = "lo"
-[resource.r0]
-aoe = "e9.9"
-port = {port}
-[resource.r0.on.alpha]
-disk = "{d}/r0.img"
-meta-disk = "internal"
-[resource.r0.on.beta]
-disk = "/dev/sdb"
-meta-disk = "internal"
-"#,
-                hb = free_udp_port(),
-                port = free_tcp_port(),
-                d = d.display()
-            ),
-        )
-        .unwrap();
+        let text = loopback_pair(LoopbackPair {
+            aoe: "e9.9",
+            alpha: &format!("metrics = \"{metrics}\""),
+            beta: "",
+            resource: "",
+            alpha_disk: &d.join("r0.img"),
+            beta_disk: Path::new("/dev/sdb"),
+            ports: (free_udp_port(), free_tcp_port()),
+        });
+        std::fs::write(&config, text).unwrap();
         let out = twinblade()
             .args(["create-md", "r0", "--node", "alpha", "--config"])
             .arg(&config)
@@ -433,39 +465,16 @@ fn metrics_follow_a_resync_and_a_failover() {
             .unwrap();
     }
     let config = d.join("twinblade.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[cluster]
-shared-secret = "{SECRET}"
-heartbeat-port = {hb}
-[node.alpha]
-address = "127.0.0.1"
-interface = "lo"
-metrics = "{m0}"
-[node.beta]
-address = "127.0.0.2"
-interface = "lo"
-metrics = "{m1}"
-[resource.r0]
-aoe = "e9.8"
-port = {port}
-mac = "own"
-resync-rate-max = "2M"
-[resource.r0.on.alpha]
-disk = "{d}/alpha.img"
-meta-disk = "internal"
-[resource.r0.on.beta]
-disk = "{d}/beta.img"
-meta-disk = "internal"
-"#,
-            m0 = metrics[0],
-            m1 = metrics[1],
-            d = d.display()
-        ),
-    )
-    .unwrap();
+    let text = loopback_pair(LoopbackPair {
+        aoe: "e9.8",
+        alpha: &format!("metrics = \"{}\"", metrics[0]),
+        beta: &format!("metrics = \"{}\"", metrics[1]),
+        resource: "mac = \"own\"\nresync-rate-max = \"2M\"",
+        alpha_disk: &d.join("alpha.img"),
+        beta_disk: &d.join("beta.img"),
+        ports: (hb, port),
+    });
+    std::fs::write(&config, text).unwrap();
     let start = |name: &str, metrics: &str| {
         let out = twinblade()
             .args(["create-md", "r0", "--node", name, "--config"])
@@ -627,37 +636,16 @@ fn a_taken_metrics_port_stops_the_start_before_any_disk_is_attached() {
     let d = dir.path();
     let config = d.join("twinblade.toml");
     // No disk at all: the metrics address is refused first.
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[cluster]
-shared-secret = "{SECRET}"
-heartbeat-port = {hb}
-[node.alpha]
-address = "127.0.0.1"
-interface = "lo"
-metrics = "{m}"
-[node.beta]
-address = "127.0.0.2"
-interface = "lo"
-[resource.r0]
-aoe = "e9.7"
-port = {port}
-[resource.r0.on.alpha]
-disk = "{d}/missing.img"
-meta-disk = "internal"
-[resource.r0.on.beta]
-disk = "/dev/sdb"
-meta-disk = "internal"
-"#,
-            hb = free_udp_port(),
-            m = taken.local_addr().unwrap(),
-            port = free_tcp_port(),
-            d = d.display()
-        ),
-    )
-    .unwrap();
+    let text = loopback_pair(LoopbackPair {
+        aoe: "e9.7",
+        alpha: &format!("metrics = \"{}\"", taken.local_addr().unwrap()),
+        beta: "",
+        resource: "",
+        alpha_disk: &d.join("missing.img"),
+        beta_disk: Path::new("/dev/sdb"),
+        ports: (free_udp_port(), free_tcp_port()),
+    });
+    std::fs::write(&config, text).unwrap();
     let out = twinblade()
         .args(["run", "--node", "alpha", "--config"])
         .arg(&config)

@@ -345,11 +345,12 @@ mod tests {
         }
     }
 
-    /// A Secondary with UpToDate data whose peer (a Primary) was just lost: silent on every
-    /// path, after the takeover delay.
-    fn lost_primary() -> (Machine, Instant) {
+    /// A Secondary with UpToDate data under `config` whose peer (a Primary) was just lost:
+    /// silent on every path, after the takeover delay, the wire guard clear. Returns what the
+    /// guard's answer made the machine do.
+    fn lost_primary_under(config: Config) -> (Machine, Instant, Vec<Action>) {
         let now = Instant::now();
-        let (mut m, _) = Machine::new(config(), Startup::consistent(), now);
+        let (mut m, _) = Machine::new(config, Startup::consistent(), now);
         m.step(now, Event::PeerConnected);
         m.step(
             now,
@@ -372,6 +373,12 @@ mod tests {
         let out = m.step(now, Event::Tick);
         assert!(out.contains(&Action::CheckWire), "{out:?}");
         let out = m.step(now, Event::WireChecked { answered: false });
+        (m, now, out)
+    }
+
+    /// [`lost_primary_under`] with a fence command: the command is running.
+    fn lost_primary() -> (Machine, Instant) {
+        let (m, now, out) = lost_primary_under(config());
         assert!(out.contains(&Action::FencePeer), "{out:?}");
         assert_eq!(
             m.status().role,
@@ -495,33 +502,10 @@ mod tests {
     /// A Secondary with a witness (and no fence command) whose primary was just lost: the
     /// wire guard is clear and the claim is out.
     fn lost_primary_with_a_witness() -> (Machine, Instant) {
-        let now = Instant::now();
-        let config = Config {
+        let (m, now, out) = lost_primary_under(Config {
             witness: true,
             ..Config::default()
-        };
-        let (mut m, _) = Machine::new(config, Startup::consistent(), now);
-        m.step(now, Event::PeerConnected);
-        m.step(
-            now,
-            Event::Handshake {
-                decision: Some(SyncDecision::NoSync {
-                    rule: crate::repl::uuid::Rule {
-                        number: 40,
-                        adjustment: None,
-                    },
-                }),
-                peer_role: Role::Primary,
-                peer_disk: DiskState::UpToDate,
-            },
-        );
-        m.step(now, Event::PeerHeard(None));
-        m.step(now, Event::PeerLost);
-        let now = now + Duration::from_secs(1);
-        m.step(now, Event::PeerSilent);
-        let now = now + Duration::from_secs(1);
-        m.step(now, Event::Tick);
-        let out = m.step(now, Event::WireChecked { answered: false });
+        });
         assert!(out.contains(&Action::AskWitness), "{out:?}");
         assert!(!out.contains(&Action::FencePeer), "{out:?}");
         assert_eq!(m.status().role, Role::Secondary, "not before the grant");
