@@ -458,12 +458,17 @@ fn metrics_follow_a_resync_and_a_failover() {
         format!("127.0.0.1:{}", free_tcp_port()),
         format!("127.0.0.2:{}", free_tcp_port()),
     ];
-    for n in ["alpha", "beta"] {
-        std::fs::File::create(d.join(format!("{n}.img")))
-            .unwrap()
-            .set_len(16 << 20)
-            .unwrap();
-    }
+    // Alpha's data differs from beta's zeros in every block, so the full sync really sends
+    // 16 MiB at the 2 MiB/s limit (equal or zero blocks would be skipped and the sync over
+    // before a scrape could see it).
+    let pattern: Vec<u8> = (0..16u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8 | 1)
+        .collect();
+    std::fs::write(d.join("alpha.img"), &pattern).unwrap();
+    std::fs::File::create(d.join("beta.img"))
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
     let config = d.join("twinblade.toml");
     let text = loopback_pair(LoopbackPair {
         aoe: "e9.8",
