@@ -469,11 +469,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
 }
 
 fn tag_mac(secret: &[u8], signed: &[u8]) -> Hmac<Sha256> {
-    let mut mac =
-        <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC accepts keys of any length");
-    mac.update(DOMAIN);
-    mac.update(signed);
-    mac
+    super::domain_mac(DOMAIN, secret, signed)
 }
 
 /// The meaning of one heartbeat datagram (everything but the tag).

@@ -43,6 +43,17 @@ pub enum Error {
     },
 }
 
+/// HMAC-SHA256 keyed with `secret` over `domain` then `signed`: the tag of every signed
+/// datagram (heartbeat, witness). The domain keeps one format's tag from passing as another's.
+pub(crate) fn domain_mac(domain: &[u8], secret: &[u8], signed: &[u8]) -> hmac::Hmac<sha2::Sha256> {
+    use hmac::Mac;
+    let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(secret)
+        .expect("HMAC accepts keys of any length");
+    mac.update(domain);
+    mac.update(signed);
+    mac
+}
+
 /// Checks that `have` bytes are at least `needed`.
 pub(crate) fn need(needed: usize, have: usize) -> Result<(), Error> {
     if have < needed {
