@@ -70,7 +70,9 @@
 # (client network) and tbfbr1 (replication network).
 set -euo pipefail
 
-P=tbf NET=93 TAG=failover BLADE=e9.3
+# TWINBLADE_FAILOVER_PREFIX / _NET move the lab (namespaces, bridges, 10.77.NET.0/24) so that two
+# runs can share a machine.
+P=${TWINBLADE_FAILOVER_PREFIX:-tbf} NET=${TWINBLADE_FAILOVER_NET:-93} TAG=failover BLADE=e9.3
 repeat=5 soak_seconds=600 cut_seconds=30 freeze_list="3 15 30"
 all=(tools baseline link_cut power_loss freeze path_cut rogue restore soak fence witness)
 scenarios=()
