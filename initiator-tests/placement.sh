@@ -184,19 +184,18 @@ check "$sc" "the failback was a planned switchover (alpha's log)" \
 sleep 2
 
 # --- 4. switchover r2 both ways --------------------------------------------------------------------
-if out=$("$tb" switchover --control "$work/beta.sock" r2 2>&1); then
-    info "$sc" "switchover r2 beta -> alpha (asked on the primary)" "$out"
-else
-    log "switchover said: $out"
-fi
-wait_check "$sc" 10 "alpha serves r2 after the switchover" serves alpha r2
+switch_r2() { # WHAT TO: `switchover r2` asked on beta; then TO must serve r2
+    local out
+    if out=$("$tb" switchover --control "$work/beta.sock" r2 2>&1); then
+        info "$sc" "switchover r2 $1" "$out"
+    else
+        log "switchover said: $out"
+    fi
+    wait_check "$sc" 10 "$2 serves r2 after the switchover" serves "$2" r2
+}
+switch_r2 "beta -> alpha (asked on the primary)" alpha
 sleep 2
-if out=$("$tb" switchover --control "$work/beta.sock" r2 2>&1); then
-    info "$sc" "switchover r2 alpha -> beta (asked on the secondary)" "$out"
-else
-    log "switchover said: $out"
-fi
-wait_check "$sc" 10 "beta serves r2 again" serves beta r2
+switch_r2 "alpha -> beta (asked on the secondary)" beta
 sleep 2
 
 # --- 5. the checks ----------------------------------------------------------------------------------
