@@ -10,7 +10,8 @@
 //! * Prometheus: `GET /metrics` from the same daemon, checked by the crate's format lint
 //!   (and by `promtool check metrics` when it is installed), with this node's states; and from
 //!   a pair (alpha on 127.0.0.1, beta on 127.0.0.2, both on `lo`) during a full sync (rate and
-//!   ETA) and after a failover (kill -9 of the primary; the survivor answers an AoE query sent
+//!   ETA), after client I/O over NBD (the write, read and flush latency histograms count it)
+//!   and after a failover (kill -9 of the primary; the survivor answers an AoE query sent
 //!   on `lo`, and counts a served failover with its duration).
 
 use std::io::{Read, Write};
@@ -458,6 +459,7 @@ fn metrics_follow_a_resync_and_a_failover() {
         format!("127.0.0.1:{}", free_tcp_port()),
         format!("127.0.0.2:{}", free_tcp_port()),
     ];
+    let nbd = format!("127.0.0.1:{}", free_tcp_port());
     // Alpha's data differs from beta's zeros in every block, so the full sync really sends
     // 16 MiB at the 2 MiB/s limit (equal or zero blocks would be skipped and the sync over
     // before a scrape could see it).
@@ -474,7 +476,7 @@ fn metrics_follow_a_resync_and_a_failover() {
         aoe: "e9.8",
         alpha: &format!("metrics = \"{}\"", metrics[0]),
         beta: &format!("metrics = \"{}\"", metrics[1]),
-        resource: "mac = \"own\"\nresync-rate-max = \"2M\"",
+        resource: &format!("mac = \"own\"\nresync-rate-max = \"2M\"\nnbd = \"{nbd}\""),
         alpha_disk: &d.join("alpha.img"),
         beta_disk: &d.join("beta.img"),
         ports: (hb, port),
@@ -588,6 +590,59 @@ fn metrics_follow_a_resync_and_a_failover() {
             r#"twinblade_disk_state{resource="r0",disk="local",state="UpToDate"}"#,
         ) == Some(1.0)
     });
+
+    // Client I/O over NBD on the primary: replicated writes (protocol C: until beta's
+    // acknowledgement), reads and a flush, each in its latency histogram.
+    let latency = |op: &str, what: &str| {
+        format!(r#"twinblade_io_latency_seconds{what}{{resource="r0",op="{op}"}}"#)
+    };
+    let before = alpha.scrape();
+    assert_eq!(value(&before, &latency("write", "_count")), Some(0.0));
+    {
+        use std::io::{Seek as _, SeekFrom};
+        let mut tcp = TcpStream::connect(&nbd).unwrap();
+        let export = nbd::client::handshake(&mut tcp, b"r0").unwrap();
+        let mut client = nbd::client::NbdClient::new(&mut tcp, &export);
+        for i in 0..8u64 {
+            client.seek(SeekFrom::Start(i << 16)).unwrap();
+            client.write_all(&[i as u8 | 0x40; 4096]).unwrap();
+        }
+        client.flush().unwrap();
+        let mut back = [0u8; 4096];
+        client.seek(SeekFrom::Start(3 << 16)).unwrap();
+        client.read_exact(&mut back).unwrap();
+        assert_eq!(back, [0x43; 4096]);
+    }
+    let io = alpha.scrape();
+    let writes = value(&io, &latency("write", "_count")).unwrap();
+    assert!(writes >= 8.0, "{io}");
+    assert_eq!(
+        value(
+            &io,
+            r#"twinblade_io_latency_seconds_bucket{resource="r0",op="write",le="+Inf"}"#
+        ),
+        Some(writes),
+        "{io}"
+    );
+    // A replicated write over loopback takes more than nothing and less than 10 s.
+    assert!(value(&io, &latency("write", "_sum")).unwrap() > 0.0, "{io}");
+    assert_eq!(
+        value(
+            &io,
+            r#"twinblade_io_latency_seconds_bucket{resource="r0",op="write",le="10"}"#
+        ),
+        Some(writes),
+        "{io}"
+    );
+    assert!(
+        value(&io, &latency("read", "_count")).unwrap() >= 1.0,
+        "{io}"
+    );
+    assert!(
+        value(&io, &latency("flush", "_count")).unwrap() >= 1.0,
+        "{io}"
+    );
+    promtool(d, &io);
 
     // Failover: alpha dies; beta takes over and answers a client's query.
     let _ = alpha.child.kill();

@@ -40,6 +40,7 @@ pub mod fault;
 pub mod file;
 pub mod null;
 pub mod order;
+pub mod timed;
 pub mod volatile;
 
 use std::io;

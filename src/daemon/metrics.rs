@@ -3,9 +3,11 @@
 //! supervisor tree.
 //!
 //! Everything comes from what `status` already reads — each resource's [`Snapshot`] and its
-//! [`OpsSnapshot`] (engine loop, failover outcomes, the exports' own counters) — at scrape
-//! time: nothing is added to the I/O path. The data path does not time requests, so there are
-//! counters and no latency histograms. The shared secret is in none of these.
+//! [`OpsSnapshot`] (engine loop, failover outcomes, the exports' own counters, the replicated
+//! device's latency histograms) — at scrape time. The one thing the I/O path does for the
+//! metrics is time each client read, write and flush at the replicated device
+//! ([`crate::block::timed`]: two clock reads and two relaxed atomic adds per request, no lock,
+//! no allocation). The shared secret is in none of these.
 //!
 //! [`render`] is pure (a list of [`ResourceView`]s and the heartbeat paths in, text out);
 //! [`MetricsServer`] is a minimal HTTP/1.1 responder: one request per connection, answered
@@ -186,6 +188,27 @@ impl Text {
         let _ = writeln!(self.0, "# TYPE {name} {kind}");
         for (l, v) in samples {
             let _ = writeln!(self.0, "{name}{l} {v}");
+        }
+    }
+
+    /// A histogram family: per resource and kind of request (label `op`), the cumulative
+    /// `_bucket{le}` counts, `_sum` and `_count`.
+    fn latency(&mut self, views: &[ResourceView], name: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}");
+        let _ = writeln!(self.0, "# TYPE {name} histogram");
+        for r in views {
+            let l = &r.ops.latency;
+            for (op, h) in [("read", &l.read), ("write", &l.write), ("flush", &l.flush)] {
+                let base = [("resource", r.name.as_str()), ("op", op)];
+                for (le, count) in h.cumulative() {
+                    let le = float(le);
+                    let l = labels(&[base[0], base[1], ("le", &le)]);
+                    let _ = writeln!(self.0, "{name}_bucket{l} {count}");
+                }
+                let l = labels(&base);
+                let _ = writeln!(self.0, "{name}_sum{l} {}", float(h.sum_secs()));
+                let _ = writeln!(self.0, "{name}_count{l} {}", h.count());
+            }
         }
     }
 
@@ -390,6 +413,13 @@ pub fn render(views: &[ResourceView], paths: &[PathSnapshot]) -> String {
         "Writes completed without the peer (marked out of sync).",
         |r| n(r.writes_marked),
     );
+    if !views.is_empty() {
+        t.latency(
+            views,
+            "twinblade_io_latency_seconds",
+            "Client reads, writes and flushes by how long the replicated device took to complete them on this node (a write until the peer's acknowledgement under protocol C or B; a flush until the peer's barrier acknowledgement).",
+        );
+    }
     t.per_resource(
         views,
         "twinblade_verify_mismatched_blocks",
@@ -711,8 +741,8 @@ async fn answer(
 /// Checks `text` against the text exposition format's rules (what `promtool check metrics`
 /// checks, apart from its naming advice): every line a `# HELP`, a `# TYPE` or a sample;
 /// metric and label names valid; label values quoted and escaped; values numbers; a family's
-/// `# TYPE` before its samples and its samples together; counters named `*_total`; no series
-/// twice. The first problem found, with its line number.
+/// `# TYPE` before its samples and its samples together (a histogram's as `_bucket` with an
+/// `le` label, `_sum` and `_count`); counters named `*_total`; no series twice. The first problem found, with its line number.
 pub fn lint(text: &str) -> Result<(), String> {
     use std::collections::HashSet;
     fn name_ok(n: &str, colon: bool) -> bool {
@@ -723,7 +753,7 @@ pub fn lint(text: &str) -> Result<(), String> {
     fn value_ok(v: &str) -> bool {
         matches!(v, "NaN" | "+Inf" | "-Inf") || v.parse::<f64>().is_ok()
     }
-    let mut typed: HashSet<String> = HashSet::new();
+    let mut typed: std::collections::HashMap<String, String> = Default::default();
     let mut helped: HashSet<String> = HashSet::new();
     let mut done: HashSet<String> = HashSet::new();
     let mut series: HashSet<String> = HashSet::new();
@@ -761,7 +791,7 @@ pub fn lint(text: &str) -> Result<(), String> {
                     if tail == "counter" && !name.ends_with("_total") {
                         return at("a counter's name must end in _total".into());
                     }
-                    if !typed.insert(name.to_string()) {
+                    if typed.insert(name.to_string(), tail.to_string()).is_some() {
                         return at("second TYPE".into());
                     }
                 }
@@ -779,7 +809,15 @@ pub fn lint(text: &str) -> Result<(), String> {
         if !name_ok(name, true) {
             return at("bad metric name".into());
         }
-        if name != current || !typed.contains(name) {
+        // A histogram's samples are its name with _bucket, _sum or _count.
+        let histogram = typed.get(&current).is_some_and(|t| t == "histogram");
+        let suffix = name.strip_prefix(current.as_str()).unwrap_or(name);
+        let own = if histogram {
+            ["_bucket", "_sum", "_count"].contains(&suffix)
+        } else {
+            name == current
+        };
+        if !own || !typed.contains_key(&current) {
             return at(format!(
                 "sample of {name} outside its family or before its TYPE"
             ));
@@ -846,6 +884,14 @@ pub fn lint(text: &str) -> Result<(), String> {
             };
             key.push_str(&body[..end]);
             rest = &body[end + 1..];
+        }
+        let label_text = &key[name.len()..];
+        if histogram
+            && suffix == "_bucket"
+            && !label_text.starts_with("le=\"")
+            && !label_text.contains(",le=\"")
+        {
+            return at("a histogram bucket without le".into());
         }
         let mut parts = rest.trim_start_matches(' ').split(' ');
         let value = parts.next().unwrap_or("");

@@ -42,7 +42,9 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
+use crate::block::timed::IoLatency;
 use crate::block::{
     check_range, BlockDevice, BlockError, Capabilities, PendingWrite, Result, WriteCompletion,
 };
@@ -77,6 +79,9 @@ pub struct IoCounters {
     pub sent_bytes: AtomicU64,
     /// Writes that completed without the peer and were marked out of sync.
     pub writes_marked: AtomicU64,
+    /// How long client reads, writes and flushes took here (a write until the peer's
+    /// acknowledgement when the protocol waits for it).
+    pub latency: IoLatency,
 }
 
 /// The replicated block device of one resource.
@@ -387,10 +392,18 @@ struct WrittenLocally {
     offset: u64,
     len: u64,
     local_ok: bool,
+    /// When the client's write reached the device (for the latency histogram).
+    started: Instant,
 }
 
 impl WrittenLocally {
     fn settle(self, peer_ok: bool) -> Result<()> {
+        let result = self.settle_untimed(peer_ok);
+        self.counters.latency.write.observe(self.started.elapsed());
+        result
+    }
+
+    fn settle_untimed(&self, peer_ok: bool) -> Result<()> {
         let (offset, len) = (self.offset, self.len);
         if !peer_ok && !self.local_ok {
             self.meta.write_end(offset, len);
@@ -466,6 +479,37 @@ impl BlockDevice for ReplicatedDevice {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let started = Instant::now();
+        let result = self.read_untimed(buf, offset);
+        self.counters.latency.read.observe(started.elapsed());
+        result
+    }
+
+    fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<()> {
+        self.start_write(data, offset, fua)?.wait()
+    }
+
+    fn start_write(&self, data: &[u8], offset: u64, fua: bool) -> Result<WriteCompletion> {
+        let started = Instant::now();
+        let result = self.start_write_untimed(data, offset, fua, started);
+        if result.is_err() {
+            // Refused before it was written anywhere; nothing left to settle it.
+            self.counters.latency.write.observe(started.elapsed());
+        }
+        result
+    }
+
+    fn flush(&self) -> Result<()> {
+        let started = Instant::now();
+        let result = self.flush_untimed();
+        self.counters.latency.flush.observe(started.elapsed());
+        result
+    }
+}
+
+/// The client requests, untimed (the [`BlockDevice`] methods time them).
+impl ReplicatedDevice {
+    fn read_untimed(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(self.size(), offset, buf.len() as u64)?;
         self.counters
             .read_bytes
@@ -500,11 +544,13 @@ impl BlockDevice for ReplicatedDevice {
         }
     }
 
-    fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<()> {
-        self.start_write(data, offset, fua)?.wait()
-    }
-
-    fn start_write(&self, data: &[u8], offset: u64, fua: bool) -> Result<WriteCompletion> {
+    fn start_write_untimed(
+        &self,
+        data: &[u8],
+        offset: u64,
+        fua: bool,
+        started: Instant,
+    ) -> Result<WriteCompletion> {
         let len = data.len() as u64;
         check_range(self.size(), offset, len)?;
         self.meta
@@ -545,12 +591,13 @@ impl BlockDevice for ReplicatedDevice {
                 offset,
                 len,
                 local_ok,
+                started,
             },
             peer,
         })))
     }
 
-    fn flush(&self) -> Result<()> {
+    fn flush_untimed(&self) -> Result<()> {
         let local_ok = !self.is_detached()
             && match self.local.flush() {
                 Ok(()) => true,
@@ -840,6 +887,16 @@ mod tests {
             0,
             "the peer has it: nothing is dirty"
         );
+        // The latency histogram timed it until the peer's acknowledgement.
+        let w = dev.counters.latency.write.snapshot();
+        assert_eq!(w.count(), 1);
+        assert!(w.sum_ns >= 200_000_000, "{w:?}");
+        let le_100ms = crate::block::timed::bucket_of(100_000_000);
+        assert_eq!(w.buckets[..=le_100ms].iter().sum::<u64>(), 0, "{w:?}");
+        let mut buf = [0u8; 4096];
+        dev.read_at(&mut buf, 4096).unwrap();
+        let l = dev.counters.latency.snapshot();
+        assert_eq!((l.read.count(), l.write.count()), (1, 1));
     }
 
     #[test]

@@ -39,6 +39,7 @@ fn view(name: &str) -> ResourceView {
                 ..Default::default()
             }),
             nbd: None,
+            latency: Default::default(),
         },
     }
 }
@@ -189,20 +190,71 @@ fn nothing_known_means_no_series_not_made_up_ones() {
 }
 
 #[test]
+fn latency_histograms_per_resource_and_op() {
+    use crate::block::timed::IoLatency;
+    let io = IoLatency::default();
+    io.write.observe(Duration::from_micros(40));
+    io.write.observe(Duration::from_micros(300));
+    io.write.observe(Duration::from_millis(3));
+    io.write.observe(Duration::from_secs(11));
+    io.read.observe(Duration::from_micros(100));
+    let mut v = view("r0");
+    v.ops.latency = io.snapshot();
+    let text = render(&[v, view("r1")], &[]);
+    lint(&text).unwrap();
+    has(&text, "# TYPE twinblade_io_latency_seconds histogram");
+    let w = |rest: &str| format!("twinblade_io_latency_seconds{rest}");
+    for line in [
+        r#"_bucket{resource="r0",op="write",le="0.00005"} 1"#,
+        r#"_bucket{resource="r0",op="write",le="0.0001"} 1"#,
+        r#"_bucket{resource="r0",op="write",le="0.00025"} 1"#,
+        r#"_bucket{resource="r0",op="write",le="0.0005"} 2"#,
+        r#"_bucket{resource="r0",op="write",le="0.0025"} 2"#,
+        r#"_bucket{resource="r0",op="write",le="0.005"} 3"#,
+        r#"_bucket{resource="r0",op="write",le="10"} 3"#,
+        r#"_bucket{resource="r0",op="write",le="+Inf"} 4"#,
+        r#"_sum{resource="r0",op="write"} 11.00334"#,
+        r#"_count{resource="r0",op="write"} 4"#,
+        r#"_bucket{resource="r0",op="read",le="0.00005"} 0"#,
+        r#"_bucket{resource="r0",op="read",le="0.0001"} 1"#,
+        r#"_count{resource="r0",op="read"} 1"#,
+        r#"_bucket{resource="r0",op="flush",le="+Inf"} 0"#,
+        r#"_sum{resource="r0",op="flush"} 0"#,
+        r#"_count{resource="r1",op="write"} 0"#,
+    ] {
+        has(&text, &w(line));
+    }
+    // 18 buckets, a sum and a count per resource and op, and the two comment lines.
+    let lines = text
+        .lines()
+        .filter(|l| l.contains("twinblade_io_latency_seconds"))
+        .count();
+    assert_eq!(lines, 2 * 3 * 20 + 2);
+    assert!(!render(&[], &[]).contains("latency"));
+}
+
+#[test]
 fn the_lint_catches_what_a_scraper_would_reject() {
     let good = "# HELP a_total x\n# TYPE a_total counter\na_total{r=\"x\\\"y\"} 1\n";
     lint(good).unwrap();
+    let histogram =
+        "# TYPE h histogram\nh_bucket{le=\"1\"} 1\nh_bucket{le=\"+Inf\"} 1\nh_sum 0.5\nh_count 1\n";
+    lint(histogram).unwrap();
     for bad in [
-        "# TYPE a counter\na 1\n",         // counter without _total
-        "a 1\n",                           // sample before TYPE
-        "# TYPE a gauge\na{r=\"x} 1\n",    // unterminated value
-        "# TYPE a gauge\na{r=x} 1\n",      // unquoted value
-        "# TYPE a gauge\na{1r=\"x\"} 1\n", // bad label name
-        "# TYPE a gauge\na one\n",         // bad value
-        "# TYPE a gauge\na 1\na 2\n",      // series twice
+        "# TYPE h histogram\nh_bucket 1\n", // bucket without le
+        "# TYPE h histogram\nh 1\n",        // a histogram's bare name
+        "# TYPE h gauge\nh_sum 1\n",        // a gauge's _sum
+        "# TYPE h histogram\nh_total 1\n",  // not a histogram suffix
+        "# TYPE a counter\na 1\n",          // counter without _total
+        "a 1\n",                            // sample before TYPE
+        "# TYPE a gauge\na{r=\"x} 1\n",     // unterminated value
+        "# TYPE a gauge\na{r=x} 1\n",       // unquoted value
+        "# TYPE a gauge\na{1r=\"x\"} 1\n",  // bad label name
+        "# TYPE a gauge\na one\n",          // bad value
+        "# TYPE a gauge\na 1\na 2\n",       // series twice
         "# TYPE a gauge\na 1\n# TYPE b gauge\nb 1\n# HELP a x\n", // family split
         "# TYPE a gauge\na{r=\"\\x\"} 1\n", // bad escape
-        "# TYPE a gauge\na 1",             // no final newline
+        "# TYPE a gauge\na 1",              // no final newline
     ] {
         assert!(lint(bad).is_err(), "accepted {bad:?}");
     }

@@ -1,7 +1,8 @@
 //! What the watchdog and the metrics read of a resource beside its status snapshot: when the
 //! engine last went round its loop, how timed failovers ended, and the counters of the exports
-//! currently (or last) served. The engine writes them; nothing here is on the I/O path (the
-//! export counters are the exports' own atomics, shared once when serving starts).
+//! currently (or last) served, and the replicated device's latency histograms. The engine
+//! writes them; nothing here is on the I/O path (the export counters are the exports' own
+//! atomics, shared once when serving starts; the histograms are the device's).
 
 use super::*;
 
@@ -77,6 +78,9 @@ pub struct OpsSnapshot {
     pub aoe: Option<AoeTotals>,
     /// NBD counters, since serving last started.
     pub nbd: Option<NbdTotals>,
+    /// Latency of the client reads, writes and flushes the replicated device served (since
+    /// the daemon started; the device's own atomics).
+    pub latency: crate::block::timed::IoLatencySnapshot,
 }
 
 /// AoE counters summed over a resource's blades.
@@ -179,6 +183,7 @@ impl Ops {
             },
             aoe,
             nbd,
+            latency: Default::default(),
         }
     }
 }
@@ -195,6 +200,9 @@ impl Resource {
 
     /// The operational counters for a scrape.
     pub fn ops_snapshot(&self) -> OpsSnapshot {
-        self.ops.snapshot(self.now_ms())
+        OpsSnapshot {
+            latency: self.device.counters.latency.snapshot(),
+            ..self.ops.snapshot(self.now_ms())
+        }
     }
 }
