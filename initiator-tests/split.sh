@@ -499,14 +499,15 @@ sc_two_pairs() {
 
 # --- no_quorum: on-no-quorum, seen by an NBD client ------------------------------------------------
 NOQ_TIMEOUT=3
-# qemu_io NAME COMMANDS...: qemu-io against the pair's NBD export (the floating IP), from the
+# qemu_io NAME COMMANDS...: qemu-io against alpha's NBD export at alpha's own address (a
+# connection through the floating IP loses it with the gate: see README, on-no-quorum), from the
 # client namespace, in the background ($qpid; output in $work/NAME.qio, exit time in NAME.end)
 qemu_io() {
     local name=$1 a=()
     shift
     for c in "$@"; do a+=(-c "$c"); done
     (
-        ip netns exec "$P-c" timeout 60 qemu-io -f raw "${a[@]}" "nbd://$FIP:10809/r0" >"$work/$name.qio" 2>&1
+        ip netns exec "$P-c" timeout 60 qemu-io -f raw "${a[@]}" "nbd://$CNET.1:10809/r0" >"$work/$name.qio" 2>&1
         echo $? >"$work/$name.rc"
         date +%s%3N >"$work/$name.end"
     ) &
@@ -516,14 +517,15 @@ qemu_io() {
 noq_run() { # io-error|suspend-io
     local sc=no_quorum mode=$1 loss_at end rc held
     if [[ $mode == io-error ]]; then
-        NBD_KEYS=$(printf 'nbd = "%s:10809"\non-no-quorum = "io-error"\non-no-quorum-timeout = %s' "$FIP" "$NOQ_TIMEOUT")
+        NBD_KEYS=$(printf 'nbd = "0.0.0.0:10809"\non-no-quorum = "io-error"\non-no-quorum-timeout = %s' "$NOQ_TIMEOUT")
     else
-        NBD_KEYS=$(printf 'nbd = "%s:10809"\non-no-quorum = "suspend-io"' "$FIP")
+        NBD_KEYS='nbd = "0.0.0.0:10809"
+on-no-quorum = "suspend-io"'
     fi
     rm -f "$work/alpha.img" "$work/beta.img" "$work/beta.md" "$work/off.alpha" "$work/off.beta"
     pair_fresh
     wait_for 10 "alpha serves" serves alpha
-    ip netns exec "$P-c" timeout 10 qemu-io -f raw -c 'write -P 0x11 0 64k' "nbd://$FIP:10809/r0" >"$work/$mode.first" 2>&1 ||
+    ip netns exec "$P-c" timeout 10 qemu-io -f raw -c 'write -P 0x11 0 64k' "nbd://$CNET.1:10809/r0" >"$work/$mode.first" 2>&1 ||
         check $sc "$mode: a first NBD write through the floating IP" false
     client_start "noq.$mode" "$P-c" 1M
     # Connected and writing; the second write is issued 3 s later, after the cut.
@@ -543,7 +545,7 @@ noq_run() { # io-error|suspend-io
         info $sc "io-error: EIO after the power loss" "$((end - loss_at)) ms (on-no-quorum-timeout ${NOQ_TIMEOUT} s, from when the gate shut: dead time ${HB_DEAD} s after the loss)"
         check $sc "io-error: not before the bound ($((end - loss_at)) ms >= ${NOQ_TIMEOUT} s)" eval "(($end - $loss_at >= $NOQ_TIMEOUT * 1000))"
         check $sc "io-error: alpha logged on-no-quorum" logged alpha "on-no-quorum"
-        ip netns exec "$P-c" timeout 10 qemu-io -f raw -c 'read 0 4k' "nbd://$FIP:10809/r0" >"$work/$mode.late" 2>&1 || true
+        ip netns exec "$P-c" timeout 10 qemu-io -f raw -c 'read 0 4k' "nbd://$CNET.1:10809/r0" >"$work/$mode.late" 2>&1 || true
         check $sc "io-error: a new connection's read fails at once with EIO" grep -q 'read failed: Input/output error' "$work/$mode.late"
     else
         sleep $((NOQ_TIMEOUT + 5))
