@@ -30,15 +30,18 @@
 #                  hand, beta's power loss: alpha promotes with the grant
 #   two_pairs      a second pair (prefix tbw2, 10.77.96.0/24, pair name tbw-lab2, blade e9.6) on
 #                  the same witness (a third leg of tbw-r, 10.77.96.20): pair 1's primary's power
-#                  loss fails pair 1 over and leaves pair 2 alone (same primary, no role change,
-#                  its client never stalls over 1 s); then pair 2's primary's: pair 2 fails over;
-#                  the book holds both pairs' grants
-#   no_quorum      on-no-quorum (`on-no-quorum = "io-error"`, `on-no-quorum-timeout = 3`): an NBD
-#                  client (nbdcopy/qemu-io) writing to the primary, which then loses its peer
-#                  (replication link and heartbeat paths) and the witness: after the bound the
-#                  NBD write fails with EIO (not before: nothing acknowledged in between); AoE
-#                  probes hear nothing; the peer never serves. Then `suspend-io`: the write is
-#                  held past the bound and completes once the witness is back
+#                  loss fails pair 1 over and leaves pair 2 alone (same primary answering, still
+#                  in sync, no auto-promote on its secondary); then pair 2's primary's: pair 2
+#                  fails over with its own grant; the book holds both pairs' grants. (Pair 2 has
+#                  its own namespaces, bridges and blade; its resource is also named r0, which
+#                  the witness keeps apart by pair name; ports are the same numbers, in other
+#                  namespaces.)
+#   no_quorum      on-no-quorum (`on-no-quorum = "io-error"`, `on-no-quorum-timeout = 3`, NBD on
+#                  0.0.0.0:10809): qemu-io connected to alpha's own address writes, then alpha
+#                  loses the witness (nftables) and its peer (beta's power loss): the next write
+#                  fails with EIO, not before the bound; a new connection's read fails at once;
+#                  AoE probes hear nothing after the lease. Then `suspend-io`: the write is held
+#                  past the bound and completes once the witness is reachable again (the grant)
 #
 # Usage: initiator-tests/split.sh [--keep] [SCENARIO...]   (default: all, in order)
 #
