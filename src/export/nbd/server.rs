@@ -69,9 +69,10 @@ use tokio_util::sync::CancellationToken;
 use super::acl::Acl;
 use super::export::{gate_opens_or_fails, Export, ExportError, ExportState};
 use super::handshake::{negotiate, HandshakeError};
+use super::op::{device_error, Op};
 use super::outq::{write_some, OutQueue, BUF_CHUNK};
 use crate::block::order::{Access, Ticket};
-use crate::block::{check_range, BlockDevice, BlockError};
+use crate::block::{check_range, BlockDevice};
 use crate::ratelimit::LogLimiter;
 use crate::warn_limited;
 use crate::wire::nbd::{cmd_flags, errno, Command, RequestRepr, SimpleReplyRepr};
@@ -95,7 +96,6 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 static ACCEPT_LOG: LogLimiter = LogLimiter::network();
 static CLIENT_LOG: LogLimiter = LogLimiter::network();
-static DEVICE_LOG: LogLimiter = LogLimiter::network();
 static QUORUM_LOG: LogLimiter = LogLimiter::network();
 
 /// Tunables of a [`Server`].
@@ -956,60 +956,5 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Connection<R, W> {
         let stats = Arc::clone(&self.stats);
         let tx = self.done_tx.clone();
         tokio::task::spawn_blocking(move || run_jobs(jobs, &*device, &stats, &tx));
-    }
-}
-
-fn device_error(err: &BlockError) -> u32 {
-    warn_limited!(DEVICE_LOG, error = %err, "nbd: device error");
-    errno::from_host(err.errno())
-}
-
-/// A request run on the blocking pool.
-enum Op {
-    /// `buf` is the whole reply: 16 header bytes, then room for the data.
-    Read {
-        offset: u64,
-        buf: Vec<u8>,
-    },
-    Write {
-        data: Vec<u8>,
-        offset: u64,
-        fua: bool,
-    },
-    Flush,
-    Trim {
-        offset: u64,
-        len: u64,
-    },
-    Zeroes {
-        offset: u64,
-        len: u64,
-        fua: bool,
-    },
-}
-
-impl Op {
-    /// Runs the request; returns the complete reply and, for a write, its payload buffer.
-    fn run(self, device: &dyn BlockDevice, handle: u64) -> (Vec<u8>, Option<Vec<u8>>) {
-        let header = |error: u32| SimpleReplyRepr { error, handle }.to_bytes().to_vec();
-        let (result, payload) = match self {
-            Op::Read { offset, mut buf } => {
-                return match device.read_at(&mut buf[SimpleReplyRepr::LEN..], offset) {
-                    Ok(()) => {
-                        SimpleReplyRepr { error: 0, handle }.emit(&mut buf);
-                        (buf, None)
-                    }
-                    Err(err) => (header(device_error(&err)), Some(buf)),
-                };
-            }
-            Op::Write { data, offset, fua } => (device.write_at(&data, offset, fua), Some(data)),
-            Op::Flush => (device.flush(), None),
-            Op::Trim { offset, len } => (device.discard(offset, len), None),
-            Op::Zeroes { offset, len, fua } => (device.write_zeroes(offset, len, fua), None),
-        };
-        match result {
-            Ok(()) => (header(0), payload),
-            Err(err) => (header(device_error(&err)), payload),
-        }
     }
 }
