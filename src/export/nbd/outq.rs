@@ -86,13 +86,17 @@ impl OutQueue {
         self.queued_total -= n as u64;
     }
 
-    /// Records that the last `len` bytes queued are one reply (its header first).
+    /// Records that the last `len` bytes queued are one reply (its header first), all in the
+    /// back chunk, as [`OutQueue::tail`] and [`OutQueue::push`] place them.
     pub(super) fn mark(&mut self, len: usize) {
         let end = self.queued_total;
         let start = end - len as u64;
-        let (ok, handle) = match self.header_at(start) {
-            Some(h) => (h.error == 0, h.handle),
-            None => return,
+        let back = self.chunks.back().expect("a reply was just queued");
+        let at = back.len - len;
+        let header = SimpleReplyRepr::parse(&back.buf[at..at + SimpleReplyRepr::LEN]);
+        let (ok, handle) = match header {
+            Ok(h) => (h.error == 0, h.handle),
+            Err(_) => return,
         };
         self.replies.push_back(Reply {
             start,
@@ -102,7 +106,8 @@ impl OutQueue {
         });
     }
 
-    /// The reply header at absolute offset `at` (queued, not yet written).
+    /// The reply header at absolute offset `at` (queued, not yet written; only for the rare
+    /// [`OutQueue::fail_unsent`]: it walks the chunks).
     fn header_at(&self, at: u64) -> Option<SimpleReplyRepr> {
         let mut skip = (at - self.written_total) as usize;
         let mut header = [0u8; SimpleReplyRepr::LEN];
