@@ -60,6 +60,7 @@ use serde::Deserialize;
 
 pub mod check;
 mod cluster;
+mod quorum;
 pub mod secret;
 
 pub use cluster::{
@@ -256,6 +257,14 @@ pub struct Resource {
     /// [`crate::cluster::machine`]).
     #[serde(default = "default_fencing", deserialize_with = "fencing_word")]
     pub fencing: crate::cluster::Fencing,
+    /// What a serving node does with client requests while its serve gate is shut (it lost
+    /// its peer and has no vouch): `"io-error"` (default: hold them `on-no-quorum-timeout`
+    /// seconds, then NBD requests fail with EIO) or `"suspend-io"` (hold them until the gate
+    /// opens). DRBD's `on-no-quorum`; see [`crate::ha::quorum`] and
+    /// [`Resource::on_no_quorum`].
+    pub on_no_quorum: Option<String>,
+    /// Seconds requests are held before `io-error` fails them (default 30).
+    pub on_no_quorum_timeout: Option<f64>,
     /// Resync upper bound in bytes/s, `K`/`M`/`G` suffixes (binary), or `"unlimited"`
     /// (default).
     pub resync_rate_max: Option<ByteValue>,
@@ -651,6 +660,7 @@ impl Config {
                     ));
                 }
             }
+            quorum::validate_on_no_quorum(res).map_err(|(k, e)| (key(k), e))?;
             if let Some(p) = &res.preferred_primary {
                 if !self.nodes.contains_key(p) {
                     return Err((key("preferred-primary"), format!("{p} is not a node")));

@@ -110,6 +110,8 @@ fn a_good_file_prints_the_effective_settings_and_touches_nothing() {
         "protocol = \"C\"",
         "al-extent-kib = 4096",
         "degr-wfc-timeout = 60.0",
+        "on-no-quorum = \"io-error\"",
+        "on-no-quorum-timeout = 30.0",
         "[resource.r1.on.alpha]",
         "regular file, 67108864 bytes (64.00 MiB)",
         "usable ",
@@ -170,6 +172,17 @@ fn each_broken_file_names_the_key_and_the_problem() {
         ("r1.md", "r1-missing.md", 1, ": resource.r1.on.alpha.meta-disk: "),
         ("port = 7789", "port = 7789\nprotocol = \"D\"", 2, ": resource.r1.protocol: unknown variant `D`"),
         ("port = 7789", "port = 7789\nbogus = 1", 2, ": resource.r1.bogus: unknown key"),
+        ("port = 7789", "port = 7789\non-no-quorum = \"freeze\"", 2, ": resource.r1.on-no-quorum: unknown value \"freeze\", expected \"io-error\" or \"suspend-io\""),
+        ("port = 7789", "port = 7789\non-no-quorum-timeout = 0", 2, ": resource.r1.on-no-quorum-timeout: 0 is not a number of seconds in (0, 86400]"),
+        ("port = 7789", "port = 7789\non-no-quorum-timeout = -2.5", 2, ": resource.r1.on-no-quorum-timeout: -2.5 is not a number of seconds"),
+        ("port = 7789", "port = 7789\non-no-quorum-timeout = nan", 2, ": resource.r1.on-no-quorum-timeout: NaN is not a number of seconds"),
+        ("port = 7789", "port = 7789\non-no-quorum-timeout = 100000", 2, ": resource.r1.on-no-quorum-timeout: 100000 is not a number of seconds"),
+        (
+            "port = 7789",
+            "port = 7789\non-no-quorum = \"suspend-io\"\non-no-quorum-timeout = 5",
+            2,
+            ": resource.r1.on-no-quorum-timeout: means nothing with on-no-quorum = \"suspend-io\"",
+        ),
         ("[node.beta]", "[node.gamma]\naddress = \"127.0.0.3\"\ninterface = \"lo\"\n[node.beta]", 2, ": node: exactly two nodes are needed, found 3"),
         (
             "shared-secret = ",
@@ -232,6 +245,39 @@ fn each_broken_file_names_the_key_and_the_problem() {
         "{}",
         r.stderr
     );
+}
+
+#[test]
+fn on_no_quorum_is_dumped_as_given_and_loads_again() {
+    for (extra, dumped) in [
+        (
+            "on-no-quorum = \"suspend-io\"",
+            &[
+                "on-no-quorum = \"suspend-io\"",
+                "# on-no-quorum-timeout: none",
+            ][..],
+        ),
+        (
+            "on-no-quorum = \"io-error\"\non-no-quorum-timeout = 2.5",
+            &["on-no-quorum = \"io-error\"", "on-no-quorum-timeout = 2.5"][..],
+        ),
+    ] {
+        let (dir, conf) =
+            setup(|d| pair(d).replacen("port = 7789", &format!("port = 7789\n{extra}"), 1));
+        let r = check_config(&["-c", conf.to_str().unwrap(), "--node", "alpha"]);
+        assert_eq!(r.code, 0, "{extra}: {}", r.stderr);
+        let r1 = r.stdout.split("[resource.r1]").nth(1).expect("r1 dumped");
+        for line in dumped {
+            assert!(r1.contains(line), "{line:?} missing in\n{r1}");
+        }
+        let again = dir.path().join("again.toml");
+        std::fs::write(&again, &r.stdout).unwrap();
+        let r2 = check_config(&["-c", again.to_str().unwrap(), "--node", "alpha"]);
+        assert_eq!(r2.code, 0, "{}", r2.stderr);
+        for line in dumped {
+            assert!(r2.stdout.contains(line), "{line:?} lost in the dump's dump");
+        }
+    }
 }
 
 #[test]

@@ -879,3 +879,40 @@ async fn stopping_with_a_closed_gate_closes_without_replying() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn io_error_fails_held_replies_and_new_requests_while_the_gate_stays_shut() {
+    use twinblade::ha::quorum::OnNoQuorum;
+    let dev = Arc::new(MemDevice::new(MIB));
+    let (srv, gate) = gated_server(dev.clone()).await;
+    let mut c = Client::connect(srv.addr, "disk").await;
+    // Bounded, but not yet past the bound: held as under suspend-io.
+    gate.set_on_no_quorum(OnNoQuorum::IoError {
+        after: Duration::from_secs(3600),
+    });
+    gate.set(Authority::Closed);
+    c.send_write(0, 7, 4096, &pattern(4096, 3)).await;
+    c.send(Command::Read, 0, 8, 4096, 4096).await;
+    wait_for_gate_holds(&srv.stats, 1).await;
+    assert!(nothing_to_read(&c.s), "a reply left through a closed gate");
+    // Past the bound (a bound of zero: the gate has been shut that long already).
+    gate.set_on_no_quorum(OnNoQuorum::IoError {
+        after: Duration::ZERO,
+    });
+    for handle in [7, 8] {
+        let r = c.reply().await;
+        assert_eq!((r.handle, r.error), (handle, errno::EIO), "no data follows");
+    }
+    // New requests fail at once, without reaching the device.
+    c.send_write(0, 9, 8192, &pattern(4096, 5)).await;
+    let r = c.reply().await;
+    assert_eq!((r.handle, r.error), (9, errno::EIO));
+    assert_eq!(c.read(8192, 4096).await, Err(errno::EIO));
+    // Open again: answered as ever; the failed write never ran.
+    gate.set(Authority::Open);
+    assert_eq!(c.read(8192, 4096).await, Ok(vec![0; 4096]));
+    assert_eq!(c.write(0, 8192, &pattern(4096, 6)).await, 0);
+    assert_eq!(c.read(8192, 4096).await, Ok(pattern(4096, 6)));
+    c.disconnect().await;
+    srv.shutdown().await;
+}

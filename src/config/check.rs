@@ -487,6 +487,8 @@ fn keys_are_all_dumped(config: &Config) {
             mac: _,
             floating_ip: _,
             fencing: _,
+            on_no_quorum: _,
+            on_no_quorum_timeout: _,
             resync_rate_max: _,
             resync_rate_min: _,
             resync_fill_target: _,
@@ -666,6 +668,15 @@ pub fn dump(config: &Config, node: Option<&str>, facts: &BTreeMap<String, String
             crate::cluster::Fencing::DontCare => "dont-care",
         };
         d.kv("fencing", quoted(fencing), None);
+        let quorum = r.on_no_quorum();
+        d.kv("on-no-quorum", quoted(quorum.word()), None);
+        match quorum.timeout() {
+            Some(t) => d.kv("on-no-quorum-timeout", secs(Some(t)), None),
+            None => d.none(
+                "on-no-quorum-timeout",
+                "none (suspend-io holds requests until the gate opens)",
+            ),
+        }
         let mac_word = match r.mac.as_deref() {
             None | Some("auto") => "auto",
             Some("own") => "own",

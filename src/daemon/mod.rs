@@ -255,6 +255,7 @@ pub fn run(args: RunArgs, cancel: CancellationToken) -> Result<(), RunError> {
                     tries: crate::config::WITNESS_TRIES,
                 })
             }),
+            on_no_quorum: res.on_no_quorum(),
         };
         let group = root.group(format!("resource-{name}"));
         resources.push(Resource::start(

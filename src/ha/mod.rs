@@ -8,6 +8,7 @@
 //! * [`liveness`]: the peer is dead only when every path has been silent for the dead time.
 //! * [`clock`]: the monotonic clock and the shared lease expiry.
 //! * [`gate`]: what the exports consult before every reply.
+//! * [`quorum`]: `on-no-quorum`, how long requests wait behind a shut gate.
 //!
 //! The I/O part: [`service`], the heartbeat thread and its sockets, built on the above;
 //! [`witness`], the witness service and the node's client of it.
@@ -17,6 +18,7 @@
 pub mod clock;
 pub mod gate;
 pub mod liveness;
+pub mod quorum;
 pub mod replay;
 pub mod service;
 pub mod stopwatch;

@@ -177,6 +177,8 @@ pub struct ResourceSpec {
     pub fence: Option<Arc<super::fence::FenceSpec>>,
     /// The witness (`[cluster] witness`), if one is configured.
     pub witness: Option<Arc<super::witness::WitnessSpec>>,
+    /// What requests held behind the shut serve gate do (`on-no-quorum`).
+    pub on_no_quorum: crate::ha::quorum::OnNoQuorum,
 }
 
 /// Resync progress, for status. Reset when a resync starts, kept after it ends (the last
@@ -388,7 +390,11 @@ impl Resource {
             peer_diskless: AtomicBool::new(false),
             // The resource's own lease, renewed by echoes from a peer that is not primary for
             // it (see `Heartbeat::serve_through`) and by answered replication pings.
-            gate: ServeGate::new(crate::ha::clock::LeaseClock::new()),
+            gate: {
+                let gate = ServeGate::new(crate::ha::clock::LeaseClock::new());
+                gate.set_on_no_quorum(spec.on_no_quorum);
+                gate
+            },
             heartbeat: heartbeat.clone(),
             last_failover: Mutex::new(None),
             last_fence: Mutex::new(None),

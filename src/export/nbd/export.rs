@@ -44,10 +44,12 @@ impl Export {
 /// How often a connection holding replies looks at a closed serve gate again.
 pub const GATE_POLL: std::time::Duration = std::time::Duration::from_millis(5);
 
-/// Returns once `gate` allows answering (polling every [`GATE_POLL`]); never, if it stays
-/// closed. Callers race it against their own reasons to give up (shutdown, a timeout).
-pub(crate) async fn gate_opens(gate: &ServeGate) {
-    while !gate.may_answer() {
+/// Returns once `gate` allows answering, or once requests held behind it should fail
+/// (`on-no-quorum = io-error`: [`ServeGate::failing`]), polling every [`GATE_POLL`]; never, if
+/// it stays shut under `suspend-io`. Callers race it against their own reasons to give up
+/// (shutdown, a timeout).
+pub(crate) async fn gate_opens_or_fails(gate: &ServeGate) {
+    while !gate.may_answer() && !gate.failing() {
         tokio::time::sleep(GATE_POLL).await;
     }
 }

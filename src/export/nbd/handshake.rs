@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::export::{gate_opens, ExportState};
+use super::export::{gate_opens_or_fails, ExportState};
 use crate::wire::nbd::{
     client_flags, handshake_flags, info, opt, rep, ExportNameReplyRepr, GreetingRepr, InfoRepr,
     InfoRequestRepr, OptionReplyRepr, OptionRequest, OptionRequestRepr, ServerRepr,
@@ -108,8 +108,9 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
                     .map_err(|_| HandshakeError::Protocol("export name is not UTF-8"))?;
                 // No error reply exists for this option: an unknown name closes the connection.
                 let export = find(exports, name).ok_or(HandshakeError::Ended("unknown export"))?;
-                // The export's info is an answer too: held while this node may not serve.
-                gate_opens(&export.export.gate).await;
+                // The export's info is an answer too: held while this node may not serve (until
+                // on-no-quorum = io-error fails requests: then they get EIO in transmission).
+                gate_opens_or_fails(&export.export.gate).await;
                 let r = ExportNameReplyRepr {
                     size: export.size,
                     flags: export.flags,
@@ -151,8 +152,9 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
                     reply(io, option, rep::ERR_UNKNOWN, &[]).await?;
                     continue;
                 };
-                // The export's info is an answer too: held while this node may not serve.
-                gate_opens(&export.export.gate).await;
+                // The export's info is an answer too: held while this node may not serve (until
+                // on-no-quorum = io-error fails requests: then they get EIO in transmission).
+                gate_opens_or_fails(&export.export.gate).await;
                 let mut infos = vec![InfoRepr::Export {
                     size: export.size,
                     flags: export.flags,

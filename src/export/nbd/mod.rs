@@ -38,6 +38,7 @@ pub mod acl;
 pub mod export;
 mod fuzz;
 mod handshake;
+mod op;
 mod outq;
 pub mod server;
 

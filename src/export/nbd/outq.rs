@@ -1,11 +1,14 @@
 //! The replies leaving an NBD connection: the output queue that coalesces small replies and
 //! keeps large ones as they are, the pool of reusable large buffers, and the vectored write
-//! that drains them.
+//! that drains them. The queue knows where each reply begins and ends, so that replies not yet
+//! begun can be turned into errors (`on-no-quorum = io-error`: [`OutQueue::fail_unsent`]).
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+use crate::wire::nbd::SimpleReplyRepr;
 
 /// Size of a fresh input or output buffer (the connection's input buffer grows by it too).
 pub(super) const BUF_CHUNK: usize = 256 << 10;
@@ -34,6 +37,20 @@ pub(super) struct OutQueue {
     spare: Vec<Vec<u8>>,
     /// Large buffers (read replies, write payloads) kept for reuse.
     pub(super) pool: BufPool,
+    /// The replies queued and not wholly written, in order, at absolute offsets.
+    replies: VecDeque<Reply>,
+    /// Bytes ever queued (less those shrunk or cut off), and ever written.
+    queued_total: u64,
+    written_total: u64,
+}
+
+/// Where one queued reply lies in the stream of queued bytes.
+struct Reply {
+    start: u64,
+    end: u64,
+    handle: u64,
+    /// A success reply (an error reply stays what it is).
+    ok: bool,
 }
 
 impl OutQueue {
@@ -57,6 +74,7 @@ impl OutQueue {
         let start = back.len;
         back.len += n;
         self.bytes += n;
+        self.queued_total += n as u64;
         &mut back.buf[start..start + n]
     }
 
@@ -65,10 +83,120 @@ impl OutQueue {
         let back = self.chunks.back_mut().expect("tail was called");
         back.len -= n;
         self.bytes -= n;
+        self.queued_total -= n as u64;
+    }
+
+    /// Records that the last `len` bytes queued are one reply (its header first), all in the
+    /// back chunk, as [`OutQueue::tail`] and [`OutQueue::push`] place them.
+    pub(super) fn mark(&mut self, len: usize) {
+        let end = self.queued_total;
+        let start = end - len as u64;
+        let back = self.chunks.back().expect("a reply was just queued");
+        let at = back.len - len;
+        let header = SimpleReplyRepr::parse(&back.buf[at..at + SimpleReplyRepr::LEN]);
+        let (ok, handle) = match header {
+            Ok(h) => (h.error == 0, h.handle),
+            Err(_) => return,
+        };
+        self.replies.push_back(Reply {
+            start,
+            end,
+            handle,
+            ok,
+        });
+    }
+
+    /// The reply header at absolute offset `at` (queued, not yet written; only for the rare
+    /// [`OutQueue::fail_unsent`]: it walks the chunks).
+    fn header_at(&self, at: u64) -> Option<SimpleReplyRepr> {
+        let mut skip = (at - self.written_total) as usize;
+        let mut header = [0u8; SimpleReplyRepr::LEN];
+        let mut got = 0;
+        for (i, c) in self.chunks.iter().enumerate() {
+            let from = if i == 0 { self.front_written } else { 0 };
+            let mut bytes = &c.buf[from..c.len];
+            if skip >= bytes.len() {
+                skip -= bytes.len();
+                continue;
+            }
+            bytes = &bytes[skip..];
+            skip = 0;
+            let n = bytes.len().min(header.len() - got);
+            header[got..got + n].copy_from_slice(&bytes[..n]);
+            got += n;
+            if got == header.len() {
+                return SimpleReplyRepr::parse(&header).ok();
+            }
+        }
+        None
+    }
+
+    /// Turns every success reply not yet begun into an `error` reply (a reply partly written
+    /// is finished as it is; error replies stay as they are); returns how many.
+    pub(super) fn fail_unsent(&mut self, error: u32) -> usize {
+        let written = self.written_total;
+        let Some(first) = self.replies.iter().position(|r| r.start >= written && r.ok) else {
+            return 0;
+        };
+        let replaced: Vec<SimpleReplyRepr> = self
+            .replies
+            .range(first..)
+            .map(|r| {
+                match r.ok {
+                    true => None,
+                    false => self.header_at(r.start),
+                }
+                .unwrap_or(SimpleReplyRepr {
+                    error,
+                    handle: r.handle,
+                })
+            })
+            .collect();
+        let n = self.replies.range(first..).filter(|r| r.ok).count();
+        let cut = self.replies[first].start;
+        self.replies.truncate(first);
+        self.cut_to(cut);
+        for header in replaced {
+            self.push_small(&header.to_bytes());
+        }
+        n
+    }
+
+    /// Drops the queued bytes from absolute offset `cut` (not yet written) on.
+    fn cut_to(&mut self, cut: u64) {
+        let mut drop = (self.queued_total - cut) as usize;
+        self.bytes -= drop;
+        self.queued_total = cut;
+        while drop > 0 {
+            let only = self.chunks.len() == 1;
+            let back = self.chunks.back_mut().expect("bytes were queued");
+            let floor = if only { self.front_written } else { 0 };
+            let n = drop.min(back.len - floor);
+            back.len -= n;
+            drop -= n;
+            if back.len == floor {
+                let chunk = self.chunks.pop_back().expect("checked");
+                if only {
+                    self.front_written = 0;
+                }
+                self.recycle(chunk.buf);
+            }
+        }
+    }
+
+    fn recycle(&mut self, buf: Vec<u8>) {
+        if buf.len() == BUF_CHUNK {
+            if self.spare.len() < 4 {
+                self.spare.push(buf);
+            }
+        } else {
+            self.pool.give(buf);
+        }
     }
 
     pub(super) fn push_small(&mut self, bytes: &[u8]) {
         self.tail(bytes.len()).copy_from_slice(bytes);
+        self.mark(bytes.len());
     }
 
     pub(super) fn push(&mut self, reply: Vec<u8>) {
@@ -76,10 +204,10 @@ impl OutQueue {
             self.push_small(&reply);
         } else {
             self.bytes += reply.len();
-            self.chunks.push_back(Chunk {
-                len: reply.len(),
-                buf: reply,
-            });
+            self.queued_total += reply.len() as u64;
+            let len = reply.len();
+            self.chunks.push_back(Chunk { len, buf: reply });
+            self.mark(len);
         }
     }
 
@@ -98,6 +226,14 @@ impl OutQueue {
     /// Marks `n` bytes written.
     pub(super) fn consume(&mut self, mut n: usize) {
         self.bytes -= n;
+        self.written_total += n as u64;
+        while self
+            .replies
+            .front()
+            .is_some_and(|r| r.end <= self.written_total)
+        {
+            self.replies.pop_front();
+        }
         while n > 0 {
             let front_len = self.chunks.front().expect("bytes were queued").len;
             let left = front_len - self.front_written;
@@ -209,5 +345,61 @@ mod tests {
         assert!(q.is_empty());
         assert!(q.chunks.is_empty());
         assert_eq!(q.spare.len(), 2);
+    }
+
+    fn reply(error: u32, handle: u64) -> [u8; SimpleReplyRepr::LEN] {
+        SimpleReplyRepr { error, handle }.to_bytes()
+    }
+
+    /// Every reply left in the queue, as (error, handle, payload bytes).
+    fn replies_in(q: &OutQueue) -> Vec<(u32, u64, usize)> {
+        let bytes: Vec<u8> = q
+            .slices(usize::MAX)
+            .iter()
+            .flat_map(|s| s.to_vec())
+            .collect();
+        q.replies
+            .iter()
+            .map(|r| {
+                let payload = (r.end - r.start) as usize - SimpleReplyRepr::LEN;
+                if r.start < q.written_total {
+                    return (u32::from(!r.ok), r.handle, payload); // begun: not parsed again
+                }
+                let at = (r.start - q.written_total) as usize;
+                let h = SimpleReplyRepr::parse(&bytes[at..at + SimpleReplyRepr::LEN]).unwrap();
+                (h.error, h.handle, payload)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn unsent_success_replies_become_errors_and_a_reply_begun_is_finished() {
+        let mut q = OutQueue::default();
+        q.push_small(&reply(0, 1)); // a write's reply
+        let t = q.tail(SimpleReplyRepr::LEN + 100); // an inline read's
+        t[..SimpleReplyRepr::LEN].copy_from_slice(&reply(0, 2));
+        q.mark(SimpleReplyRepr::LEN + 100);
+        q.push_small(&reply(22, 3)); // EINVAL stays EINVAL
+        let mut big = vec![7u8; SimpleReplyRepr::LEN + 10_000];
+        big[..SimpleReplyRepr::LEN].copy_from_slice(&reply(0, 4));
+        q.push(big); // a pooled read's
+        q.push_small(&reply(0, 5));
+        // Reply 1 wholly written, reply 2 begun.
+        q.consume(SimpleReplyRepr::LEN + 4);
+        assert_eq!(q.fail_unsent(5), 2);
+        // 2 is finished as it was; 3 keeps its error; 4 and 5 fail with EIO, without payload.
+        let left = q.bytes;
+        assert_eq!(
+            left,
+            SimpleReplyRepr::LEN + 100 - 4 + 3 * SimpleReplyRepr::LEN
+        );
+        let got = replies_in(&q);
+        assert_eq!(got, vec![(0, 2, 100), (22, 3, 0), (5, 4, 0), (5, 5, 0)]);
+        // Nothing more to fail; then everything drains.
+        assert_eq!(q.fail_unsent(5), 0);
+        q.consume(left);
+        assert!(q.is_empty() && q.replies.is_empty());
+        // An empty queue, and one whose replies were all written, fail nothing.
+        assert_eq!(q.fail_unsent(5), 0);
     }
 }

@@ -43,7 +43,10 @@
 //! it: the gate is asked before every write to the socket. While it is closed the connection
 //! holds its replies (and stops reading, as with a full output queue), looking again every
 //! [`GATE_POLL`](super::export::GATE_POLL); if the server stops meanwhile, the connection is
-//! closed with the replies unsent. The handshake holds the export's info the same way.
+//! closed with the replies unsent. The handshake holds the export's info the same way. Under
+//! `on-no-quorum = io-error` ([`crate::ha::quorum`]), once the gate has been shut for
+//! `on-no-quorum-timeout`, the replies held and not yet begun become `EIO` errors and new
+//! requests get `EIO` without running.
 //!
 //! # Limits
 //!
@@ -64,11 +67,12 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::acl::Acl;
-use super::export::{gate_opens, Export, ExportError, ExportState};
+use super::export::{gate_opens_or_fails, Export, ExportError, ExportState};
 use super::handshake::{negotiate, HandshakeError};
+use super::op::{device_error, Op};
 use super::outq::{write_some, OutQueue, BUF_CHUNK};
 use crate::block::order::{Access, Ticket};
-use crate::block::{check_range, BlockDevice, BlockError};
+use crate::block::{check_range, BlockDevice};
 use crate::ratelimit::LogLimiter;
 use crate::warn_limited;
 use crate::wire::nbd::{cmd_flags, errno, Command, RequestRepr, SimpleReplyRepr};
@@ -92,7 +96,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 static ACCEPT_LOG: LogLimiter = LogLimiter::network();
 static CLIENT_LOG: LogLimiter = LogLimiter::network();
-static DEVICE_LOG: LogLimiter = LogLimiter::network();
+static QUORUM_LOG: LogLimiter = LogLimiter::network();
 
 /// Tunables of a [`Server`].
 #[derive(Debug, Clone)]
@@ -523,11 +527,19 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Connection<R, W> {
     async fn write_out(&mut self) -> io::Result<()> {
         let mut grace_ends: Option<Instant> = None;
         while !self.out.is_empty() {
-            if !self.export.export.gate.may_answer() {
+            let gate = &self.export.export.gate;
+            if !gate.may_answer() && gate.failing() {
+                // on-no-quorum = io-error, past its bound: what is held fails (errors only go).
+                let n = self.out.fail_unsent(errno::EIO);
+                self.stats
+                    .error_replies
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                warn_limited!(QUORUM_LOG, failed = n, "nbd: on-no-quorum: the serve gate has been shut past on-no-quorum-timeout; held and new requests fail with EIO");
+            } else if !gate.may_answer() {
                 self.stats.gate_holds.fetch_add(1, Ordering::Relaxed);
                 tokio::select! {
                     biased;
-                    _ = gate_opens(&self.export.export.gate) => {}
+                    _ = gate_opens_or_fails(gate) => {}
                     _ = self.cancel.cancelled() => {
                         self.stats.gate_closes.fetch_add(1, Ordering::Relaxed);
                         return Err(io::Error::other(
@@ -644,6 +656,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Connection<R, W> {
 
     /// The NBD error for a request that must be refused, if any.
     fn check(&self, req: &RequestRepr) -> Option<u32> {
+        if req.command != Command::Disconnect && self.export.export.gate.failing() {
+            return Some(errno::EIO); // on-no-quorum = io-error: not run, not held
+        }
         const KNOWN: u16 = cmd_flags::FUA
             | cmd_flags::NO_HOLE
             | cmd_flags::DF
@@ -763,6 +778,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Connection<R, W> {
                         self.out.shrink_tail(len);
                         self.stats.error_replies.fetch_add(1, Ordering::Relaxed);
                     }
+                    self.out
+                        .mark(SimpleReplyRepr::LEN + if error == 0 { len } else { 0 });
                     self.note_inline_time(started, len);
                 } else {
                     let buf = self.out.pool.take(SimpleReplyRepr::LEN + len);
@@ -939,60 +956,5 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Connection<R, W> {
         let stats = Arc::clone(&self.stats);
         let tx = self.done_tx.clone();
         tokio::task::spawn_blocking(move || run_jobs(jobs, &*device, &stats, &tx));
-    }
-}
-
-fn device_error(err: &BlockError) -> u32 {
-    warn_limited!(DEVICE_LOG, error = %err, "nbd: device error");
-    errno::from_host(err.errno())
-}
-
-/// A request run on the blocking pool.
-enum Op {
-    /// `buf` is the whole reply: 16 header bytes, then room for the data.
-    Read {
-        offset: u64,
-        buf: Vec<u8>,
-    },
-    Write {
-        data: Vec<u8>,
-        offset: u64,
-        fua: bool,
-    },
-    Flush,
-    Trim {
-        offset: u64,
-        len: u64,
-    },
-    Zeroes {
-        offset: u64,
-        len: u64,
-        fua: bool,
-    },
-}
-
-impl Op {
-    /// Runs the request; returns the complete reply and, for a write, its payload buffer.
-    fn run(self, device: &dyn BlockDevice, handle: u64) -> (Vec<u8>, Option<Vec<u8>>) {
-        let header = |error: u32| SimpleReplyRepr { error, handle }.to_bytes().to_vec();
-        let (result, payload) = match self {
-            Op::Read { offset, mut buf } => {
-                return match device.read_at(&mut buf[SimpleReplyRepr::LEN..], offset) {
-                    Ok(()) => {
-                        SimpleReplyRepr { error: 0, handle }.emit(&mut buf);
-                        (buf, None)
-                    }
-                    Err(err) => (header(device_error(&err)), Some(buf)),
-                };
-            }
-            Op::Write { data, offset, fua } => (device.write_at(&data, offset, fua), Some(data)),
-            Op::Flush => (device.flush(), None),
-            Op::Trim { offset, len } => (device.discard(offset, len), None),
-            Op::Zeroes { offset, len, fua } => (device.write_zeroes(offset, len, fua), None),
-        };
-        match result {
-            Ok(()) => (header(0), payload),
-            Err(err) => (header(device_error(&err)), payload),
-        }
     }
 }

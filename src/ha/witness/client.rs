@@ -133,7 +133,8 @@ fn believe(bytes: &[u8], secret: &[u8], sent: &WitnessRepr) -> Option<Answer> {
         && verdict.resource == sent.resource;
     let consistent = match outcome {
         Verdict::Granted | Verdict::Free => verdict.node == sent.node,
-        Verdict::Held => verdict.node != sent.node,
+        // A claim of ours is granted, never "held" by us; a query may hear that we hold it.
+        Verdict::Held => sent.kind == Kind::Query || verdict.node != sent.node,
     };
     let fits_the_question = matches!(
         (sent.kind, outcome),
@@ -200,5 +201,21 @@ mod tests {
         )
         .is_none());
         assert!(believe(&verdict(&|_| {}), b"other", &sent()).is_none());
+        // A query hears who holds the generation, ourselves included.
+        let query = WitnessRepr {
+            kind: Kind::Query,
+            ..sent()
+        };
+        let ours = believe(&verdict(&|v| v.node = "beta".into()), secret, &query);
+        assert_eq!(
+            ours.map(|a| (a.verdict, a.holder)),
+            Some((Verdict::Held, "beta".into()))
+        );
+        assert!(believe(
+            &verdict(&|v| v.kind = Kind::Verdict(Verdict::Granted)),
+            secret,
+            &query
+        )
+        .is_none());
     }
 }
