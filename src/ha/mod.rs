@@ -10,13 +10,15 @@
 //! * [`gate`]: what the exports consult before every reply.
 //!
 //! The I/O part: [`service`], the heartbeat thread and its sockets, built on the above;
-//! [`witness`], the witness service and the node's client of it.
+//! [`witness`], the witness service and the node's client of it; [`ping`], the prober of the
+//! ping targets (how many the node reaches, announced through the heartbeat).
 //!
 //! The datagram itself is [`crate::wire::heartbeat`].
 
 pub mod clock;
 pub mod gate;
 pub mod liveness;
+pub mod ping;
 pub mod replay;
 pub mod service;
 pub mod stopwatch;

@@ -212,6 +212,7 @@ fn a_datagram_from_someone_else_is_refused() {
         sequence: 0,
         sent_us: 0,
         echo_us: 0,
+        reach: None,
         resources: Vec::new(),
     };
     let target = SocketAddr::new(ip(4, 2), 47704);
@@ -339,6 +340,7 @@ fn from_beta(
         sequence,
         sent_us: 5,
         echo_us,
+        reach: None,
         resources: r0
             .map(|role| ResourceEntry {
                 name: "r0".to_string(),
