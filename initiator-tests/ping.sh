@@ -121,9 +121,6 @@ sc_cut() {
     fi
     check $sc "alpha says it reaches 0 of 2" reaches alpha 0
     sleep 4
-    local restored
-    restored=$(restoration cut "$cut_ms")
-    info $sc "first write acknowledged after the cut" "$restored"
     log "alpha's veth up again"
     ip link set "${P}v1" up
     wait_for 20 "alpha reaches both targets again" reach_now alpha 2
@@ -133,6 +130,7 @@ sc_cut() {
         eval '[[ $beta_role == Primary && $alpha_role == Secondary ]]'
     clients_stop
     fip_stop
+    info $sc "first write acknowledged after the cut (ms, same/new MAC)" "$(restoration cut "$cut_ms")"
     check $sc "no probe answered twice ($two of $probes; client discoveries $vdouble)" no_two_answers
     check $sc "the client got every write acknowledged (exit $vrc)" client_ok
     check $sc "acknowledged writes ($acked)" served_something
