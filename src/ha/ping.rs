@@ -227,15 +227,14 @@ impl Prober {
     }
 
     fn publish(&mut self, now: Instant) {
-        let count = Some(self.reach.count(now));
-        if count != self.published {
+        let count = self.reach.count(now);
+        if Some(count) != self.published {
             tracing::info!(
-                "ping: reaching {} of {} targets",
-                count.unwrap_or(0),
+                "ping: reaching {count} of {} targets",
                 self.reach.targets().len()
             );
-            self.published = count;
-            self.heartbeat.publish_reach(count);
+            self.published = Some(count);
+            self.heartbeat.publish_reach(Some(count));
         }
     }
 }
