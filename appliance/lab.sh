@@ -35,8 +35,9 @@
 #   appliance/lab.sh cut replication|client NODE   that node's link on that network goes down
 #                       (`heal NODE` brings it back)
 #   appliance/lab.sh freeze NODE / thaw NODE   SIGSTOP / SIGCONT of NODE's daemon
-#   appliance/lab.sh switchover         demote the primary, promote the other; prints the time
-#                       no node served (the pause a client sees)
+#   appliance/lab.sh switchover [--on secondary]   `twinblade switchover r0` on the primary (or
+#                       the secondary): a planned move; prints the time no node served (the
+#                       pause a client sees)
 #
 # Topology (one MTU everywhere):
 #   client network, bridge tbbr0 (10.77.0.0/24):
@@ -867,24 +868,35 @@ cmd_thaw() { # NODE
     watch_hint "$node"
 }
 
-cmd_switchover() {
-    local from to t0 t1 t2
+cmd_switchover() { # [--on primary|secondary]: `twinblade switchover r0` run on that node
+    local from to on=primary t0 said demote promote
+    case ${1:-} in
+    '') ;;
+    --on) on=${2:?--on needs primary or secondary} ;;
+    *) die "unknown argument to switchover: $1" ;;
+    esac
+    [[ $on == primary || $on == secondary ]] || die "--on: primary or secondary, not $on"
     need_pair
     from=$(pair_primary) || die "no node is Primary and serving"
     to=$(other_node "$from")
     t0=$(now)
-    pair_ctl "$from" secondary r0 >/dev/null || die "secondary r0 on $from failed"
-    t1=$(now)
-    pair_ctl "$to" primary r0 >/dev/null || die "primary r0 on $to failed"
-    t2=$(now)
+    if [[ $on == primary ]]; then
+        said=$(pair_ctl "$from" switchover r0) || die "switchover r0 on $from failed: $said"
+        # r0: switchover alpha -> beta: alpha stopped serving after A s, beta primary after B s
+        demote=$(sed -n 's/.* stopped serving after \([0-9.]*\) s.*/\1/p' <<<"$said")
+        promote=$(sed -n 's/.* primary after \([0-9.]*\) s.*/\1/p' <<<"$said")
+        promote=$(awk -v a="$demote" -v b="$promote" 'BEGIN { printf "%.3f", b - a }')
+    else
+        said=$(pair_ctl "$to" switchover r0) || die "switchover r0 on $to failed: $said"
+        demote=? promote=$(sed -n 's/.* serving after \([0-9.]*\) s.*/\1/p' <<<"$said")
+    fi
     local i
     for ((i = 0; i < 300; i++)); do
         serving "$to" && break
         sleep 0.02
     done
-    serving "$to" || die "$to is not serving after primary r0"
-    echo "switchover $from -> $to: demote $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }') s," \
-        "promote $(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.3f", b - a }') s," \
+    serving "$to" || die "$to is not serving after the switchover ($said)"
+    echo "switchover $from -> $to (asked on the $on): demote $demote s, promote $promote s," \
         "no node serving for $(secs_since "$t0") s (the pause a client sees, at most)"
     watch_hint "$to"
 }
@@ -905,7 +917,7 @@ heal) cmd_heal "$@" ;;
 cut) cmd_cut "$@" ;;
 freeze) cmd_freeze "$@" ;;
 thaw) cmd_thaw "$@" ;;
-switchover) cmd_switchover ;;
+switchover) cmd_switchover "$@" ;;
 -h | --help | help) usage ;;
 *) usage >&2; exit 2 ;;
 esac

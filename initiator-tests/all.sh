@@ -76,6 +76,9 @@ step "chaos model" initiator-tests/chaos.sh ${TWINBLADE_CHAOS_SEED:+--seed "$TWI
 # writes versioned blocks over every answering MAC, a probe counting two-answer moments; link
 # cut, power loss, freeze, heartbeat path cuts, a rogue responder and a soak on a busy machine.
 step "failover" initiator-tests/failover.sh --soak-seconds "${TWINBLADE_SOAK_SECONDS:-600}"
+# Placement: two resources active/active (alpha serves e9.1, beta e9.2), a power loss, the
+# auto-failback of the returning node, `twinblade switchover` both ways; two clients writing.
+step "placement" initiator-tests/placement.sh
 # The Pacemaker resource agent on a real pair (no cluster): ocf-tester, monitor 0/7/8, promote
 # refused unless UpToDate, promotion scores only for UpToDate data (a stub crm_attribute).
 step "ocf agent" initiator-tests/ocf.sh

@@ -16,7 +16,7 @@
 #                   survivor's disk (host check), and later on the healed node's disk too. Prints the
 #                   longest gap between completed writes and the driver's rto (debugfs) before the
 #                   loss. --runs N repeats it (the primary alternates) and prints median and worst.
-#   switchover      the guest writes while the host runs lab.sh switchover, and back: no I/O
+#   switchover      the guest writes while the host runs lab.sh switchover (`twinblade switchover r0` on the primary), and back (asked on the secondary): no I/O
 #                   error, data read back correct, the pauses printed.
 #   filesystem      mkfs.ext4, mount, files written and synced, power loss of the primary while the
 #                   guest keeps writing; the synced files are intact, the later ones too after a
@@ -387,14 +387,14 @@ send w sw 60 "$DD_OFF" 0
 await '^TB: sw block 10 t=' 120
 sw1=$("$lab" switchover 2>&1 | head -n 1) || true
 await '^TB: sw block 30 t=' 240
-sw2=$("$lab" switchover 2>&1 | head -n 1) || true
+sw2=$("$lab" switchover --on secondary 2>&1 | head -n 1) || true
 await '^TB: sw done' 240
 line=$(gline '^TB: sw done')
 errs=$(gval "$line" errors) verify=$(gval "$line" verify) gap=$(gval "$line" gap)
 pause1=$(sed -n 's/.*no node serving for \([0-9.]*\) s.*/\1/p' <<<"$sw1")
 pause2=$(sed -n 's/.*no node serving for \([0-9.]*\) s.*/\1/p' <<<"$sw2")
-split1=$(sed -n 's/.*: \(demote [0-9.]* s, promote [0-9.]* s\),.*/\1/p' <<<"$sw1")
-split2=$(sed -n 's/.*: \(demote [0-9.]* s, promote [0-9.]* s\),.*/\1/p' <<<"$sw2")
+split1=$(sed -n 's/.*: \(demote [0-9.?]* s, promote [0-9.]* s\),.*/\1/p' <<<"$sw1")
+split2=$(sed -n 's/.*: \(demote [0-9.?]* s, promote [0-9.]* s\),.*/\1/p' <<<"$sw2")
 fig="$p -> $(other "$p") -> $p: no-service ${pause1:-?} s ($split1) and ${pause2:-?} s ($split2) (lab); guest longest gap $gap s; errors $errs readback $verify"
 if [[ $errs == 0 && $verify == ok && -n $pause1 && -n $pause2 ]]; then
     result "switchover and back" PASS "$fig"

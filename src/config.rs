@@ -231,8 +231,16 @@ pub struct Resource {
     /// Promote automatically at startup and on failover (default true).
     pub auto_promote: Option<bool>,
     /// The node that becomes primary when both are healthy (default: none; the first to have
-    /// UpToDate data while the other does not).
+    /// UpToDate data while the other does not). `preferred` is the same key.
+    #[serde(alias = "preferred")]
     pub preferred_primary: Option<String>,
+    /// The preferred node takes the resource back by a planned switchover once it is
+    /// connected and UpToDate again after a failover (heartbeat's `auto_failback`; default
+    /// false: it stays where the failover put it, CARP's preempt off).
+    pub auto_failback: Option<bool>,
+    /// Seconds the returning preferred node must be connected and UpToDate before it takes
+    /// the resource back (keepalived's `preempt_delay`; default 30).
+    pub failback_delay: Option<f64>,
     /// Also export the device over NBD on this `ADDRESS:PORT` while primary (with a floating
     /// IP, normally that address: NBD starts after it is up and stops before it goes).
     pub nbd: Option<std::net::SocketAddr>,
@@ -442,6 +450,10 @@ impl Resource {
             witness_retry: cluster.witness_retry(),
             ping_targets: cluster.ping_targets().len() as u8,
             ping_switch_delay: cluster.ping_switch_delay(),
+            auto_failback: self.auto_failback.unwrap_or(defaults.auto_failback),
+            failback_delay: self
+                .failback_delay
+                .map_or(defaults.failback_delay, Duration::from_secs_f64),
         }
     }
 
@@ -644,6 +656,29 @@ impl Config {
             if let Some(p) = &res.preferred_primary {
                 if !self.nodes.contains_key(p) {
                     return Err((key("preferred-primary"), format!("{p} is not a node")));
+                }
+            }
+            if res.auto_failback == Some(true) {
+                if res.preferred_primary.is_none() {
+                    return Err((
+                        key("auto-failback"),
+                        "needs `preferred` (the node to fail back to)".into(),
+                    ));
+                }
+                if res.auto_promote == Some(false) {
+                    return Err((
+                        key("auto-failback"),
+                        "needs auto-promote (with auto-promote = false nothing moves by itself)"
+                            .into(),
+                    ));
+                }
+            }
+            if let Some(v) = res.failback_delay {
+                if !v.is_finite() || !(0.0..=86_400.0).contains(&v) {
+                    return Err((
+                        key("failback-delay"),
+                        format!("{v} is not a number of seconds in 0..86400"),
+                    ));
                 }
             }
             for node in self.nodes.keys() {

@@ -181,3 +181,89 @@ fn no_failback_when_reach_returns_after_a_failover() {
     assert!(pair.is_connected());
     assert_eq!(pair.role(1), Role::Primary);
 }
+
+/// The primary reaches fewer targets than its secondary for the switch delay: a planned
+/// switchover to the secondary, nothing acknowledged lost (checked after every step), the
+/// client served on; when the old primary's reach returns it does not take the role back.
+#[test]
+fn a_primary_reaching_fewer_for_the_delay_switches_over_and_never_back() {
+    for alpha_reach in [0, 1] {
+        let mut pair = started_pair();
+        pair.set_reach(0, Some(alpha_reach));
+        run(&mut pair, secs(9.5), "before the delay", |p| {
+            assert!(p.answers(0), "alpha still serves before the delay")
+        });
+        let acked = run(&mut pair, secs(5.0), "switchover", |_| {});
+        assert!(pair.answers(1), "beta serves after the switchover");
+        assert_eq!(pair.role(0), Role::Secondary);
+        assert!(
+            pair.is_connected(),
+            "a planned switchover keeps the connection"
+        );
+        assert!(acked > 0, "the client was served across it");
+        let text = format!("ping: reaches {alpha_reach} of 2 targets, the secondary 2");
+        assert!(logged(&pair, 0, |l| l.contains(&text)), "{text}");
+        assert!(logged(&pair, 0, |l| l.contains("switchover (ping targets)")));
+        pair.set_reach(0, Some(2));
+        run(&mut pair, secs(30.0), "alpha's network back", |p| {
+            assert!(!p.answers(0), "alpha took the resource back")
+        });
+        assert_eq!(pair.role(1), Role::Primary);
+        assert!(pair.in_sync());
+    }
+}
+
+/// No switchover to a secondary that cannot take over: not connected (the link cut), or
+/// reaching no more than the primary.
+#[test]
+fn no_switchover_without_a_healthy_secondary_that_reaches_more() {
+    let mut pair = started_pair();
+    pair.set_reach(0, Some(1));
+    pair.set_reach(1, Some(1));
+    run(&mut pair, secs(20.0), "both reach one", |p| {
+        assert!(p.answers(0))
+    });
+    pair.cut();
+    pair.set_reach(0, Some(0));
+    run(
+        &mut pair,
+        secs(20.0),
+        "link cut, alpha reaches none",
+        |_| {},
+    );
+    assert_eq!(pair.role(1), Role::Secondary);
+    assert!(!logged(&pair, 0, |l| l.contains("switchover")));
+}
+
+/// With auto-failback the preferred node waits while it reaches fewer than the primary.
+#[test]
+fn auto_failback_waits_while_the_preferred_node_reaches_fewer() {
+    let failback = |preferred| Config {
+        preferred_primary: preferred,
+        auto_failback: true,
+        failback_delay: secs(5.0),
+        ..config()
+    };
+    let uuids = UuidSet {
+        current: 0x1000,
+        ..Default::default()
+    };
+    let mut pair = Pair::new(
+        [failback(true), failback(false)],
+        [Startup::consistent(); 2],
+        [uuids; 2],
+    );
+    pair.set_reach(0, Some(2));
+    pair.set_reach(1, Some(2));
+    run(&mut pair, secs(3.0), "start", |_| {});
+    assert!(pair.answers(0));
+    pair.set_reach(0, Some(0));
+    run(&mut pair, secs(15.0), "alpha loses its targets", |_| {});
+    assert!(pair.answers(1), "switched over to beta");
+    run(&mut pair, secs(30.0), "alpha still without targets", |p| {
+        assert!(!p.answers(0), "failback to a node that reaches fewer")
+    });
+    pair.set_reach(0, Some(2));
+    run(&mut pair, secs(15.0), "alpha's targets back", |_| {});
+    assert!(pair.answers(0), "auto-failback once it reaches as many");
+}

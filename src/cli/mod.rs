@@ -88,6 +88,10 @@ pub enum Command {
     /// will not promote itself until it resyncs from the peer. What a peer's fence command
     /// (appliance/fence/fence-peer-ask) asks for over another path. Refused on a Primary.
     Outdate(ResArgs),
+    /// Planned switchover: the primary drains and demotes, the connected UpToDate peer
+    /// promotes, the service (MAC, floating IP, NBD) moves; nothing acknowledged is lost.
+    /// Run on either node; prints how long the move took
+    Switchover(ResArgs),
     /// Resume a paused resync; `--wait` shows its progress (done, MB/s, ETA) until it ends.
     ResumeSync(WaitArgs),
     /// Online verify: compare the crc32c of every 4 KiB block with the peer's, report the
@@ -133,6 +137,7 @@ pub fn main() -> i32 {
         Command::InvalidateRemote(a) => ctl::request("invalidate-remote", &a, &[]),
         Command::PauseSync(a) => ctl::request("pause-sync", &a, &[]),
         Command::Outdate(a) => ctl::request("outdate", &a, &[]),
+        Command::Switchover(a) => ctl::request("switchover", &a, &[]),
         Command::ResumeSync(a) => ctl::request("resume-sync", &a.res, &[("--wait", a.wait)]),
         Command::Verify(a) => ctl::request("verify", &a.res, &[("--wait", a.wait)]),
         Command::Fault(a) => ctl::fault(a),

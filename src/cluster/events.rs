@@ -54,6 +54,13 @@ pub struct Config {
     /// How long a primary must reach fewer ping targets than its connected, UpToDate
     /// secondary before the pair switches over (`[cluster] ping-switch-delay`).
     pub ping_switch_delay: Duration,
+    /// The preferred primary takes its resource back from a healthy peer by a planned
+    /// switchover once it is UpToDate again (heartbeat's `auto_failback`; see
+    /// [`super::machine`]'s `switchover`).
+    pub auto_failback: bool,
+    /// How long the preferred node must be connected and UpToDate first (keepalived's
+    /// `preempt_delay`).
+    pub failback_delay: Duration,
 }
 
 /// What a node must know before it serves without its peer (DRBD's `fencing` policy).
@@ -100,6 +107,8 @@ impl Default for Config {
             witness_retry: Duration::from_secs(2),
             ping_targets: 0,
             ping_switch_delay: Duration::from_secs(10),
+            auto_failback: false,
+            failback_delay: Duration::from_secs(30),
         }
     }
 }
@@ -166,6 +175,10 @@ pub enum Command {
     /// `drbdadm outdate`): this node will not promote itself until it resyncs from the peer.
     /// What a peer's fence command asks for over another path.
     Outdate,
+    /// `switchover`: a planned move of the primary role to the connected, UpToDate peer
+    /// (on the primary: drain, demote, and let the peer promote; on the secondary: ask the
+    /// primary to do that).
+    Switchover,
 }
 
 impl fmt::Display for Command {
@@ -186,6 +199,7 @@ impl fmt::Display for Command {
             Command::PauseSync => f.write_str("pause-sync"),
             Command::ResumeSync => f.write_str("resume-sync"),
             Command::Outdate => f.write_str("outdate"),
+            Command::Switchover => f.write_str("switchover"),
         }
     }
 }
@@ -425,6 +439,11 @@ pub struct PeerSeen {
     pub outdated: bool,
     /// The peer (a primary that lost the replication link) asks us to persist `Outdated`.
     pub outdate_request: bool,
+    /// The peer stepped down for us in a planned switchover: take over.
+    pub handing_over: bool,
+    /// The peer (a Secondary) asks us, its Primary, to hand over (its operator's
+    /// `switchover`, or its auto-failback).
+    pub wants_switchover: bool,
 }
 
 /// What both nodes of a pair must agree on before they replicate.
@@ -535,6 +554,10 @@ pub enum Refusal {
     IsPrimary,
     /// This node is the target of a running resync.
     SyncTarget,
+    /// Nobody is primary: there is nothing to switch over (use `primary`).
+    NoPrimary,
+    /// A switchover is under way already.
+    SwitchoverRunning,
 }
 
 impl fmt::Display for Refusal {
@@ -550,6 +573,8 @@ impl fmt::Display for Refusal {
             Refusal::PeerNotUpToDate => f.write_str("the peer's data is not UpToDate"),
             Refusal::IsPrimary => f.write_str("this node is primary; demote it first"),
             Refusal::SyncTarget => f.write_str("this node is a resync target"),
+            Refusal::NoPrimary => f.write_str("neither node is primary (use `primary`)"),
+            Refusal::SwitchoverRunning => f.write_str("a switchover is under way already"),
         }
     }
 }

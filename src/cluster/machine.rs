@@ -105,10 +105,12 @@ mod command;
 mod fencing;
 mod handshake;
 mod reach;
+mod switchover;
 mod vouch;
 use crate::repl::uuid::UuidFlags;
 use crate::wire::ondisk::flags;
 use std::time::Instant;
+pub use switchover::{Handover, SwitchoverReason, HANDOVER_TIMEOUT};
 
 /// A snapshot of everything `status` shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +140,20 @@ pub struct Status {
     pub outdate_request: bool,
     /// The heartbeat hears the peer on some path (or the replication link is alive).
     pub peer_heard: bool,
+    /// A planned switchover under way on this node, if any.
+    pub handover: Option<Handover>,
+}
+
+impl Status {
+    /// This node stepped down for its peer (the heartbeat flag *handing over*).
+    pub fn handing_over(&self) -> bool {
+        matches!(self.handover, Some(Handover::Giving { .. }))
+    }
+
+    /// This node asks its peer to hand over (the heartbeat flag *wants switchover*).
+    pub fn wants_switchover(&self) -> bool {
+        matches!(self.handover, Some(Handover::Asking { .. }))
+    }
 }
 
 /// One node's state machine. See the module docs.
@@ -202,6 +218,10 @@ pub struct Machine {
     witness: vouch::Witness,
     /// Both nodes' reach of the ping targets (see `reach`).
     reach: reach::ReachState,
+    /// A planned switchover under way (see `switchover`).
+    handover: Option<Handover>,
+    /// Since when an `auto-failback` has been due (see `switchover`).
+    failback_since: Option<Instant>,
     /// The time of the step being taken.
     now: Instant,
 }
@@ -286,6 +306,8 @@ impl Machine {
             vouch: vouch::Vouch::Unasked,
             witness: vouch::Witness::Unasked,
             reach: reach::ReachState::default(),
+            handover: None,
+            failback_since: None,
             now,
         };
         let actions = vec![
@@ -322,6 +344,7 @@ impl Machine {
             authority: self.authority(),
             outdate_request: self.fencing_peer,
             peer_heard: self.peer_heard(),
+            handover: self.handover,
         }
     }
 
@@ -488,6 +511,7 @@ impl Machine {
         }
         self.reach_step(&mut out);
         self.fence(&mut out);
+        self.follow_switchover(&mut out);
         self.maybe_promote(&mut out);
         self.finish(before, &mut out);
         out
@@ -701,6 +725,7 @@ impl Machine {
             ConnState::Connected => {
                 if self.peer_role == Role::Primary
                     || self.held_secondary
+                    || self.giving_over()
                     || matches!(self.repl, ReplState::SyncTarget | ReplState::PausedSyncT)
                 {
                     return;

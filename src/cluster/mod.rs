@@ -43,8 +43,8 @@ pub mod state;
 
 pub use crate::repl::uuid::{SyncDecision, SyncDirection};
 pub use machine::{
-    Action, Authority, Command, Config, Event, FenceOutcome, Fencing, Machine, NodeName,
-    Notification, PeerRefusal, PeerSeen, Refusal, SharedSettings, Startup, Status, Terms,
-    WitnessVerdict,
+    Action, Authority, Command, Config, Event, FenceOutcome, Fencing, Handover, Machine, NodeName,
+    Notification, PeerRefusal, PeerSeen, Refusal, SharedSettings, Startup, Status,
+    SwitchoverReason, Terms, WitnessVerdict, HANDOVER_TIMEOUT,
 };
 pub use state::{ConnState, DisconnectReason, DiskState, ReplState, Role};

@@ -276,6 +276,8 @@ impl Node {
             up_to_date: s.disk == DiskState::UpToDate,
             outdated: s.disk == DiskState::Outdated,
             outdate_request: s.outdate_request,
+            handing_over: s.handing_over(),
+            wants_switchover: s.wants_switchover(),
         }
     }
 

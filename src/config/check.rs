@@ -485,6 +485,8 @@ fn keys_are_all_dumped(config: &Config) {
             ko_count: _,
             auto_promote: _,
             preferred_primary: _,
+            auto_failback: _,
+            failback_delay: _,
             nbd: _,
             mac: _,
             floating_ip: _,
@@ -675,6 +677,12 @@ pub fn dump(config: &Config, node: Option<&str>, facts: &BTreeMap<String, String
             Some(p) => d.kv("preferred-primary", quoted(p), None),
             None => d.none("preferred-primary", "none"),
         }
+        d.kv(
+            "auto-failback",
+            m.auto_failback,
+            (!m.auto_failback).then(|| "stays where a failover put it".into()),
+        );
+        d.kv("failback-delay", secs(Some(m.failback_delay)), None);
         let fencing = match r.fencing {
             crate::cluster::Fencing::ResourceOnly => "resource-only",
             crate::cluster::Fencing::DontCare => "dont-care",

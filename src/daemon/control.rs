@@ -18,6 +18,8 @@ use crate::cluster::{Command, ReplState};
 use crate::ratelimit::LogLimiter;
 use crate::supervisor::Supervisor;
 
+mod switchover;
+
 use super::resource::{HaSnapshot, Input, Resource, ResyncFigures, Snapshot};
 
 /// The control protocol's live-progress line: the client shows it in place (carriage return).
@@ -289,6 +291,10 @@ fn handle(
         "invalidate-remote" => Command::InvalidateRemote,
         "pause-sync" => Command::PauseSync,
         "outdate" => Command::Outdate,
+        "switchover" => {
+            known(&[])?;
+            return switchover::switchover(&targets, out, client);
+        }
         "resume-sync" => {
             known(&["--wait"])?;
             if flags.contains(&"--wait") {
@@ -506,6 +512,15 @@ pub fn status_text(name: &str, s: &Snapshot) -> String {
         );
     }
     t += &format!(" out-of-sync:{}KiB\n", s.out_of_sync / 1024);
+    match st.handover {
+        Some(crate::cluster::Handover::Giving { why, .. }) => {
+            t += &format!("  switchover ({why}): stepped down for {}\n", s.peer)
+        }
+        Some(crate::cluster::Handover::Asking { why, .. }) => {
+            t += &format!("  switchover ({why}): asked {} to hand over\n", s.peer)
+        }
+        None => {}
+    }
     if s.resync_total > 0 || s.resync_sent + s.resync_same + s.resync_zero > 0 {
         t += &format!(
             "  resync: total:{}KiB sent:{}KiB same:{}KiB zero:{}KiB in {:.1}s\n",
@@ -821,6 +836,7 @@ mod tests {
                 authority: crate::cluster::Authority::Lease,
                 outdate_request: false,
                 peer_heard: true,
+                handover: None,
             },
             peer: "beta".into(),
             out_of_sync: 25 << 20,

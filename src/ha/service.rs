@@ -208,6 +208,10 @@ pub struct LocalResource {
     pub outdated: bool,
     /// We are a primary that lost the replication link and ask the peer to persist Outdated.
     pub outdate_request: bool,
+    /// We stepped down for the peer in a planned switchover: it should take over.
+    pub handing_over: bool,
+    /// We (a Secondary) ask the peer to hand the primary role over.
+    pub wants_switchover: bool,
 }
 
 impl LocalResource {
@@ -217,6 +221,8 @@ impl LocalResource {
             .with(ResourceFlags::UP_TO_DATE, self.up_to_date)
             .with(ResourceFlags::OUTDATED, self.outdated)
             .with(ResourceFlags::OUTDATE_REQUEST, self.outdate_request)
+            .with(ResourceFlags::HANDING_OVER, self.handing_over)
+            .with(ResourceFlags::WANTS_SWITCHOVER, self.wants_switchover)
     }
 }
 
@@ -233,6 +239,10 @@ pub struct PeerResource {
     pub outdated: bool,
     /// The peer, a primary that lost the replication link, asks us to persist Outdated.
     pub outdate_request: bool,
+    /// The peer stepped down for us in a planned switchover.
+    pub handing_over: bool,
+    /// The peer asks us to hand the primary role over.
+    pub wants_switchover: bool,
 }
 
 impl PeerResource {
@@ -243,6 +253,8 @@ impl PeerResource {
             up_to_date: entry.flags.up_to_date(),
             outdated: entry.flags.outdated(),
             outdate_request: entry.flags.outdate_request(),
+            handing_over: entry.flags.handing_over(),
+            wants_switchover: entry.flags.wants_switchover(),
         }
     }
 }

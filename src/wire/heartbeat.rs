@@ -37,7 +37,7 @@
 //! | 0      | 1    | name length | `L`, 1..=[`MAX_RESOURCE_NAME_LEN`]                             |
 //! | 1      | L    | name        | the resource name, UTF-8                                       |
 //! | 1 + L  | 1    | role        | the sender's [`Role`] wire code for this resource              |
-//! | 2 + L  | 1    | flags       | [`ResourceFlags`]: bit 0 serving, 1 UpToDate, 2 Outdated, 3 outdate request |
+//! | 2 + L  | 1    | flags       | [`ResourceFlags`]: bit 0 serving, 1 UpToDate, 2 Outdated, 3 outdate request, 4 handing over, 5 wants switchover |
 //!
 //! The datagram ends with the tag: trailing bytes are refused, because nothing would
 //! authenticate them.
@@ -185,6 +185,10 @@ impl ResourceFlags {
     /// The sender, a primary that lost the replication link, asks the receiver to persist
     /// Outdated for this resource.
     pub const OUTDATE_REQUEST: u8 = 1 << 3;
+    /// The sender, a primary, stepped down for the receiver in a planned switchover.
+    pub const HANDING_OVER: u8 = 1 << 4;
+    /// The sender, a secondary, asks the receiver to hand the primary role over.
+    pub const WANTS_SWITCHOVER: u8 = 1 << 5;
 
     fn bit(self, bit: u8) -> bool {
         self.0 & bit != 0
@@ -217,6 +221,16 @@ impl ResourceFlags {
     /// Whether the sender asks us to persist Outdated.
     pub fn outdate_request(self) -> bool {
         self.bit(Self::OUTDATE_REQUEST)
+    }
+
+    /// Whether the sender stepped down for us (planned switchover).
+    pub fn handing_over(self) -> bool {
+        self.bit(Self::HANDING_OVER)
+    }
+
+    /// Whether the sender asks us to hand over.
+    pub fn wants_switchover(self) -> bool {
+        self.bit(Self::WANTS_SWITCHOVER)
     }
 }
 

@@ -12,6 +12,10 @@ impl Machine {
     pub(super) fn command(&mut self, c: Command, out: &mut Vec<Action>) {
         let connected = self.conn == ConnState::Connected;
         match c {
+            Command::Primary { .. } if self.giving_over() => {
+                // The peer may be promoting this very moment.
+                Self::refuse(c, Refusal::SwitchoverRunning, out)
+            }
             Command::Primary { force } => {
                 self.held_secondary = false;
                 if self.role == Role::Primary {
@@ -130,6 +134,7 @@ impl Machine {
                 out.push(Action::PauseResync);
             }
             Command::Outdate => self.outdate(c, out),
+            Command::Switchover => self.switchover_command(out),
             Command::ResumeSync => {
                 self.repl = match self.repl {
                     ReplState::PausedSyncS => ReplState::SyncSource,

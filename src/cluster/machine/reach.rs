@@ -10,8 +10,11 @@
 //!   2 targets, the peer reached 2") and notified as `promotion:refused-ping`.
 //! * **A primary that reaches fewer than its secondary hands over.** Connected, replication
 //!   established, the secondary UpToDate, and the primary's reach below the secondary's for
-//!   `ping-switch-delay` without a break: the primary starts a planned switchover (keepalived's
-//!   `preempt_delay`-like damping: a blip shorter than the delay does nothing).
+//!   `ping-switch-delay` without a break: the primary starts a planned switchover
+//!   (`switchover`, reason [`SwitchoverReason::Ping`]; keepalived's `preempt_delay`-like
+//!   damping: a blip shorter than the delay does nothing).
+//! * **No failback to the node that reaches fewer**: `auto-failback` waits while the preferred
+//!   node reaches fewer targets than the primary.
 //! * **No failback by ping.** Only *fewer* moves the resource: once the other node serves,
 //!   the old primary regaining its network reaches as many, not more, and nothing happens.
 //!
@@ -79,13 +82,11 @@ impl Machine {
         if self.reach_allows_alone() {
             self.reach.refused = None;
         }
-        let fewer = self.config.ping_targets > 0
-            && self.role == Role::Primary
-            && self.conn == ConnState::Connected
-            && self.repl == ReplState::Established
+        let fewer = self.role == Role::Primary
             && self.peer_role == Role::Secondary
-            && self.peer_disk == DiskState::UpToDate
-            && self.own_reach() < self.peer_reach();
+            && self.handover.is_none()
+            && self.switchable()
+            && self.reaches_fewer();
         if !fewer {
             self.reach.fewer_since = None;
             return;
@@ -102,15 +103,13 @@ impl Machine {
             self.peer_reach(),
             self.config.ping_switch_delay
         );
-        self.ping_switchover(&why, out);
+        out.push(Action::Log(why));
+        self.give_over(SwitchoverReason::Ping, out);
     }
-}
 
-impl Machine {
-    /// Starts the planned switchover for the ping rule.
-    fn ping_switchover(&mut self, why: &str, out: &mut Vec<Action>) {
-        out.push(Action::Log(format!(
-            "{why}: a switchover is due, but this build has no planned switchover"
-        )));
+    /// With ping targets: this node reaches fewer than the peer last reported. A node that
+    /// does is not worth a switchover to (`auto-failback` waits).
+    pub(super) fn reaches_fewer(&self) -> bool {
+        self.config.ping_targets > 0 && self.own_reach() < self.peer_reach()
     }
 }

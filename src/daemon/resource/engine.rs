@@ -280,6 +280,8 @@ impl Engine {
                 up_to_date: s.disk == DiskState::UpToDate,
                 outdated: s.disk == DiskState::Outdated,
                 outdate_request: s.outdate_request,
+                handing_over: s.handing_over(),
+                wants_switchover: s.wants_switchover(),
             },
         );
     }
@@ -307,6 +309,8 @@ impl Engine {
                     up_to_date: p.up_to_date,
                     outdated: p.outdated,
                     outdate_request: p.outdate_request,
+                    handing_over: p.handing_over,
+                    wants_switchover: p.wants_switchover,
                 },
             )))
         } else if hb.peer_dead() {

@@ -84,6 +84,8 @@ const PRIMARY_SERVING: LocalResource = LocalResource {
     up_to_date: true,
     outdated: false,
     outdate_request: false,
+    handing_over: false,
+    wants_switchover: false,
 };
 
 #[test]
@@ -123,6 +125,8 @@ fn two_nodes_see_each_other_exchange_state_and_notice_a_death() {
                 up_to_date: true,
                 outdated: false,
                 outdate_request: false,
+                handing_over: false,
+                wants_switchover: false,
             })
     });
     wait_until("beta's subscriber", || beta_told.load(Ordering::SeqCst) > 0);
