@@ -457,6 +457,8 @@ impl Resource {
             fence_retry: cluster.fence_retry(),
             witness: cluster.witness.is_some(),
             witness_retry: cluster.witness_retry(),
+            ping_targets: cluster.ping_targets().len() as u8,
+            ping_switch_delay: cluster.ping_switch_delay(),
             auto_failback: self.auto_failback.unwrap_or(defaults.auto_failback),
             failback_delay: self
                 .failback_delay

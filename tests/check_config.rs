@@ -349,3 +349,95 @@ fn every_example_configuration_is_valid() {
         }
     }
 }
+
+/// `[cluster] ping` and its timers: every mistake names its key; a good list is dumped with
+/// its timers and loads again.
+#[test]
+fn ping_targets_are_checked_and_dumped() {
+    let secret_line = format!("shared-secret = \"{SECRET}\"");
+    let cases: &[(&str, &str)] = &[
+        ("ping = []", ": cluster.ping: empty list"),
+        (
+            "ping = [\"10.0.0.1\", \"gateway\"]",
+            ": cluster.ping: \"gateway\" is not an IP address",
+        ),
+        (
+            "ping = [\"10.0.0.1\", \"10.0.0.1\"]",
+            ": cluster.ping: 10.0.0.1 is listed twice",
+        ),
+        (
+            "ping = [\"fd00::1\"]",
+            ": cluster.ping: fd00::1 is an IPv6 address",
+        ),
+        (
+            "ping = [\"10.0.0.1\"]\nping-interval = 0",
+            ": cluster.ping-interval: 0 is not a number of seconds",
+        ),
+        (
+            "ping = [\"10.0.0.1\"]\nping-interval = 2.0\nping-dead-time = 3.0",
+            ": cluster.ping-dead-time: 3 s must be at least two ping intervals",
+        ),
+        (
+            "ping = [\"10.0.0.1\"]\nping-switch-delay = -1",
+            ": cluster.ping-switch-delay: -1 is not a number of seconds",
+        ),
+    ];
+    for (lines, says) in cases {
+        let (_dir, conf) =
+            setup(|d| pair(d).replacen(&secret_line, &format!("{secret_line}\n{lines}"), 1));
+        let r = check_config(&["-c", conf.to_str().unwrap(), "--node", "alpha"]);
+        assert_eq!(r.code, 2, "{lines}: {}", r.stderr);
+        assert!(
+            r.stderr.contains(says),
+            "{lines}: {says:?} not in {}",
+            r.stderr
+        );
+        assert!(r.stdout.is_empty());
+    }
+    // Seventeen targets: one too many.
+    let many: Vec<String> = (1..=17).map(|i| format!("\"10.0.0.{i}\"")).collect();
+    let (_dir, conf) = setup(|d| {
+        pair(d).replacen(
+            &secret_line,
+            &format!("{secret_line}\nping = [{}]", many.join(", ")),
+            1,
+        )
+    });
+    let r = check_config(&["-c", conf.to_str().unwrap(), "--node", "alpha"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(": cluster.ping: 17 targets; at most 16"),
+        "{}",
+        r.stderr
+    );
+    // A good list: dumped with the defaults, and the dump loads again.
+    let (dir, conf) = setup(|d| {
+        pair(d).replacen(
+            &secret_line,
+            &format!("{secret_line}\nping = [\"10.0.0.1\", \"10.0.0.2\"]\nping-switch-delay = 4"),
+            1,
+        )
+    });
+    let r = check_config(&["-c", conf.to_str().unwrap(), "--node", "alpha"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    for line in [
+        "ping = [\"10.0.0.1\", \"10.0.0.2\"]",
+        "ping-interval = 1.0",
+        "ping-dead-time = 3.0",
+        "ping-switch-delay = 4.0",
+    ] {
+        assert!(r.stdout.contains(line), "{line:?} missing in\n{}", r.stdout);
+    }
+    let again = dir.path().join("again.toml");
+    std::fs::write(
+        &again,
+        r.stdout.replace("\"<hidden>\"", &format!("\"{SECRET}\"")),
+    )
+    .unwrap();
+    let r2 = check_config(&["-c", again.to_str().unwrap(), "--node", "alpha", "-q"]);
+    assert_eq!(r2.code, 0, "{}", r2.stderr);
+    // Without the key: no targets, said as a comment.
+    let (_dir, conf) = setup(pair);
+    let r = check_config(&["-c", conf.to_str().unwrap(), "--node", "alpha"]);
+    assert!(r.stdout.contains("# ping: no ping targets"), "{}", r.stdout);
+}

@@ -47,6 +47,13 @@ pub struct Config {
     pub witness: bool,
     /// How long an unreachable witness holds off the next claim.
     pub witness_retry: Duration,
+    /// How many ping targets are configured (`[cluster] ping`; 0: none). With targets, a node
+    /// never serves alone while it reaches fewer than the peer last did (see
+    /// [`super::machine`]'s `reach`).
+    pub ping_targets: u8,
+    /// How long a primary must reach fewer ping targets than its connected, UpToDate
+    /// secondary before the pair switches over (`[cluster] ping-switch-delay`).
+    pub ping_switch_delay: Duration,
     /// The preferred primary takes its resource back from a healthy peer by a planned
     /// switchover once it is UpToDate again (heartbeat's `auto_failback`; see
     /// [`super::machine`]'s `switchover`).
@@ -98,6 +105,8 @@ impl Default for Config {
             fence_retry: Duration::from_secs(5),
             witness: false,
             witness_retry: Duration::from_secs(2),
+            ping_targets: 0,
+            ping_switch_delay: Duration::from_secs(10),
             auto_failback: false,
             failback_delay: Duration::from_secs(30),
         }
@@ -298,6 +307,16 @@ pub enum Event {
         generation: u64,
         /// What the witness said.
         verdict: WitnessVerdict,
+    },
+    /// How many ping targets each node reaches changed (`[cluster] ping`): `own` as this
+    /// node's prober measures it, `peer` as the peer's heartbeat last reported it (kept after
+    /// the peer falls silent: it is what the peer reached when last heard). `None`: not
+    /// measured, or the sender has no ping targets.
+    Reach {
+        /// Targets this node reaches.
+        own: Option<u8>,
+        /// Targets the peer last said it reaches.
+        peer: Option<u8>,
     },
     /// Time passed.
     Tick,

@@ -29,7 +29,8 @@
 //!   primary that lost the link at the same moment asks at once, passes, and answers by then.
 //!   (Asked together, neither would see the other answering, and both would pass.)
 //! * An Outdated node never promotes itself; nor does one that saw a rival answer its
-//!   shelf.slot, until the operator says `primary`.
+//!   shelf.slot, until the operator says `primary`; nor, with ping targets, one that reaches
+//!   fewer than the peer last did (`reach`).
 //! * StandAlone (operator `disconnect`, split brain, unrelated data): never.
 //!
 //! # Who may answer a client: the serve gate and its lease (`fencing = resource-only`)
@@ -103,6 +104,7 @@ pub use crate::ha::gate::Authority;
 mod command;
 mod fencing;
 mod handshake;
+mod reach;
 mod switchover;
 mod vouch;
 use crate::repl::uuid::UuidFlags;
@@ -214,6 +216,8 @@ pub struct Machine {
     vouch: vouch::Vouch,
     /// The witness's vouch for serving alone (see `vouch`).
     witness: vouch::Witness,
+    /// Both nodes' reach of the ping targets (see `reach`).
+    reach: reach::ReachState,
     /// A planned switchover under way (see `switchover`).
     handover: Option<Handover>,
     /// Since when an `auto-failback` has been due (see `switchover`).
@@ -301,6 +305,7 @@ impl Machine {
             may_have_been_replaced: false,
             vouch: vouch::Vouch::Unasked,
             witness: vouch::Witness::Unasked,
+            reach: reach::ReachState::default(),
             handover: None,
             failback_since: None,
             now,
@@ -501,8 +506,10 @@ impl Machine {
                 generation,
                 verdict,
             } => self.witness_answered(generation, verdict, &mut out),
+            Event::Reach { own, peer } => self.reach_changed(own, peer),
             Event::Tick => self.tick(now, &mut out),
         }
+        self.reach_step(&mut out);
         self.fence(&mut out);
         self.follow_switchover(&mut out);
         self.maybe_promote(&mut out);
@@ -730,6 +737,9 @@ impl Machine {
                 } else {
                     return;
                 }
+            }
+            ConnState::Connecting if self.promote_alone && !self.reach_allows_alone() => {
+                return self.refuse_by_reach(out)
             }
             ConnState::Connecting if self.promote_alone && !self.gate_passed() => return,
             ConnState::Connecting if self.promote_alone => return self.auto_promote_alone(out),

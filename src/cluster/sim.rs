@@ -57,6 +57,12 @@
 //! true when the peer runs: exit 4 outdates it (the `outdate` command, as `fence-peer-ask`
 //! does), exit 7 cuts its power (as `fence-peer-poweroff` does). Other outcomes change nothing.
 //!
+//! # Ping targets
+//!
+//! [`Pair::set_reach`] sets how many ping targets a node reaches; its heartbeat carries the
+//! figure to the peer, which keeps the last one it heard while the node is silent
+//! (`sim/reach.rs`).
+//!
 //! # The witness
 //!
 //! [`Pair::set_witness`] gives the pair a witness: a [`Book`] that may be shared with other
@@ -90,6 +96,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod faults;
+mod reach;
 mod votes;
 
 /// Number of blocks on each simulated disk.
@@ -169,6 +176,12 @@ pub struct Node {
     witness_due: Option<(Instant, u64)>,
     /// How many claims this node sent.
     pub witness_asks: usize,
+    /// How many ping targets this node reaches (`None`: none configured).
+    pub reach: Option<u8>,
+    /// What the peer's heartbeat last said it reaches.
+    pub peer_reach: Option<u8>,
+    /// The figures last fed to the machine.
+    reach_fed: Option<(Option<u8>, Option<u8>)>,
 }
 
 impl Keeper for Node {
@@ -241,6 +254,9 @@ impl Node {
                 witness_delay: Duration::ZERO,
                 witness_due: None,
                 witness_asks: 0,
+                reach: None,
+                peer_reach: None,
+                reach_fed: None,
             },
             actions,
         )
@@ -499,6 +515,7 @@ impl Pair {
                 }
             }
         }
+        self.feed_reach(heard);
     }
 
     /// Whether node `n` answers clients now (serving, and its serve gate open).

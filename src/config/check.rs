@@ -456,6 +456,10 @@ fn keys_are_all_dumped(config: &Config) {
         name: _,
         witness: _,
         witness_timeout: _,
+        ping: _,
+        ping_interval: _,
+        ping_dead_time: _,
+        ping_switch_delay: _,
     } = &config.cluster;
     for n in config.nodes.values() {
         let super::Node {
@@ -603,6 +607,24 @@ pub fn dump(config: &Config, node: Option<&str>, facts: &BTreeMap<String, String
             "witness-timeout",
             secs(Some(c.witness_timeout())),
             Some(format!("{} tries", super::WITNESS_TRIES)),
+        );
+    }
+    let targets = c.ping_targets();
+    if targets.is_empty() {
+        d.none("ping", "no ping targets");
+    } else {
+        let list: Vec<String> = targets.iter().map(quoted).collect();
+        d.kv(
+            "ping",
+            format!("[{}]", list.join(", ")),
+            Some("never fail over to the node that reaches fewer of them".into()),
+        );
+        d.kv("ping-interval", secs(Some(c.ping_interval())), None);
+        d.kv("ping-dead-time", secs(Some(c.ping_dead_time())), None);
+        d.kv(
+            "ping-switch-delay",
+            secs(Some(c.ping_switch_delay())),
+            Some("a primary reaching fewer than its secondary this long hands over".into()),
         );
     }
     for (name, n) in &config.nodes {

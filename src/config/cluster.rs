@@ -1,5 +1,5 @@
 //! `[cluster]`: what both nodes share — the secret, the heartbeat's timers and port, the third
-//! votes (a fence command, a witness) — and the timings derived from them.
+//! votes (a fence command, a witness), the ping targets — and the timings derived from them.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -38,7 +38,28 @@ pub struct Cluster {
     pub witness: Option<String>,
     /// Seconds to wait for the witness's answer per try (default 0.5; [`WITNESS_TRIES`] tries).
     pub witness_timeout: Option<f64>,
+    /// Ping targets on the client network (heartbeat's `ping`): each node counts the ones it
+    /// reaches, and the pair never fails over to the node that reaches fewer (see
+    /// [`crate::cluster::machine`]'s `reach`). At most [`MAX_PING_TARGETS`].
+    pub ping: Option<Vec<String>>,
+    /// Seconds between echo requests to each target (default 1.0).
+    pub ping_interval: Option<f64>,
+    /// Seconds without an echo reply after which a target counts as unreachable (default 3.0;
+    /// at least two intervals).
+    pub ping_dead_time: Option<f64>,
+    /// Seconds the primary must reach fewer targets than its secondary before the pair
+    /// switches over (default 10).
+    pub ping_switch_delay: Option<f64>,
 }
+
+/// The most ping targets `[cluster] ping` may list.
+pub const MAX_PING_TARGETS: usize = 16;
+/// Default seconds between echo requests to each ping target.
+pub const DEFAULT_PING_INTERVAL: f64 = 1.0;
+/// Default seconds without a reply before a ping target counts as unreachable.
+pub const DEFAULT_PING_DEAD_TIME: f64 = 3.0;
+/// Default seconds a primary reaching fewer targets waits before the switchover.
+pub const DEFAULT_PING_SWITCH_DELAY: f64 = 10.0;
 
 /// Default seconds per try at the witness.
 pub const DEFAULT_WITNESS_TIMEOUT: f64 = 0.5;
@@ -127,6 +148,93 @@ impl Cluster {
         )
     }
 
+    /// The ping targets (empty when none are configured; `validate` made sure they parse).
+    pub fn ping_targets(&self) -> Vec<IpAddr> {
+        self.ping
+            .iter()
+            .flatten()
+            .filter_map(|t| t.parse().ok())
+            .collect()
+    }
+
+    /// Time between echo requests to each ping target.
+    pub fn ping_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.ping_interval.unwrap_or(DEFAULT_PING_INTERVAL))
+    }
+
+    /// Silence after which a ping target counts as unreachable.
+    pub fn ping_dead_time(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.ping_dead_time.unwrap_or(DEFAULT_PING_DEAD_TIME))
+    }
+
+    /// How long the primary must reach fewer targets than its secondary before a switchover.
+    pub fn ping_switch_delay(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(
+            self.ping_switch_delay.unwrap_or(DEFAULT_PING_SWITCH_DELAY),
+        )
+    }
+
+    fn validate_ping(&self) -> Result<(), (String, String)> {
+        if let Some(targets) = &self.ping {
+            let key = || "cluster.ping".to_string();
+            if targets.is_empty() {
+                return Err((
+                    key(),
+                    "empty list: name at least one IP address on the client network, or leave the key out".into(),
+                ));
+            }
+            if targets.len() > MAX_PING_TARGETS {
+                return Err((
+                    key(),
+                    format!("{} targets; at most {MAX_PING_TARGETS}", targets.len()),
+                ));
+            }
+            for (i, t) in targets.iter().enumerate() {
+                match t.parse::<IpAddr>() {
+                    Err(_) => return Err((key(), format!("{t:?} is not an IP address"))),
+                    Ok(IpAddr::V6(_)) => {
+                        return Err((
+                            key(),
+                            format!("{t} is an IPv6 address; only IPv4 targets are supported"),
+                        ))
+                    }
+                    Ok(IpAddr::V4(_)) => {}
+                }
+                if targets[..i].contains(t) {
+                    return Err((key(), format!("{t} is listed twice")));
+                }
+            }
+        }
+        let interval = self.ping_interval.unwrap_or(DEFAULT_PING_INTERVAL);
+        if !interval.is_finite() || !(0.05..=60.0).contains(&interval) {
+            return Err((
+                "cluster.ping-interval".into(),
+                format!("{interval} is not a number of seconds in 0.05..60"),
+            ));
+        }
+        let dead = self.ping_dead_time.unwrap_or(DEFAULT_PING_DEAD_TIME);
+        if !dead.is_finite() || !(0.1..=600.0).contains(&dead) {
+            return Err((
+                "cluster.ping-dead-time".into(),
+                format!("{dead} is not a number of seconds in 0.1..600"),
+            ));
+        }
+        if dead < 2.0 * interval {
+            return Err((
+                "cluster.ping-dead-time".into(),
+                format!("{dead} s must be at least two ping intervals ({interval} s each)"),
+            ));
+        }
+        let delay = self.ping_switch_delay.unwrap_or(DEFAULT_PING_SWITCH_DELAY);
+        if !delay.is_finite() || !(0.0..=3600.0).contains(&delay) {
+            return Err((
+                "cluster.ping-switch-delay".into(),
+                format!("{delay} is not a number of seconds in 0..3600"),
+            ));
+        }
+        Ok(())
+    }
+
     /// What only the node that runs the fence command can check, at its start: the file
     /// exists and is executable.
     pub fn check_fence_peer(&self) -> Result<(), (String, String)> {
@@ -180,6 +288,7 @@ impl Cluster {
                 ));
             }
         }
+        self.validate_ping()?;
         self.validate_secret_keys()?;
         if self.heartbeat_port == Some(0) {
             return Err(("cluster.heartbeat-port".into(), "must not be 0".into()));

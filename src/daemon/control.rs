@@ -618,6 +618,10 @@ fn ha_text(ha: &HaSnapshot) -> String {
     if let Some(line) = &ha.witness {
         t += &format!("\n  witness: {line}");
     }
+    if let (Some(own), peer) = ha.reach {
+        let peer = peer.map_or("nothing".into(), |p| p.to_string());
+        t += &format!("\n  ping: reaching {own} targets; the peer reported {peer}");
+    }
     t
 }
 
@@ -641,7 +645,7 @@ fn ha_json(ha: &HaSnapshot) -> String {
         })
         .collect();
     format!(
-        "{{\"gate\":\"{}\",\"answering\":{},\"lease-left-ms\":{},\"lease-lapses\":{},\"outdate-request\":{},\"peer-heard\":{},\"paths\":[{}],\"last-failover\":{},\"last-fence-peer\":{},\"witness\":{},\"service-mac\":{},\"floating-ip\":{},\"floating-ip-held\":{}}}",
+        "{{\"gate\":\"{}\",\"answering\":{},\"lease-left-ms\":{},\"lease-lapses\":{},\"outdate-request\":{},\"peer-heard\":{},\"paths\":[{}],\"last-failover\":{},\"last-fence-peer\":{},\"witness\":{},\"ping-reach\":{},\"peer-ping-reach\":{},\"service-mac\":{},\"floating-ip\":{},\"floating-ip-held\":{}}}",
         ha.authority.map_or("-".into(), |a| a.to_string()),
         ha.answering,
         num(ha.lease_left, |d| d.as_millis()),
@@ -658,6 +662,8 @@ fn ha_json(ha: &HaSnapshot) -> String {
         ha.witness
             .as_ref()
             .map_or_else(|| "null".into(), |l| format!("\"{}\"", esc(l))),
+        ha.reach.0.map_or_else(|| "null".into(), |n| n.to_string()),
+        ha.reach.1.map_or_else(|| "null".into(), |n| n.to_string()),
         ha.service_mac
             .map_or_else(|| "null".into(), |m| format!("\"{m}\"")),
         ha.floating_ip
@@ -880,6 +886,7 @@ mod tests {
                 ),
                 last_fence: Some("fence-peer exit 7 (peer fenced) (vouched), 3.2s ago".into()),
                 witness: None,
+                reach: (Some(2), Some(1)),
                 service_mac: Some(crate::wire::MacAddr([0x02, 0x11, 0x22, 0x33, 0x44, 0x55])),
                 floating_ip: Some(("10.77.0.100/24".parse().unwrap(), Some(true))),
             },

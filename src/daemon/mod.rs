@@ -19,6 +19,9 @@
 //!   loop), `STOPPING=1` and `STATUS=`; nothing without `$NOTIFY_SOCKET`.
 //! * [`metrics`]: `GET /metrics` (Prometheus text format) when the node sets `metrics`.
 //! * [`witness`]: claims at the witness (`[cluster] witness`), off the engine thread.
+//!
+//! The heartbeat and the ping targets' prober ([`crate::ha::ping`]) start first, in their own
+//! group, and stop last.
 
 pub mod control;
 pub mod fence;
@@ -196,6 +199,10 @@ pub fn run(args: RunArgs, cancel: CancellationToken) -> Result<(), RunError> {
     // First up, last down: the peer hears this node for as long as any resource runs.
     let heartbeat_group = root.group("heartbeat");
     let heartbeat = start_heartbeat(&config, &node, &peer, &heartbeat_group)?;
+    // The ping targets' prober beside it: it publishes our reach through the heartbeat.
+    if let Some(ping) = crate::ha::ping::PingSettings::from_config(&config.cluster) {
+        crate::ha::ping::start(ping, heartbeat.clone(), &heartbeat_group)?;
+    }
     let mut resources = Vec::new();
     let mut groups = Vec::new();
     for (name, res) in &config.resources {

@@ -11,13 +11,15 @@
 //! * [`quorum`]: `on-no-quorum`, how long requests wait behind a shut gate.
 //!
 //! The I/O part: [`service`], the heartbeat thread and its sockets, built on the above;
-//! [`witness`], the witness service and the node's client of it.
+//! [`witness`], the witness service and the node's client of it; [`ping`], the prober of the
+//! ping targets (how many the node reaches, announced through the heartbeat).
 //!
 //! The datagram itself is [`crate::wire::heartbeat`].
 
 pub mod clock;
 pub mod gate;
 pub mod liveness;
+pub mod ping;
 pub mod quorum;
 pub mod replay;
 pub mod service;

@@ -4,10 +4,13 @@
 //!
 //! * whether the peer is alive ([`Heartbeat::peer_dead`], through [`Liveness`]),
 //! * the peer's last announced state per resource ([`Heartbeat::peer_resource`]),
+//! * how many ping targets the peer last said it reaches ([`Heartbeat::peer_reach`]; kept
+//!   when the peer dies: it is what the peer reached when last heard),
 //! * our lease ([`Heartbeat::lease`]), which the exports' [`ServeGate`](super::gate::ServeGate)
 //!   reads before every reply.
 //!
-//! What we announce is set with [`Heartbeat::publish`]; who cares about changes registers with
+//! What we announce is set with [`Heartbeat::publish`] (and our reach with
+//! [`Heartbeat::publish_reach`], by [`crate::ha::ping`]); who cares about changes registers with
 //! [`Heartbeat::subscribe`].
 //!
 //! # The thread
@@ -332,6 +335,10 @@ struct State {
     /// strength of what it published before.
     gates: HashMap<String, Arc<ServeGate>>,
     peer: BTreeMap<String, PeerResource>,
+    /// The ping targets we reach (`None`: none configured), announced in every datagram.
+    own_reach: Option<u8>,
+    /// What the peer's newest datagram said it reaches; not forgotten when it dies.
+    peer_reach: Option<u8>,
     liveness: Liveness,
     subscribers: HashMap<String, Vec<Callback>>,
 }
@@ -395,6 +402,8 @@ impl Heartbeat {
             state: Mutex::new(State {
                 local: BTreeMap::new(),
                 peer: BTreeMap::new(),
+                own_reach: None,
+                peer_reach: None,
                 liveness: Liveness::new(&ids, settings.dead_time),
                 subscribers: HashMap::new(),
                 gates: HashMap::new(),
@@ -451,6 +460,32 @@ impl Heartbeat {
         }
     }
 
+    /// Sets how many ping targets we reach (`None`: none configured), announced from now on;
+    /// a change goes out at once and every subscriber is told.
+    pub fn publish_reach(&self, reach: Option<u8>) {
+        let callbacks: Vec<Callback> = {
+            let mut st = lock(&self.shared.state);
+            if st.own_reach == reach {
+                return;
+            }
+            st.own_reach = reach;
+            st.subscribers.values().flatten().cloned().collect()
+        };
+        let _ = self.shared.wake.send(&[1]);
+        runner::fire(callbacks);
+    }
+
+    /// The ping targets we reach, as last published.
+    pub fn own_reach(&self) -> Option<u8> {
+        lock(&self.shared.state).own_reach
+    }
+
+    /// The ping targets the peer last said it reaches (`None`: never heard, or it has none
+    /// configured). Kept while the peer is dead: it is what the peer reached when last heard.
+    pub fn peer_reach(&self) -> Option<u8> {
+        lock(&self.shared.state).peer_reach
+    }
+
     /// Announces `resource` as served only while `gate` lets replies out (checked as each
     /// datagram is built).
     pub fn serve_through(&self, resource: &str, gate: Arc<ServeGate>) {
@@ -461,7 +496,8 @@ impl Heartbeat {
 
     /// Calls `on_change` (from the heartbeat thread: it must not block) whenever the peer's
     /// state for `resource` changes ([`peer_resource`](Self::peer_resource)) and whenever
-    /// [`peer_dead`](Self::peer_dead) flips. It reads the new state itself.
+    /// [`peer_dead`](Self::peer_dead) flips, and whenever our or the peer's reach changes.
+    /// It reads the new state itself.
     pub fn subscribe(&self, resource: &str, on_change: Box<dyn Fn() + Send + Sync>) {
         lock(&self.shared.state)
             .subscribers

@@ -1,7 +1,8 @@
 //! The heartbeat datagram: one UDP payload a node sends on every heartbeat path (the replication
 //! link, the client network) so its peer can tell "the peer is down" from "one path is down".
 //! Each datagram also carries the sender's state for every resource, so the pair can exchange
-//! it (and ask each other to persist Outdated) over any path, not only the replication link.
+//! it (and ask each other to persist Outdated) over any path, not only the replication link,
+//! and how many of its ping targets the sender reaches (`[cluster] ping`).
 //!
 //! This module is the byte format alone; [`crate::ha::service`] sends and receives it.
 //!
@@ -13,7 +14,7 @@
 //! | offset     | size | field       | meaning                                                     |
 //! |------------|------|-------------|-------------------------------------------------------------|
 //! | 0          | 4    | magic       | `TBHB`                                                      |
-//! | 4          | 1    | version     | [`VERSION`] (2)                                             |
+//! | 4          | 1    | version     | [`VERSION`] (3)                                             |
 //! | 5          | 1    | kind        | [`Kind`]: 1 heartbeat, 2 echo reply                         |
 //! | 6          | 1    | path        | the sender's id of the path it sent this on                 |
 //! | 7          | 1    | role        | the sender's [`Role`] wire code (summary of its resources)  |
@@ -23,10 +24,11 @@
 //! | 18         | 8    | sequence    | per sender, one counter shared by all paths, never reused   |
 //! | 26         | 8    | sent µs     | the sender's monotonic clock when it sent this              |
 //! | 34         | 8    | echo µs     | echo reply: the `sent µs` of the heartbeat answered; else 0 |
-//! | 42         | N    | name        | the sender's node name, UTF-8                               |
-//! | 42 + N     | 1    | count       | number of resource entries, 0..=[`MAX_RESOURCES`]           |
-//! | 43 + N     | R    | resources   | `count` entries, each laid out as below                     |
-//! | 43 + N + R | 32   | tag         | HMAC-SHA256 over bytes `0..43 + N + R`, see below           |
+//! | 42         | 1    | reach       | ping targets the sender reaches, 0..=[`MAX_REACH`]; 0xFF: it has none configured |
+//! | 43         | N    | name        | the sender's node name, UTF-8                               |
+//! | 43 + N     | 1    | count       | number of resource entries, 0..=[`MAX_RESOURCES`]           |
+//! | 44 + N     | R    | resources   | `count` entries, each laid out as below                     |
+//! | 44 + N + R | 32   | tag         | HMAC-SHA256 over bytes `0..44 + N + R`, see below           |
 //!
 //! One resource entry (`L` is its name length):
 //!
@@ -63,8 +65,12 @@ use sha2::Sha256;
 
 /// `TBHB`.
 pub const MAGIC: [u8; 4] = *b"TBHB";
-/// The only version this build speaks (2: resource entries after the name).
-pub const VERSION: u8 = 2;
+/// The only version this build speaks (2: resource entries after the name; 3: the reach byte).
+pub const VERSION: u8 = 3;
+/// The most ping targets a reach byte counts.
+pub const MAX_REACH: u8 = 16;
+/// The reach byte of a sender without ping targets.
+pub const NO_REACH: u8 = 0xFF;
 /// The longest node name a heartbeat carries.
 pub const MAX_NAME_LEN: usize = 64;
 /// Length of the HMAC-SHA256 tag.
@@ -98,7 +104,8 @@ mod field {
     pub const SEQUENCE: Range<usize> = 18..26;
     pub const SENT_US: Range<usize> = 26..34;
     pub const ECHO_US: Range<usize> = 34..42;
-    pub const NAME_START: usize = 42;
+    pub const REACH: usize = 42;
+    pub const NAME_START: usize = 43;
 }
 
 /// What a heartbeat datagram is for.
@@ -417,6 +424,11 @@ impl<T: AsRef<[u8]>> Packet<T> {
         self.u64_at(field::ECHO_US)
     }
 
+    /// The raw reach byte: targets reached, or [`NO_REACH`].
+    pub fn reach(&self) -> u8 {
+        self.buffer.as_ref()[field::REACH]
+    }
+
     /// The raw name bytes.
     pub fn name(&self) -> &[u8] {
         &self.buffer.as_ref()[field::NAME_START..self.count_at()]
@@ -507,6 +519,9 @@ pub struct HeartbeatRepr {
     pub sent_us: u64,
     /// In an echo reply, the `sent_us` of the heartbeat answered; 0 in a heartbeat.
     pub echo_us: u64,
+    /// How many ping targets the sender reaches (at most [`MAX_REACH`]); `None`: it has none
+    /// configured.
+    pub reach: Option<u8>,
     /// The sender's state per resource, at most [`MAX_RESOURCES`].
     pub resources: Vec<ResourceEntry>,
 }
@@ -522,6 +537,11 @@ impl HeartbeatRepr {
         if packet.version() != VERSION {
             return Err(Error::Malformed { field: "version" });
         }
+        let reach = match packet.reach() {
+            NO_REACH => None,
+            n if n <= MAX_REACH => Some(n),
+            _ => return Err(Error::Malformed { field: "reach" }),
+        };
         let name = std::str::from_utf8(packet.name())
             .map_err(|_| Error::Malformed { field: "name" })?
             .to_string();
@@ -551,6 +571,7 @@ impl HeartbeatRepr {
             sequence: packet.sequence(),
             sent_us: packet.sent_us(),
             echo_us: packet.echo_us(),
+            reach,
             resources,
         })
     }
@@ -593,7 +614,7 @@ impl HeartbeatRepr {
     /// A name longer than [`MAX_NAME_LEN`] (or a resource name longer than
     /// [`MAX_RESOURCE_NAME_LEN`]) is cut to it (at a byte boundary: the peer then refuses the
     /// datagram if that split a character), an empty one is refused by the peer, and entries
-    /// past [`MAX_RESOURCES`] are left out: emitting never panics, and the configuration
+    /// past [`MAX_RESOURCES`] are left out (a reach above [`MAX_REACH`] is sent as [`MAX_REACH`]): emitting never panics, and the configuration
     /// refuses such names first.
     pub fn emit(&self, buf: &mut [u8]) {
         let name = self.emitted_name();
@@ -608,6 +629,7 @@ impl HeartbeatRepr {
         buf[field::SEQUENCE].copy_from_slice(&self.sequence.to_be_bytes());
         buf[field::SENT_US].copy_from_slice(&self.sent_us.to_be_bytes());
         buf[field::ECHO_US].copy_from_slice(&self.echo_us.to_be_bytes());
+        buf[field::REACH] = self.reach.map_or(NO_REACH, |n| n.min(MAX_REACH));
         let mut at = field::NAME_START + name.len();
         buf[field::NAME_START..at].copy_from_slice(name);
         buf[at] = self.emitted_resources().count() as u8;
@@ -690,6 +712,7 @@ mod tests {
             sequence: 42,
             sent_us: 1_000_000,
             echo_us: 0,
+            reach: Some(2),
             resources: vec![ResourceEntry {
                 name: "r0".to_string(),
                 role: Role::Primary,
@@ -699,14 +722,14 @@ mod tests {
     }
 
     /// The sample's length before the tag.
-    const SIGNED_LEN: usize = 53;
+    const SIGNED_LEN: usize = 54;
     /// Where the sample's resource list starts (the count byte).
-    const COUNT_AT: usize = 47;
+    const COUNT_AT: usize = 48;
 
     /// The sample's bytes before the tag, written out by hand from the layout table.
     const SAMPLE_SIGNED_PART: [u8; SIGNED_LEN] = [
         b'T', b'B', b'H', b'B', // magic
-        2,    // version
+        3,    // version
         1,    // kind: heartbeat
         1,    // path
         1,    // role: Primary
@@ -716,6 +739,7 @@ mod tests {
         0, 0, 0, 0, 0, 0, 0, 42, // sequence
         0, 0, 0, 0, 0, 0x0f, 0x42, 0x40, // sent µs = 1_000_000
         0, 0, 0, 0, 0, 0, 0, 0, // echo µs
+        2, // reach: 2 ping targets
         b'a', b'l', b'p', b'h', b'a', // name
         1,    // resource count
         2,    // resource name length
@@ -789,7 +813,8 @@ mod tests {
         refused(&|b| b[7] = 9, "role");
         refused(&|b| b[9] = 0, "name length");
         refused(&|b| b[9] = MAX_NAME_LEN as u8 + 1, "name length");
-        refused(&|b| b[42] = 0xff, "name");
+        refused(&|b| b[42] = MAX_REACH + 1, "reach");
+        refused(&|b| b[43] = 0xff, "name");
         refused(&|b| b.push(0), "length");
         refused(&|b| b[COUNT_AT] = MAX_RESOURCES as u8 + 1, "resource count");
         refused(&|b| b[COUNT_AT + 1] = 0, "resource name length");
@@ -849,6 +874,22 @@ mod tests {
             HeartbeatRepr::parse_authenticated(&bytes, SECRET),
             Err(HeartbeatError::BadTag(BadTag))
         );
+    }
+
+    #[test]
+    fn no_ping_targets_is_0xff() {
+        let repr = HeartbeatRepr {
+            reach: None,
+            ..sample()
+        };
+        let bytes = repr.to_signed_vec(SECRET);
+        assert_eq!(bytes[42], NO_REACH);
+        assert_eq!(HeartbeatRepr::parse_authenticated(&bytes, SECRET), Ok(repr));
+        let over = HeartbeatRepr {
+            reach: Some(200),
+            ..sample()
+        };
+        assert_eq!(over.to_signed_vec(SECRET)[42], MAX_REACH);
     }
 
     #[test]
@@ -938,6 +979,7 @@ mod tests {
             any::<u8>(),
             "[a-z0-9-]{1,64}",
             any::<[u64; 4]>(),
+            proptest::option::of(0..=MAX_REACH),
             proptest::collection::vec(any_entry(), 0..=MAX_RESOURCES),
         )
             .prop_map(
@@ -948,6 +990,7 @@ mod tests {
                     flags,
                     name,
                     [boot_nonce, sequence, sent_us, echo_us],
+                    reach,
                     resources,
                 )| {
                     HeartbeatRepr {
@@ -960,6 +1003,7 @@ mod tests {
                         sequence,
                         sent_us,
                         echo_us,
+                        reach,
                         resources,
                     }
                 },

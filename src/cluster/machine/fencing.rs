@@ -36,7 +36,8 @@ impl Machine {
                 && self.startup_wait_over
                 && self.disk == DiskState::UpToDate
                 && self.conn == ConnState::Connecting
-                && !self.rival)
+                && !self.rival
+                && self.reach_allows_alone())
     }
 
     /// Resource-only fencing, once per step: a primary that lost the replication link serves

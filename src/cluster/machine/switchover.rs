@@ -74,7 +74,7 @@ pub enum Handover {
 impl Machine {
     /// The pair is in a state to move the primary role: connected, replication established,
     /// both disks UpToDate.
-    fn switchable(&self) -> bool {
+    pub(super) fn switchable(&self) -> bool {
         self.conn == ConnState::Connected
             && self.repl == ReplState::Established
             && self.disk == DiskState::UpToDate
@@ -233,7 +233,8 @@ impl Machine {
             && self.peer_role == Role::Primary
             && !self.held_secondary
             && self.handover.is_none()
-            && self.switchable();
+            && self.switchable()
+            && !self.reaches_fewer();
         if !due {
             self.failback_since = None;
             return;

@@ -166,6 +166,8 @@ impl Pair {
         self.nodes[n].fence = old.fence;
         self.nodes[n].witness_reachable = old.witness_reachable;
         self.nodes[n].witness_delay = old.witness_delay;
+        // The network the targets are on does not restart with the process.
+        self.nodes[n].reach = old.reach;
         self.execute(n, actions);
         self.pump();
     }

@@ -31,6 +31,8 @@ pub(super) struct Engine {
     pub(super) lease_lapsed: bool,
     /// What the heartbeat last told the machine (see `listen`).
     pub(super) last_heard: Option<Event>,
+    /// The ping targets' figures (ours, the peer's) last fed to the machine.
+    pub(super) last_reach: Option<(Option<u8>, Option<u8>)>,
     /// Pauses of the process the heartbeat reported, as far as the machine was told.
     pub(super) pauses_seen: u64,
     /// The failover being timed, and the AoE replies and announces counted when the gate
@@ -285,7 +287,8 @@ impl Engine {
     }
 
     /// Feeds the machine what the heartbeat hears, when it changed: heard on some path (with
-    /// what the peer says about this resource), or silent on every path for the dead time.
+    /// what the peer says about this resource), or silent on every path for the dead time;
+    /// and both nodes' reach of the ping targets.
     /// Right after start, neither: nothing is fed until the peer is heard or provably silent.
     fn listen(&mut self) {
         // A pause first: whatever the heartbeat hears after it must be judged knowing that.
@@ -315,11 +318,19 @@ impl Engine {
         } else {
             None
         };
+        let reach = (hb.own_reach(), hb.peer_reach());
         if let Some(event) = now {
             if self.last_heard != Some(event) {
                 self.last_heard = Some(event);
                 self.step(event);
             }
+        }
+        if self.last_reach != Some(reach) {
+            self.last_reach = Some(reach);
+            self.step(Event::Reach {
+                own: reach.0,
+                peer: reach.1,
+            });
         }
     }
 

@@ -459,6 +459,7 @@ impl Resource {
             last_progress_event: now,
             lease_lapsed: false,
             last_heard: None,
+            last_reach: None,
             pauses_seen: 0,
             stopwatch: None,
         };

@@ -161,6 +161,7 @@ impl Resource {
                 )
             }),
             witness: self.witness_line(),
+            reach: (self.heartbeat.own_reach(), self.heartbeat.peer_reach()),
             service_mac: self.service.service_mac,
             floating_ip: self.service.floating_ip.map(|ip| {
                 let held = crate::net::address::holds(&self.service.interface, &ip);
@@ -363,6 +364,9 @@ pub struct HaSnapshot {
     /// The witness's last verdict and its age, and when it was last unreachable (`None`: no
     /// witness configured).
     pub witness: Option<String>,
+    /// The ping targets this node reaches and the peer last reported (`None`: not measured,
+    /// or no targets configured).
+    pub reach: (Option<u8>, Option<u8>),
     /// The MAC the blade answers from while served (`None`: the interface's own).
     pub service_mac: Option<crate::wire::MacAddr>,
     /// The floating IP, and whether this node's interface holds it now (`None`: could not

@@ -87,7 +87,7 @@ enum Refusal {
 }
 
 /// Calls each distinct callback once.
-fn fire(callbacks: Vec<Callback>) {
+pub(super) fn fire(callbacks: Vec<Callback>) {
     let mut called: Vec<Callback> = Vec::with_capacity(callbacks.len());
     for callback in callbacks {
         if !called.iter().any(|done| Arc::ptr_eq(done, &callback)) {
@@ -224,6 +224,7 @@ impl Runner {
             sequence: self.take_sequence(),
             sent_us: clock::now_nanos() / 1000,
             echo_us,
+            reach: lock(&self.shared.state).own_reach,
             resources,
         }
     }
@@ -437,12 +438,14 @@ impl Runner {
                 return;
             }
             let mut callbacks = Vec::new();
+            let reach_changed = st.peer_reach != repr.reach;
             for (name, subscribers) in &st.subscribers {
-                if st.peer.get(name) != heard.get(name) {
+                if reach_changed || st.peer.get(name) != heard.get(name) {
                     callbacks.extend(subscribers.iter().cloned());
                 }
             }
             st.peer = heard;
+            st.peer_reach = repr.reach;
             callbacks
         };
         fire(callbacks);

@@ -216,6 +216,7 @@ fn a_datagram_from_someone_else_is_refused() {
         sequence: 0,
         sent_us: 0,
         echo_us: 0,
+        reach: None,
         resources: Vec::new(),
     };
     let target = SocketAddr::new(ip(4, 2), 47704);
@@ -343,6 +344,7 @@ fn from_beta(
         sequence,
         sent_us: 5,
         echo_us,
+        reach: None,
         resources: r0
             .map(|role| ResourceEntry {
                 name: "r0".to_string(),
@@ -495,4 +497,37 @@ fn a_restart_heard_late_is_believed_once_the_peer_is_dead() {
     // The old boot is over for good.
     runner.handle(0, &from_beta(Kind::Heartbeat, 1, 1, 0, None), from);
     assert_eq!(alpha.bad_datagrams(), 2);
+}
+
+#[test]
+fn the_reach_travels_to_the_peer_and_outlives_its_death() {
+    let (alpha_settings, beta_settings) = pair(&[20]);
+    let (alpha_root, alpha) = started(alpha_settings);
+    let (_beta_root, beta) = started(beta_settings);
+    let (changes, on_change) = counter();
+    beta.subscribe("r0", on_change);
+    wait_until("beta hears alpha", || beta.peer_heard());
+    assert_eq!(beta.peer_reach(), None, "alpha has no ping targets yet");
+    alpha.publish_reach(Some(2));
+    assert_eq!(alpha.own_reach(), Some(2));
+    wait_until("beta hears alpha's reach", || beta.peer_reach() == Some(2));
+    wait_until("beta's subscriber was told", || {
+        changes.load(Ordering::SeqCst) > 0
+    });
+    alpha.publish_reach(Some(1));
+    wait_until("beta hears the new reach", || beta.peer_reach() == Some(1));
+    // Alpha dies: beta keeps what it last heard.
+    alpha_root.stop();
+    wait_until("beta declares alpha dead", || beta.peer_dead());
+    assert_eq!(beta.peer_reach(), Some(1));
+    // Our own reach is published to our own subscribers too.
+    let before = changes.load(Ordering::SeqCst);
+    beta.publish_reach(Some(0));
+    assert_eq!(changes.load(Ordering::SeqCst), before + 1);
+    beta.publish_reach(Some(0));
+    assert_eq!(
+        changes.load(Ordering::SeqCst),
+        before + 1,
+        "no change, no call"
+    );
 }
