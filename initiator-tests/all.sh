@@ -76,6 +76,14 @@ step "chaos model" initiator-tests/chaos.sh ${TWINBLADE_CHAOS_SEED:+--seed "$TWI
 # writes versioned blocks over every answering MAC, a probe counting two-answer moments; link
 # cut, power loss, freeze, heartbeat path cuts, a rogue responder and a soak on a busy machine.
 step "failover" initiator-tests/failover.sh --soak-seconds "${TWINBLADE_SOAK_SECONDS:-600}"
+# Third votes in namespaces: the client network split in two halves with the replication link
+# cut, two clients writing, with a witness (exactly one serves) and without (the split brain
+# README warns of); the witness restarted mid-failover, unreachable from one node, shared by two
+# pairs; on-no-quorum's EIO for NBD after its bound.
+step "network split" initiator-tests/split.sh
+# Ping targets: the primary's client network cut, the replication link up: a planned switchover
+# to the node that reaches more, nothing lost, no failback when the network returns.
+step "ping targets" initiator-tests/ping.sh
 # Placement: two resources active/active (alpha serves e9.1, beta e9.2), a power loss, the
 # auto-failback of the returning node, `twinblade switchover` both ways; two clients writing.
 step "placement" initiator-tests/placement.sh
