@@ -343,3 +343,36 @@ wait_check() {
     return 1
 }
 info() { record "$1" "$2" INFO "$3"; log "[$1] $2: $3"; } # SCENARIO WHAT FIGURES
+
+# --- what the scenario scripts share ----------------------------------------------------------------
+# parse_scenarios ARGS...: --keep, -h/--help (the script's header) and scenario names from $all
+# into $scenarios (all of them when none is named). For scripts with no options of their own.
+parse_scenarios() {
+    scenarios=()
+    while (($#)); do
+        case $1 in
+        --keep) keep=1 ;;
+        -h | --help)
+            sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+            exit 0
+            ;;
+        -*) echo "${0##*/}: unknown argument: $1" >&2; exit 2 ;;
+        *)
+            [[ " ${all[*]} " == *" $1 "* ]] || { echo "${0##*/}: unknown scenario: $1 (${all[*]})" >&2; exit 2; }
+            scenarios+=("$1")
+            ;;
+        esac
+        shift
+    done
+    ((${#scenarios[@]})) || scenarios=("${all[@]}")
+}
+pair_fresh() { # a new pair: fresh disks, alpha primary, initial sync done
+    write_config
+    create_md $((64 << 20))
+    pair_up
+    wait_for 60 "initial sync" settled
+}
+# After clients_stop:
+no_two_answers() { [[ $two == 0 && $vdouble == 0 ]]; }
+client_ok() { [[ $vrc == 0 ]]; }
+served_something() { ((acked > 0)); }

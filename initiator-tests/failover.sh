@@ -112,12 +112,6 @@ summary=$top/summary.tsv
 shelf=${BLADE#e} slot=${BLADE##*.}
 shelf=${shelf%.*}
 
-pair_fresh() { # a new pair: fresh disks, alpha primary, initial sync done
-    write_config
-    create_md $((64 << 20))
-    pair_up
-    wait_for 60 "initial sync" settled
-}
 pair_rebuild() { # after a failure that left the pair unusable: both killed, a new pair
     local n
     for n in alpha beta; do
@@ -129,9 +123,6 @@ pair_rebuild() { # after a failure that left the pair unusable: both killed, a n
     log "rebuilding the pair"
     pair_fresh
 }
-no_two_answers() { [[ $two == 0 && $vdouble == 0 ]]; }
-client_ok() { [[ $vrc == 0 ]]; }
-served_something() { ((acked > 0)); }
 stall() { info "$1" "stall${2:+ ($2)}" "max ${stall_max} ms, p50 ${stall_p50} ms, gaps over 500 ms ${gaps}, acked ${acked}, errors ${errors}"; }
 # the client's usual end checks: no two answers, the client never gave up, every version there
 client_checks() { # SCENARIO NAME

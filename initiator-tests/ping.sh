@@ -24,27 +24,9 @@ set -euo pipefail
 P=${TWINBLADE_PING_PREFIX:-tbp} NET=${TWINBLADE_PING_NET:-94} TAG=ping BLADE=e9.4
 PING_INTERVAL=0.5 PING_DEAD=1.5 PING_DELAY=5
 all=(config cut)
-scenarios=()
-keep=0
-while (($#)); do
-    case $1 in
-    --keep) keep=1 ;;
-    -h | --help)
-        sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
-        exit 0
-        ;;
-    -*) echo "${0##*/}: unknown argument: $1" >&2; exit 2 ;;
-    *)
-        [[ " ${all[*]} " == *" $1 "* ]] || { echo "${0##*/}: unknown scenario: $1 (${all[*]})" >&2; exit 2; }
-        scenarios+=("$1")
-        ;;
-    esac
-    shift
-done
-((${#scenarios[@]})) || scenarios=("${all[@]}")
-
 # shellcheck source=initiator-tests/failover-lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/failover-lib.sh"
+parse_scenarios "$@"
 lab_up
 summary=$work/summary.tsv
 : >"$summary"
@@ -59,20 +41,11 @@ cluster_options() {
         "${PING_LIST-\"$CNET.10\", \"$TARGET2\"}" "$PING_INTERVAL" "$PING_DEAD" "$PING_DELAY"
 }
 
-pair_fresh() { # a new pair: fresh disks, alpha primary, initial sync done
-    write_config
-    create_md $((64 << 20))
-    pair_up
-    wait_for 60 "initial sync" settled
-}
 now_ms() { date +%s%3N; }
 reaches() { grep -q "ping: reaching $2 of 2 targets" "$work/$1.log"; } # NODE COUNT: said last?
 reach_now() { # NODE COUNT: the node's last reach line says COUNT
     [[ $(grep -o 'ping: reaching [0-9]* of 2 targets' "$work/$1.log" | tail -1) == "ping: reaching $2 of 2 targets" ]]
 }
-no_two_answers() { [[ $two == 0 && $vdouble == 0 ]]; }
-client_ok() { [[ $vrc == 0 ]]; }
-served_something() { ((acked > 0)); }
 
 # --- config: an empty list is refused by name ----------------------------------------------------
 sc_config() {

@@ -52,27 +52,9 @@ set -euo pipefail
 
 P=tbw NET=95 TAG=split BLADE=e9.5
 all=(split_witness split_none witness_restart witness_oneway two_pairs no_quorum)
-scenarios=()
-keep=0
-while (($#)); do
-    case $1 in
-    --keep) keep=1 ;;
-    -h | --help)
-        sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
-        exit 0
-        ;;
-    -*) echo "${0##*/}: unknown argument: $1" >&2; exit 2 ;;
-    *)
-        [[ " ${all[*]} " == *" $1 "* ]] || { echo "${0##*/}: unknown scenario: $1 (${all[*]})" >&2; exit 2; }
-        scenarios+=("$1")
-        ;;
-    esac
-    shift
-done
-((${#scenarios[@]})) || scenarios=("${all[@]}")
-
 # shellcheck source=initiator-tests/failover-lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/failover-lib.sh"
+parse_scenarios "$@"
 
 WNS=tbw-r                 # the witness's namespace
 WADDR=10.77.95.20         # the witness on pair 1's client network (both halves)
@@ -160,12 +142,6 @@ witness_ask() { # NODE GENERATION [--claim]: what the witness says of pair 1's r
     echo "$out"
 }
 
-pair_fresh() { # a new pair: fresh disks, alpha primary, initial sync done
-    write_config
-    create_md $((64 << 20))
-    pair_up
-    wait_for 60 "initial sync" settled
-}
 
 # --- the clients: one per half (or per pair), each with its own acknowledgement log -----------
 declare -A cv cp cstart
