@@ -60,6 +60,7 @@ use serde::Deserialize;
 
 pub mod check;
 mod cluster;
+mod placement;
 mod quorum;
 pub mod secret;
 
@@ -663,34 +664,8 @@ impl Config {
                 }
             }
             quorum::validate_on_no_quorum(res).map_err(|(k, e)| (key(k), e))?;
-            if let Some(p) = &res.preferred_primary {
-                if !self.nodes.contains_key(p) {
-                    return Err((key("preferred-primary"), format!("{p} is not a node")));
-                }
-            }
-            if res.auto_failback == Some(true) {
-                if res.preferred_primary.is_none() {
-                    return Err((
-                        key("auto-failback"),
-                        "needs `preferred` (the node to fail back to)".into(),
-                    ));
-                }
-                if res.auto_promote == Some(false) {
-                    return Err((
-                        key("auto-failback"),
-                        "needs auto-promote (with auto-promote = false nothing moves by itself)"
-                            .into(),
-                    ));
-                }
-            }
-            if let Some(v) = res.failback_delay {
-                if !v.is_finite() || !(0.0..=86_400.0).contains(&v) {
-                    return Err((
-                        key("failback-delay"),
-                        format!("{v} is not a number of seconds in 0..86400"),
-                    ));
-                }
-            }
+            placement::validate_placement(res, |n| self.nodes.contains_key(n))
+                .map_err(|(k, e)| (key(k), e))?;
             for node in self.nodes.keys() {
                 let Some(on) = res.on.get(node) else {
                     return Err((key(&format!("on.{node}")), "missing".into()));

@@ -183,6 +183,15 @@ fn each_broken_file_names_the_key_and_the_problem() {
             2,
             ": resource.r1.on-no-quorum-timeout: means nothing with on-no-quorum = \"suspend-io\"",
         ),
+        ("port = 7789", "port = 7789\npreferred = \"gamma\"", 2, ": resource.r1.preferred-primary: gamma is not a node"),
+        ("port = 7789", "port = 7789\nauto-failback = true", 2, ": resource.r1.auto-failback: needs `preferred` (the node to fail back to)"),
+        (
+            "port = 7789",
+            "port = 7789\npreferred = \"alpha\"\nauto-failback = true\nauto-promote = false",
+            2,
+            ": resource.r1.auto-failback: needs auto-promote",
+        ),
+        ("port = 7789", "port = 7789\nfailback-delay = -1", 2, ": resource.r1.failback-delay: -1 is not a number of seconds in 0..86400"),
         ("[node.beta]", "[node.gamma]\naddress = \"127.0.0.3\"\ninterface = \"lo\"\n[node.beta]", 2, ": node: exactly two nodes are needed, found 3"),
         (
             "shared-secret = ",
