@@ -8,8 +8,7 @@ mod common;
 use common::run;
 use std::time::Duration;
 use twinblade::cluster::sim::Pair;
-use twinblade::cluster::{Action, Config, DiskState, FenceOutcome, Fencing, Role, Startup};
-use twinblade::repl::uuid::UuidSet;
+use twinblade::cluster::{Action, Config, DiskState, FenceOutcome, Fencing, Role};
 
 fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s)
@@ -36,21 +35,13 @@ fn started_pair(fencing: Fencing) -> Pair {
         fencing,
         ..Config::default()
     };
-    let uuids = UuidSet {
-        current: 0x1000,
-        ..Default::default()
-    };
-    let mut pair = Pair::new(
-        [
-            Config {
-                preferred_primary: true,
-                ..config.clone()
-            },
-            config,
-        ],
-        [Startup::consistent(); 2],
-        [uuids; 2],
-    );
+    let mut pair = Pair::synced([
+        Config {
+            preferred_primary: true,
+            ..config.clone()
+        },
+        config,
+    ]);
     run(&mut pair, secs(1.0), "start", |_| {});
     assert!(pair.answers(0), "node 0 serves");
     assert_eq!(pair.nodes[0].fence_runs + pair.nodes[1].fence_runs, 0);

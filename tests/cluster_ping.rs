@@ -8,8 +8,7 @@ mod common;
 use common::run;
 use std::time::Duration;
 use twinblade::cluster::sim::Pair;
-use twinblade::cluster::{Action, Config, Notification, Role, Startup};
-use twinblade::repl::uuid::UuidSet;
+use twinblade::cluster::{Action, Config, Notification, Role};
 
 fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s)
@@ -27,21 +26,13 @@ fn config() -> Config {
 /// A pair with two ping targets that both nodes reach, node 0 primary, in sync, after its
 /// first three seconds with a client writing.
 fn started_pair() -> Pair {
-    let uuids = UuidSet {
-        current: 0x1000,
-        ..Default::default()
-    };
-    let mut pair = Pair::new(
-        [
-            Config {
-                preferred_primary: true,
-                ..config()
-            },
-            config(),
-        ],
-        [Startup::consistent(); 2],
-        [uuids; 2],
-    );
+    let mut pair = Pair::synced([
+        Config {
+            preferred_primary: true,
+            ..config()
+        },
+        config(),
+    ]);
     pair.set_reach(0, Some(2));
     pair.set_reach(1, Some(2));
     run(&mut pair, secs(3.0), "start", |_| {});
@@ -244,15 +235,7 @@ fn auto_failback_waits_while_the_preferred_node_reaches_fewer() {
         failback_delay: secs(5.0),
         ..config()
     };
-    let uuids = UuidSet {
-        current: 0x1000,
-        ..Default::default()
-    };
-    let mut pair = Pair::new(
-        [failback(true), failback(false)],
-        [Startup::consistent(); 2],
-        [uuids; 2],
-    );
+    let mut pair = Pair::synced([failback(true), failback(false)]);
     pair.set_reach(0, Some(2));
     pair.set_reach(1, Some(2));
     run(&mut pair, secs(3.0), "start", |_| {});

@@ -6,8 +6,7 @@ mod common;
 use common::run;
 use std::time::Duration;
 use twinblade::cluster::sim::Pair;
-use twinblade::cluster::{Command, Config, ConnState, Handover, Role, Startup, HANDOVER_TIMEOUT};
-use twinblade::repl::uuid::UuidSet;
+use twinblade::cluster::{Command, Config, ConnState, Handover, Role, HANDOVER_TIMEOUT};
 
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
@@ -15,21 +14,7 @@ fn secs(s: u64) -> Duration {
 
 /// Node 0 preferred; `failback` turns on its auto-failback with a 5 s delay.
 fn pair(failback: bool) -> Pair {
-    let uuids = UuidSet {
-        current: 0x1000,
-        ..Default::default()
-    };
-    let preferred = Config {
-        preferred_primary: true,
-        auto_failback: failback,
-        failback_delay: secs(5),
-        ..Config::default()
-    };
-    let mut pair = Pair::new(
-        [preferred, Config::default()],
-        [Startup::consistent(); 2],
-        [uuids; 2],
-    );
+    let mut pair = Pair::synced([preferred_config(failback), Config::default()]);
     run(&mut pair, secs(1), "start", |_| {});
     assert_eq!(pair.role(0), Role::Primary);
     assert!(pair.answers(0));
@@ -124,15 +109,11 @@ fn switchover_is_refused_unless_both_are_connected_and_up_to_date() {
 
 /// Two connected secondaries: auto-promote off.
 fn pair_without_primary() -> Pair {
-    let uuids = UuidSet {
-        current: 0x1000,
-        ..Default::default()
-    };
     let off = Config {
         auto_promote: false,
         ..Config::default()
     };
-    let mut pair = Pair::new([off.clone(), off], [Startup::consistent(); 2], [uuids; 2]);
+    let mut pair = Pair::synced([off.clone(), off]);
     run(&mut pair, secs(1), "start", |_| {});
     pair
 }

@@ -390,23 +390,24 @@ impl Pair {
         pair
     }
 
-    /// The usual pair: node 0 preferred, both auto-promoting, consistent data in sync.
-    pub fn healthy() -> Pair {
+    /// Two nodes with consistent data in sync (the same UUIDs), with these configurations.
+    pub fn synced(configs: [Config; 2]) -> Pair {
         let uuids = UuidSet {
             current: 0x1000,
             ..Default::default()
         };
-        Pair::new(
-            [
-                Config {
-                    preferred_primary: true,
-                    ..Config::default()
-                },
-                Config::default(),
-            ],
-            [Startup::consistent(); 2],
-            [uuids; 2],
-        )
+        Pair::new(configs, [Startup::consistent(); 2], [uuids; 2])
+    }
+
+    /// The usual pair: node 0 preferred, both auto-promoting, consistent data in sync.
+    pub fn healthy() -> Pair {
+        Pair::synced([
+            Config {
+                preferred_primary: true,
+                ..Config::default()
+            },
+            Config::default(),
+        ])
     }
 
     /// Sets what node `n` offers its peer at the next connection (size, protocol, durability).
